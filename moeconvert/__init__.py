@@ -1,0 +1,39 @@
+"""moeconvert: load, re-layout, quantize, verify and publish Mixture-of-Experts checkpoints.
+
+Every pass streams one decoder layer at a time, so peak memory is about one layer whatever the size of
+the model. The command line (``moeconvert``) is a thin shell over these functions.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import (
+    BadInputError,
+    CheckFailedError,
+    CorruptCheckpointError,
+    ModelNotFoundError,
+    MoeConvertError,
+    OutputExistsError,
+    UnsupportedModelError,
+)
+from .inspection import ModelSummary, inspect_model
+from .relayout import fuse, unfuse
+from .source import read_metadata, resolve_model
+
+__all__ = [
+    "BadInputError",
+    "CheckFailedError",
+    "CorruptCheckpointError",
+    "ModelNotFoundError",
+    "ModelSummary",
+    "MoeConvertError",
+    "OutputExistsError",
+    "UnsupportedModelError",
+    "__version__",
+    "fuse",
+    "inspect_model",
+    "read_metadata",
+    "resolve_model",
+    "unfuse",
+]

@@ -1,0 +1,46 @@
+"""Supported MoE families, looked up by ``config.json``'s ``model_type``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import CONFIG_MAPPING
+
+from ..errors import UnsupportedModelError
+from .base import FUSED_DOWN, FUSED_GATE_UP, Family
+from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3
+from .mixtral import MIXTRAL
+from .olmoe import OLMOE
+from .phimoe import PHIMOE
+from .qwen_moe import QWEN2_MOE, QWEN3_MOE
+
+FAMILIES: dict[str, Family] = {
+    t: family
+    for family in (MIXTRAL, QWEN2_MOE, QWEN3_MOE, DEEPSEEK_V2, DEEPSEEK_V3, OLMOE, PHIMOE)
+    for t in family.model_types
+}
+
+__all__ = ["FAMILIES", "FUSED_DOWN", "FUSED_GATE_UP", "Family", "family_for", "load_config"]
+
+
+def family_for(config: dict[str, Any]) -> Family:
+    """The family of a parsed ``config.json``, or a one-line error naming the supported ones."""
+    model_type = config.get("model_type")
+    family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
+    if family is None:
+        supported = ", ".join(sorted(FAMILIES))
+        what = f"model_type {model_type!r}" if model_type else "a config.json without model_type"
+        raise UnsupportedModelError(
+            f"{what} is not a supported MoE family (dense or unknown); supported: {supported}"
+        )
+    return family
+
+
+def load_config(config: dict[str, Any]) -> Any:
+    """The transformers config object for a ``config.json`` dict (built-in classes only, so that
+    family code reads defaults the way the model does; no remote code is ever imported)."""
+    family = family_for(config)
+    try:
+        return CONFIG_MAPPING[family.name].from_dict(config)
+    except (TypeError, ValueError) as err:
+        raise UnsupportedModelError(f"config.json of {family.name} model is invalid: {err}") from None

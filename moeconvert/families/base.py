@@ -1,0 +1,74 @@
+"""What an MoE architecture family looks like on disk: an explicit name table plus config keys.
+
+Each family module fills in one :class:`Family`. Names are given relative to a decoder layer
+(``model.layers.{i}.``). The *original* layout stores one Linear per expert and projection; the
+*fused* layout is the transformers 5 runtime layout, which stacks them into two tensors per layer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+FUSED_GATE_UP = "mlp.experts.gate_up_proj"  # [E, 2I, H]: rows 0..I-1 gate, I..2I-1 up
+FUSED_DOWN = "mlp.experts.down_proj"  # [E, H, I]
+
+
+@dataclass(frozen=True)
+class Family:
+    """Names and config keys of one MoE architecture family.
+
+    ``renames`` maps original in-layer name prefixes to fused ones for tensors that transformers 5
+    renames without reshaping (mixtral's ``block_sparse_moe.gate.`` becomes ``mlp.gate.``).
+    """
+
+    model_types: tuple[str, ...]
+    moe_block: str  # original in-layer prefix of the MoE block, e.g. "block_sparse_moe"
+    projections: tuple[str, str, str]  # original names of an expert's (gate, up, down) Linear layers
+    num_experts_key: str
+    top_k_key: str
+    expert_size_key: str
+    renames: tuple[tuple[str, str], ...] = ()
+    router: str = "mlp.gate"  # fused in-layer name of the router module
+    shared_experts: str | None = None  # fused in-layer name of the shared expert(s) module, if any
+
+    @property
+    def name(self) -> str:
+        return self.model_types[0]
+
+    def num_experts(self, config: Any) -> int:
+        return int(getattr(config, self.num_experts_key))
+
+    def top_k(self, config: Any) -> int:
+        return int(getattr(config, self.top_k_key))
+
+    def expert_size(self, config: Any) -> int:
+        return int(getattr(config, self.expert_size_key))
+
+    def num_shared_experts(self, config: Any) -> int:
+        """Shared experts per MoE layer (DeepSeek: n_shared_experts; Qwen2-MoE: one, with a gate)."""
+        return 0 if self.shared_experts is None else 1
+
+    def is_moe_layer(self, config: Any, layer: int) -> bool:
+        return True
+
+    def original_expert_re(self) -> re.Pattern[str]:
+        """Matches an original per-expert weight name in a layer; groups: expert index, projection."""
+        names = "|".join(re.escape(p) for p in self.projections)
+        return re.compile(rf"^{re.escape(self.moe_block)}\.experts\.(\d+)\.({names})\.weight$")
+
+    def to_fused_name(self, in_layer: str) -> str:
+        for original, fused in self.renames:
+            if in_layer.startswith(original):
+                return fused + in_layer[len(original) :]
+        return in_layer
+
+    def to_original_name(self, in_layer: str) -> str:
+        for original, fused in self.renames:
+            if in_layer.startswith(fused):
+                return original + in_layer[len(fused) :]
+        return in_layer
+
+    def original_expert_name(self, expert: int, projection: int) -> str:
+        return f"{self.moe_block}.experts.{expert}.{self.projections[projection]}.weight"

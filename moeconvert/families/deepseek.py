@@ -1,0 +1,34 @@
+"""DeepSeek-V2 and V3: dense MLPs before ``first_k_dense_replace``, then routed + shared experts.
+
+V3 adds the router's ``e_score_correction_bias`` (stored as ``mlp.gate.e_score_correction_bias``) and
+group-limited routing; both are router state, kept as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .base import Family
+
+
+@dataclass(frozen=True)
+class DeepseekFamily(Family):
+    def is_moe_layer(self, config: Any, layer: int) -> bool:
+        return layer >= config.first_k_dense_replace
+
+    def num_shared_experts(self, config: Any) -> int:
+        return int(config.n_shared_experts or 0)
+
+
+_DEEPSEEK_COMMON = dict(
+    moe_block="mlp",
+    projections=("gate_proj", "up_proj", "down_proj"),
+    num_experts_key="n_routed_experts",
+    top_k_key="num_experts_per_tok",
+    expert_size_key="moe_intermediate_size",
+    shared_experts="mlp.shared_experts",
+)
+
+DEEPSEEK_V2 = DeepseekFamily(model_types=("deepseek_v2",), **_DEEPSEEK_COMMON)
+DEEPSEEK_V3 = DeepseekFamily(model_types=("deepseek_v3",), **_DEEPSEEK_COMMON)

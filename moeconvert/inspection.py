@@ -1,0 +1,157 @@
+"""``inspect``: what an MoE checkpoint costs, from its config and safetensors headers alone.
+
+Total parameters set the memory floor (every expert must be resident); active parameters set the
+compute and the bytes read per token (only the top-k routed experts run). Both are counted over the
+real tensor headers, not estimated from the config, so the numbers hold for any variant of a family.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .checkpoint import layer_index
+from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
+from .safetensors_header import TensorMeta
+from .source import ModelMetadata, read_metadata
+
+GROUP_SIZE = 128  # group size assumed when estimating quantized sizes (scales: fp16 per group)
+
+
+@dataclass
+class LayerSummary:
+    layer: int
+    moe: bool
+    experts: int
+    routed_params: int  # parameters of all routed experts of the layer
+    other_params: int
+
+
+@dataclass
+class ModelSummary:
+    """Everything ``moeconvert inspect`` reports; ``asdict`` of it is the ``--json`` output."""
+
+    model: str
+    family: str
+    layout: str  # "original" (per-expert tensors) or "fused" (stacked experts)
+    num_layers: int
+    moe_layers: list[int]
+    dense_layers: list[int]
+    num_experts: int
+    top_k: int
+    shared_experts: int
+    expert_intermediate_size: int
+    hidden_size: int
+    dtypes: dict[str, int]  # dtype -> parameter count
+    shards: int
+    total_params: int
+    active_params: int
+    routed_expert_params: int
+    weight_bytes: dict[str, int]  # memory floor at bf16 / int8 / int4
+    active_bytes_per_token: dict[str, int]
+    disk_bytes: dict[str, int]  # a conversion needs the download (Hub ids) plus its output
+    layers: list[LayerSummary] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _is_routed_expert(family: Family, local: str) -> bool:
+    return local in (FUSED_GATE_UP, FUSED_DOWN) or bool(family.original_expert_re().match(local))
+
+
+def _is_quantizable(meta: TensorMeta) -> bool:
+    """Linear weights of decoder layers (experts, attention, dense MLPs), not norms/router/embeddings."""
+    name = meta.name
+    if layer_index(name) is None or len(meta.shape) < 2:
+        return False
+    return not re.search(r"\.(gate|router|shared_expert_gate)\.weight$", name)
+
+
+def _bytes_at(meta: TensorMeta, bits: int | None, fraction: float = 1.0) -> float:
+    """Bytes of a tensor stored at ``bits`` (None: bf16) with a fp16 scale per group of inputs."""
+    if bits is None or not _is_quantizable(meta):
+        return meta.numel * 2 * fraction
+    scales = meta.numel / GROUP_SIZE * 2
+    return (meta.numel * bits / 8 + scales) * fraction
+
+
+def summarize(meta: ModelMetadata) -> ModelSummary:
+    """Count parameters, bytes and layer kinds of a checkpoint from its metadata."""
+    family = family_for(meta.config)
+    config = load_config(meta.config)
+    num_experts, top_k = family.num_experts(config), family.top_k(config)
+    layers: dict[int, LayerSummary] = {
+        i: LayerSummary(i, family.is_moe_layer(config, i), 0, 0, 0) for i in range(config.num_hidden_layers)
+    }
+    dtypes: dict[str, int] = {}
+    total = routed = 0
+    active_fraction: dict[str, float] = {}
+    fused = False
+    for name, tensor in sorted(meta.tensors.items()):
+        total += tensor.numel
+        dtypes[tensor.dtype] = dtypes.get(tensor.dtype, 0) + tensor.numel
+        index = layer_index(name)
+        local = name.split(".", 3)[3] if index is not None else name
+        expert = index is not None and _is_routed_expert(family, local)
+        fused = fused or local in (FUSED_GATE_UP, FUSED_DOWN)
+        active_fraction[name] = top_k / num_experts if expert else 1.0
+        if index is not None and index in layers:
+            summary = layers[index]
+            if expert:
+                summary.routed_params += tensor.numel
+            else:
+                summary.other_params += tensor.numel
+        routed += tensor.numel if expert else 0
+    for summary in layers.values():
+        summary.experts = num_experts if summary.routed_params else 0
+    active = total - routed + round(routed * top_k / num_experts)
+    weight_bytes = {
+        label: round(sum(_bytes_at(t, bits) for t in meta.tensors.values()))
+        for label, bits in (("bf16", None), ("int8", 8), ("int4", 4))
+    }
+    active_bytes = {
+        label: round(sum(_bytes_at(t, bits, active_fraction[n]) for n, t in meta.tensors.items()))
+        for label, bits in (("bf16", None), ("int8", 8), ("int4", 4))
+    }
+    stored = meta.weight_bytes
+    return ModelSummary(
+        model=str(meta.ref),
+        family=family.name,
+        layout="fused" if fused else "original",
+        num_layers=config.num_hidden_layers,
+        moe_layers=[i for i, s in layers.items() if s.moe],
+        dense_layers=[i for i, s in layers.items() if not s.moe],
+        num_experts=num_experts,
+        top_k=top_k,
+        shared_experts=family.num_shared_experts(config),
+        expert_intermediate_size=family.expert_size(config),
+        hidden_size=config.hidden_size,
+        dtypes=dict(sorted(dtypes.items())),
+        shards=len(meta.files),
+        total_params=total,
+        active_params=active,
+        routed_expert_params=routed,
+        weight_bytes=weight_bytes,
+        active_bytes_per_token=active_bytes,
+        disk_bytes={
+            "download": stored if meta.ref.repo_id else 0,
+            "fused_output": stored,
+            "int8_output": weight_bytes["int8"],
+            "int4_output": weight_bytes["int4"],
+        },
+        layers=list(layers.values()),
+    )
+
+
+def inspect_model(model: str, revision: str | None = None, token: str | None = None) -> ModelSummary:
+    """Summarise MODEL (Hub id or folder) without downloading weights.
+
+    For a Hub id only ``config.json`` and the safetensors headers are fetched (HTTP range requests);
+    for a folder only the header bytes are read.
+
+    Raises:
+        MoeConvertError: MODEL missing, not a supported MoE family, or with corrupt headers.
+    """
+    return summarize(read_metadata(model, revision, token))

@@ -1,0 +1,222 @@
+"""``fuse`` and ``unfuse``: lossless re-layout between per-expert and stacked expert tensors.
+
+Both run the same streaming driver: plan every output tensor from headers alone (the layer function
+applied to shape-only "meta" tensors), then read one layer, convert it, append it to the open shard,
+and drop it. Peak memory is one layer whatever the depth of the model.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import OutputFolder, ShardedReader, ShardedWriter, iter_groups, parse_size, plan_group
+from .errors import CorruptCheckpointError, UnsupportedModelError
+from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
+from .layout import stack_experts, unstack_experts
+from .source import read_config, resolve_model, side_files
+
+LayerFn = Callable[[int | None, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+def _split_layer_prefix(name: str) -> tuple[str, str]:
+    match = re.match(r"^(model\.layers\.\d+\.)(.*)$", name)
+    return (match.group(1), match.group(2)) if match else ("", name)
+
+
+def fuse_layer(
+    family: Family, config: Any, layer: int | None, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """One layer in the original layout -> the transformers 5 runtime layout (stacked experts)."""
+    expert_re = family.original_expert_re()
+    experts: dict[tuple[int, str], torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    prefix = ""
+    for name, tensor in tensors.items():
+        prefix, local = _split_layer_prefix(name)
+        if local in (FUSED_GATE_UP, FUSED_DOWN):
+            raise UnsupportedModelError(f"{name}: checkpoint is already fused (use unfuse to go back)")
+        match = expert_re.match(local)
+        if match:
+            experts[(int(match.group(1)), match.group(2))] = tensor
+        elif local.startswith(f"{family.moe_block}.experts."):
+            raise UnsupportedModelError(
+                f"{name}: unsupported expert tensor (pre-quantized or FP8 checkpoint?)"
+            )
+        else:
+            out[prefix + family.to_fused_name(local)] = tensor
+    if layer is None or layer >= config.num_hidden_layers:
+        if experts:
+            raise CorruptCheckpointError(
+                f"expert tensors found outside the decoder layers ({prefix or 'top level'})"
+            )
+        return out
+    _check_experts(family, config, layer, experts)
+    if experts:
+        count = family.num_experts(config)
+        gate, up, down = ([experts[(e, family.projections[p])] for e in range(count)] for p in range(3))
+        out[prefix + FUSED_GATE_UP], out[prefix + FUSED_DOWN] = stack_experts(gate, up, down)
+    return out
+
+
+def _check_experts(
+    family: Family, config: Any, layer: int, experts: dict[tuple[int, str], torch.Tensor]
+) -> None:
+    moe = family.is_moe_layer(config, layer)
+    if not moe:
+        if experts:
+            raise CorruptCheckpointError(
+                f"layer {layer} holds experts but config.json makes it a dense layer"
+            )
+        return
+    count = family.num_experts(config)
+    found = sorted({e for e, _ in experts})
+    if found != list(range(count)):
+        raise CorruptCheckpointError(
+            f"layer {layer}: config.json says {count} experts, the checkpoint has {len(found)}"
+            + (f" (indices {found[0]}..{found[-1]})" if found else "")
+        )
+    for e in range(count):
+        for projection in family.projections:
+            if (e, projection) not in experts:
+                raise CorruptCheckpointError(f"layer {layer}: expert {e} has no {projection} weight")
+    shapes = {(p, tuple(t.shape)) for (_, p), t in experts.items()}
+    if len(shapes) != 3:
+        raise CorruptCheckpointError(f"layer {layer}: experts disagree on their weight shapes")
+
+
+def unfuse_layer(
+    family: Family, config: Any, layer: int | None, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`fuse_layer`: stacked experts back to per-expert tensors and original names."""
+    out: dict[str, torch.Tensor] = {}
+    stacked: dict[str, torch.Tensor] = {}
+    prefix = ""
+    for name, tensor in tensors.items():
+        prefix, local = _split_layer_prefix(name)
+        if local in (FUSED_GATE_UP, FUSED_DOWN):
+            stacked[local] = tensor
+        elif family.original_expert_re().match(local):
+            raise UnsupportedModelError(
+                f"{name}: checkpoint is not fused (it already has per-expert weights)"
+            )
+        else:
+            out[prefix + family.to_original_name(local)] = tensor
+    if not stacked:
+        return out
+    if set(stacked) != {FUSED_GATE_UP, FUSED_DOWN}:
+        raise CorruptCheckpointError(f"layer {layer}: needs both {FUSED_GATE_UP} and {FUSED_DOWN}")
+    try:
+        gate, up, down = unstack_experts(stacked[FUSED_GATE_UP], stacked[FUSED_DOWN])
+    except ValueError as err:
+        raise CorruptCheckpointError(f"layer {layer}: {err}") from None
+    for e, weights in enumerate(zip(gate, up, down)):
+        for projection, weight in enumerate(weights):
+            out[prefix + family.original_expert_name(e, projection)] = weight
+    return out
+
+
+def relayout(
+    model: str,
+    output: str | Path,
+    layer_fn: Callable[[Family, Any, int | None, dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    max_shard_size: str | int = "5GB",
+    force: bool = False,
+    desc: str = "relayout",
+) -> Path:
+    """Stream ``layer_fn`` over every layer of MODEL into a new checkpoint folder at ``output``."""
+    folder = resolve_model(model, revision, token)
+    raw_config = read_config(folder)
+    family = family_for(raw_config)
+    config = load_config(raw_config)
+    shard_cap = parse_size(max_shard_size)
+    output = Path(output)
+    with ShardedReader(folder) as reader:
+        groups = list(iter_groups(reader))
+        plan = [
+            plan_group(layer_fn(family, config, layer, reader.meta_tensors(names))) for layer, names in groups
+        ]
+        with OutputFolder(output, force=force) as staging:
+            writer = ShardedWriter(staging, plan, shard_cap)
+            try:
+                _stream(reader, writer, groups, lambda layer, t: layer_fn(family, config, layer, t), desc)
+            finally:
+                writer.abort()
+            writer.finish()
+            for path in side_files(folder):
+                shutil.copyfile(path, staging / path.name)
+    return output
+
+
+def _stream(reader: ShardedReader, writer: ShardedWriter, groups: list, convert: LayerFn, desc: str) -> None:
+    total = sum(t.nbytes for g in writer.groups for t in g)
+    with tqdm(
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, dynamic_ncols=True
+    ) as bar:
+        for index, (layer, names) in enumerate(groups):
+            bar.set_postfix_str(
+                f"layer {layer}/{len(groups) - 2}" if layer is not None else "embeddings/head"
+            )
+            written = writer.write_group(index, convert(layer, reader.get_many(names)))
+            bar.update(written)
+
+
+def fuse(
+    model: str,
+    output: str | Path,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    max_shard_size: str | int = "5GB",
+    force: bool = False,
+) -> Path:
+    """Re-lay MODEL's experts into stacked tensors, exactly as transformers 5 saves them.
+
+    Writes ``model.layers.{i}.mlp.experts.gate_up_proj`` [E, 2I, H] and ``...down_proj`` [E, H, I]
+    per MoE layer, renames other tensors as transformers does, and copies config, tokenizer and chat
+    template. The result loads with ``AutoModelForCausalLM.from_pretrained`` as it is.
+
+    Raises:
+        MoeConvertError: bad MODEL, unsupported family, corrupt checkpoint, or existing output.
+    """
+    return relayout(
+        model,
+        output,
+        fuse_layer,
+        revision=revision,
+        token=token,
+        max_shard_size=max_shard_size,
+        force=force,
+        desc="fuse",
+    )
+
+
+def unfuse(
+    model: str,
+    output: str | Path,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    max_shard_size: str | int = "5GB",
+    force: bool = False,
+) -> Path:
+    """Undo :func:`fuse`: per-expert weights under the family's original names, bit for bit."""
+    return relayout(
+        model,
+        output,
+        unfuse_layer,
+        revision=revision,
+        token=token,
+        max_shard_size=max_shard_size,
+        force=force,
+        desc="unfuse",
+    )

@@ -1,0 +1,118 @@
+"""Tiny random MoE checkpoints of every supported family, built with transformers' own classes.
+
+They let anyone try every command in seconds without a download, and are the fixtures of the test
+suite. Configs are small but keep each family's quirks: Qwen2-MoE's gated shared expert and a dense
+``mlp_only_layers`` layer, DeepSeek's dense first layers, shared experts and V3 group routing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_BASE: dict[str, Any] = dict(
+    vocab_size=256,
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "mixtral": dict(intermediate_size=96, num_local_experts=8, num_experts_per_tok=2),
+    "phimoe": dict(intermediate_size=96, num_local_experts=8, num_experts_per_tok=2),
+    "qwen2_moe": dict(
+        intermediate_size=128,
+        moe_intermediate_size=48,
+        shared_expert_intermediate_size=80,
+        num_experts=8,
+        num_experts_per_tok=2,
+        mlp_only_layers=[1],
+    ),
+    "qwen3_moe": dict(
+        intermediate_size=128, moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2, head_dim=16
+    ),
+    "olmoe": dict(
+        intermediate_size=48,
+        num_experts=8,
+        num_experts_per_tok=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    ),
+    "deepseek_v2": dict(
+        num_key_value_heads=4,
+        intermediate_size=128,
+        moe_intermediate_size=48,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        kv_lora_rank=32,
+        q_lora_rank=None,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        n_group=1,
+        topk_group=1,
+    ),
+    "deepseek_v3": dict(
+        num_key_value_heads=4,
+        intermediate_size=128,
+        moe_intermediate_size=48,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        kv_lora_rank=32,
+        q_lora_rank=48,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        n_group=4,
+        topk_group=2,
+    ),
+}
+
+
+def tiny_config(family: str, **overrides: Any) -> Any:
+    """A transformers config object for a tiny model of ``family``."""
+    from transformers import AutoConfig
+
+    if family not in TINY_CONFIGS:
+        raise ValueError(f"no tiny config for {family!r}; choose from {', '.join(sorted(TINY_CONFIGS))}")
+    return AutoConfig.for_model(family, **{**_BASE, **TINY_CONFIGS[family], **overrides})
+
+
+def build_tiny_model(
+    family: str,
+    output: str | Path,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | int = "5GB",
+    **overrides: Any,
+) -> Path:
+    """Write a randomly initialised tiny ``family`` model in its original (per-expert) layout."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    _spread_router_weights(model, seed)
+    output = Path(output)
+    model.save_pretrained(output, max_shard_size=max_shard_size)
+    return output
+
+
+def _spread_router_weights(model: torch.nn.Module, seed: int) -> None:
+    """Random init leaves routers near zero (flat routing); scale them so experts get distinct loads."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("mlp.gate.weight", "mlp.router.weight")) and param.dim() == 2:
+                param.copy_(torch.randn(param.shape, generator=generator).to(param.dtype))
