@@ -116,7 +116,7 @@ def unfuse_layer(
         gate, up, down = unstack_experts(stacked[FUSED_GATE_UP], stacked[FUSED_DOWN])
     except ValueError as err:
         raise CorruptCheckpointError(f"layer {layer}: {err}") from None
-    for e, weights in enumerate(zip(gate, up, down)):
+    for e, weights in enumerate(zip(gate, up, down, strict=True)):
         for projection, weight in enumerate(weights):
             out[prefix + family.original_expert_name(e, projection)] = weight
     return out
