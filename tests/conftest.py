@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny models of every family, built once per test session with transformers."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moeconvert.tiny import TINY_CONFIGS, build_tiny_model
+
+FAMILIES = sorted(TINY_CONFIGS)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """family -> folder with a tiny random model in its original per-expert layout (sharded)."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        family: build_tiny_model(family, root / family, seed=7, max_shard_size="300KB") for family in FAMILIES
+    }
+
+
+@pytest.fixture(scope="session")
+def transformers_fused(
+    tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """family -> what transformers itself writes with save_pretrained(save_original_format=False)."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("reference_fused")
+    out = {}
+    for family, folder in tiny_models.items():
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        model.save_pretrained(root / family, save_original_format=False)
+        out[family] = root / family
+    return out
+
+
+def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every safetensors file in a folder (tests only: tiny models)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(glob.glob(str(folder / "*.safetensors"))):
+        part = load_file(file)
+        assert not set(part) & set(tensors), "duplicate tensor across shards"
+        tensors.update(part)
+    return tensors
+
+
+def load_model(folder: Path) -> torch.nn.Module:
+    """Load with transformers, then give every parameter fresh memory.
+
+    Tensors mapped from a file sit at whatever alignment the file gives them, and some CPU kernels
+    take a different (equally valid) path for unaligned data, which can move a logit by one ulp.
+    Fresh allocations make logit comparisons about values, not addresses.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
+    return model
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    """Run the real ``moeconvert`` entry point in a subprocess, as a user would."""
+    full_env = {**os.environ, "TQDM_DISABLE": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "moeconvert.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=300,
+    )

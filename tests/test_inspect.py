@@ -1,0 +1,71 @@
+"""inspect: counts from headers must equal a direct count over the real model's parameters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import FAMILIES, load_model, run_cli
+
+from moeconvert import inspect_model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_counts_match_the_model(family: str, tiny_models: dict[str, Path]) -> None:
+    summary = inspect_model(str(tiny_models[family]))
+    model = load_model(tiny_models[family])
+    params = model.state_dict()  # parameters plus persistent buffers (DeepSeek-V3 correction bias)
+    total = sum(p.numel() for p in params.values())
+    routed = sum(p.numel() for n, p in params.items() if ".mlp.experts." in n)
+    config = model.config
+    experts = summary.num_experts
+    assert summary.family == family
+    assert summary.total_params == total
+    assert summary.routed_expert_params == routed
+    assert summary.active_params == total - routed + routed * summary.top_k // experts
+    assert summary.top_k == 2 and experts == 8
+    moe_layers = [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+    assert summary.moe_layers == moe_layers
+    assert summary.num_layers == config.num_hidden_layers
+    assert summary.weight_bytes["bf16"] == 2 * total
+    assert summary.weight_bytes["int4"] < summary.weight_bytes["int8"] < summary.weight_bytes["bf16"]
+    assert summary.active_bytes_per_token["bf16"] < summary.weight_bytes["bf16"]
+    assert summary.shards > 1 and summary.layout == "original"
+
+
+def test_family_quirks(tiny_models: dict[str, Path]) -> None:
+    qwen2 = inspect_model(str(tiny_models["qwen2_moe"]))
+    assert qwen2.dense_layers == [1] and qwen2.shared_experts == 1
+    deepseek = inspect_model(str(tiny_models["deepseek_v3"]))
+    assert deepseek.dense_layers == [0] and deepseek.moe_layers == [1, 2]
+    assert inspect_model(str(tiny_models["qwen3_moe"])).shared_experts == 0
+
+
+def test_fused_layout_counts_the_same(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    from moeconvert import fuse
+
+    fused = fuse(str(tiny_models["olmoe"]), tmp_path / "fused")
+    a, b = inspect_model(str(tiny_models["olmoe"])), inspect_model(str(fused))
+    assert b.layout == "fused"
+    assert (a.total_params, a.active_params, a.routed_expert_params) == (
+        b.total_params,
+        b.active_params,
+        b.routed_expert_params,
+    )
+
+
+def test_cli_json_and_table(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    result = run_cli("inspect", str(tiny_models["mixtral"]), "--json", "--report", str(report))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data == json.loads(report.read_text())
+    assert (
+        data["family"] == "mixtral"
+        and data["total_params"] == inspect_model(str(tiny_models["mixtral"])).total_params
+    )
+    table = run_cli("inspect", str(tiny_models["mixtral"]))
+    assert (
+        table.returncode == 0 and "active params/token" in table.stdout and "8 routed, top-2" in table.stdout
+    )
