@@ -146,12 +146,12 @@ def _weight_files(folder: Path) -> list[str]:
         files = [SINGLE_NAME]
     else:
         raise CorruptCheckpointError(f"{folder}: no {INDEX_NAME} or {SINGLE_NAME} found")
-    root = folder.resolve()
     for file in files:
-        path = (folder / file).resolve()
-        if path.parent != root or "/" in file or "\\" in file:
+        # A plain file name, never a path: the HF cache links shards to blobs elsewhere, so
+        # containment is checked on the name, not on the resolved target.
+        if Path(file).name != file or file in (".", "..") or "\\" in file:
             raise CorruptCheckpointError(f"{INDEX_NAME} names {file!r}, which is outside the model folder")
-        if not path.is_file():
+        if not (folder / file).is_file():
             raise CorruptCheckpointError(f"{INDEX_NAME} names {file}, which is missing from {folder}")
     return files
 

@@ -1,0 +1,165 @@
+"""The Hub path through the real huggingface_hub client against a local Hub-compatible server."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_tensors, run_cli
+from hub_server import HubServer, hub_env
+
+from moeconvert import fuse, inspect_model
+from moeconvert.tiny import build_tiny_model
+
+TOKEN = "hf_testtoken0123456789"
+
+
+@pytest.fixture(scope="module")
+def hub(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """A server holding acme/tiny-mixtral (main: with decoy pickle and extra safetensors files;
+    branch v2: a different model), acme/pickle-only and a private acme/secret-moe."""
+    root = tmp_path_factory.mktemp("hub")
+    repo = Path(shutil.copytree(tiny_models["mixtral"], root / "src-main"))
+    (repo / "pytorch_model.bin").write_bytes(b"never unpickled")
+    shutil.copy(sorted(repo.glob("model-*.safetensors"))[0], repo / "consolidated.safetensors")
+    (repo / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
+    v2 = build_tiny_model("mixtral", root / "src-v2", seed=99)  # one 2 MB file
+    pickle_only = root / "src-pickle"
+    pickle_only.mkdir()
+    (pickle_only / "config.json").write_text((repo / "config.json").read_text())
+    (pickle_only / "pytorch_model.bin").write_bytes(b"never unpickled")
+    with HubServer(root / "server", token=TOKEN) as server:
+        server.add_repo("acme/tiny-mixtral", repo)
+        server.v2_sha = server.add_repo("acme/tiny-mixtral", v2, revision="v2")
+        server.add_repo("acme/pickle-only", pickle_only)
+        server.add_repo("acme/secret-moe", tiny_models["olmoe"], private=True)
+        server.add_repo("acme/single-file", v2)
+        yield server
+
+
+def _env(server: HubServer, tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
+        "HF_ENDPOINT": server.url,
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_TOKEN": "",
+        **extra,
+    }
+
+
+def _downloaded(server: HubServer, start: int) -> set[str]:
+    return {
+        r.path.rsplit("/", 1)[-1]
+        for r in server.request_log[start:]
+        if r.method == "GET" and "/resolve/" in r.path
+    }
+
+
+def test_fuse_downloads_only_what_it_needs(
+    hub: HubServer, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    start = len(hub.request_log)
+    out = tmp_path / "out"
+    result = run_cli("fuse", "acme/tiny-mixtral", "-o", str(out), env=_env(hub, tmp_path))
+    assert result.returncode == 0, result.stderr
+    local = fuse(str(tiny_models["mixtral"]), tmp_path / "local")
+    ours, expected = load_tensors(out), load_tensors(local)
+    assert sorted(ours) == sorted(expected) and all(torch.equal(ours[k], expected[k]) for k in expected)
+    fetched = _downloaded(hub, start)
+    assert "pytorch_model.bin" not in fetched and "consolidated.safetensors" not in fetched
+    assert {"config.json", "model.safetensors.index.json", "tokenizer_config.json"} <= fetched
+    assert (out / "tokenizer_config.json").exists()
+
+    # Offline, from the cache the first run filled: same result, no request at all.
+    start = len(hub.request_log)
+    offline = run_cli(
+        "fuse",
+        "acme/tiny-mixtral",
+        "-o",
+        str(tmp_path / "offline"),
+        env=_env(hub, tmp_path, HF_HUB_OFFLINE="1"),
+    )
+    assert offline.returncode == 0, offline.stderr
+    assert len(hub.request_log) == start
+    again = load_tensors(tmp_path / "offline")
+    assert all(torch.equal(again[k], ours[k]) for k in ours)
+
+
+@pytest.mark.parametrize("how", ["at", "option", "sha"])
+def test_revision(hub: HubServer, tmp_path: Path, how: str) -> None:
+    model, args = {
+        "at": ("acme/tiny-mixtral@v2", []),
+        "option": ("acme/tiny-mixtral", ["--revision", "v2"]),
+        "sha": (f"acme/tiny-mixtral@{hub.v2_sha}", []),
+    }[how]
+    result = run_cli("fuse", model, *args, "-o", str(tmp_path / "out"), env=_env(hub, tmp_path))
+    assert result.returncode == 0, result.stderr
+    v2 = load_tensors(hub.root.parent / "src-v2")
+    fused = load_tensors(tmp_path / "out")
+    assert torch.equal(
+        fused["model.layers.0.mlp.gate.weight"], v2["model.layers.0.block_sparse_moe.gate.weight"]
+    )
+
+
+def test_inspect_reads_headers_only(
+    hub: HubServer, tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub_env(hub, monkeypatch, tmp_path)
+    start = len(hub.request_log)
+    sharded = inspect_model("acme/tiny-mixtral")
+    local = inspect_model(str(tiny_models["mixtral"]))
+    assert (sharded.total_params, sharded.active_params, sharded.shards) == (
+        local.total_params,
+        local.active_params,
+        local.shards,
+    )
+    assert sharded.disk_bytes["download"] == local.disk_bytes["fused_output"]
+    single = inspect_model("acme/single-file")
+    assert single.total_params == inspect_model(str(hub.root.parent / "src-v2")).total_params
+    weight_reads = [
+        r for r in hub.request_log[start:] if r.path.endswith(".safetensors") and r.method == "GET"
+    ]
+    assert len(weight_reads) == sharded.shards + 1, "one header read per shard"
+    assert all(r.headers.get("range", "").startswith("bytes=0-") for r in weight_reads)
+    single_file_bytes = (hub.root.parent / "src-v2" / "model.safetensors").stat().st_size
+    assert weight_reads[-1].body_bytes < single_file_bytes / 10
+
+
+def test_missing_repo_and_revision(hub: HubServer, tmp_path: Path) -> None:
+    for model, fragment in [
+        ("acme/nothing-here", "no such model"),
+        ("acme/tiny-mixtral@nope", "no revision"),
+    ]:
+        for command in (["fuse", model, "-o", str(tmp_path / "out")], ["inspect", model]):
+            result = run_cli(*command, env=_env(hub, tmp_path))
+            assert result.returncode == 2, result.stderr
+            assert fragment in result.stderr and "Traceback" not in result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1
+            assert not (tmp_path / "out").exists()
+
+
+def test_pickle_only_repo(hub: HubServer, tmp_path: Path) -> None:
+    start = len(hub.request_log)
+    for command in (
+        ["fuse", "acme/pickle-only", "-o", str(tmp_path / "out")],
+        ["inspect", "acme/pickle-only"],
+    ):
+        result = run_cli(*command, env=_env(hub, tmp_path))
+        assert result.returncode == 2 and "pickle" in result.stderr and "Traceback" not in result.stderr
+    assert "pytorch_model.bin" not in _downloaded(hub, start)
+
+
+def test_private_repo_needs_the_token(hub: HubServer, tmp_path: Path) -> None:
+    denied = run_cli("inspect", "acme/secret-moe", env=_env(hub, tmp_path))
+    assert denied.returncode == 2 and "HF_TOKEN" in denied.stderr
+    allowed = run_cli(
+        "fuse", "acme/secret-moe", "-o", str(tmp_path / "out"), env=_env(hub, tmp_path, HF_TOKEN=TOKEN)
+    )
+    assert allowed.returncode == 0, allowed.stderr
+    assert TOKEN not in allowed.stdout + allowed.stderr
+    assert not any(
+        TOKEN in p.read_text(errors="ignore") for p in (tmp_path / "out").iterdir() if p.suffix == ".json"
+    )
