@@ -1,0 +1,1 @@
+"""Quantization: the scheme as data, round-to-nearest and GPTQ solvers, and bit packing."""
