@@ -1,0 +1,137 @@
+"""Forward passes one decoder layer at a time, with transformers' own modules.
+
+The model skeleton is built on the "meta" device (no memory). Its embeddings are materialised, and a
+*catcher* in place of layer 0 records exactly what the model hands its decoder layers (mask, positions,
+rotary embeddings), whatever the family. Each layer is then materialised from its tensors, run on the
+hidden states, and returned to "meta", so only one layer's weights are resident at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class _Caught(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for layer 0 and stops the forward pass once it has seen the layer's inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kwargs: dict[str, Any] = {}
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        self.kwargs = kwargs
+        raise _Caught
+
+
+def _materialise(module: nn.Module, state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Give a meta module real storage from ``state``; non-persistent buffers are recomputed by caller."""
+    module.to_empty(device=device)
+    missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
+    if unexpected or [m for m in missing if not _is_nonpersistent(module, m)]:
+        raise RuntimeError(
+            f"layer weights do not fit the model definition: missing {missing}, unexpected {unexpected}"
+        )
+
+
+def _is_nonpersistent(module: nn.Module, name: str) -> bool:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    return leaf in owner._non_persistent_buffers_set
+
+
+class LayerwiseModel:
+    """A causal LM whose layers are loaded on demand.
+
+    ``config`` is a transformers config object; tensors handed to :meth:`load_layer` and
+    :meth:`load_top` use transformers 5 runtime names (fused experts).
+    """
+
+    def __init__(
+        self, config: Any, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.device = torch.device(device)
+        self.dtype = dtype
+        config._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        self.model.eval()
+        self.config = config
+        self.backbone = self.model.model
+        rotary_cls = type(self.backbone.rotary_emb)
+        with torch.device(self.device):
+            self.backbone.rotary_emb = rotary_cls(config=config)
+        self._kwargs: dict[tuple[int, ...], dict[str, Any]] = {}
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def load_top(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Embeddings, final norm and head: names as in the checkpoint (``model.embed_tokens.weight``...)."""
+        top = {n: t for n, t in tensors.items() if not n.startswith("model.layers.")}
+        if "lm_head.weight" not in top and getattr(self.config, "tie_word_embeddings", False):
+            top["lm_head.weight"] = top["model.embed_tokens.weight"]
+        for module_name in ("model.embed_tokens", "model.norm", "lm_head"):
+            module = self.model.get_submodule(module_name)
+            prefix = module_name + "."
+            state = {
+                n[len(prefix) :]: t.to(self.device, self.dtype)
+                for n, t in top.items()
+                if n.startswith(prefix)
+            }
+            _materialise(module, state, self.device)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.backbone.embed_tokens(input_ids.to(self.device))
+
+    def layer_kwargs(self, hidden: torch.Tensor) -> dict[str, Any]:
+        """What the model passes every decoder layer for inputs of this shape (cached per shape)."""
+        key = tuple(hidden.shape)
+        if key not in self._kwargs:
+            catcher, first = _Catcher(), self.backbone.layers[0]
+            self.backbone.layers[0] = catcher
+            try:
+                with torch.no_grad():
+                    self.model(inputs_embeds=hidden, use_cache=False)
+            except _Caught:
+                pass
+            finally:
+                self.backbone.layers[0] = first
+            self._kwargs[key] = catcher.kwargs
+        return self._kwargs[key]
+
+    @contextmanager
+    def layer(self, index: int, tensors: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
+        """Decoder layer ``index`` with real weights while the block runs; back to meta after.
+
+        ``tensors`` are named relative to the layer (``self_attn.q_proj.weight``...), fused layout.
+        """
+        module = self.backbone.layers[index]
+        state = {
+            n: t.to(self.device, self.dtype if t.is_floating_point() else t.dtype) for n, t in tensors.items()
+        }
+        _materialise(module, state, self.device)
+        try:
+            yield module
+        finally:
+            self.backbone.layers[index] = module.to("meta")
+
+    def run_layer(self, module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = module(hidden, **self.layer_kwargs(hidden))
+        return out[0] if isinstance(out, tuple) else out
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model.lm_head(self.backbone.norm(hidden))
