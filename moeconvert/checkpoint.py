@@ -8,7 +8,6 @@ so tensor bytes can be appended to the open shard as each layer is computed and 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -77,7 +76,6 @@ class ShardedReader:
                     )
                 self.metas[name] = meta
         self._check_index_matches_headers()
-        self._handles: dict[str, object] = {}
 
     def _check_index_matches_headers(self) -> None:
         index = self.folder / INDEX_NAME
@@ -95,7 +93,7 @@ class ShardedReader:
         self.close()
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing stays open between reads; kept so callers can use the reader as a context."""
 
     @property
     def total_bytes(self) -> int:
@@ -109,15 +107,20 @@ class ShardedReader:
         return groups
 
     def get(self, name: str) -> torch.Tensor:
-        meta = self.metas[name]
-        handle = self._handles.get(meta.file)
-        if handle is None:
-            handle = safe_open(str(self.folder / meta.file), framework="pt")
-            self._handles[meta.file] = handle
-        return handle.get_tensor(name)
+        return self.get_many([name])[name]
 
     def get_many(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        return {name: self.get(name) for name in names}
+        """Read tensors, opening each shard only for the call: safetensors maps whole files, and a
+        mapping kept open would let touched pages pile up in RSS across layers."""
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.metas[name].file, []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for file, members in by_file.items():
+            with safe_open(str(self.folder / file), framework="pt") as handle:
+                for name in members:
+                    out[name] = handle.get_tensor(name)
+        return {name: out[name] for name in names}
 
     def meta_tensors(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         """Shape/dtype-only stand-ins (device 'meta'), for planning a conversion without reading data."""
@@ -209,10 +212,8 @@ class ShardedWriter:
         self.shards = split_into_shards(self.groups, max_shard_size)
         self.names = shard_names(len(self.shards))
         self.shard_of_group = {g: s for s, members in enumerate(self.shards) for g in members}
-        self.sha256: dict[str, str] = {}
         self._next_group = 0
         self._file: BinaryIO | None = None
-        self._hash: hashlib._Hash | None = None
 
     def write_group(self, index: int, tensors: dict[str, torch.Tensor]) -> int:
         """Append one group's tensors; they must match the plan exactly. Returns bytes written."""
@@ -252,22 +253,19 @@ class ShardedWriter:
         header = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()
         header += b" " * (-len(header) % 8)  # keep tensor data 8-byte aligned
         self._file = (self.folder / self.names[shard]).open("wb")
-        self._hash = hashlib.sha256()
         self._write_bytes(len(header).to_bytes(8, "little") + header)
 
     def _write_bytes(self, data: bytes | memoryview) -> int:
-        assert self._file is not None and self._hash is not None
+        assert self._file is not None
         self._file.write(data)
-        self._hash.update(data)
         return len(data)
 
     def _close_shard(self, shard: int) -> None:
-        assert self._file is not None and self._hash is not None
+        assert self._file is not None
         self._file.flush()
-        os.fsync(self._file.fileno())
+        os.fsync(self._file.fileno())  # complete on disk before the folder is renamed into place
         self._file.close()
-        self.sha256[self.names[shard]] = self._hash.hexdigest()
-        self._file = self._hash = None
+        self._file = None
 
     def abort(self) -> None:
         if self._file is not None:
