@@ -95,15 +95,24 @@ def build_tiny_model(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     max_shard_size: str | int = "5GB",
+    train_steps: int = 0,
     **overrides: Any,
 ) -> Path:
-    """Write a randomly initialised tiny ``family`` model in its original (per-expert) layout."""
+    """Write a tiny ``family`` model in its original (per-expert) layout.
+
+    Random models have nearly flat output distributions, which hide quantization damage; with
+    ``train_steps`` the model first learns the shipped calibration corpus (byte tokens) briefly, so
+    its predictions are peaked and a broken expert or a coarse grid shows in the logits.
+    """
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(family, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    model = AutoModelForCausalLM.from_config(config)
     _spread_router_weights(model, seed)
+    if train_steps:
+        _train(model, train_steps, seed)
+    model = model.to(dtype)
     output = Path(output)
     model.save_pretrained(output, max_shard_size=max_shard_size)
     return output
@@ -116,3 +125,19 @@ def _spread_router_weights(model: torch.nn.Module, seed: int) -> None:
         for name, param in model.named_parameters():
             if name.endswith(("mlp.gate.weight", "mlp.router.weight")) and param.dim() == 2:
                 param.copy_(torch.randn(param.shape, generator=generator).to(param.dtype))
+
+
+def _train(model: torch.nn.Module, steps: int, seed: int, batch: int = 8, seq_len: int = 64) -> None:
+    """A few hundred steps of next-byte prediction on the shipped corpus (seconds on a CPU)."""
+    from .quant.calibration import load_text, sample_windows
+
+    stream = torch.tensor(list(load_text(None).encode("utf-8")), dtype=torch.long)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    for step in range(steps):
+        tokens = sample_windows(stream, batch, seq_len + 1, seed * 100_003 + step)
+        loss = model(input_ids=tokens[:, :-1], labels=tokens[:, 1:].contiguous()).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
