@@ -27,17 +27,17 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "phimoe": dict(intermediate_size=96, num_local_experts=8, num_experts_per_tok=2),
     "qwen2_moe": dict(
         intermediate_size=128,
-        moe_intermediate_size=48,
-        shared_expert_intermediate_size=80,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=96,
         num_experts=8,
         num_experts_per_tok=2,
         mlp_only_layers=[1],
     ),
     "qwen3_moe": dict(
-        intermediate_size=128, moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2, head_dim=16
+        intermediate_size=128, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2, head_dim=16
     ),
     "olmoe": dict(
-        intermediate_size=48,
+        intermediate_size=64,
         num_experts=8,
         num_experts_per_tok=2,
         bos_token_id=1,
@@ -47,7 +47,7 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "deepseek_v2": dict(
         num_key_value_heads=4,
         intermediate_size=128,
-        moe_intermediate_size=48,
+        moe_intermediate_size=64,
         n_routed_experts=8,
         num_experts_per_tok=2,
         n_shared_experts=1,
@@ -63,13 +63,13 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "deepseek_v3": dict(
         num_key_value_heads=4,
         intermediate_size=128,
-        moe_intermediate_size=48,
+        moe_intermediate_size=64,
         n_routed_experts=8,
         num_experts_per_tok=2,
         n_shared_experts=1,
         first_k_dense_replace=1,
         kv_lora_rank=32,
-        q_lora_rank=48,
+        q_lora_rank=64,
         qk_rope_head_dim=8,
         qk_nope_head_dim=16,
         v_head_dim=16,

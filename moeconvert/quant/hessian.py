@@ -1,0 +1,222 @@
+"""Gathering GPTQ statistics: per-expert input second moments, routed the way the model routes.
+
+GPTQ needs, for every Linear, ``H = 2/n * sum_t x_t x_t^T`` over the calibration inputs ``x_t`` that Linear
+actually sees. For experts that is the rows the router sends them, so one layer holds a stack
+``H[E, in, in]``; a dense Linear is the case ``E = 1`` with every token. This module only gathers and
+normalizes; solving is :mod:`moeconvert.quant.gptq`.
+
+Determinism. Rows are buffered per expert and turned into products only in fixed-size chunks of
+``chunk_size`` rows, in token order, and the chunk products are added one by one in that order. The
+chunking therefore depends only on the sequence of rows each expert receives, not on how the caller
+split tokens into batches, so the sums are bit-identical however the calibration set is batched (on
+CPU, with a fixed thread count). Each chunk product is a float32 matmul (short sums, fast, accurate to
+~1e-7 relative) added into a float64 running sum: millions of float32 additions would drift with the
+token count and the chunking, float64 does not, at twice the memory of the sums.
+
+Starved experts. A router may send an expert few or no calibration tokens. ``finalize`` fills the
+deficit with pseudo-tokens drawn from the layer-wide statistics (the pool of every row any expert
+received), i.e. the posterior mean of the expert's second moment under a prior centred on the layer's:
+
+    H_e = 2 * (S_e + m_e * S_all / n_all) / (n_e + m_e),   m_e = max(min_tokens - n_e, 0)
+
+where ``S`` are sums of ``x x^T`` and ``n`` row counts (``m_e`` is at least 1 when ``n_e = 0``). An expert with at least ``min_tokens`` rows gets
+exactly the reference GPTQ Hessian; below that its effective sample size is topped up to ``min_tokens``
+and the prior fades continuously as its own rows arrive. Without this, a handful of rows gives a rank-
+deficient Hessian on which GPTQ over-fits those rows (damping only hides the singularity). An expert with
+no rows gets the layer-wide Hessian; with no rows anywhere in the layer it gets the identity, on which
+GPTQ reduces to round-to-nearest. With top-k routing every token enters the pool exactly k times, so the
+pooled mean is the all-token mean; for per-expert inputs (``down_proj``) it is the pool of what all experts
+received, which carries the typical per-feature scale rather than a shared correlation structure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+class HessianAccumulator:
+    """Running sums of ``x x^T`` per expert for one Linear (or one stack of expert Linears).
+
+    Args:
+        in_features: input width of the Linear.
+        num_experts: experts in the stack; 1 for a dense Linear.
+        chunk_size: rows per product; the unit of deterministic summation.
+        dtype: dtype of the running sums (float64 by default, see the module docstring).
+        device: where the sums live; by default the device of the first input.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int = 1,
+        *,
+        chunk_size: int = 512,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if in_features <= 0 or num_experts <= 0 or chunk_size <= 0:
+            raise ValueError("in_features, num_experts and chunk_size must be positive")
+        self.in_features = in_features
+        self.num_experts = num_experts
+        self.chunk_size = chunk_size
+        self.dtype = dtype
+        self._device = None if device is None else torch.device(device)
+        self._sums: Tensor | None = None
+        self._counts = [0] * num_experts
+        self._pending: list[list[Tensor]] = [[] for _ in range(num_experts)]
+        self._pending_rows = [0] * num_experts
+
+    @property
+    def counts(self) -> Tensor:
+        """Rows received so far per expert, int64 ``[E]``."""
+        return torch.tensor(self._counts, dtype=torch.int64)
+
+    def add(self, x: Tensor, routing: Tensor | None = None) -> None:
+        """Add a batch of inputs shared by all experts (gate/up projections, or a dense Linear).
+
+        Args:
+            x: ``[T, in]`` (or ``[..., in]``) inputs, in token order.
+            routing: which experts each token goes to: expert indices ``[T, k]`` (int), or a boolean mask
+                ``[T, E]``. ``None`` sends every token to every expert (a dense Linear, or "calibrate all
+                experts").
+        """
+        x = self._rows(x)
+        mask = self._routing_mask(routing, x.shape[0], x.device)
+        pairs = mask.t().nonzero()  # (expert, token), sorted by expert then token
+        per_expert = torch.bincount(pairs[:, 0], minlength=self.num_experts).tolist()
+        gathered = x.index_select(0, pairs[:, 1])
+        for expert, rows in enumerate(gathered.split(per_expert)):
+            self._push(expert, rows)
+
+    def add_expert(self, expert: int, x: Tensor) -> None:
+        """Add the rows one expert received (e.g. its own ``act(gate) * up`` for ``down_proj``)."""
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"expert {expert} out of range for {self.num_experts} experts")
+        self._push(expert, self._rows(x))
+
+    def add_per_expert(self, xs: Sequence[Tensor]) -> None:
+        """Add one batch of rows per expert, ``xs[e]`` of shape ``[T_e, in]`` (``T_e`` may be 0)."""
+        if len(xs) != self.num_experts:
+            raise ValueError(f"expected {self.num_experts} row batches, got {len(xs)}")
+        for expert, rows in enumerate(xs):
+            self.add_expert(expert, rows)
+
+    def layer_hessian(self) -> Tensor | None:
+        """The layer-wide Hessian ``2 * S_all / n_all`` over every row any expert received, or None.
+
+        Like :meth:`finalize` it sums the partial last chunks, so call it once the rows are all in.
+        """
+        layer_mean = self._layer_mean()
+        return None if layer_mean is None else 2.0 * layer_mean
+
+    def finalize(self, min_tokens: int, *, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """Normalized, well-posed Hessians for every expert.
+
+        Args:
+            min_tokens: experts with fewer rows are topped up with layer-wide pseudo-rows (module docstring).
+            dtype: dtype of the returned Hessians.
+
+        Returns:
+            ``(H, counts)``: symmetric ``H[E, in, in]`` without NaN, and the true row counts int64 ``[E]``.
+        """
+        if min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {min_tokens}")
+        layer_mean = self._layer_mean()
+        sums = self._sums_or_zeros()
+        hessians = torch.empty(sums.shape, dtype=dtype, device=sums.device)
+        for expert, rows in enumerate(self._counts):
+            pseudo_rows = _pseudo_rows(rows, min_tokens) if layer_mean is not None else 0
+            if rows + pseudo_rows == 0:  # no data anywhere in the layer
+                hessians[expert] = torch.eye(self.in_features, dtype=dtype, device=sums.device)
+                continue
+            moment = sums[expert] + pseudo_rows * layer_mean if pseudo_rows else sums[expert]
+            hessian = moment * (2.0 / (rows + pseudo_rows))
+            hessians[expert] = (hessian + hessian.T) / 2  # exactly symmetric, whatever the matmul did
+        return hessians, self.counts
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _rows(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
+        return x.reshape(-1, self.in_features)
+
+    def _routing_mask(self, routing: Tensor | None, tokens: int, device: torch.device) -> Tensor:
+        """Boolean ``[T, E]``: token t goes to expert e."""
+        if routing is None:
+            return torch.ones(tokens, self.num_experts, dtype=torch.bool, device=device)
+        routing = routing.to(device)
+        if routing.dtype == torch.bool:
+            mask = routing.reshape(-1, routing.shape[-1])
+            if mask.shape != (tokens, self.num_experts):
+                raise ValueError(
+                    f"routing mask must be [{tokens}, {self.num_experts}], got {tuple(mask.shape)}"
+                )
+            return mask
+        if routing.is_floating_point() or routing.is_complex():
+            raise ValueError("routing must be integer expert indices [T, k] or a boolean mask [T, E]")
+        index = routing.reshape(-1, routing.shape[-1]).long()
+        if index.shape[0] != tokens:
+            raise ValueError(f"routing has {index.shape[0]} rows for {tokens} tokens")
+        if index.numel() and (index.min() < 0 or index.max() >= self.num_experts):
+            raise ValueError(f"expert indices must be in [0, {self.num_experts})")
+        mask = torch.zeros(tokens, self.num_experts, dtype=torch.bool, device=device)
+        return mask.scatter_(1, index, True)
+
+    def _push(self, expert: int, rows: Tensor) -> None:
+        """Buffer an expert's rows; turn every full chunk into a product, in arrival order."""
+        if rows.shape[0] == 0:
+            return
+        self._counts[expert] += rows.shape[0]
+        self._pending[expert].append(rows)
+        self._pending_rows[expert] += rows.shape[0]
+        if self._pending_rows[expert] >= self.chunk_size:
+            self._flush(expert, whole_chunks_only=True)
+
+    def _flush(self, expert: int, whole_chunks_only: bool) -> None:
+        if self._pending_rows[expert] == 0:
+            return
+        rows = torch.cat(self._pending[expert])
+        full = rows.shape[0] - rows.shape[0] % self.chunk_size if whole_chunks_only else rows.shape[0]
+        for start in range(0, full, self.chunk_size):
+            self._add_product(expert, rows[start : start + self.chunk_size])
+        rest = rows[full:].clone()
+        self._pending[expert] = [rest] if rest.shape[0] else []
+        self._pending_rows[expert] = rest.shape[0]
+
+    def _flush_all(self) -> None:
+        """Sum the partial last chunks. Later rows start new chunks, so finalize once, at the end."""
+        for expert in range(self.num_experts):
+            self._flush(expert, whole_chunks_only=False)
+
+    def _add_product(self, expert: int, chunk: Tensor) -> None:
+        sums = self._sums_or_zeros(chunk.device)
+        chunk = chunk.to(device=sums.device, dtype=torch.float32)
+        sums[expert] += (chunk.t() @ chunk).to(self.dtype)
+
+    def _sums_or_zeros(self, device: torch.device | None = None) -> Tensor:
+        if self._sums is None:
+            where = self._device or device or torch.device("cpu")
+            shape = (self.num_experts, self.in_features, self.in_features)
+            self._sums = torch.zeros(shape, dtype=self.dtype, device=where)
+        return self._sums
+
+    def _layer_mean(self) -> Tensor | None:
+        """``S_all / n_all`` with ``S_all = sum_e S_e`` added in expert order; None without any rows."""
+        self._flush_all()
+        total = sum(self._counts)
+        if total == 0:
+            return None
+        sums = self._sums_or_zeros()
+        pooled = sums[0].clone()
+        for expert in range(1, self.num_experts):
+            pooled += sums[expert]
+        return pooled / total
+
+
+def _pseudo_rows(rows: int, min_tokens: int) -> int:
+    """Layer-wide pseudo-rows ``m_e`` that top an expert up to ``min_tokens``; one if it has no rows."""
+    return max(min_tokens - rows, 0 if rows else 1)

@@ -1,0 +1,385 @@
+"""GPTQ batched over experts, and the routed Hessians it is solved with.
+
+The batched solver is checked against a plain transcription of the paper's algorithm for one 2D weight
+(column by column, no lazy batching), so blocking, batching, act-order and group bookkeeping are all
+compared with the simplest possible statement of the method. Exact code equality is asserted in float64,
+where a rounding flip between the two summation orders is vanishingly unlikely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from moeconvert.quant.gptq import gptq_quantize
+from moeconvert.quant.hessian import HessianAccumulator
+from moeconvert.quant.rtn import compute_qparams, dequantize, quantize_codes, rtn_quantize
+from moeconvert.quant.scheme import Scheme
+
+
+def reference_gptq(w: torch.Tensor, H: torch.Tensor, scheme: Scheme):
+    """GPTQ for one weight ``[out, in]`` exactly as the paper states it, in float64, one column at a time."""
+    W = w.double().clone()
+    H = H.double().clone()
+    columns = W.shape[1]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = torch.arange(columns)
+    if scheme.act_order:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    H += scheme.damp * torch.mean(torch.diag(H)) * torch.eye(columns, dtype=H.dtype)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    group = scheme.effective_group_size(columns)
+    Q = torch.zeros(W.shape, dtype=torch.uint8)
+    scales, zeros = [], []
+    for j in range(columns):
+        if j % group == 0:
+            scale, zero = compute_qparams(W[:, j : j + group], scheme)
+            scales.append(scale)
+            zeros.append(zero)
+        q = quantize_codes(W[:, j : j + 1], scale, zero, scheme.maxq)
+        Q[:, j : j + 1] = q
+        err = (W[:, j : j + 1] - dequantize(q, scale, zero).double()) / Hinv[j, j]
+        W[:, j:] -= err * Hinv[j : j + 1, j:]
+    position = torch.argsort(perm)
+    return Q[:, position], torch.cat(scales, 1), torch.cat(zeros, 1).int(), (position // group).int()
+
+
+def correlated_inputs(tokens: int, features: int, generator: torch.Generator) -> torch.Tensor:
+    mixing = torch.randn(features, features, generator=generator)
+    return torch.randn(tokens, features, generator=generator) @ mixing
+
+
+def hessian_of(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    return 2 * x.T @ x / x.shape[0]
+
+
+def top_k_routing(tokens: int, experts: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(tokens, experts, generator=generator).topk(k, dim=-1).indices
+
+
+def expert_stack(experts=3, out=16, columns=96, seed=0):
+    """Weights and per-expert Hessians from correlated inputs; expert 1 has a dead input column."""
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(experts, out, columns, generator=gen, dtype=torch.float64)
+    hessians = []
+    for expert in range(experts):
+        x = correlated_inputs(4 * columns, columns, gen)
+        if expert == 1:
+            x[:, 5] = 0
+        hessians.append(hessian_of(x))
+    return W, torch.stack(hessians)
+
+
+SCHEMES = [
+    Scheme(bits=bits, group_size=group, sym=sym, act_order=act, block_size=64)
+    for bits in (4, 8)
+    for group in (32, -1)
+    for sym in (True, False)
+    for act in (False, True)
+] + [
+    Scheme(bits=4, group_size=64, block_size=32),  # groups span several blocks
+    Scheme(bits=4, group_size=48, block_size=64, act_order=True),  # block realigned to the groups
+    Scheme(bits=4, group_size=40, block_size=128, sym=False),  # short last group
+]
+
+
+@pytest.mark.parametrize(
+    "scheme", SCHEMES, ids=lambda s: f"{s.label}-{'act' if s.act_order else 'seq'}-b{s.block_size}"
+)
+def test_batched_equals_per_expert_reference(scheme: Scheme) -> None:
+    W, H = expert_stack()
+    got = gptq_quantize(W, H, scheme, compute_dtype=torch.float64)
+    for expert in range(W.shape[0]):
+        codes, scale, zero, g_idx = reference_gptq(W[expert], H[expert], scheme)
+        assert torch.equal(got.codes[expert], codes)
+        torch.testing.assert_close(got.scale[expert], scale, rtol=1e-6, atol=0)
+        assert torch.equal(got.zero[expert], zero)
+        if scheme.act_order:
+            assert torch.equal(got.g_idx[expert], g_idx)
+    if not scheme.act_order:
+        assert got.g_idx is None
+    assert (
+        got.codes.dtype == torch.uint8 and got.scale.dtype == torch.float32 and got.zero.dtype == torch.int32
+    )
+    dead_column = got.dequantize()[1][:, 5]
+    assert torch.equal(dead_column, torch.zeros_like(dead_column))
+
+
+def test_float32_solve_matches_float64_reference() -> None:
+    W, H = expert_stack(seed=3)
+    scheme = Scheme(bits=4, group_size=32, act_order=True, block_size=64)
+    got = gptq_quantize(W.float(), H.float(), scheme)
+    for expert in range(W.shape[0]):
+        codes, *_ = reference_gptq(W[expert], H[expert], scheme)
+        assert (got.codes[expert] == codes).float().mean() > 0.99
+
+
+def test_act_order_g_idx_is_per_expert_and_dequantizes() -> None:
+    W, H = expert_stack()
+    scheme = Scheme(bits=4, group_size=32, act_order=True, block_size=64)
+    got = gptq_quantize(W, H, scheme, compute_dtype=torch.float64)
+    assert got.g_idx.shape == (W.shape[0], W.shape[2]) and got.g_idx.dtype == torch.int32
+    assert not torch.equal(got.g_idx[0], got.g_idx[2]), "each expert has its own column order"
+    for expert in range(W.shape[0]):
+        assert torch.equal(torch.bincount(got.g_idx[expert]), torch.full((3,), 32))
+        index = got.g_idx[expert].long().expand(W.shape[1], -1)
+        manual = dequantize(
+            got.codes[expert], got.scale[expert].gather(1, index), got.zero[expert].gather(1, index)
+        )
+        assert torch.equal(got.dequantize()[expert], manual)
+
+
+def test_single_weight_and_expert_chunks_match_the_stack() -> None:
+    W, H = expert_stack()
+    scheme = Scheme(bits=4, group_size=32, act_order=True, block_size=64)
+    whole = gptq_quantize(W, H, scheme, compute_dtype=torch.float64)
+    chunked = gptq_quantize(W, H, scheme, compute_dtype=torch.float64, max_experts_per_chunk=2)
+    single = gptq_quantize(W[2], H[2], scheme, compute_dtype=torch.float64)
+    assert torch.equal(chunked.codes, whole.codes) and torch.equal(chunked.g_idx, whole.g_idx)
+    torch.testing.assert_close(chunked.scale, whole.scale)
+    assert single.codes.shape == W.shape[1:] and single.g_idx.shape == (W.shape[2],)
+    assert torch.equal(single.codes, whole.codes[2]) and torch.equal(single.g_idx, whole.g_idx[2])
+
+
+def test_deterministic() -> None:
+    W, H = expert_stack()
+    scheme = Scheme(bits=4, group_size=32, act_order=True, block_size=64)
+    first = gptq_quantize(W.float(), H.float(), scheme)
+    second = gptq_quantize(W.float(), H.float(), scheme)
+    assert torch.equal(first.codes, second.codes) and torch.equal(first.scale, second.scale)
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [Scheme(bits=4, group_size=32), Scheme(bits=4, group_size=-1, sym=False), Scheme(bits=4, act_order=True)],
+    ids=lambda s: s.label + ("-act" if s.act_order else ""),
+)
+def test_gptq_beats_rtn_on_correlated_routed_inputs(scheme: Scheme) -> None:
+    gen = torch.Generator().manual_seed(1)
+    experts, out, columns, tokens = 4, 32, 64, 1024
+    x = correlated_inputs(tokens, columns, gen)
+    routing = top_k_routing(tokens, experts, 2, gen)
+    accumulator = HessianAccumulator(columns, experts, chunk_size=128)
+    accumulator.add(x, routing)
+    H, _ = accumulator.finalize(min_tokens=0)
+    W = torch.randn(experts, out, columns, generator=gen)
+    gptq = gptq_quantize(W, H, scheme).dequantize()
+    rtn = rtn_quantize(W, scheme).dequantize()
+    for expert in range(experts):
+        x_e = x[(routing == expert).any(-1)]
+        gptq_error = torch.linalg.norm((W[expert] - gptq[expert]) @ x_e.T)
+        rtn_error = torch.linalg.norm((W[expert] - rtn[expert]) @ x_e.T)
+        assert gptq_error < 0.9 * rtn_error, (expert, float(gptq_error), float(rtn_error))
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [Scheme(bits=4, group_size=32), Scheme(bits=8, group_size=-1, sym=False), Scheme(bits=4, act_order=True)],
+    ids=lambda s: s.label + ("-act" if s.act_order else ""),
+)
+@pytest.mark.parametrize("scale_dtype", [None, torch.float16])
+def test_identity_hessian_gives_round_to_nearest(scheme: Scheme, scale_dtype: torch.dtype | None) -> None:
+    gen = torch.Generator().manual_seed(2)
+    W = torch.randn(3, 24, 160, generator=gen)
+    H = torch.eye(160).expand(3, -1, -1)
+    gptq = gptq_quantize(W, H, scheme, scale_dtype=scale_dtype)
+    rtn = rtn_quantize(W, scheme, scale_dtype=scale_dtype)
+    assert torch.equal(gptq.codes, rtn.codes)
+    assert torch.equal(gptq.scale, rtn.scale) and torch.equal(gptq.zero, rtn.zero)
+    if scheme.act_order:  # all diagonals tie, so the stable order is the identity
+        assert torch.equal(gptq.g_idx, rtn.group_index().expand(3, -1))
+
+
+def test_dead_inputs_and_empty_hessian() -> None:
+    gen = torch.Generator().manual_seed(4)
+    W = torch.randn(2, 8, 64, generator=gen)
+    x = correlated_inputs(256, 64, gen)
+    x[:, 10:20] = 0
+    H = torch.stack([hessian_of(x).float(), torch.zeros(64, 64)])
+    for scheme in (Scheme(bits=4, group_size=32), Scheme(bits=4, group_size=-1, act_order=True)):
+        got = gptq_quantize(W, H, scheme).dequantize()
+        assert got.isfinite().all()
+        assert torch.equal(got[0][:, 10:20], torch.zeros(8, 10))
+        assert torch.equal(got[1], torch.zeros(8, 64)), "no live input: the reference zeroes every column"
+
+
+def test_failed_cholesky_retries_with_more_damping_for_that_expert_only() -> None:
+    W, H = expert_stack()
+    W, H = W.float(), H.float()
+    gen = torch.Generator().manual_seed(5)
+    basis, _ = torch.linalg.qr(torch.randn(96, 96, generator=gen))
+    eigenvalues = torch.ones(96)
+    eigenvalues[0] = -0.05  # 1% damping leaves it indefinite, 10% does not
+    H[2] = basis @ torch.diag(eigenvalues) @ basis.T
+    scheme = Scheme(bits=4, group_size=32, damp=0.01)
+    got = gptq_quantize(W, H, scheme)
+    assert got.dequantize().isfinite().all()
+    healthy = gptq_quantize(W[:2], H[:2], scheme)
+    assert torch.equal(got.codes[:2], healthy.codes)
+    retried = gptq_quantize(W[2], H[2], replace(scheme, damp=0.1))
+    assert torch.equal(got.codes[2], retried.codes)
+
+
+def test_hopeless_hessian_falls_back_to_round_to_nearest() -> None:
+    W = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(6))
+    H = torch.stack([torch.eye(32), -torch.eye(32)])
+    scheme = Scheme(bits=4, group_size=32)
+    assert torch.equal(gptq_quantize(W, H, scheme).codes, rtn_quantize(W, scheme).codes)
+
+
+def test_non_finite_input_is_refused() -> None:
+    W, H = torch.randn(1, 8, 32), torch.eye(32)[None].clone()
+    H[0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        gptq_quantize(W, H, Scheme())
+    with pytest.raises(ValueError, match=r"\[E, out, in\]"):
+        gptq_quantize(W, torch.eye(16)[None], Scheme())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_solve_agrees_with_cpu() -> None:
+    W, H = expert_stack(seed=11)
+    scheme = Scheme(bits=4, group_size=32, act_order=True, block_size=64)
+    cpu = gptq_quantize(W.float(), H.float(), scheme)
+    cuda = gptq_quantize(W.float().cuda(), H.float().cuda(), scheme)
+    assert cuda.codes.is_cuda and cuda.dequantize().isfinite().all()
+    assert torch.equal(cuda.g_idx.cpu(), cpu.g_idx)
+    assert (cuda.codes.cpu() == cpu.codes).float().mean() > 0.99
+
+
+# -- Hessian accumulation ---------------------------------------------------------------------------
+
+
+def routed_inputs(tokens=700, columns=48, experts=5, k=2, seed=7):
+    gen = torch.Generator().manual_seed(seed)
+    return correlated_inputs(tokens, columns, gen), top_k_routing(tokens, experts, k, gen)
+
+
+def test_routed_accumulation_equals_explicit_per_expert_products() -> None:
+    x, routing = routed_inputs()
+    accumulator = HessianAccumulator(48, 5, chunk_size=64)
+    accumulator.add(x, routing)
+    H, counts = accumulator.finalize(min_tokens=0)
+    assert H.dtype == torch.float32 and counts.dtype == torch.int64
+    for expert in range(5):
+        x_e = x[(routing == expert).any(-1)]
+        assert counts[expert] == x_e.shape[0]
+        torch.testing.assert_close(H[expert].double(), hessian_of(x_e), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(accumulator.layer_hessian(), hessian_of(x), rtol=1e-5, atol=1e-3)
+
+
+def test_mask_indices_per_expert_rows_and_batch_shape_agree_bitwise() -> None:
+    x, routing = routed_inputs()
+    by_index = HessianAccumulator(48, 5, chunk_size=64)
+    by_index.add(x, routing)
+    mask = torch.zeros(700, 5, dtype=torch.bool).scatter_(1, routing, True)
+    by_mask = HessianAccumulator(48, 5, chunk_size=64)
+    by_mask.add(x.reshape(7, 100, 48), mask.reshape(7, 100, 5))
+    per_expert = HessianAccumulator(48, 5, chunk_size=64)
+    per_expert.add_per_expert([x[mask[:, e]] for e in range(5)])
+    reference = by_index.finalize(min_tokens=0)[0]
+    assert torch.equal(by_mask.finalize(min_tokens=0)[0], reference)
+    assert torch.equal(per_expert.finalize(min_tokens=0)[0], reference)
+
+
+def test_dense_linear_takes_every_token() -> None:
+    x, _ = routed_inputs()
+    accumulator = HessianAccumulator(48, chunk_size=64)
+    accumulator.add(x)
+    H, counts = accumulator.finalize(min_tokens=0)
+    assert H.shape == (1, 48, 48) and counts.tolist() == [700]
+    torch.testing.assert_close(H[0].double(), hessian_of(x), rtol=1e-5, atol=1e-3)
+
+
+def test_accumulation_is_deterministic_and_independent_of_batching() -> None:
+    x, routing = routed_inputs()
+
+    def run(splits: list[int], chunk_size: int = 64) -> torch.Tensor:
+        accumulator = HessianAccumulator(48, 5, chunk_size=chunk_size)
+        for part, part_routing in zip(x.split(splits), routing.split(splits), strict=True):
+            accumulator.add(part, part_routing)
+        return accumulator.finalize(min_tokens=100)[0]
+
+    once = run([700])
+    assert torch.equal(once, run([700]))
+    assert torch.equal(once, run([1, 99, 300, 17, 283])), "chunks follow each expert's rows, not the batches"
+    torch.testing.assert_close(once, run([700], chunk_size=50), rtol=1e-6, atol=1e-5)
+
+
+def assert_symmetric_positive_definite(H: torch.Tensor) -> None:
+    assert H.isfinite().all()
+    assert torch.equal(H, H.mT)
+    assert (torch.linalg.eigvalsh(H.double()) > 0).all()
+
+
+def test_starved_experts_borrow_layer_statistics() -> None:
+    x, routing = routed_inputs(experts=4)
+    routing[routing == 2] = 0  # expert 2: no tokens
+    routing[routing == 3] = 1
+    routing[0, 1] = 3  # expert 3: one token
+    accumulator = HessianAccumulator(48, 4, chunk_size=64)
+    accumulator.add(x, routing)
+    H, counts = accumulator.finalize(min_tokens=64)
+    assert counts[2] == 0 and counts[3] == 1 and counts[:2].min() >= 64
+    assert_symmetric_positive_definite(H)
+    layer = accumulator.layer_hessian()
+    torch.testing.assert_close(H[2].double(), layer, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(H[3].double(), (hessian_of(x[:1]) + 63 * layer) / 64, rtol=1e-6, atol=1e-4)
+    for expert in range(2):  # enough tokens: exactly the reference Hessian
+        torch.testing.assert_close(
+            H[expert].double(), hessian_of(x[(routing == expert).any(-1)]), rtol=1e-5, atol=1e-3
+        )
+    W = torch.randn(4, 16, 48, generator=torch.Generator().manual_seed(8))
+    assert gptq_quantize(W, H, Scheme(bits=4, group_size=16, act_order=True)).dequantize().isfinite().all()
+
+
+def test_zero_token_expert_is_well_posed_even_without_min_tokens() -> None:
+    x, routing = routed_inputs(experts=3)
+    routing[routing == 2] = 0
+    accumulator = HessianAccumulator(48, 3, chunk_size=64)
+    accumulator.add(x, routing)
+    H, counts = accumulator.finalize(min_tokens=0)
+    assert counts[2] == 0
+    assert_symmetric_positive_definite(H)
+    torch.testing.assert_close(H[2].double(), accumulator.layer_hessian(), rtol=1e-6, atol=1e-4)
+
+
+def test_no_data_at_all_gives_identity_and_round_to_nearest() -> None:
+    accumulator = HessianAccumulator(32, 3)
+    accumulator.add(torch.zeros(0, 32), torch.zeros(0, 2, dtype=torch.long))
+    accumulator.add_expert(1, torch.zeros(0, 32))
+    H, counts = accumulator.finalize(min_tokens=16)
+    assert counts.tolist() == [0, 0, 0] and accumulator.layer_hessian() is None
+    assert torch.equal(H, torch.eye(32).expand(3, -1, -1))
+    W = torch.randn(3, 8, 32, generator=torch.Generator().manual_seed(9))
+    scheme = Scheme(bits=4, group_size=16)
+    assert torch.equal(gptq_quantize(W, H, scheme).codes, rtn_quantize(W, scheme).codes)
+
+
+def test_feature_never_seen_gives_dead_column() -> None:
+    x, routing = routed_inputs(experts=2, k=1)
+    x[:, 7] = 0
+    accumulator = HessianAccumulator(48, 2, chunk_size=64)
+    accumulator.add(x, routing)
+    H, _ = accumulator.finalize(min_tokens=64)
+    assert H[:, 7].abs().sum() == 0
+    W = torch.randn(2, 16, 48, generator=torch.Generator().manual_seed(10))
+    got = gptq_quantize(W, H, Scheme(bits=4, group_size=16)).dequantize()
+    assert got.isfinite().all() and torch.equal(got[:, :, 7], torch.zeros(2, 16))
+
+
+def test_bad_routing_is_refused() -> None:
+    accumulator = HessianAccumulator(8, 2)
+    with pytest.raises(ValueError, match="expert indices"):
+        accumulator.add(torch.randn(4, 8), torch.full((4, 1), 2))
+    with pytest.raises(ValueError, match="routing mask"):
+        accumulator.add(torch.randn(4, 8), torch.ones(4, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="features"):
+        accumulator.add(torch.randn(4, 9))
