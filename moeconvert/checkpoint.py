@@ -344,3 +344,49 @@ def iter_groups(reader: ShardedReader) -> Iterator[tuple[int | None, list[str]]]
         yield None, groups[None]
     for layer in sorted(k for k in groups if k is not None):
         yield layer, groups[layer]
+
+
+class PartsWriter:
+    """Writes each layer as its own part file as soon as it is done, then assembles capped shards.
+
+    Used where output shapes are only known once a layer is computed (quantization): every finished
+    layer is safely on disk in ``<folder>/.parts``, and :meth:`assemble` streams the parts, one layer at a
+    time, through a :class:`ShardedWriter` into the final shards.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.parts = self.folder / ".parts"
+        self.parts.mkdir(exist_ok=True)
+
+    def part_path(self, index: int) -> Path:
+        return self.parts / f"{index:06d}.safetensors"
+
+    def write(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        path = self.part_path(index)
+        tmp = path.with_suffix(".tmp")
+        save_file({n: t.contiguous() for n, t in sorted(tensors.items())}, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+
+    def assemble(self, max_shard_size: int) -> list[str]:
+        """Turn the parts into ``model*.safetensors`` (+ index); returns the shard names."""
+        paths = sorted(self.parts.glob("*.safetensors"))
+        plan = []
+        for path in paths:
+            metas = read_header(path)
+            plan.append(
+                [PlannedTensor(n, TORCH_DTYPES[m.dtype], m.shape) for n, m in sorted(metas.items())]
+            )
+        writer = ShardedWriter(self.folder, plan, max_shard_size)
+        try:
+            for index, path in enumerate(paths):
+                with safe_open(str(path), framework="pt") as handle:
+                    tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+                writer.write_group(index, tensors)
+        finally:
+            writer.abort()
+        writer.finish()
+        shutil.rmtree(self.parts)
+        return writer.names

@@ -1,0 +1,42 @@
+"""What an output format decides: tensor names and bytes for a quantized Linear, and config entries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..quant.rtn import QuantizedWeight
+from ..quant.scheme import Scheme
+
+
+@dataclass(frozen=True)
+class QuantizedModule:
+    """One quantized Linear of the output: its module name (checkpoint naming) and its codes."""
+
+    name: str  # e.g. "model.layers.0.block_sparse_moe.experts.3.w1"
+    weight: QuantizedWeight  # [out, in]
+    scheme: Scheme
+    source_dtype: torch.dtype
+
+
+class QuantFormat:
+    name = ""
+    #: dtype scales are stored in (None: the source weight's dtype); rounding decisions use it
+    scale_dtype: torch.dtype | None = None
+
+    def check(self, scheme: Scheme, in_features: int) -> None:
+        """Raise ValueError if ``scheme`` cannot be stored for a Linear with ``in_features`` inputs."""
+
+    def tensors(self, module: QuantizedModule) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def config(self, schemes: dict[str, Scheme], ignored: list[str]) -> dict[str, Any]:
+        """``quantization_config`` for config.json. ``schemes``: module name -> scheme of every quantized
+        module; ``ignored``: Linear modules kept in full precision."""
+        raise NotImplementedError
+
+    def extra_files(self, quantization_config: dict[str, Any]) -> dict[str, str]:
+        """Additional JSON files the format's readers expect (file name -> text)."""
+        return {}

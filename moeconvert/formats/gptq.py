@@ -1,0 +1,71 @@
+"""The AutoGPTQ checkpoint format ("v1"), as vLLM's GPTQ (Marlin) MoE path and TGI read it.
+
+Per quantized Linear ``X``: ``X.qweight`` int32 [in*bits/32, out] packed along the input dim, lowest bits
+first; ``X.qzeros`` int32 [groups, out*bits/32] holding zero-1; ``X.scales`` fp16 [groups, out];
+``X.g_idx`` int32 [in]. ``quantize_config.json`` repeats ``config.json``'s ``quantization_config``.
+Mixed schemes use the ``dynamic`` overrides of GPTQModel/vLLM: ``"-:regex"`` keeps matching modules in
+full precision, ``"+:regex"`` gives them their own bits/group size.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from ..quant.packing import pack_gptq
+from ..quant.scheme import Scheme
+from .base import QuantFormat, QuantizedModule
+from .compressed_tensors import generalize
+
+
+class GptqFormat(QuantFormat):
+    name = "gptq"
+    scale_dtype = torch.float16
+
+    def check(self, scheme: Scheme, in_features: int) -> None:
+        if not scheme.sym:
+            raise ValueError(
+                "the GPTQ v1 format stores zero-1 and cannot hold every asymmetric zero; use --sym or "
+                "--format compressed-tensors"
+            )
+        if in_features * scheme.bits % 32:
+            raise ValueError(
+                f"GPTQ packing needs in_features*bits divisible by 32 (in_features={in_features})"
+            )
+
+    def tensors(self, module: QuantizedModule) -> dict[str, torch.Tensor]:
+        return {f"{module.name}.{key}": value for key, value in pack_gptq(module.weight).items()}
+
+    def config(self, schemes: dict[str, Scheme], ignored: list[str]) -> dict[str, Any]:
+        counts: dict[Scheme, int] = {}
+        for scheme in schemes.values():
+            counts[scheme] = counts.get(scheme, 0) + 1
+        main = max(sorted(counts, key=lambda s: (s.bits, s.group_size)), key=lambda s: counts[s])
+        dynamic: dict[str, dict[str, Any]] = {}
+        for name in sorted({generalize(n)[3:] for n in ignored}):
+            dynamic[f"-:{name}"] = {}
+        for scheme in sorted(counts, key=lambda s: (s.bits, s.group_size)):
+            if scheme == main:
+                continue
+            for name in sorted({generalize(n)[3:] for n, s in schemes.items() if s == scheme}):
+                dynamic[f"+:{name}"] = {"bits": scheme.bits, "group_size": scheme.group_size}
+        config: dict[str, Any] = {
+            "quant_method": "gptq",
+            "checkpoint_format": "gptq",
+            "bits": main.bits,
+            "group_size": main.group_size,
+            "desc_act": main.act_order,
+            "sym": main.sym,
+            "damp_percent": main.damp,
+            "true_sequential": True,
+            "static_groups": False,
+            "lm_head": False,
+        }
+        if dynamic:
+            config["dynamic"] = dynamic
+        return config
+
+    def extra_files(self, quantization_config: dict[str, Any]) -> dict[str, str]:
+        return {"quantize_config.json": json.dumps(quantization_config, indent=2, sort_keys=True) + "\n"}

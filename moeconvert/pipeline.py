@@ -1,0 +1,504 @@
+"""``quantize``: the streamed, true-sequential, layer-by-layer driver.
+
+Embeddings first, then one decoder layer at a time: read only that layer's tensors, run the calibration
+hidden states through it with the family's own transformers modules while hooks gather Hessians (experts
+from the tokens the model's router really sends them), solve every target of the layer (all experts of a
+projection at once), write the layer, and hand the *quantized* layer's outputs to the next layer.
+Peak memory is one layer plus the calibration activations.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import OutputFolder, PartsWriter, ShardedReader, iter_groups, layer_index, parse_size
+from .errors import BadInputError
+from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
+from .formats import QuantFormat, get_format
+from .formats.base import QuantizedModule
+from .forward import LayerwiseModel
+from .quant.calibration import calibration_tokens, tokens_digest
+from .quant.gptq import gptq_quantize
+from .quant.hessian import HessianAccumulator
+from .quant.rtn import QuantizedWeight, rtn_quantize
+from .quant.scheme import Scheme
+from .quant.targets import Rule, TargetPolicy
+from .relayout import fuse_layer
+from .source import parse_model_ref, read_config, resolve_model, side_files
+
+
+@dataclass(frozen=True)
+class Target:
+    """One quantizable weight of a layer, in runtime (fused) naming, with its output module names."""
+
+    local: str  # runtime name within the layer, e.g. "self_attn.q_proj.weight" or "mlp.experts.down_proj"
+    kind: str  # "dense", "gate_up" or "down"
+    scheme: Scheme
+    aliases: tuple[str, ...]  # full module names the policy matched against
+
+
+@dataclass
+class QuantizeOptions:
+    """Everything of a quantize run besides the model and the schemes."""
+
+    format: str = "compressed-tensors"
+    calib: str | None = None
+    samples: int = 128
+    seq_len: int = 2048
+    batch_tokens: int = 8192
+    device: str = "auto"
+    calibrate_all_experts: bool = False
+    min_tokens: int = 128
+    seed: int = 0
+    max_shard_size: str | int = "5GB"
+
+
+@dataclass
+class LayerReport:
+    layer: int
+    targets: int
+    tokens_per_expert: list[int] = field(default_factory=list)
+    starved_experts: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class QuantizeReport:
+    model: str
+    output: str
+    scheme: dict[str, Any]
+    format: str
+    calibration: dict[str, Any]
+    device: str
+    quantized_modules: int
+    kept_modules: list[str]
+    layers: list[LayerReport]
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInputError("--device cuda asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def default_output(model: str, scheme: Scheme) -> Path:
+    """``<model name>-<scheme label>`` in the working folder, e.g. ``Mixtral-8x7B-v0.1-w4g128-gptq``."""
+    ref = parse_model_ref(model)
+    name = ref.repo_id.split("/")[-1] if ref.repo_id else Path(model).resolve().name
+    return Path.cwd() / f"{name}-{scheme.label}"
+
+
+# ----------------------------------------------------------------------------------------------- planning
+
+
+def layer_targets(
+    family: Family,
+    layer_module: nn.Module,
+    prefix: str,
+    local_tensors: dict[str, torch.Tensor],
+    policy: TargetPolicy,
+) -> tuple[list[Target], list[str]]:
+    """Targets of one layer, and the Linear modules the policy keeps in full precision (their names as
+    in the checkpoint)."""
+    targets: list[Target] = []
+    kept: list[str] = []
+    for local in sorted(local_tensors):
+        if local in (FUSED_GATE_UP, FUSED_DOWN):
+            projection = 0 if local == FUSED_GATE_UP else 2
+            first = prefix + family.original_expert_name(0, projection)[: -len(".weight")]
+            second = (
+                prefix + family.original_expert_name(0, 1)[: -len(".weight")] if projection == 0 else None
+            )
+            aliases = (first, prefix + local)
+            scheme = policy.scheme_for(*aliases)
+            if second is not None and policy.scheme_for(second, prefix + local) != scheme:
+                raise BadInputError(f"{prefix}: expert gate and up projections must share a scheme")
+            if scheme is not None:
+                targets.append(Target(local, "gate_up" if projection == 0 else "down", scheme, aliases))
+            continue
+        if not local.endswith(".weight") or local_tensors[local].dim() != 2:
+            continue
+        module_path = local[: -len(".weight")]
+        if not isinstance(layer_module.get_submodule(module_path), nn.Linear):
+            continue
+        original = prefix + family.to_original_name(local)[: -len(".weight")]
+        aliases = (original, prefix + module_path)
+        scheme = policy.scheme_for(*aliases)
+        if scheme is None:
+            kept.extend(dict.fromkeys(aliases))
+        else:
+            targets.append(Target(local, "dense", scheme, aliases))
+    return targets, kept
+
+
+# -------------------------------------------------------------------------------------------- calibration
+
+
+@contextmanager
+def gather_hessians(
+    layer: nn.Module, targets: list[Target], calibrate_all_experts: bool
+) -> Iterator[dict[str, HessianAccumulator]]:
+    """Hooks that fill one accumulator per GPTQ target while the layer runs."""
+    accumulators: dict[str, HessianAccumulator] = {}
+    handles = []
+    gptq_targets = [t for t in targets if t.scheme.method == "gptq"]
+    for target in gptq_targets:
+        if target.kind == "dense":
+            module = layer.get_submodule(target.local[: -len(".weight")])
+            accumulators[target.local] = HessianAccumulator(module.in_features)
+            handles.append(module.register_forward_pre_hook(_dense_hook(accumulators[target.local])))
+    expert_targets = {t.kind: t for t in gptq_targets if t.kind in ("gate_up", "down")}
+    if expert_targets:
+        experts = layer.get_submodule("mlp.experts")
+        count, hidden = experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[2]
+        size = experts.down_proj.shape[2]
+        gate_up = accumulators.setdefault(FUSED_GATE_UP, HessianAccumulator(hidden, count))
+        down = accumulators.setdefault(FUSED_DOWN, HessianAccumulator(size, count))
+        hook = _experts_hook(experts, gate_up, down, calibrate_all_experts)
+        handles.append(experts.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        yield accumulators
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _dense_hook(acc: HessianAccumulator) -> Callable[..., None]:
+    def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        acc.add(args[0].detach().reshape(-1, args[0].shape[-1]).float())
+
+    return hook
+
+
+def _experts_hook(
+    experts: nn.Module, gate_up: HessianAccumulator, down: HessianAccumulator, all_experts: bool
+) -> Callable[..., None]:
+    """Routed statistics: gate/up see the tokens the router sent each expert; down sees act(gate)*up."""
+    count = experts.gate_up_proj.shape[0]
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        params = dict(zip(("hidden_states", "top_k_index", "top_k_weights"), args, strict=False)) | kwargs
+        x = params["hidden_states"].detach().reshape(-1, experts.gate_up_proj.shape[2])
+        index = params["top_k_index"].reshape(x.shape[0], -1)
+        routed = F.one_hot(index.clamp(max=count), count + 1)[..., :count].any(
+            dim=1
+        )  # [T, E]; drops sentinels
+        mask = torch.ones_like(routed) if all_experts else routed
+        gate_up.add(x.float(), mask)
+        for expert in range(count):
+            rows = x[mask[:, expert]]
+            if rows.shape[0] == 0:
+                continue
+            gate, up = F.linear(rows, experts.gate_up_proj[expert]).chunk(2, dim=-1)
+            down.add_expert(expert, (experts.act_fn(gate) * up).float())
+
+    return hook
+
+
+# ---------------------------------------------------------------------------------------------- solving
+
+
+def solve(
+    target: Target, weight: torch.Tensor, acc: HessianAccumulator | None, min_tokens: int, fmt: QuantFormat
+) -> tuple[QuantizedWeight, list[int]]:
+    """Quantize one target; returns the codes and the calibration rows each expert received."""
+    scale_dtype = fmt.scale_dtype or weight.dtype
+    w = weight.float()
+    if target.scheme.method == "rtn" or acc is None:
+        return rtn_quantize(w, target.scheme, scale_dtype=scale_dtype), []
+    hessians, counts = acc.finalize(min_tokens)
+    if target.kind == "dense":
+        hessians = hessians[0]
+    qw = gptq_quantize(w, hessians.to(w.device), target.scheme, scale_dtype=scale_dtype)
+    return qw, counts.tolist()
+
+
+def _rows(qw: QuantizedWeight, rows: slice) -> QuantizedWeight:
+    return replace(qw, codes=qw.codes[..., rows, :], scale=qw.scale[..., rows, :], zero=qw.zero[..., rows, :])
+
+
+def _expert(qw: QuantizedWeight, expert: int) -> QuantizedWeight:
+    g_idx = qw.g_idx[expert] if qw.g_idx is not None and qw.g_idx.dim() == 2 else qw.g_idx
+    return replace(qw, codes=qw.codes[expert], scale=qw.scale[expert], zero=qw.zero[expert], g_idx=g_idx)
+
+
+def output_modules(
+    family: Family, prefix: str, target: Target, qw: QuantizedWeight, dtype: torch.dtype
+) -> list[QuantizedModule]:
+    """The checkpoint-named Linear modules a target becomes (one per expert and projection)."""
+    if target.kind == "dense":
+        return [QuantizedModule(target.aliases[0], qw, target.scheme, dtype)]
+    modules = []
+    size = qw.codes.shape[-2] // 2
+    parts = (
+        [(0, _rows(qw, slice(0, size))), (1, _rows(qw, slice(size, None)))]
+        if target.kind == "gate_up"
+        else [(2, qw)]
+    )
+    for projection, stack in parts:
+        for expert in range(stack.codes.shape[0]):
+            name = prefix + family.original_expert_name(expert, projection)[: -len(".weight")]
+            modules.append(QuantizedModule(name, _expert(stack, expert), target.scheme, dtype))
+    return modules
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+class Quantizer:
+    """One quantize run: holds the reader, the streamed model and the running hidden states."""
+
+    def __init__(
+        self,
+        model: str,
+        policy: TargetPolicy,
+        options: QuantizeOptions,
+        revision: str | None,
+        token: str | None,
+    ):
+        self.model_id = model
+        self.folder = resolve_model(model, revision, token)
+        self.raw_config = read_config(self.folder)
+        self.family = family_for(self.raw_config)
+        self.config = load_config(self.raw_config)
+        self.policy = policy
+        self.options = options
+        self.fmt = get_format(options.format)
+        self.device = resolve_device(options.device)
+        self.reader = ShardedReader(self.folder)
+        self.groups = list(iter_groups(self.reader))
+        self.streamed = LayerwiseModel(load_config(self.raw_config), self.device)
+        self.needs_calibration = policy.base.method == "gptq" or any(
+            r.scheme is not None and r.scheme.method == "gptq" for r in policy.rules
+        )
+
+    def plan(self) -> tuple[dict[int, list[Target]], list[str]]:
+        """Targets per layer and kept Linear modules, from headers alone; checks the format can hold them."""
+        plan: dict[int, list[Target]] = {}
+        kept: list[str] = []
+        seen: list[tuple[str, ...]] = []
+        for layer, names in self.groups:
+            if layer is None or layer >= self.config.num_hidden_layers:
+                continue
+            local, prefix = self._local(layer, self.reader.meta_tensors(names))
+            targets, layer_kept = layer_targets(
+                self.family, self.streamed.backbone.layers[layer], prefix, local, self.policy
+            )
+            for target in targets:
+                seen.append(target.aliases)
+                try:
+                    self.fmt.check(target.scheme, local[target.local].shape[-1])
+                except ValueError as err:
+                    raise BadInputError(f"{target.aliases[0]}: {err}") from None
+            seen.extend((k,) for k in layer_kept)
+            plan[layer], kept = targets, kept + layer_kept
+        unused = self.policy.unused_rules(seen)
+        if unused:
+            raise BadInputError(f"rule pattern(s) {unused} match no module of this model")
+        return plan, kept
+
+    def _local(self, layer: int, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+        fused = fuse_layer(self.family, self.config, layer, tensors)
+        prefix = f"model.layers.{layer}."
+        return {n[len(prefix) :]: t for n, t in fused.items()}, prefix
+
+    def calibration_batches(self) -> tuple[list[torch.Tensor], str]:
+        tokens = calibration_tokens(
+            self.options.calib,
+            self.folder,
+            self.config.vocab_size,
+            self.options.samples,
+            self.options.seq_len,
+            self.options.seed,
+        )
+        per_batch = max(1, self.options.batch_tokens // self.options.seq_len)
+        return [self.streamed.embed(chunk) for chunk in tokens.split(per_batch)], tokens_digest(tokens)
+
+    def quantize_layer(
+        self, layer: int, names: list[str], targets: list[Target], hidden: list[torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], LayerReport, dict[str, Scheme]]:
+        started = time.perf_counter()
+        original = self.reader.get_many(names)
+        local, prefix = self._local(layer, original)
+        report = LayerReport(layer, len(targets))
+        accumulators: dict[str, HessianAccumulator] = {}
+        calibrate = bool(hidden) and any(t.scheme.method == "gptq" for t in targets)
+        if calibrate:
+            with (
+                self.streamed.layer(layer, local) as module,
+                gather_hessians(module, targets, self.options.calibrate_all_experts) as accumulators,
+            ):
+                for batch in hidden:
+                    self.streamed.run_layer(module, batch)
+        out = {n: t for n, t in original.items()}
+        dequantized = dict(local)
+        schemes: dict[str, Scheme] = {}
+        for target in targets:
+            weight = local[target.local]
+            acc = accumulators.get(target.local)  # dense: its module; experts: the stacked name
+            qw, counts = solve(target, weight.to(self.device), acc, self.options.min_tokens, self.fmt)
+            if target.kind == "gate_up" and counts:
+                report.tokens_per_expert = counts
+                report.starved_experts = [e for e, c in enumerate(counts) if c < self.options.min_tokens]
+            dequantized[target.local] = qw.dequantize().to(weight.dtype).cpu()
+            for module in output_modules(self.family, prefix, target, qw, weight.dtype):
+                out.pop(module.name + ".weight", None)
+                out.update({n: t.cpu() for n, t in self.fmt.tensors(module).items()})
+                schemes[module.name] = target.scheme
+        if calibrate:  # true-sequential: the next layer sees what the quantized layer computes
+            with self.streamed.layer(layer, dequantized) as module:
+                hidden = [self.streamed.run_layer(module, batch) for batch in hidden]
+        report.seconds = time.perf_counter() - started
+        return out, hidden, report, schemes
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def quantize(
+    model: str,
+    scheme: Scheme | None = None,
+    *,
+    output: str | Path | None = None,
+    rules: tuple[Rule, ...] = (),
+    options: QuantizeOptions | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    progress: bool = True,
+) -> QuantizeReport:
+    """Quantize MODEL's Linear weights (experts, attention, dense and shared MLPs) layer by layer.
+
+    Routers, gates, norms, embeddings and ``lm_head`` stay in full precision unless ``rules`` say
+    otherwise. ``scheme`` defaults to GPTQ, 4 bits, group 128, symmetric. The output (``output``, by default
+    ``<model>-<scheme label>`` here) carries config, tokenizer, chat template and generation config.
+
+    Raises:
+        MoeConvertError: bad MODEL, unsupported family or format/scheme combination, existing output.
+    """
+    started = time.perf_counter()
+    scheme = scheme or Scheme()
+    options = options or QuantizeOptions()
+    policy = TargetPolicy(scheme, tuple(rules))
+    runner = Quantizer(model, policy, options, revision, token)
+    try:
+        plan, kept = runner.plan()
+        output = Path(output) if output is not None else default_output(model, scheme)
+        report = QuantizeReport(
+            model=model,
+            output=str(output),
+            scheme=asdict(scheme),
+            format=options.format,
+            calibration={
+                "source": options.calib or "default",
+                "samples": options.samples,
+                "seq_len": options.seq_len,
+                "seed": options.seed,
+            },
+            device=str(runner.device),
+            quantized_modules=0,
+            kept_modules=sorted(set(kept)),
+            layers=[],
+        )
+        if dry_run:
+            report.quantized_modules = sum(len(t) for t in plan.values())
+            return report
+        _run(runner, plan, report, Path(output), force, progress)
+        report.seconds = time.perf_counter() - started
+        return report
+    finally:
+        runner.close()
+
+
+def _run(
+    runner: Quantizer,
+    plan: dict[int, list[Target]],
+    report: QuantizeReport,
+    output: Path,
+    force: bool,
+    progress: bool,
+) -> None:
+    shard_cap = parse_size(runner.options.max_shard_size)
+    with OutputFolder(output, force=force) as staging:
+        parts = PartsWriter(staging)
+        top_names = dict(runner.groups).get(None, [])
+        top = runner.reader.get_many(top_names)
+        hidden: list[torch.Tensor] = []
+        if runner.needs_calibration:
+            runner.streamed.load_top(top)
+            hidden, digest = runner.calibration_batches()
+            report.calibration["tokens_sha256"] = digest
+        all_schemes: dict[str, Scheme] = {}
+        bar = tqdm(
+            total=len(runner.groups),
+            unit="layer",
+            desc=f"quantize {report.scheme['bits']}-bit",
+            disable=not progress,
+        )
+        with bar:
+            for index, (layer, names) in enumerate(runner.groups):
+                if layer is None or layer >= runner.config.num_hidden_layers:
+                    tensors = (
+                        top if layer is None else runner.reader.get_many(names)
+                    )  # MTP layers: carried through
+                else:
+                    tensors, hidden, layer_report, schemes = runner.quantize_layer(
+                        layer, names, plan[layer], hidden
+                    )
+                    report.layers.append(layer_report)
+                    all_schemes.update(schemes)
+                parts.write(index, tensors)
+                bar.update(1)
+        parts.assemble(shard_cap)
+        report.quantized_modules = len(all_schemes)
+        _write_configs(runner, staging, all_schemes, report.kept_modules)
+        (staging / "quantization_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+
+
+def _write_configs(runner: Quantizer, staging: Path, schemes: dict[str, Scheme], kept: list[str]) -> None:
+    for path in side_files(runner.folder):
+        shutil.copyfile(path, staging / path.name)
+    ignored = sorted(set(kept) | {"lm_head"} | _router_names(runner))
+    quant_config = runner.fmt.config(schemes, ignored)
+    config = dict(runner.raw_config)
+    config["quantization_config"] = quant_config
+    (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name, text in runner.fmt.extra_files(quant_config).items():
+        (staging / name).write_text(text)
+
+
+def _router_names(runner: Quantizer) -> set[str]:
+    """Router modules under both checkpoint and runtime names (vLLM builds them as Linear layers)."""
+    names = set()
+    for name in runner.reader.metas:
+        index = layer_index(name)
+        if index is None:
+            continue
+        match = re.match(
+            r"^(model\.layers\.\d+\.(?:block_sparse_moe|mlp)\.(?:gate|router|shared_expert_gate))\.weight$",
+            name,
+        )
+        if match:
+            names.add(match.group(1))
+            names.add(match.group(1).replace(".block_sparse_moe.", ".mlp."))
+    return names
