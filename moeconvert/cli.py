@@ -145,13 +145,147 @@ _relayout_command(
 _relayout_command("unfuse", unfuse, "Restore per-expert tensors and original names from a fused checkpoint.")
 
 
+@main.command("quantize")
+@click.argument("model")
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), help="Output folder [default: ./<model>-<scheme>]."
+)
+@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True)
+@click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True)
+@click.option(
+    "--group-size", type=int, default=128, show_default=True, help="-1: one scale per output channel."
+)
+@click.option("--sym/--asym", default=True, show_default=True)
+@click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by decreasing Hessian diagonal.")
+@click.option(
+    "--damp", type=float, default=0.01, show_default=True, help="GPTQ dampening (fraction of mean diag)."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["compressed-tensors", "gptq"]),
+    default="compressed-tensors",
+    show_default=True,
+)
+@click.option(
+    "--calib",
+    default=None,
+    help="Calibration text: .txt/.jsonl file, org/name[:config]:split:column, or the built-in corpus.",
+)
+@click.option("--samples", type=int, default=128, show_default=True)
+@click.option("--seq-len", type=int, default=2048, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--calibrate-all-experts", is_flag=True, help="Every token updates every expert's statistics.")
+@click.option(
+    "--min-tokens",
+    type=int,
+    default=128,
+    show_default=True,
+    help="Experts with fewer get layer-wide prior rows.",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and estimates; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--report", type=click.Path(dir_okay=False, path_type=Path), help="Also write the JSON report here."
+)
+@revision_option
+@token_option
+@shard_option
+@force_option
+@_friendly_errors
+def quantize_cmd(
+    model: str,
+    output: Path | None,
+    bits: str,
+    method: str,
+    group_size: int,
+    sym: bool,
+    act_order: bool,
+    damp: float,
+    fmt: str,
+    calib: str | None,
+    samples: int,
+    seq_len: int,
+    seed: int,
+    calibrate_all_experts: bool,
+    min_tokens: int,
+    device: str,
+    dry_run: bool,
+    as_json: bool,
+    report: Path | None,
+    revision: str | None,
+    token: str | None,
+    max_shard_size: str,
+    force: bool,
+) -> None:
+    """Quantize MODEL per expert (GPTQ with routed calibration, or round-to-nearest)."""
+    from .pipeline import QuantizeOptions, quantize
+    from .quant.scheme import Scheme
+
+    scheme = Scheme(
+        bits=int(bits), group_size=group_size, sym=sym, method=method, act_order=act_order, damp=damp
+    )
+    options = QuantizeOptions(
+        format=fmt, calib=calib, samples=samples, seq_len=seq_len, seed=seed, device=device,
+        calibrate_all_experts=calibrate_all_experts, min_tokens=min_tokens, max_shard_size=max_shard_size,
+    )  # fmt: skip
+    if dry_run:
+        summary = inspect_model(model, revision, token)
+    result = quantize(
+        model, scheme, output=output, options=options, revision=revision, token=token, force=force, dry_run=dry_run,
+        progress=not as_json,
+    )  # fmt: skip
+    data = result.to_dict()
+    if dry_run:
+        data["estimates"] = _estimates(summary, scheme, options)
+    _emit_report(data, as_json, report, lambda: _quantize_table(data, dry_run))
+
+
+def _estimates(summary: ModelSummary, scheme: Any, options: Any) -> dict[str, int]:
+    label = "int4" if scheme.bits == 4 else "int8"
+    layer = max((s.routed_params + s.other_params for s in summary.layers), default=0)
+    activations = options.samples * options.seq_len * summary.hidden_size * 4
+    return {
+        "output_bytes": summary.weight_bytes[label],
+        "download_bytes": summary.disk_bytes["download"],
+        "peak_layer_bytes": layer * 4,  # one layer in float32 while it is calibrated
+        "calibration_activation_bytes": activations if scheme.method == "gptq" else 0,
+    }
+
+
+def _quantize_table(data: dict[str, Any], dry_run: bool) -> str:
+    s = data["scheme"]
+    group = "per channel" if s["group_size"] == -1 else f"group {s['group_size']}"
+    lines = [
+        f"{'plan for' if dry_run else 'wrote'} {data['output']}",
+        f"scheme   {s['method']} {s['bits']}-bit, {group}, {'sym' if s['sym'] else 'asym'}, format {data['format']}",
+        f"modules  {data['quantized_modules']} quantized, {len(data['kept_modules'])} kept in full precision (+ routers, lm_head)",
+    ]
+    if dry_run:
+        e = data["estimates"]
+        lines.append(
+            f"needs    {_gb(e['output_bytes'])} output, {_gb(e['download_bytes'])} download, "
+            f"~{_gb(e['peak_layer_bytes'] + e['calibration_activation_bytes'])} memory (one layer + activations)"
+        )
+        return "\n".join(lines)
+    starved = {r["layer"]: r["starved_experts"] for r in data["layers"] if r["starved_experts"]}
+    lines.append(f"time     {data['seconds']:.1f} s on {data['device']}")
+    if starved:
+        lines.append(f"starved  experts below --min-tokens got layer-wide prior rows: {starved}")
+    return "\n".join(lines)
+
+
 @main.command("tiny")
 @click.argument("family")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--train-steps", default=200, show_default=True, help="Brief training so outputs are peaked (0: random)."
+)
 @force_option
 @_friendly_errors
-def tiny_cmd(family: str, output: Path, seed: int, force: bool) -> None:
+def tiny_cmd(family: str, output: Path, seed: int, train_steps: int, force: bool) -> None:
     """Build a tiny random MoE of FAMILY (for trying the tool without a download)."""
     from .checkpoint import OutputFolder
     from .tiny import TINY_CONFIGS, build_tiny_model
@@ -159,7 +293,7 @@ def tiny_cmd(family: str, output: Path, seed: int, force: bool) -> None:
     if family not in TINY_CONFIGS:
         raise click.BadParameter(f"choose from {', '.join(sorted(TINY_CONFIGS))}", param_hint="FAMILY")
     with OutputFolder(output, force=force) as staging:
-        build_tiny_model(family, staging, seed=seed)
+        build_tiny_model(family, staging, seed=seed, train_steps=train_steps)
     click.echo(f"wrote {output}")
 
 

@@ -48,6 +48,7 @@ class Target:
     kind: str  # "dense", "gate_up" or "down"
     scheme: Scheme
     aliases: tuple[str, ...]  # full module names the policy matched against
+    modules: int = 1  # Linear modules of the output it becomes (experts x projections)
 
 
 @dataclass
@@ -133,7 +134,9 @@ def layer_targets(
             if second is not None and policy.scheme_for(second, prefix + local) != scheme:
                 raise BadInputError(f"{prefix}: expert gate and up projections must share a scheme")
             if scheme is not None:
-                targets.append(Target(local, "gate_up" if projection == 0 else "down", scheme, aliases))
+                experts = local_tensors[local].shape[0]
+                kind, modules = ("gate_up", 2 * experts) if projection == 0 else ("down", experts)
+                targets.append(Target(local, kind, scheme, aliases, modules))
             continue
         if not local.endswith(".weight") or local_tensors[local].dim() != 2:
             continue
@@ -421,7 +424,7 @@ def quantize(
             layers=[],
         )
         if dry_run:
-            report.quantized_modules = sum(len(t) for t in plan.values())
+            report.quantized_modules = sum(t.modules for targets in plan.values() for t in targets)
             return report
         _run(runner, plan, report, Path(output), force, progress)
         report.seconds = time.perf_counter() - started
