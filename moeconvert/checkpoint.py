@@ -376,9 +376,7 @@ class PartsWriter:
         plan = []
         for path in paths:
             metas = read_header(path)
-            plan.append(
-                [PlannedTensor(n, TORCH_DTYPES[m.dtype], m.shape) for n, m in sorted(metas.items())]
-            )
+            plan.append([PlannedTensor(n, TORCH_DTYPES[m.dtype], m.shape) for n, m in sorted(metas.items())])
         writer = ShardedWriter(self.folder, plan, max_shard_size)
         try:
             for index, path in enumerate(paths):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import OutputFolder, PartsWriter, ShardedReader, iter_groups, layer_index, parse_size
+from .checkpoint import OutputFolder, PartsWriter, ShardedReader, iter_groups, parse_size
 from .errors import BadInputError
 from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
 from .formats import QuantFormat, get_format
@@ -133,10 +133,17 @@ def layer_targets(
             scheme = policy.scheme_for(*aliases)
             if second is not None and policy.scheme_for(second, prefix + local) != scheme:
                 raise BadInputError(f"{prefix}: expert gate and up projections must share a scheme")
-            if scheme is not None:
-                experts = local_tensors[local].shape[0]
-                kind, modules = ("gate_up", 2 * experts) if projection == 0 else ("down", experts)
-                targets.append(Target(local, kind, scheme, aliases, modules))
+            experts = local_tensors[local].shape[0]
+            if scheme is None:
+                projections = (0, 1) if projection == 0 else (2,)
+                kept.extend(
+                    prefix + family.original_expert_name(e, p)[: -len(".weight")]
+                    for e in range(experts)
+                    for p in projections
+                )
+                continue
+            kind, modules = ("gate_up", 2 * experts) if projection == 0 else ("down", experts)
+            targets.append(Target(local, kind, scheme, aliases, modules))
             continue
         if not local.endswith(".weight") or local_tensors[local].dim() != 2:
             continue
@@ -367,7 +374,7 @@ class Quantizer:
                 out.pop(module.name + ".weight", None)
                 out.update({n: t.cpu() for n, t in self.fmt.tensors(module).items()})
                 schemes[module.name] = target.scheme
-        if calibrate:  # true-sequential: the next layer sees what the quantized layer computes
+        if hidden:  # true-sequential: the next layer sees what the quantized layer computes
             with self.streamed.layer(layer, dequantized) as module:
                 hidden = [self.streamed.run_layer(module, batch) for batch in hidden]
         report.seconds = time.perf_counter() - started
@@ -491,17 +498,16 @@ def _write_configs(runner: Quantizer, staging: Path, schemes: dict[str, Scheme],
 
 
 def _router_names(runner: Quantizer) -> set[str]:
-    """Router modules under both checkpoint and runtime names (vLLM builds them as Linear layers)."""
+    """Router modules under both checkpoint and runtime names (vLLM builds them as Linear layers under
+    checkpoint names; transformers matches runtime names, e.g. Phi-MoE's ``mlp.router``)."""
     names = set()
+    pattern = re.compile(
+        r"^model\.layers\.\d+\.((?:block_sparse_moe|mlp)\.(?:gate|router|shared_expert_gate))\.weight$"
+    )
     for name in runner.reader.metas:
-        index = layer_index(name)
-        if index is None:
-            continue
-        match = re.match(
-            r"^(model\.layers\.\d+\.(?:block_sparse_moe|mlp)\.(?:gate|router|shared_expert_gate))\.weight$",
-            name,
-        )
+        match = pattern.match(name)
         if match:
-            names.add(match.group(1))
-            names.add(match.group(1).replace(".block_sparse_moe.", ".mlp."))
+            prefix = name[: match.start(1)]
+            names.add(prefix + match.group(1))
+            names.add(prefix + runner.family.to_fused_name(match.group(1) + ".weight")[: -len(".weight")])
     return names

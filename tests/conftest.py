@@ -82,3 +82,24 @@ def run_cli(
         cwd=cwd,
         timeout=300,
     )
+
+
+@pytest.fixture(scope="session")
+def trained_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """family -> tiny model briefly trained on the shipped corpus: peaked outputs that show damage."""
+    root = tmp_path_factory.mktemp("trained")
+    return {family: build_tiny_model(family, root / family, seed=3, train_steps=150) for family in FAMILIES}
+
+
+def eval_tokens(batch: int = 8, seq_len: int = 96) -> torch.Tensor:
+    from moeconvert.quant.calibration import calibration_tokens
+
+    return calibration_tokens(None, None, 256, batch, seq_len, seed=777)
+
+
+def mean_kl(reference: torch.nn.Module, candidate: torch.nn.Module, tokens: torch.Tensor) -> float:
+    """Mean per-token KL(reference || candidate) of next-token distributions."""
+    with torch.no_grad():
+        p = reference(tokens).logits.float().log_softmax(-1)
+        q = candidate(tokens).logits.float().log_softmax(-1)
+    return float((p.exp() * (p - q)).sum(-1).mean())

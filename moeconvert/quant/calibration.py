@@ -30,7 +30,9 @@ def load_text(source: str | None) -> str:
         return _read_file(path)
     if source.count(":") >= 2 and "/" in source.split(":")[0]:
         return _read_hub_dataset(source)
-    raise BadInputError(f"calibration source {source!r}: no such file, and not org/name[:config]:split:column")
+    raise BadInputError(
+        f"calibration source {source!r}: no such file, and not org/name[:config]:split:column"
+    )
 
 
 def _read_file(path: Path) -> str:
@@ -54,7 +56,9 @@ def _read_hub_dataset(source: str) -> str:
     try:
         import datasets
     except ImportError:
-        raise BadInputError("Hub datasets as calibration need the 'datasets' package: pip install datasets") from None
+        raise BadInputError(
+            "Hub datasets as calibration need the 'datasets' package: pip install datasets"
+        ) from None
     try:
         data = datasets.load_dataset(name, config, split=split)
     except Exception as err:  # the datasets library raises many unrelated types

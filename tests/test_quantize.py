@@ -1,0 +1,260 @@
+"""quantize end to end: real consumers load the output, quality orders as it must, runs are reproducible."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAMILIES, eval_tokens, load_model, load_tensors, mean_kl, run_cli
+
+from moeconvert.families import family_for, load_config
+from moeconvert.pipeline import QuantizeOptions, Quantizer, gather_hessians, quantize, solve
+from moeconvert.quant.packing import unpack_compressed, unpack_gptq
+from moeconvert.quant.rtn import rtn_quantize
+from moeconvert.quant.scheme import Scheme
+from moeconvert.quant.targets import Rule, TargetPolicy
+from moeconvert.relayout import fuse_layer
+from moeconvert.source import read_config
+
+FAST = QuantizeOptions(samples=16, seq_len=128)
+W4 = Scheme(bits=4, group_size=32)
+W8 = Scheme(bits=8, group_size=32)
+
+
+@pytest.fixture(scope="module")
+def quantized(
+    trained_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[tuple[str, str], Path]:
+    """(family, variant) -> output folder, for variants w4 gptq, w8 gptq and w4 rtn."""
+    root = tmp_path_factory.mktemp("quantized")
+    variants = {"w4": W4, "w8": W8, "w4rtn": Scheme(bits=4, group_size=32, method="rtn")}
+    out = {}
+    for family in FAMILIES:
+        for label, scheme in variants.items():
+            out[family, label] = root / f"{family}-{label}"
+            quantize(
+                str(trained_models[family]), scheme, output=out[family, label], options=FAST, progress=False
+            )
+    return out
+
+
+def dequantized_state(folder: Path, source: Path) -> dict[str, torch.Tensor]:
+    """The source model's tensors with every quantized module replaced by our own decoding of the files,
+    in transformers' runtime layout (fused experts)."""
+    tensors = load_tensors(folder)
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    weights = config["config_groups"]["group_0"]["weights"]
+    state = load_tensors(source)
+    for name in [n for n in tensors if n.endswith(".weight_packed")]:
+        module = name[: -len(".weight_packed")]
+        parts = {k[len(module) + 1 :]: v for k, v in tensors.items() if k.startswith(module + ".weight_")}
+        qw = unpack_compressed(
+            parts, weights["num_bits"], weights["symmetric"], group_size=weights["group_size"]
+        )
+        state[module + ".weight"] = qw.dequantize().to(state[module + ".weight"].dtype)
+    raw = read_config(source)
+    family, cfg = family_for(raw), load_config(raw)
+    fused: dict[str, torch.Tensor] = {}
+    for layer in range(cfg.num_hidden_layers):
+        prefix = f"model.layers.{layer}."
+        fused.update(fuse_layer(family, cfg, layer, {n: t for n, t in state.items() if n.startswith(prefix)}))
+    return {**{n: t for n, t in state.items() if not n.startswith("model.layers.")}, **fused}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers_loads_our_compressed_tensors(
+    family: str, quantized: dict, trained_models: dict[str, Path]
+) -> None:
+    """transformers 5 + compressed-tensors loads the output; experts are the weights we wrote, not a fresh init,
+    and its logits equal a forward with our own decoding of the files."""
+    folder = quantized[family, "w4"]
+    loaded = load_model(folder)
+    ours = load_model(trained_models[family])
+    ours.load_state_dict(dequantized_state(folder, trained_models[family]), strict=True)
+    loaded_state = loaded.state_dict()
+    for name, tensor in ours.state_dict().items():
+        if ".mlp.experts." in name:
+            assert torch.equal(loaded_state[name], tensor), name
+    tokens = eval_tokens()
+    with torch.no_grad():
+        assert torch.allclose(loaded(tokens).logits, ours(tokens).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quality_orders_as_it_must(family: str, quantized: dict, trained_models: dict[str, Path]) -> None:
+    tokens = eval_tokens()
+    original = load_model(trained_models[family])
+    kl = {
+        label: mean_kl(original, load_model(quantized[family, label]), tokens)
+        for label in ("w4", "w8", "w4rtn")
+    }
+    assert kl["w8"] < kl["w4"] / 10, kl
+    assert kl["w8"] < 2e-4 and kl["w4"] < 3e-3, kl
+    if family == "phimoe":
+        # Phi-MoE's sparsemixer routing flips on small input changes; quantized attention moves tokens
+        # across its thresholds whatever the method, so GPTQ only matches RTN end to end here (its layer
+        # objective is still far lower: see test_gptq_objective_below_rtn).
+        assert kl["w4"] < 1.2 * kl["w4rtn"], kl
+    else:
+        assert kl["w4"] < kl["w4rtn"], kl
+
+
+def _layer_statistics(source: Path, scheme: Scheme, layer: int):
+    runner = Quantizer(str(source), TargetPolicy(scheme), FAST, None, None)
+    plan, _ = runner.plan()
+    runner.streamed.load_top(runner.reader.get_many(dict(runner.groups)[None]))
+    hidden, _ = runner.calibration_batches()
+    local, _ = runner._local(layer, runner.reader.get_many(dict(runner.groups)[layer]))
+    with (
+        runner.streamed.layer(layer, local) as module,
+        gather_hessians(module, plan[layer], False) as accumulators,
+    ):
+        for batch in hidden:
+            runner.streamed.run_layer(module, batch)
+    return runner, plan[layer], local, accumulators
+
+
+@pytest.mark.parametrize("family", ["mixtral", "phimoe", "deepseek_v3"])
+def test_gptq_objective_below_rtn(family: str, trained_models: dict[str, Path]) -> None:
+    """tr((W-Q) H (W-Q)^T) with each expert's own undamped routed Hessian.
+
+    Experts with at least ``min_tokens`` rows are solved on exactly that Hessian: GPTQ must be strictly
+    below RTN. Starved experts (1..min_tokens-1 rows) are solved on their rows blended with the layer's
+    prior, so on their own few rows GPTQ may lose a little: tolerance 1.5x RTN. Every expert is finite."""
+    layer = 1
+    runner, targets, local, accumulators = _layer_statistics(trained_models[family], W4, layer)
+    for target in targets:
+        accumulator = accumulators[target.local]
+        hessian, counts = accumulator.finalize(0)
+        weight = local[target.local].float()
+        gptq = solve(target, local[target.local], accumulator, FAST.min_tokens, runner.fmt)[0].dequantize()
+        rtn = rtn_quantize(weight, W4).dequantize()
+        if weight.dim() == 2:
+            weight, gptq, rtn = weight[None], gptq[None], rtn[None]
+        assert torch.isfinite(gptq).all()
+
+        def objective(q: torch.Tensor, w: torch.Tensor = weight, h: torch.Tensor = hessian) -> torch.Tensor:
+            return torch.einsum("eoi,eij,eoj->e", w - q, h, w - q)
+
+        fed, starved = counts >= FAST.min_tokens, (counts > 0) & (counts < FAST.min_tokens)
+        assert fed.any()
+        assert (objective(gptq)[fed] < objective(rtn)[fed]).all(), (target.local, counts)
+        assert (objective(gptq)[starved] < 1.5 * objective(rtn)[starved]).all(), (target.local, counts)
+    runner.close()
+
+
+def test_routing_is_the_models_own(trained_models: dict[str, Path], tmp_path: Path) -> None:
+    """DeepSeek-V3's group-limited routing with its correction bias: tokens per expert in our report equal
+    what the original model's router assigns to the same calibration tokens."""
+    from moeconvert.quant.calibration import calibration_tokens
+
+    source = trained_models["deepseek_v3"]
+    keep_dense = (Rule(r"layers\.0\.", None),)  # layer 1 then sees exactly the original model's inputs
+    report = quantize(str(source), W4, output=tmp_path / "q", rules=keep_dense, options=FAST, progress=False)
+    model = load_model(source)
+    seen: list[torch.Tensor] = []
+    hook = model.model.layers[1].mlp.experts.register_forward_pre_hook(lambda m, args: seen.append(args[1]))
+    tokens = calibration_tokens(None, None, 256, FAST.samples, FAST.seq_len, FAST.seed)
+    with torch.no_grad():
+        for batch in tokens.split(max(1, FAST.batch_tokens // FAST.seq_len)):
+            model(batch)
+    hook.remove()
+    counts = torch.bincount(torch.cat(seen).flatten(), minlength=8).tolist()
+    layer_one = next(r for r in report.layers if r.layer == 1)
+    assert layer_one.tokens_per_expert == counts
+    assert sum(counts) == FAST.samples * FAST.seq_len * 2
+
+
+def test_gptq_format_follows_the_loader_rules(trained_models: dict[str, Path], tmp_path: Path) -> None:
+    """Names, shapes, dtypes and config keys as vLLM's GPTQ MoE loader reads them; decodes close to the source."""
+    source = trained_models["mixtral"]
+    out = tmp_path / "gptq"
+    quantize(
+        str(source),
+        W4,
+        output=out,
+        options=QuantizeOptions(samples=16, seq_len=128, format="gptq"),
+        progress=False,
+    )
+    tensors, original = load_tensors(out), load_tensors(source)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config == json.loads((out / "quantize_config.json").read_text())
+    assert {k: config[k] for k in ("quant_method", "checkpoint_format", "bits", "group_size", "desc_act", "sym")} == {
+        "quant_method": "gptq", "checkpoint_format": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": True,
+    }  # fmt: skip
+    hidden, size = 64, 96
+    for expert in range(8):
+        for proj, (in_f, out_f) in {"w1": (hidden, size), "w3": (hidden, size), "w2": (size, hidden)}.items():
+            module = f"model.layers.2.block_sparse_moe.experts.{expert}.{proj}"
+            assert (
+                tensors[f"{module}.qweight"].shape == (in_f * 4 // 32, out_f)
+                and tensors[f"{module}.qweight"].dtype == torch.int32
+            )
+            assert tensors[f"{module}.qzeros"].shape == (in_f // 32, out_f * 4 // 32)
+            assert (
+                tensors[f"{module}.scales"].shape == (in_f // 32, out_f)
+                and tensors[f"{module}.scales"].dtype == torch.float16
+            )
+            assert (
+                tensors[f"{module}.g_idx"].shape == (in_f,)
+                and tensors[f"{module}.g_idx"].dtype == torch.int32
+            )
+            assert f"{module}.weight" not in tensors
+            parts = {
+                k.rsplit(".", 1)[1]: tensors[f"{module}.{k.rsplit('.', 1)[1]}"]
+                for k in tensors
+                if k.startswith(module + ".")
+            }
+            decoded = unpack_gptq(parts, 4).dequantize()
+            weight = original[f"{module}.weight"]
+            assert (decoded - weight).norm() / weight.norm() < 0.15
+    assert (
+        tensors["model.layers.2.block_sparse_moe.gate.weight"].dtype
+        == original["model.layers.2.block_sparse_moe.gate.weight"].dtype
+    )
+    assert "lm_head.weight" in tensors and "model.embed_tokens.weight" in tensors
+
+
+def test_same_inputs_give_identical_bytes(trained_models: dict[str, Path], tmp_path: Path) -> None:
+    for run in ("a", "b"):
+        quantize(str(trained_models["qwen2_moe"]), W4, output=tmp_path / run, options=FAST, progress=False)
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_starved_experts_and_calibrate_all(trained_models: dict[str, Path], tmp_path: Path) -> None:
+    source = trained_models["olmoe"]
+    scarce = QuantizeOptions(samples=1, seq_len=16)
+    report = quantize(str(source), W4, output=tmp_path / "scarce", options=scarce, progress=False)
+    assert any(layer.starved_experts for layer in report.layers)
+    assert any(0 in layer.tokens_per_expert for layer in report.layers), "expected an expert with no tokens"
+    assert torch.isfinite(load_model(tmp_path / "scarce")(eval_tokens()).logits).all()
+    everyone = QuantizeOptions(samples=1, seq_len=16, calibrate_all_experts=True)
+    report = quantize(str(source), W4, output=tmp_path / "all", options=everyone, progress=False)
+    assert all(layer.tokens_per_expert == [16] * 8 for layer in report.layers)
+
+
+def test_cli_quantize(trained_models: dict[str, Path], tmp_path: Path) -> None:
+    source = str(trained_models["qwen3_moe"])
+    plan = run_cli("quantize", source, "--dry-run", "--json", cwd=tmp_path)
+    assert plan.returncode == 0, plan.stderr
+    data = json.loads(plan.stdout)
+    assert data["quantized_modules"] == 3 * (8 * 3 + 4) and data["estimates"]["output_bytes"] > 0
+    assert list(tmp_path.iterdir()) == [], "a dry run writes nothing"
+    result = run_cli(
+        "quantize", source, "--group-size", "32", "--samples", "8", "--seq-len", "64", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "qwen3_moe-w4g32-gptq"
+    assert (out / "config.json").exists() and (out / "quantization_report.json").exists()
+    for args, fragment in [
+        (["--format", "gptq", "--asym"], "asymmetric"),
+        (["--group-size", "48"], "divisible by the group size"),
+        (["--act-order"], "act-order"),
+        (["--bits", "3"], "Invalid value"),
+    ]:
+        bad = run_cli("quantize", source, "-o", str(tmp_path / "bad"), *args)
+        assert bad.returncode == 2 and fragment in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+        assert not (tmp_path / "bad").exists()
