@@ -24,12 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import OutputFolder, PartsWriter, ShardedReader, iter_groups, parse_size
+from .checkpoint import OutputFolder, PartsWriter, iter_groups, parse_size
 from .errors import BadInputError
 from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
 from .formats import QuantFormat, get_format
 from .formats.base import QuantizedModule
 from .forward import LayerwiseModel
+from .fp8 import open_reader, without_fp8_config
 from .quant.calibration import calibration_tokens, tokens_digest
 from .quant.gptq import gptq_quantize
 from .quant.hessian import HessianAccumulator
@@ -287,14 +288,14 @@ class Quantizer:
     ):
         self.model_id = model
         self.folder = resolve_model(model, revision, token)
-        self.raw_config = read_config(self.folder)
+        self.raw_config = without_fp8_config(read_config(self.folder))  # FP8 sources are read dequantized
         self.family = family_for(self.raw_config)
         self.config = load_config(self.raw_config)
         self.policy = policy
         self.options = options
         self.fmt = get_format(options.format)
         self.device = resolve_device(options.device)
-        self.reader = ShardedReader(self.folder)
+        self.reader = open_reader(self.folder, read_config(self.folder))
         self.groups = list(iter_groups(self.reader))
         self.streamed = LayerwiseModel(load_config(self.raw_config), self.device)
         self.needs_calibration = policy.base.method == "gptq" or any(

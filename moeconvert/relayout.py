@@ -7,6 +7,7 @@ and drop it. Peak memory is one layer whatever the depth of the model.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from .checkpoint import OutputFolder, ShardedReader, ShardedWriter, iter_groups, parse_size, plan_group
 from .errors import CorruptCheckpointError, UnsupportedModelError
 from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
+from .fp8 import open_reader, without_fp8_config
 from .layout import stack_experts, unstack_experts
 from .source import read_config, resolve_model, side_files
 
@@ -137,10 +139,10 @@ def relayout(
     folder = resolve_model(model, revision, token)
     raw_config = read_config(folder)
     family = family_for(raw_config)
-    config = load_config(raw_config)
+    config = load_config(without_fp8_config(raw_config))
     shard_cap = parse_size(max_shard_size)
     output = Path(output)
-    with ShardedReader(folder) as reader:
+    with open_reader(folder, raw_config) as reader:
         groups = list(iter_groups(reader))
         plan = [
             plan_group(layer_fn(family, config, layer, reader.meta_tensors(names))) for layer, names in groups
@@ -154,6 +156,12 @@ def relayout(
             writer.finish()
             for path in side_files(folder):
                 shutil.copyfile(path, staging / path.name)
+            if (
+                without_fp8_config(raw_config) is not raw_config
+            ):  # dequantized: the fp8 config no longer applies
+                (staging / "config.json").write_text(
+                    json.dumps(without_fp8_config(raw_config), indent=2) + "\n"
+                )
     return output
 
 
