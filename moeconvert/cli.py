@@ -163,7 +163,7 @@ _relayout_command("unfuse", unfuse, "Restore per-expert tensors and original nam
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["compressed-tensors", "gptq"]),
+    type=click.Choice(["compressed-tensors", "gptq", "fused"]),
     default="compressed-tensors",
     show_default=True,
 )

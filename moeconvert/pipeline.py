@@ -360,7 +360,8 @@ class Quantizer:
             ):
                 for batch in hidden:
                     self.streamed.run_layer(module, batch)
-        out = {n: t for n, t in original.items()}
+        fused_layout = self.fmt.layout == "fused"
+        out = {prefix + n: t for n, t in local.items()} if fused_layout else dict(original)
         dequantized = dict(local)
         schemes: dict[str, Scheme] = {}
         for target in targets:
@@ -371,6 +372,19 @@ class Quantizer:
                 report.tokens_per_expert = counts
                 report.starved_experts = [e for e, c in enumerate(counts) if c < self.options.min_tokens]
             dequantized[target.local] = qw.dequantize().to(weight.dtype).cpu()
+            if fused_layout:  # one stacked entry per projection, runtime names
+                name = prefix + target.local.removesuffix(".weight")
+                out.pop(prefix + target.local)
+                out.update(
+                    {
+                        n: t.cpu()
+                        for n, t in self.fmt.tensors(
+                            QuantizedModule(name, qw, target.scheme, weight.dtype)
+                        ).items()
+                    }
+                )
+                schemes[name] = target.scheme
+                continue
             for module in output_modules(self.family, prefix, target, qw, weight.dtype):
                 out.pop(module.name + ".weight", None)
                 out.update({n: t.cpu() for n, t in self.fmt.tensors(module).items()})

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from .base import QuantFormat
 from .compressed_tensors import CompressedTensorsFormat
+from .fused import FusedFormat, load_fused
 from .gptq import GptqFormat
 
 FORMATS: dict[str, type[QuantFormat]] = {
     "compressed-tensors": CompressedTensorsFormat,
     "gptq": GptqFormat,
+    "fused": FusedFormat,
 }
 
 
@@ -18,4 +20,4 @@ def get_format(name: str) -> QuantFormat:
     return FORMATS[name]()
 
 
-__all__ = ["FORMATS", "QuantFormat", "get_format"]
+__all__ = ["FORMATS", "QuantFormat", "get_format", "load_fused"]

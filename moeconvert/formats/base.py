@@ -23,6 +23,9 @@ class QuantizedModule:
 
 class QuantFormat:
     name = ""
+    #: "experts" keeps per-expert checkpoint names (vLLM's loaders); "fused" writes transformers 5's
+    #: runtime names with one stacked entry per expert projection
+    layout = "experts"
     #: dtype scales are stored in (None: the source weight's dtype); rounding decisions use it
     scale_dtype: torch.dtype | None = None
 
