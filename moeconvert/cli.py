@@ -185,6 +185,7 @@ _relayout_command("unfuse", unfuse, "Restore per-expert tensors and original nam
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and estimates; write nothing.")
+@click.option("--no-verify", is_flag=True, help="Skip the parity check of the fresh output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option(
     "--report", type=click.Path(dir_okay=False, path_type=Path), help="Also write the JSON report here."
@@ -212,6 +213,7 @@ def quantize_cmd(
     min_tokens: int,
     device: str,
     dry_run: bool,
+    no_verify: bool,
     as_json: bool,
     report: Path | None,
     revision: str | None,
@@ -234,12 +236,17 @@ def quantize_cmd(
         summary = inspect_model(model, revision, token)
     result = quantize(
         model, scheme, output=output, options=options, revision=revision, token=token, force=force, dry_run=dry_run,
-        progress=not as_json,
+        verify=not no_verify, progress=not as_json,
     )  # fmt: skip
     data = result.to_dict()
     if dry_run:
         data["estimates"] = _estimates(summary, scheme, options)
     _emit_report(data, as_json, report, lambda: _quantize_table(data, dry_run))
+    if result.verify is not None and not result.verify["passed"]:
+        click.echo(
+            f"error: the output failed its parity check: {'; '.join(result.verify['failures'])}", err=True
+        )
+        sys.exit(1)
 
 
 def _estimates(summary: ModelSummary, scheme: Any, options: Any) -> dict[str, int]:
@@ -269,10 +276,86 @@ def _quantize_table(data: dict[str, Any], dry_run: bool) -> str:
             f"~{_gb(e['peak_layer_bytes'] + e['calibration_activation_bytes'])} memory (one layer + activations)"
         )
         return "\n".join(lines)
+    if data.get("verify"):
+        v = data["verify"]
+        lines.append(
+            f"verify   {'passed' if v['passed'] else 'FAILED'}: mean KL {v['kl_mean']:.2e}, top-1 {v['top1_agreement']:.4f}, "
+            f"perplexity {v['perplexity_original']:.3f} -> {v['perplexity_converted']:.3f}"
+        )
     starved = {r["layer"]: r["starved_experts"] for r in data["layers"] if r["starved_experts"]}
     lines.append(f"time     {data['seconds']:.1f} s on {data['device']}")
     if starved:
         lines.append(f"starved  experts below --min-tokens got layer-wide prior rows: {starved}")
+    return "\n".join(lines)
+
+
+@main.command("verify")
+@click.argument("original")
+@click.argument("converted")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--calib", default=None, help="Evaluation text (as for quantize; default: the built-in corpus)."
+)
+@click.option("--samples", type=int, default=8, show_default=True)
+@click.option("--seq-len", type=int, default=256, show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--max-kl", type=float, default=None, help="Fail above this mean KL [default: by kind].")
+@click.option(
+    "--min-top1", type=float, default=None, help="Fail below this top-1 agreement [default: by kind]."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Also write the JSON here.")
+@revision_option
+@token_option
+@_friendly_errors
+def verify_cmd(
+    original: str,
+    converted: str,
+    device: str,
+    calib: str | None,
+    samples: int,
+    seq_len: int,
+    seed: int,
+    max_kl: float | None,
+    min_top1: float | None,
+    max_layer_error: float | None,
+    as_json: bool,
+    report: Path | None,
+    revision: str | None,
+    token: str | None,
+) -> None:
+    """Compare CONVERTED with ORIGINAL layer by layer; exit 1 past the thresholds."""
+    from .verify import verify
+
+    result = verify(
+        original, converted, device=device, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
+        max_kl=max_kl, min_top1=min_top1, max_layer_error=max_layer_error, revision=revision, token=token,
+        progress=not as_json,
+    )  # fmt: skip
+    data = result.to_dict()
+    _emit_report(data, as_json, report, lambda: _parity_table(data))
+    if not result.passed:
+        click.echo(f"error: parity check failed: {'; '.join(result.failures)}", err=True)
+        sys.exit(1)
+
+
+def _parity_table(d: dict[str, Any]) -> str:
+    lines = [
+        f"{'layer':>5}  {'layer error':>11}  {'drift':>9}"
+        + ("  identical" if d["kind"] == "lossless" else "")
+    ]
+    for p in d["layers"]:
+        same = "" if p["identical_tensors"] is None else f"  {'yes' if p['identical_tensors'] else 'NO'}"
+        lines.append(f"{p['layer']:>5}  {p['layer_error']:>11.3e}  {p['drift']:>9.3e}{same}")
+    t = d["thresholds"]
+    lines += [
+        f"kind: {d['kind']} on {d['device']}, {d['tokens']} tokens",
+        f"logits: max |diff| {d['logits_max_abs_diff']:.3e}, mean |diff| {d['logits_mean_abs_diff']:.3e}",
+        f"KL(original||converted): mean {d['kl_mean']:.3e} (max allowed {t['max_kl']:g}), max {d['kl_max']:.3e}",
+        f"top-1 agreement: {d['top1_agreement']:.4f} (min {t['min_top1']:g})",
+        f"perplexity: {d['perplexity_original']:.4f} -> {d['perplexity_converted']:.4f}",
+        "PASSED" if d["passed"] else "FAILED: " + "; ".join(d["failures"]),
+    ]
     return "\n".join(lines)
 
 

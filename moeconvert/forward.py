@@ -93,7 +93,8 @@ class LayerwiseModel:
             _materialise(module, state, self.device)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.backbone.embed_tokens(input_ids.to(self.device))
+        with torch.no_grad():
+            return self.backbone.embed_tokens(input_ids.to(self.device))
 
     def layer_kwargs(self, hidden: torch.Tensor) -> dict[str, Any]:
         """What the model passes every decoder layer for inputs of this shape (cached per shape)."""

@@ -89,6 +89,7 @@ class QuantizeReport:
     kept_modules: list[str]
     layers: list[LayerReport]
     seconds: float = 0.0
+    verify: dict[str, Any] | None = None  # the parity report of the fresh output, when verified
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -410,6 +411,7 @@ def quantize(
     token: str | None = None,
     force: bool = False,
     dry_run: bool = False,
+    verify: bool = True,
     progress: bool = True,
 ) -> QuantizeReport:
     """Quantize MODEL's Linear weights (experts, attention, dense and shared MLPs) layer by layer.
@@ -449,10 +451,32 @@ def quantize(
             report.quantized_modules = sum(t.modules for targets in plan.values() for t in targets)
             return report
         _run(runner, plan, report, Path(output), force, progress)
-        report.seconds = time.perf_counter() - started
-        return report
     finally:
         runner.close()
+    if verify:
+        report.verify = _verify_output(model, Path(output), options, revision, token, progress)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _verify_output(
+    model: str,
+    output: Path,
+    options: QuantizeOptions,
+    revision: str | None,
+    token: str | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """Parity of the fresh output against its source, stored beside it (the model card quotes it)."""
+    from .verify import report_path, verify
+
+    parity = verify(
+        model, str(output), device=options.device, calib=options.calib, seed=options.seed + 1,
+        samples=8, seq_len=min(options.seq_len, 512), revision=revision, token=token, progress=progress,
+    )  # fmt: skip
+    data = parity.to_dict()
+    report_path(output).write_text(json.dumps(data, indent=2) + "\n")
+    return data
 
 
 def _run(

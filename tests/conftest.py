@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from moeconvert.pipeline import QuantizeOptions, quantize
+from moeconvert.quant.scheme import Scheme
 from moeconvert.tiny import TINY_CONFIGS, build_tiny_model
 
 FAMILIES = sorted(TINY_CONFIGS)
@@ -103,3 +105,29 @@ def mean_kl(reference: torch.nn.Module, candidate: torch.nn.Module, tokens: torc
         p = reference(tokens).logits.float().log_softmax(-1)
         q = candidate(tokens).logits.float().log_softmax(-1)
     return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+W4 = Scheme(bits=4, group_size=32)
+W8 = Scheme(bits=8, group_size=32)
+
+
+@pytest.fixture(scope="session")
+def quantized(
+    trained_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[tuple[str, str], Path]:
+    """(family, variant) -> output folder, for variants w4 gptq, w8 gptq and w4 rtn."""
+    root = tmp_path_factory.mktemp("quantized")
+    variants = {"w4": W4, "w8": W8, "w4rtn": Scheme(bits=4, group_size=32, method="rtn")}
+    out = {}
+    for family in FAMILIES:
+        for label, scheme in variants.items():
+            out[family, label] = root / f"{family}-{label}"
+            quantize(
+                str(trained_models[family]),
+                scheme,
+                output=out[family, label],
+                options=QuantizeOptions(samples=16, seq_len=128),
+                verify=False,
+                progress=False,
+            )
+    return out

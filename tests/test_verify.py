@@ -1,0 +1,117 @@
+"""verify: parity of fused, 8-bit and 4-bit outputs against the original, and a check that can fail."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAMILIES, run_cli
+from safetensors.torch import load_file, save_file
+
+from moeconvert import fuse
+from moeconvert.verify import verify
+
+
+@pytest.fixture(scope="module")
+def parity(
+    trained_models: dict[str, Path], quantized: dict, tmp_path_factory: pytest.TempPathFactory
+) -> dict:
+    root = tmp_path_factory.mktemp("fused_for_verify")
+    reports = {}
+    for family in FAMILIES:
+        fused = fuse(str(trained_models[family]), root / family)
+        source = str(trained_models[family])
+        reports[family, "fused"] = verify(source, str(fused), samples=4, seq_len=128, progress=False)
+        for label in ("w8", "w4"):
+            reports[family, label] = verify(
+                source, str(quantized[family, label]), samples=4, seq_len=128, progress=False
+            )
+    return reports
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parity_numbers(family: str, parity: dict) -> None:
+    fused, w8, w4 = parity[family, "fused"], parity[family, "w8"], parity[family, "w4"]
+    assert fused.kind == "lossless" and fused.passed, fused.failures
+    assert all(p.identical_tensors for p in fused.layers)
+    assert fused.logits_max_abs_diff == 0.0 and fused.kl_mean == 0.0 and fused.top1_agreement == 1.0
+    assert all(p.layer_error == 0.0 and p.drift == 0.0 for p in fused.layers)
+    assert (w8.kind, w4.kind) == ("int8", "int4")
+    assert w8.passed and w4.passed, (w8.failures, w4.failures)
+    assert 0.0 < w8.kl_mean < w4.kl_mean
+    assert w4.top1_agreement <= w8.top1_agreement
+    for p8, p4 in zip(w8.layers, w4.layers, strict=True):
+        assert 0.0 < p8.layer_error < p4.layer_error, (p8, p4)
+    assert w4.perplexity_original == pytest.approx(fused.perplexity_original)
+    assert abs(w4.perplexity_converted - w4.perplexity_original) > abs(
+        w8.perplexity_converted - w8.perplexity_original
+    )
+
+
+def _corrupt_busiest_expert(folder: Path, layer: int, out: Path) -> Path:
+    """Scale the busiest expert's down projection in ``layer`` by 4 (through its scales)."""
+    broken = Path(shutil.copytree(folder, out))
+    report = json.loads((broken / "quantization_report.json").read_text())
+    counts = next(r for r in report["layers"] if r["layer"] == layer)["tokens_per_expert"]
+    busiest = max(range(len(counts)), key=counts.__getitem__)
+    shard = broken / "model.safetensors"
+    tensors = load_file(shard)
+    name = f"model.layers.{layer}.block_sparse_moe.experts.{busiest}.w2.weight_scale"
+    tensors[name] = tensors[name] * 4
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return broken
+
+
+def test_corrupted_expert_fails_and_names_its_layer(
+    trained_models: dict[str, Path], quantized: dict, tmp_path: Path
+) -> None:
+    broken = _corrupt_busiest_expert(quantized["mixtral", "w4"], 1, tmp_path / "broken")
+    report_file = tmp_path / "report.json"
+    result = run_cli(
+        "verify",
+        str(trained_models["mixtral"]),
+        str(broken),
+        "--samples",
+        "4",
+        "--seq-len",
+        "128",
+        "--report",
+        str(report_file),
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "layer 1" in result.stderr and "Traceback" not in result.stderr
+    data = json.loads(report_file.read_text())
+    assert data["passed"] is False and data["worst_layer"] == 1
+    clean = run_cli(
+        "verify",
+        str(trained_models["mixtral"]),
+        str(quantized["mixtral", "w4"]),
+        "--samples",
+        "4",
+        "--seq-len",
+        "128",
+        "--json",
+    )
+    assert clean.returncode == 0, clean.stderr
+    assert json.loads(clean.stdout)["kl_mean"] < data["kl_mean"] / 10
+
+
+def test_lossless_check_catches_a_single_changed_tensor(
+    trained_models: dict[str, Path], tmp_path: Path
+) -> None:
+    fused = fuse(str(trained_models["olmoe"]), tmp_path / "fused")
+    tensors = load_file(fused / "model.safetensors")
+    name = "model.layers.2.self_attn.o_proj.weight"
+    tensors[name] = tensors[name].clone()
+    tensors[name][0, 0] = torch.nextafter(tensors[name][0, 0], torch.tensor(1e9))  # one ulp
+    save_file(tensors, fused / "model.safetensors", metadata={"format": "pt"})
+    report = verify(str(trained_models["olmoe"]), str(fused), samples=2, seq_len=64, progress=False)
+    assert not report.passed and [p.layer for p in report.layers if not p.identical_tensors] == [2]
+
+
+def test_mismatched_models_are_refused(trained_models: dict[str, Path]) -> None:
+    result = run_cli("verify", str(trained_models["mixtral"]), str(trained_models["olmoe"]))
+    assert result.returncode == 2 and "not a conversion" in result.stderr
