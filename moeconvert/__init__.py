@@ -18,8 +18,12 @@ from .errors import (
     UnsupportedModelError,
 )
 from .inspection import ModelSummary, inspect_model
+from .pipeline import QuantizeOptions, QuantizeReport, quantize
+from .quant.scheme import Scheme
+from .quant.targets import Rule
 from .relayout import fuse, unfuse
 from .source import read_metadata, resolve_model
+from .verify import ParityReport, verify
 
 __all__ = [
     "BadInputError",
@@ -29,11 +33,18 @@ __all__ = [
     "ModelSummary",
     "MoeConvertError",
     "OutputExistsError",
+    "ParityReport",
+    "QuantizeOptions",
+    "QuantizeReport",
+    "Rule",
+    "Scheme",
     "UnsupportedModelError",
     "__version__",
     "fuse",
     "inspect_model",
+    "quantize",
     "read_metadata",
     "resolve_model",
     "unfuse",
+    "verify",
 ]

@@ -48,9 +48,10 @@ class CompressedTensorsFormat(QuantFormat):
             raise ValueError(
                 "compressed-tensors pack-quantized has no act-order; use --format gptq or drop --act-order"
             )
-        if scheme.group_size != -1 and in_features > scheme.group_size and in_features % scheme.group_size:
+        if scheme.group_size != -1 and in_features % scheme.group_size:
             raise ValueError(
-                f"compressed-tensors needs input widths divisible by the group size ({in_features} % {scheme.group_size})"
+                f"compressed-tensors needs input widths divisible by the group size ({in_features} % {scheme.group_size}); "
+                "choose a --group-size that divides it, or -1 for per channel"
             )
 
     def tensors(self, module: QuantizedModule) -> dict[str, torch.Tensor]:
