@@ -133,11 +133,16 @@ def _train(model: torch.nn.Module, steps: int, seed: int, batch: int = 8, seq_le
 
     stream = torch.tensor(list(load_text(None).encode("utf-8")), dtype=torch.long)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only add synchronisation (and stall on a busy machine)
     model.train()
-    for step in range(steps):
-        tokens = sample_windows(stream, batch, seq_len + 1, seed * 100_003 + step)
-        loss = model(input_ids=tokens[:, :-1], labels=tokens[:, 1:].contiguous()).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    try:
+        for step in range(steps):
+            tokens = sample_windows(stream, batch, seq_len + 1, seed * 100_003 + step)
+            loss = model(input_ids=tokens[:, :-1], labels=tokens[:, 1:].contiguous()).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+        model.eval()
