@@ -303,6 +303,12 @@ def _quantize_table(data: dict[str, Any], dry_run: bool) -> str:
 @click.option(
     "--min-top1", type=float, default=None, help="Fail below this top-1 agreement [default: by kind]."
 )
+@click.option(
+    "--max-layer-error",
+    type=float,
+    default=None,
+    help="Fail when a layer errs by more than this fraction of its own output [default: by kind].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Also write the JSON here.")
 @revision_option
