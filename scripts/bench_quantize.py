@@ -1,0 +1,647 @@
+"""Benchmark GPTQ on one MoE layer's experts at real widths: Hessians, solve, pack, and peak memory.
+
+Random bf16 expert weights in the fused layout (``gate_up [E, 2I, H]``, ``down [E, H, I]``) and random
+calibration hidden states routed by a random top-k router go through the same steps the quantize
+pipeline takes for one layer, each timed on its own:
+
+* Hessians: ``gate_up`` statistics of the routed tokens, the per-expert ``act(gate) * up`` forward that
+  ``down`` sees, ``down`` statistics, and ``finalize`` (normalization and the starved-expert prior);
+* solve: :func:`gptq_quantize` of the whole stack (float32 weights, bf16 scales, as the pipeline does),
+  against the baseline measured in the same run, a Python loop calling it on one expert at a time;
+* pack: :func:`pack_compressed`, the compressed-tensors layout.
+
+Every phase is reported with a FLOP count and as a fraction of this machine's own float32 matmul rate,
+measured in the same process, so a slow phase reads as "far from what the hardware does on a GEMM"
+rather than as a bare number. Each preset runs in a fresh subprocess so that its peak RSS (VmHWM) is its
+own. Calibration hidden states are ``(z @ A) * s`` (correlated features, a few loud channels), not a
+real model's, so the Hessians are realistic in size and conditioning but not in content.
+
+Every phase also records how many cores other processes kept busy meanwhile (from ``/proc/stat``).
+On a small shared machine pass ``--threads`` to leave their cores free: torch's OpenMP threads spin at
+each barrier, and one of them descheduled by a foreign process stalls every parallel op, which made
+the solve several times slower than a single thread on the 2-core machine of docs/PERFORMANCE.md.
+
+    python scripts/bench_quantize.py --preset all --threads 1 --loop-experts 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+GROUP_ALIGN = 128  # scaled widths stay multiples of the usual group size
+BUSY = 0.25  # cores other processes took beyond those this run leaves free: flag the phase's timing
+
+
+@dataclass(frozen=True)
+class Preset:
+    hidden: int
+    intermediate: int  # per-expert (moe) intermediate size
+    experts: int
+    top_k: int
+    tokens: int  # default calibration tokens, small enough for a 2-core CPU
+
+
+# Routed experts only: DeepSeek-V2-Lite's 2 shared experts are dense Linears, not part of this stack.
+PRESETS = {
+    "mixtral": Preset(hidden=4096, intermediate=14336, experts=8, top_k=2, tokens=512),
+    "qwen3-30b-a3b": Preset(hidden=2048, intermediate=768, experts=128, top_k=8, tokens=2048),
+    "deepseek-v2-lite": Preset(hidden=2048, intermediate=1408, experts=64, top_k=6, tokens=2048),
+}
+
+
+# ------------------------------------------------------------------------------------------ cost model
+
+
+def solve_flops(out: int, inp: int) -> dict[str, float]:
+    """FLOPs of GPTQ on one expert ``[out, in]``, split as the solver spends them.
+
+    * ``prepare``: Cholesky of ``H`` (in^3/3), ``cholesky_inverse`` (2 in^3/3: triangular inverse and
+      product) and the Cholesky of the inverse (in^3/3): ``4/3 in^3``.
+    * ``columns``: error feedback. Column ``i`` updates the ``in - i - 1`` columns after it in every row,
+      one multiply and one subtract each, ``out * in^2`` in total; with block size ``B`` a fraction
+      ``B / in`` of it is the in-block rank-1 updates (elementwise, bandwidth-bound) and the rest the
+      lazy block GEMMs.
+    Quantizing the columns themselves (round, clamp, scales) is O(out * in) and left out.
+    """
+    return {"prepare": 4 / 3 * inp**3, "columns": float(out) * inp**2}
+
+
+def preset_cost(p: Preset, tokens: int, chunk: int | None = None) -> dict[str, float]:
+    """FLOPs of every phase and the bytes the pipeline holds at its peak, for one layer.
+
+    ``chunk`` is ``--max-experts-per-chunk``: it bounds only the solver's working set, not the
+    accumulators' float64 sums or the finalized Hessians, which are per layer.
+    """
+    rows = tokens * p.top_k  # routed (token, expert) pairs; each is one row for gate_up and for down
+    h, i, e = p.hidden, p.intermediate, p.experts
+    gate_up, down = solve_flops(2 * i, h), solve_flops(h, i)
+    weights_bf16 = e * 3 * i * h * 2
+    sums_fp64 = e * (h * h + i * i) * 8  # both accumulators live until the layer is done, as in the pipeline
+
+    def solve_bytes(out: int, inp: int) -> int:
+        # The finalized float32 H, the float32 weights and the solver's copy of them, and about five
+        # H-sized float32 buffers per expert in a chunk (its H copy, L, cholesky_inverse's triangular
+        # temporaries, H^-1, U): five is what qwen3-30b-a3b measured (13.3 GB over finalize for E=128).
+        return e * inp * inp * 4 + 2 * e * out * inp * 4 + 5 * min(chunk or e, e) * inp * inp * 4
+
+    return {
+        "hessian": 2.0 * rows * (h * h + i * i),
+        "forward": 2.0 * rows * h * 2 * i,
+        "solve": e * (sum(gate_up.values()) + sum(down.values())),
+        "peak_bytes": weights_bf16 + sums_fp64 + max(solve_bytes(2 * i, h), solve_bytes(h, i)),
+    }
+
+
+def scaled(p: Preset, scale: float) -> Preset:
+    """The preset with hidden and intermediate widths scaled, kept multiples of 128."""
+
+    def width(n: int) -> int:
+        return max(GROUP_ALIGN, round(n * scale / GROUP_ALIGN) * GROUP_ALIGN)
+
+    return Preset(width(p.hidden), width(p.intermediate), p.experts, p.top_k, p.tokens)
+
+
+# ------------------------------------------------------------------------------------ machine probes
+
+
+def vm_hwm() -> int:
+    """Peak resident set of this process in bytes (VmHWM; a fresh exec starts it afresh)."""
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith("VmHWM")).split()[1]) * 1024
+
+
+def mem_available() -> int:
+    with open("/proc/meminfo") as meminfo:
+        return int(next(line for line in meminfo if line.startswith("MemAvailable")).split()[1]) * 1024
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line for line in cpuinfo if line.startswith("model name")).split(":", 1)[1].strip()
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def _busy_jiffies() -> int:
+    """CPU time every process on the machine used (user, nice, system, irq, softirq, steal)."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:9]]
+    return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+
+
+class CpuWatch:
+    """How many cores something other than this process kept busy over an interval.
+
+    ``/proc/stat`` counts the whole machine (other containers on a shared VM included) and the process's
+    own CPU time is subtracted, so a phase that ran alongside someone else's job shows it. Timings on a
+    small shared machine are only comparable when this stays near 0.
+    """
+
+    def __init__(self) -> None:
+        self._hz = os.sysconf("SC_CLK_TCK")
+        self._start = self._sample()
+
+    def _sample(self) -> tuple[float, float, float]:
+        own = os.times()
+        return time.perf_counter(), _busy_jiffies() / self._hz, own.user + own.system
+
+    def other_cores(self) -> float:
+        wall0, busy0, own0 = self._start
+        wall1, busy1, own1 = self._sample()
+        return max(0.0, ((busy1 - busy0) - (own1 - own0)) / max(wall1 - wall0, 1e-9))
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best-of float32 ``n^3`` GEMM rate: the ceiling the GEMM-shaped phases are compared against."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def stream_gbs(elements: int = 1 << 26, repeats: int = 3) -> float:
+    """Best-of ``a += b`` bandwidth (read a, read b, write a): the ceiling of the elementwise work."""
+    import torch
+
+    a, b = torch.randn(elements), torch.randn(elements)
+    a += b
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a += b
+        best = min(best, time.perf_counter() - start)
+    return 3 * elements * 4 / best / 1e9
+
+
+# --------------------------------------------------------------------------------------------- worker
+
+
+class Recorder:
+    """Phase rows: seconds, FLOPs, other processes' load, and the peak RSS once the phase is done."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    @contextmanager
+    def phase(self, phase: str, target: str, flops: float | None = None) -> Iterator[dict[str, Any]]:
+        row: dict[str, Any] = {"phase": phase, "target": target, "flops": flops}
+        watch, start = CpuWatch(), time.perf_counter()
+        yield row
+        row["seconds"] = time.perf_counter() - start
+        row["other_cores"] = watch.other_cores()
+        row["peak_rss_bytes"] = vm_hwm()
+        self.rows.append(row)
+        print(f"  {phase:<30}{target:<9}{row['seconds']:>9.2f} s", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def timed_solver_parts(totals: dict[str, float]) -> Iterator[bool]:
+    """Split the solve into Hessian preparation and the column loop by timing two solver internals.
+
+    The solver is one call; wrapping its two stages in place (and restoring them) splits its time
+    without running anything twice. Yields False, and splits nothing, if the internals were renamed.
+    """
+    from moeconvert.quant import gptq
+
+    names = {"_inverse_cholesky_upper": "prepare", "_solve": "columns"}
+    originals = {name: getattr(gptq, name, None) for name in names}
+    if any(fn is None for fn in originals.values()):
+        yield False
+        return
+
+    def wrap(part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[part] = totals.get(part, 0.0) + time.perf_counter() - start
+
+        return timed
+
+    for name, part in names.items():
+        setattr(gptq, name, wrap(part, originals[name]))
+    try:
+        yield True
+    finally:
+        for name, fn in originals.items():
+            setattr(gptq, name, fn)
+
+
+def flush_buffered_rows(acc: Any) -> None:
+    """Turn the rows an accumulator still buffers into products now, so they count as accumulation.
+
+    The accumulator multiplies rows in fixed 512-row chunks and leaves each expert's partial last chunk
+    for ``finalize``; with a few hundred rows per expert that is all of them, and without this the
+    ``x x^T`` work would be timed as part of ``finalize``. Its internal flush is the same call
+    ``finalize`` makes first, so the total is unchanged; if it was renamed nothing is moved.
+    """
+    flush = getattr(acc, "_flush_all", None)
+    if flush is not None:
+        flush()
+
+
+def calibration(p: Preset, tokens: int, seed: int) -> tuple[Any, Any]:
+    """bf16 hidden states ``(z @ A) * s`` and the top-k expert indices of a random softmax router."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(p.hidden, p.hidden, generator=gen) / math.sqrt(p.hidden)
+    loud = torch.exp(0.5 * torch.randn(p.hidden, generator=gen))  # some channels much larger than others
+    x = (torch.randn(tokens, p.hidden, generator=gen) @ mixing) * loud
+    router = torch.randn(p.hidden, p.experts, generator=gen) / math.sqrt(p.hidden)
+    probs = torch.softmax(x @ router, dim=-1)
+    index = probs.topk(p.top_k, dim=-1).indices
+    return x.to(torch.bfloat16), index
+
+
+def expert_weights(p: Preset, seed: int) -> tuple[Any, Any]:
+    """bf16 ``gate_up [E, 2I, H]`` and ``down [E, H, I]``, drawn one expert at a time to cap the float32 spike."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    gate_up = torch.empty(p.experts, 2 * p.intermediate, p.hidden, dtype=torch.bfloat16)
+    down = torch.empty(p.experts, p.hidden, p.intermediate, dtype=torch.bfloat16)
+    for e in range(p.experts):
+        gate_up[e] = torch.randn(2 * p.intermediate, p.hidden, generator=gen) * 0.02
+        down[e] = torch.randn(p.hidden, p.intermediate, generator=gen) * 0.02
+    return gate_up, down
+
+
+def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One layer, start to end, in this (fresh) process; returns everything the report needs."""
+    import torch
+    import torch.nn.functional as F
+
+    from moeconvert.quant.gptq import gptq_quantize
+    from moeconvert.quant.hessian import HessianAccumulator
+    from moeconvert.quant.packing import pack_compressed
+    from moeconvert.quant.scheme import Scheme
+
+    p = Preset(**cfg["preset"])
+    tokens, chunk, min_tokens = cfg["tokens"], cfg["max_experts_per_chunk"], cfg["min_tokens"]
+    scheme = Scheme(bits=cfg["bits"], group_size=cfg["group_size"])
+    scale_dtype = torch.bfloat16  # compressed-tensors stores scales in the model's dtype
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    rss_imports = vm_hwm()
+    matmul_start, stream = matmul_gflops(), stream_gbs()
+
+    x, index = calibration(p, tokens, cfg["seed"])
+    gate_up_w, down_w = expert_weights(p, cfg["seed"])
+    rss_inputs = vm_hwm()
+    rec = Recorder()
+    print(f"{cfg['name']}: H {p.hidden}, I {p.intermediate}, E {p.experts}, {tokens} tokens", file=sys.stderr)
+
+    # Hessians, the way the pipeline's experts hook gathers them, in batches of calibration tokens.
+    acc_gate_up = HessianAccumulator(p.hidden, p.experts)
+    acc_down = HessianAccumulator(p.intermediate, p.experts)
+    mask = torch.zeros(tokens, p.experts, dtype=torch.bool).scatter_(1, index, True)
+    counts = mask.sum(0)
+    rows = int(counts.sum())
+    batches = list(zip(x.split(cfg["batch_tokens"]), mask.split(cfg["batch_tokens"]), strict=True))
+    with rec.phase("hessian: x x^T", "gate_up", 2.0 * rows * p.hidden**2):
+        for xb, mb in batches:
+            acc_gate_up.add(xb.float(), mb)
+        flush_buffered_rows(acc_gate_up)
+    down_inputs = []
+    with rec.phase("hessian: act(gate)*up (bf16)", "down", 2.0 * rows * p.hidden * 2 * p.intermediate):
+        for xb, mb in batches:
+            per_expert = []
+            for e in range(p.experts):
+                gate, up = F.linear(xb[mb[:, e]], gate_up_w[e]).chunk(2, dim=-1)
+                per_expert.append((F.silu(gate) * up).float())
+            down_inputs.append(per_expert)
+    with rec.phase("hessian: x x^T", "down", 2.0 * rows * p.intermediate**2):
+        for per_expert in down_inputs:
+            acc_down.add_per_expert(per_expert)
+        flush_buffered_rows(acc_down)
+    del down_inputs
+
+    summary: dict[str, Any] = {}
+    for target, weight, acc in (("gate_up", gate_up_w, acc_gate_up), ("down", down_w, acc_down)):
+        out, inp = weight.shape[1], weight.shape[2]
+        cost = solve_flops(out, inp)
+        with rec.phase("hessian: finalize", target):
+            hessians, _ = acc.finalize(min_tokens)
+        w = weight.float()  # the pipeline solves in float32 from the bf16 checkpoint
+
+        parts: dict[str, float] = {}
+        solve_cost = sum(cost.values())
+        with (
+            timed_solver_parts(parts),
+            rec.phase("solve: batched", target, p.experts * solve_cost) as batched_row,
+        ):
+            batched = gptq_quantize(w, hessians, scheme, max_experts_per_chunk=chunk, scale_dtype=scale_dtype)
+        for part in ("prepare", "columns"):
+            if part in parts:
+                rec.rows.append(
+                    {"phase": f"  of which {part}", "target": target, "seconds": parts[part]}
+                    | {"flops": p.experts * cost[part], "other_cores": None, "peak_rss_bytes": None}
+                )
+
+        with rec.phase("pack: compressed-tensors", target) as row:
+            packed = pack_compressed(batched, scale_dtype)
+            row["bytes"] = sum(t.numel() * t.element_size() for t in packed.values())
+        del packed
+
+        loop_experts = min(cfg["loop_experts"] or p.experts, p.experts)
+        loop_parts: dict[str, float] = {}
+        with (
+            timed_solver_parts(loop_parts),
+            rec.phase("solve: loop over experts", target, loop_experts * solve_cost) as loop_row,
+        ):
+            looped = [
+                gptq_quantize(w[e], hessians[e], scheme, scale_dtype=scale_dtype) for e in range(loop_experts)
+            ]
+        loop_row["experts_timed"] = loop_experts
+        for part in ("prepare", "columns"):
+            if part in loop_parts:
+                rec.rows.append(
+                    {"phase": f"  of which {part}", "target": target, "seconds": loop_parts[part]}
+                    | {"flops": loop_experts * cost[part], "other_cores": None, "peak_rss_bytes": None}
+                )
+        differ = sum(int((q.codes != batched.codes[e]).sum()) for e, q in enumerate(looped))
+        loop_seconds = loop_row["seconds"] * p.experts / loop_experts
+        batched_seconds = batched_row["seconds"]
+        summary[target] = {
+            "loop_seconds_all_experts": loop_seconds,
+            "loop_extrapolated": loop_experts < p.experts,
+            "batched_seconds": batched_seconds,
+            "speedup_batched_vs_loop": loop_seconds / batched_seconds,
+            "codes_differing_from_loop": differ / (loop_experts * out * inp),
+        }
+        del looped, batched, hessians, w
+    del acc_gate_up, acc_down
+
+    matmul_end = matmul_gflops()
+    reference = max(matmul_start, matmul_end)
+    for row in rec.rows:
+        flops = row.get("flops")
+        row["gflops"] = flops / row["seconds"] / 1e9 if flops and row["seconds"] > 0 else None
+        row["of_matmul"] = row["gflops"] / reference if row["gflops"] else None
+    return {
+        "name": cfg["name"],
+        "preset": asdict(p),
+        "full_width_preset": cfg["full_preset"],
+        "width_scale": cfg["width_scale"],
+        "tokens": tokens,
+        "routed_rows": rows,
+        "rows_per_expert": {
+            "min": int(counts.min()),
+            "median": statistics.median(counts.tolist()),
+            "max": int(counts.max()),
+            "below_min_tokens": int((counts < min_tokens).sum()),
+        },
+        "min_tokens": min_tokens,
+        "scheme": scheme.label,
+        "max_experts_per_chunk": chunk,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "matmul_gflops_start": matmul_start,
+        "matmul_gflops_end": matmul_end,
+        "matmul_gflops_reference": reference,
+        "stream_gbs": stream,
+        "rss_imports_bytes": rss_imports,
+        "rss_inputs_bytes": rss_inputs,
+        "peak_rss_bytes": vm_hwm(),
+        "phases": rec.rows,
+        "solve": summary,
+    }
+
+
+# --------------------------------------------------------------------------------------------- parent
+
+
+def choose_scale(
+    p: Preset,
+    tokens: int,
+    requested: str,
+    gflops: float,
+    budget_s: float,
+    loop_experts: int | None,
+    chunk: int | None,
+) -> tuple[float, str]:
+    """The width scale for a preset: the one asked for, or with ``auto`` the largest that fits.
+
+    ``auto`` halves widths until the layer's estimated peak memory fits in 95% of the available memory
+    and the estimated run time fits in the budget: Hessians, the batched solve and the loop baseline,
+    at a third of the matmul rate (what the solver reached on a CPU, within a factor of 2).
+    """
+    loop_share = min(loop_experts or p.experts, p.experts) / p.experts
+    rate = gflops / 3 * 1e9
+
+    def estimate(scale: float) -> tuple[dict[str, float], float]:
+        cost = preset_cost(scaled(p, scale), tokens, chunk)
+        return cost, (cost["hessian"] + cost["forward"] + (1 + loop_share) * cost["solve"]) / rate
+
+    if requested != "auto":
+        return float(requested), "asked for"
+    scale, memory = 1.0, 0.95 * mem_available()
+    while scale > 1 / 16:
+        cost, seconds = estimate(scale)
+        if cost["peak_bytes"] <= memory and seconds <= budget_s:
+            break
+        scale /= 2
+    if scale == 1.0:
+        return scale, "full width"
+    full, seconds = estimate(1.0)
+    return scale, (
+        f"at full width the layer needs ~{full['peak_bytes'] / 1e9:.0f} GB at its peak "
+        f"({memory / 1e9:.0f} GB usable here) and ~{full['solve'] / 1e12:.0f} TFLOP of solve, "
+        f"~{seconds / 60:.0f} min with the baseline here (budget {budget_s:.0f} s)"
+    )
+
+
+def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(cfg)],
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"TQDM_DISABLE": "1"},
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def contended(row: dict[str, Any], r: dict[str, Any]) -> bool:
+    """Whether other processes used more cores than this run left free while the phase ran."""
+    spare = max(0, r["cpu_count"] - r["threads"])
+    return row["other_cores"] is not None and row["other_cores"] > spare + BUSY
+
+
+def print_preset(r: dict[str, Any]) -> None:
+    p, full, counts = r["preset"], r["full_width_preset"], r["rows_per_expert"]
+    width = f"H {p['hidden']}, I {p['intermediate']}"
+    if r["width_scale"] != 1.0:
+        width += f" (x{r['width_scale']:g} of H {full['hidden']}, I {full['intermediate']})"
+    print(
+        f"\n{r['name']}: {width}, {p['experts']} experts, top-{p['top_k']}; {r['tokens']} tokens "
+        f"= {r['routed_rows']} routed rows, per expert {counts['min']}/{counts['median']:g}/{counts['max']} "
+        f"(min/median/max), {counts['below_min_tokens']} below min_tokens {r['min_tokens']}; "
+        f"{r['scheme']}, bf16 scales, experts per chunk {r['max_experts_per_chunk'] or 'all'}"
+    )
+    if r["width_scale"] != 1.0:
+        print(f"widths x{r['width_scale']:g}: {r['width_reason']}")
+    print(
+        f"fp32 matmul 2048^3: {r['matmul_gflops_start']:.0f} GFLOP/s at start, {r['matmul_gflops_end']:.0f} at end; "
+        f"a += b: {r['stream_gbs']:.0f} GB/s; threads {r['threads']} of {r['cpu_count']} CPUs; RSS after imports "
+        f"{r['rss_imports_bytes'] / 1e9:.2f} GB, with inputs {r['rss_inputs_bytes'] / 1e9:.2f} GB"
+    )
+    print(
+        f"{'phase':<30}{'target':<9}{'seconds':>9}{'GFLOP':>9}{'GFLOP/s':>9}{'x matmul':>10}"
+        f"{'peak RSS GB':>13}{'other cores':>13}"
+    )
+    for row in r["phases"]:
+        gflop = None if row["flops"] is None else row["flops"] / 1e9
+        rss = None if row["peak_rss_bytes"] is None else row["peak_rss_bytes"] / 1e9
+        print(
+            f"{row['phase']:<30}{row['target']:<9}{row['seconds']:>9.2f}{_fmt(gflop, '.0f'):>9}"
+            f"{_fmt(row['gflops'], '.1f'):>9}{_fmt(row['of_matmul'], '.2f'):>10}{_fmt(rss, '.2f'):>13}"
+            f"{_fmt(row['other_cores'], '.2f'):>13}{' *' if contended(row, r) else ''}"
+        )
+    if any(contended(row, r) for row in r["phases"]):
+        print(
+            "* other processes wanted the cores this run's threads use during this phase; its time is inflated"
+        )
+    for target, s in r["solve"].items():
+        note = " (loop extrapolated from a subset of experts)" if s["loop_extrapolated"] else ""
+        print(
+            f"solve {target}: batched {s['batched_seconds']:.1f} s, loop {s['loop_seconds_all_experts']:.1f} s, "
+            f"batched is {s['speedup_batched_vs_loop']:.2f}x the loop{note}; "
+            f"codes differing from the loop: {s['codes_differing_from_loop']:.2e}"
+        )
+
+
+def print_summary(results: list[dict[str, Any]]) -> None:
+    print(
+        f"\n{'preset':<18}{'scale':>6}{'tokens':>8}{'hessian s':>11}{'solve s':>9}{'loop s':>8}"
+        f"{'x loop':>8}{'pack s':>8}{'peak RSS GB':>13}"
+    )
+    for r in results:
+        phases = r["phases"]
+        hessian = sum(x["seconds"] for x in phases if x["phase"].startswith("hessian"))
+        solve = sum(x["seconds"] for x in phases if x["phase"] == "solve: batched")
+        pack = sum(x["seconds"] for x in phases if x["phase"].startswith("pack"))
+        loop = sum(s["loop_seconds_all_experts"] for s in r["solve"].values())
+        print(
+            f"{r['name']:<18}{r['width_scale']:>6g}{r['tokens']:>8}{hessian:>11.1f}{solve:>9.1f}{loop:>8.1f}"
+            f"{loop / solve:>8.2f}{pack:>8.2f}{r['peak_rss_bytes'] / 1e9:>13.2f}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=[*PRESETS, "all"], default="qwen3-30b-a3b")
+    parser.add_argument("--tokens", type=int, help="calibration tokens (default: per preset, see PRESETS)")
+    parser.add_argument(
+        "--width-scale",
+        default="auto",
+        help="scale hidden and intermediate widths (multiples of 128 kept); 'auto' shrinks only a preset "
+        "whose estimated memory or time does not fit this machine (see --budget-s), and says so",
+    )
+    parser.add_argument(
+        "--budget-s", type=float, default=300, help="'auto' width: seconds allowed per preset"
+    )
+    parser.add_argument("--max-experts-per-chunk", type=int, help="bound the solver's memory (default: all)")
+    parser.add_argument(
+        "--loop-experts", type=int, help="time the loop baseline on this many experts and extrapolate"
+    )
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--min-tokens", type=int, default=128, help="the pipeline's starved-expert threshold")
+    parser.add_argument("--batch-tokens", type=int, default=8192, help="tokens per calibration batch")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("bench_results/quantize.json"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:  # one preset in a fresh process; the result is the last stdout line
+        print(json.dumps(run_preset(json.loads(args.worker))))
+        return
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gflops = matmul_gflops()
+    names = list(PRESETS) if args.preset == "all" else [args.preset]
+    results = []
+    for name in names:
+        full = PRESETS[name]
+        tokens = args.tokens or full.tokens
+        scale, why = choose_scale(
+            full,
+            tokens,
+            args.width_scale,
+            gflops,
+            args.budget_s,
+            args.loop_experts,
+            args.max_experts_per_chunk,
+        )
+        if scale != 1.0:
+            print(f"{name}: widths x{scale:g} ({why})", file=sys.stderr)
+        cfg = {
+            "name": name,
+            "preset": asdict(scaled(full, scale)),
+            "full_preset": asdict(full),
+            "width_scale": scale,
+            "width_reason": why,
+            "tokens": tokens,
+            "max_experts_per_chunk": args.max_experts_per_chunk,
+            "loop_experts": args.loop_experts,
+            "bits": args.bits,
+            "group_size": args.group_size,
+            "min_tokens": args.min_tokens,
+            "batch_tokens": args.batch_tokens,
+            "seed": args.seed,
+            "threads": args.threads,
+        }
+        result = run_worker(cfg) | {"width_reason": why}
+        print_preset(result)
+        results.append(result)
+    if len(results) > 1:
+        print_summary(results)
+
+    report = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "solve_flops_model": "per expert [out, in]: out*in^2 (error feedback) + 4/3*in^3 (Cholesky, inverse, Cholesky)",
+        "hessian_flops_model": "2*rows*in^2 per expert",
+        "presets": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
