@@ -13,7 +13,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -388,3 +388,21 @@ class PartsWriter:
         writer.finish()
         shutil.rmtree(self.parts)
         return writer.names
+
+
+class HeaderReader(ShardedReader):
+    """A reader over tensor headers alone (e.g. fetched from the Hub with range requests): it can plan a
+    conversion (names, shapes, dtypes) but holds no data, so a dry run downloads no weights."""
+
+    def __init__(self, metas: dict[str, TensorMeta], transform: Callable[[dict], dict] | None = None) -> None:
+        self.folder = Path()
+        self.files = sorted({m.file for m in metas.values()})
+        self.metas = dict(metas)
+        self.transform = transform
+
+    def get_many(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        raise RuntimeError("a header-only reader holds no tensor data")
+
+    def meta_tensors(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        tensors = super().meta_tensors(names)
+        return self.transform(tensors) if self.transform else tensors

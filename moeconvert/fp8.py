@@ -105,3 +105,15 @@ def open_reader(folder: Path, config: dict[str, Any]) -> ShardedReader:
     if block is None:
         return ShardedReader(folder)
     return DequantizingReader(folder, block, source_dtype(config))
+
+
+def header_reader(metas: dict, config: dict[str, Any]) -> ShardedReader:
+    """A header-only reader (planning without data) that sees FP8 sources as dequantized, like
+    :func:`open_reader`."""
+    from .checkpoint import HeaderReader
+
+    block = fp8_block_size(config)
+    if block is None:
+        return HeaderReader(metas)
+    dtype = source_dtype(config)
+    return HeaderReader(metas, lambda tensors: dequantize_tensors(tensors, block, dtype))

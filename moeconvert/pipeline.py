@@ -30,7 +30,7 @@ from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
 from .formats import QuantFormat, get_format
 from .formats.base import QuantizedModule
 from .forward import LayerwiseModel
-from .fp8 import open_reader, without_fp8_config
+from .fp8 import header_reader, open_reader, without_fp8_config
 from .quant.calibration import calibration_tokens, tokens_digest
 from .quant.gptq import gptq_quantize
 from .quant.hessian import HessianAccumulator
@@ -38,7 +38,7 @@ from .quant.rtn import QuantizedWeight, rtn_quantize
 from .quant.scheme import Scheme
 from .quant.targets import Rule, TargetPolicy
 from .relayout import fuse_layer
-from .source import parse_model_ref, read_config, resolve_model, side_files
+from .source import parse_model_ref, read_config, read_metadata, resolve_model, side_files
 
 
 @dataclass(frozen=True)
@@ -286,17 +286,24 @@ class Quantizer:
         options: QuantizeOptions,
         revision: str | None,
         token: str | None,
+        headers_only: bool = False,
     ):
         self.model_id = model
-        self.folder = resolve_model(model, revision, token)
-        self.raw_config = without_fp8_config(read_config(self.folder))  # FP8 sources are read dequantized
+        if headers_only:  # a dry run: plan from config + safetensors headers, download no weights
+            metadata = read_metadata(model, revision, token)
+            self.folder, stored = None, metadata.config
+            self.reader = header_reader(metadata.tensors, stored)
+        else:
+            self.folder = resolve_model(model, revision, token)
+            stored = read_config(self.folder)
+            self.reader = open_reader(self.folder, stored)
+        self.raw_config = without_fp8_config(stored)  # FP8 sources are read dequantized
         self.family = family_for(self.raw_config)
         self.config = load_config(self.raw_config)
         self.policy = policy
         self.options = options
         self.fmt = get_format(options.format)
         self.device = resolve_device(options.device)
-        self.reader = open_reader(self.folder, read_config(self.folder))
         self.groups = list(iter_groups(self.reader))
         self.streamed = LayerwiseModel(load_config(self.raw_config), self.device)
         self.needs_calibration = policy.base.method == "gptq" or any(
@@ -427,7 +434,7 @@ def quantize(
     scheme = scheme or Scheme()
     options = options or QuantizeOptions()
     policy = TargetPolicy(scheme, tuple(rules))
-    runner = Quantizer(model, policy, options, revision, token)
+    runner = Quantizer(model, policy, options, revision, token, headers_only=dry_run)
     try:
         plan, kept = runner.plan()
         output = Path(output) if output is not None else default_output(model, scheme)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -163,3 +164,24 @@ def test_private_repo_needs_the_token(hub: HubServer, tmp_path: Path) -> None:
     assert not any(
         TOKEN in p.read_text(errors="ignore") for p in (tmp_path / "out").iterdir() if p.suffix == ".json"
     )
+
+
+def test_quantize_dry_run_downloads_no_weights(hub: HubServer, tmp_path: Path) -> None:
+    start = len(hub.request_log)
+    result = run_cli(
+        "quantize",
+        "acme/tiny-mixtral",
+        "--dry-run",
+        "--json",
+        "--group-size",
+        "32",
+        env=_env(hub, tmp_path),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["quantized_modules"] == 3 * (8 * 3 + 4)
+    weight_gets = [
+        r for r in hub.request_log[start:] if r.path.endswith(".safetensors") and r.method == "GET"
+    ]
+    assert weight_gets and all(r.headers.get("range", "").startswith("bytes=0-") for r in weight_gets)
+    assert not list(tmp_path.glob("tiny-mixtral*")), "a dry run writes nothing"
