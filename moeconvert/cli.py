@@ -184,6 +184,12 @@ _relayout_command("unfuse", unfuse, "Restore per-expert tensors and original nam
     help="Experts with fewer get layer-wide prior rows.",
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--experts-per-chunk",
+    type=int,
+    default=None,
+    help="GPTQ problems solved at once [default: as many as fit].",
+)
 @click.option("--dry-run", is_flag=True, help="Print the plan and estimates; write nothing.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity check of the fresh output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -212,6 +218,7 @@ def quantize_cmd(
     calibrate_all_experts: bool,
     min_tokens: int,
     device: str,
+    experts_per_chunk: int | None,
     dry_run: bool,
     no_verify: bool,
     as_json: bool,
@@ -231,6 +238,7 @@ def quantize_cmd(
     options = QuantizeOptions(
         format=fmt, calib=calib, samples=samples, seq_len=seq_len, seed=seed, device=device,
         calibrate_all_experts=calibrate_all_experts, min_tokens=min_tokens, max_shard_size=max_shard_size,
+        experts_per_chunk=experts_per_chunk,
     )  # fmt: skip
     if dry_run:
         summary = inspect_model(model, revision, token)

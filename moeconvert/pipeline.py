@@ -64,6 +64,7 @@ class QuantizeOptions:
     device: str = "auto"
     calibrate_all_experts: bool = False
     min_tokens: int = 128
+    experts_per_chunk: int | None = None  # GPTQ problems solved at once; None: as many as fit in memory
     seed: int = 0
     max_shard_size: str | int = "5GB"
 
@@ -230,7 +231,12 @@ def _experts_hook(
 
 
 def solve(
-    target: Target, weight: torch.Tensor, acc: HessianAccumulator | None, min_tokens: int, fmt: QuantFormat
+    target: Target,
+    weight: torch.Tensor,
+    acc: HessianAccumulator | None,
+    min_tokens: int,
+    fmt: QuantFormat,
+    experts_per_chunk: int | None = None,
 ) -> tuple[QuantizedWeight, list[int]]:
     """Quantize one target; returns the codes and the calibration rows each expert received."""
     scale_dtype = fmt.scale_dtype or weight.dtype
@@ -240,8 +246,27 @@ def solve(
     hessians, counts = acc.finalize(min_tokens)
     if target.kind == "dense":
         hessians = hessians[0]
-    qw = gptq_quantize(w, hessians.to(w.device), target.scheme, scale_dtype=scale_dtype)
+    chunk = (
+        experts_per_chunk if experts_per_chunk is not None else auto_experts_per_chunk(w.shape[-1], w.device)
+    )
+    qw = gptq_quantize(
+        w, hessians.to(w.device), target.scheme, scale_dtype=scale_dtype, max_experts_per_chunk=chunk
+    )
     return qw, counts.tolist()
+
+
+def auto_experts_per_chunk(in_features: int, device: torch.device) -> int:
+    """How many experts' GPTQ problems fit in half the free memory at once. The solver holds about
+    five Hessian-sized float32 buffers per expert (H, its factor, the inverse and temporaries, as
+    measured by scripts/bench_quantize.py); a layer whose experts do not all fit is solved in chunks."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    per_expert = 5 * in_features * in_features * 4
+    return max(1, int(free * 0.5 // per_expert))
 
 
 def _rows(qw: QuantizedWeight, rows: slice) -> QuantizedWeight:
@@ -375,7 +400,14 @@ class Quantizer:
         for target in targets:
             weight = local[target.local]
             acc = accumulators.get(target.local)  # dense: its module; experts: the stacked name
-            qw, counts = solve(target, weight.to(self.device), acc, self.options.min_tokens, self.fmt)
+            qw, counts = solve(
+                target,
+                weight.to(self.device),
+                acc,
+                self.options.min_tokens,
+                self.fmt,
+                self.options.experts_per_chunk,
+            )
             if target.kind == "gate_up" and counts:
                 report.tokens_per_expert = counts
                 report.starved_experts = [e for e, c in enumerate(counts) if c < self.options.min_tokens]

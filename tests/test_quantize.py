@@ -281,3 +281,14 @@ def test_fused_format_loads_to_the_same_model(
     assert "model.layers.0.mlp.experts.down_proj.weight_zero_point" in load_tensors(tmp_path / "asym")
     original = load_model(source)
     assert mean_kl(original, load_fused(tmp_path / "asym"), tokens) < 3e-3
+
+
+def test_solving_experts_in_chunks_changes_nothing(trained_models: dict[str, Path], tmp_path: Path) -> None:
+    """Experts are independent problems: chunking them to bound memory must give the same bytes."""
+    source = str(trained_models["mixtral"])
+    chunked = QuantizeOptions(samples=16, seq_len=128, experts_per_chunk=3)
+    quantize(source, W4, output=tmp_path / "chunked", options=chunked, verify=False, progress=False)
+    quantize(source, W4, output=tmp_path / "whole", options=FAST, verify=False, progress=False)
+    assert (tmp_path / "chunked" / "model.safetensors").read_bytes() == (
+        tmp_path / "whole" / "model.safetensors"
+    ).read_bytes()
