@@ -9,6 +9,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,6 +18,7 @@ import click
 from . import __version__
 from .errors import MoeConvertError
 from .inspection import ModelSummary, inspect_model
+from .recipe import Recipe, load_recipe
 from .relayout import fuse, unfuse
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -150,6 +152,12 @@ _relayout_command("unfuse", unfuse, "Restore per-expert tensors and original nam
 @click.option(
     "-o", "--output", type=click.Path(path_type=Path), help="Output folder [default: ./<model>-<scheme>]."
 )
+@click.option(
+    "--recipe",
+    "recipe_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="YAML recipe; flags override it.",
+)
 @click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True)
 @click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True)
 @click.option(
@@ -204,6 +212,7 @@ _relayout_command("unfuse", unfuse, "Restore per-expert tensors and original nam
 def quantize_cmd(
     model: str,
     output: Path | None,
+    recipe_path: Path | None,
     bits: str,
     method: str,
     group_size: int,
@@ -230,20 +239,37 @@ def quantize_cmd(
 ) -> None:
     """Quantize MODEL per expert (GPTQ with routed calibration, or round-to-nearest)."""
     from .pipeline import QuantizeOptions, quantize
-    from .quant.scheme import Scheme
 
-    scheme = Scheme(
-        bits=int(bits), group_size=group_size, sym=sym, method=method, act_order=act_order, damp=damp
-    )
+    recipe = load_recipe(recipe_path) if recipe_path else Recipe()
+    given = _given_flags()
+    flags = {
+        "bits": int(bits),
+        "group_size": group_size,
+        "sym": sym,
+        "method": method,
+        "act_order": act_order,
+        "damp": damp,
+    }
+    scheme = replace(recipe.scheme, **{k: v for k, v in flags.items() if given(k) or not recipe_path})
+    calibration = {"calib": calib, "samples": samples, "seq_len": seq_len, "seed": seed, "min_tokens": min_tokens,
+                   "calibrate_all_experts": calibrate_all_experts}  # fmt: skip
+    for key, value in recipe.calibration.items():
+        name = "calib" if key == "source" else key
+        if not given(name):
+            calibration[name] = None if value == "default" else value
     options = QuantizeOptions(
-        format=fmt, calib=calib, samples=samples, seq_len=seq_len, seed=seed, device=device,
-        calibrate_all_experts=calibrate_all_experts, min_tokens=min_tokens, max_shard_size=max_shard_size,
-        experts_per_chunk=experts_per_chunk,
+        format=fmt if given("fmt") or not recipe.format else recipe.format, device=device,
+        max_shard_size=max_shard_size, experts_per_chunk=experts_per_chunk, verify_thresholds=dict(recipe.verify),
+        **calibration,
     )  # fmt: skip
+    if options.format not in ("compressed-tensors", "gptq", "fused"):
+        raise click.BadParameter(
+            f"recipe format {options.format!r} is not one of compressed-tensors, gptq, fused"
+        )
     if dry_run:
         summary = inspect_model(model, revision, token)
     result = quantize(
-        model, scheme, output=output, options=options, revision=revision, token=token, force=force, dry_run=dry_run,
+        model, scheme, output=output, rules=recipe.rules, options=options, revision=revision, token=token, force=force, dry_run=dry_run,
         verify=not no_verify, progress=not as_json,
     )  # fmt: skip
     data = result.to_dict()
@@ -255,6 +281,16 @@ def quantize_cmd(
             f"error: the output failed its parity check: {'; '.join(result.verify['failures'])}", err=True
         )
         sys.exit(1)
+
+
+def _given_flags() -> Callable[[str], bool]:
+    """Whether a parameter of the running command was given on the command line (not a default)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    return lambda name: (
+        ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+    )
 
 
 def _estimates(summary: ModelSummary, scheme: Any, options: Any) -> dict[str, int]:

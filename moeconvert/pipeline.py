@@ -65,6 +65,7 @@ class QuantizeOptions:
     calibrate_all_experts: bool = False
     min_tokens: int = 128
     experts_per_chunk: int | None = None  # GPTQ problems solved at once; None: as many as fit in memory
+    verify_thresholds: dict[str, float] = field(default_factory=dict)  # max_kl, min_top1, max_layer_error
     seed: int = 0
     max_shard_size: str | int = "5GB"
 
@@ -512,6 +513,7 @@ def _verify_output(
     parity = verify(
         model, str(output), device=options.device, calib=options.calib, seed=options.seed + 1,
         samples=8, seq_len=min(options.seq_len, 512), revision=revision, token=token, progress=progress,
+        **options.verify_thresholds,
     )  # fmt: skip
     data = parity.to_dict()
     report_path(output).write_text(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,125 @@
+"""Shipped recipes parse and run on a tiny model of their family; bad recipes name the bad field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT, load_tensors, run_cli
+
+from moeconvert.recipe import load_recipe
+from moeconvert.tiny import build_tiny_model
+
+RECIPES = sorted((REPO_ROOT / "recipes").glob("*.yaml"))
+FAMILY_OF = {
+    "mistralai/Mixtral": "mixtral", "Qwen/Qwen1.5-MoE": "qwen2_moe", "Qwen/Qwen3": "qwen3_moe",
+    "deepseek-ai/DeepSeek-V2": "deepseek_v2", "allenai/OLMoE": "olmoe", "microsoft/Phi-3.5-MoE": "phimoe",
+}  # fmt: skip
+# Widths of 128 so the recipes' group size of 128 divides every input.
+WIDE = {"hidden_size": 128, "intermediate_size": 128}
+WIDER = {
+    "qwen2_moe": {"moe_intermediate_size": 128, "shared_expert_intermediate_size": 128},
+    "qwen3_moe": {"moe_intermediate_size": 128, "head_dim": 32},
+    "deepseek_v2": {"moe_intermediate_size": 128, "v_head_dim": 32},
+}
+
+
+def family_of(model: str) -> str:
+    return next(f for prefix, f in FAMILY_OF.items() if model.startswith(prefix))
+
+
+@pytest.fixture(scope="module")
+def wide_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("wide")
+    families = sorted({family_of(load_recipe(r).model) for r in RECIPES})
+    return {f: build_tiny_model(f, root / f, **WIDE, **WIDER.get(f, {})) for f in families}
+
+
+def test_every_family_has_a_recipe() -> None:
+    assert len(RECIPES) >= 8
+    assert {family_of(load_recipe(r).model) for r in RECIPES} == set(FAMILY_OF.values())
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_recipe_runs_on_its_family(recipe: Path, wide_models: dict[str, Path], tmp_path: Path) -> None:
+    parsed = load_recipe(recipe)
+    source = wide_models[family_of(parsed.model)]
+    out = tmp_path / "out"
+    args = [
+        "quantize",
+        str(source),
+        "--recipe",
+        str(recipe),
+        "-o",
+        str(out),
+        "--samples",
+        "4",
+        "--seq-len",
+        "64",
+        "--no-verify",
+    ]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    groups = config["config_groups"]
+    bits = sorted(g["weights"]["num_bits"] for g in groups.values())
+    expected = sorted({parsed.scheme.bits} | {r.scheme.bits for r in parsed.rules if r.scheme is not None})
+    assert bits == expected
+    assert all(
+        g["weights"]["group_size"] == (None if parsed.scheme.group_size == -1 else 128)
+        for g in groups.values()
+    )
+    tensors = load_tensors(out)
+    for rule in parsed.rules:
+        if rule.scheme is None:  # kept: plain weights, listed in ignore
+            kept = [n for n in tensors if rule.pattern in n and n.endswith(".weight")]
+            assert kept and all(n[: -len(".weight")] in config["ignore"] for n in kept)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("scheme: {bits: 4, colour: red}", "scheme.colour: unknown key"),
+        ("scheme: {bits: four}", "scheme.bits: expected int"),
+        ("scheme: {bits: 3}", "scheme: bits must be 4 or 8"),
+        ("scheme: {group_size: 32}\nrules: [{pattern: 'nothing_like_this', scheme: null}]", "match no module"),
+        ("rules: [{pattern: '('}]", "rules[0].pattern: invalid regex"),
+        ("calibration: {samples: many}", "calibration.samples: expected int"),
+        ("verify: {max_kl: high}", "verify.max_kl: expected float"),
+        ("frobnicate: true", "frobnicate: unknown key"),
+        ("[1, 2", "not valid YAML"),
+    ],
+)
+def test_bad_recipe_names_the_field(
+    text: str, fragment: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(text)
+    result = run_cli(
+        "quantize",
+        str(tiny_models["mixtral"]),
+        "--recipe",
+        str(recipe),
+        "-o",
+        str(tmp_path / "out"),
+        "--dry-run",
+    )
+    assert result.returncode == 2, result.stderr
+    assert fragment in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_flags_override_the_recipe(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("scheme: {bits: 4, group_size: 32, method: rtn}\nformat: gptq\n")
+    result = run_cli(
+        "quantize", str(tiny_models["olmoe"]), "--recipe", str(recipe), "--bits", "8", "--dry-run", "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert (
+        data["scheme"]["bits"] == 8
+        and data["scheme"]["group_size"] == 32
+        and data["scheme"]["method"] == "rtn"
+    )
+    assert data["format"] == "gptq"
