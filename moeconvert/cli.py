@@ -419,7 +419,7 @@ def _parity_table(d: dict[str, Any]) -> str:
 @force_option
 @_friendly_errors
 def tiny_cmd(family: str, output: Path, seed: int, train_steps: int, force: bool) -> None:
-    """Build a tiny random MoE of FAMILY (for trying the tool without a download)."""
+    """Build a tiny MoE of FAMILY, briefly trained, for trying the tool without a download."""
     from .checkpoint import OutputFolder
     from .tiny import TINY_CONFIGS, build_tiny_model
 
