@@ -59,3 +59,19 @@ def test_checkpoint_tokenizer_is_used(tmp_path: Path) -> None:
     (tmp_path / "calib.txt").write_text("the river rose " * 20)
     tokens = calibration_tokens(str(tmp_path / "calib.txt"), tmp_path, 4, 2, 6, seed=0)
     assert set(tokens.flatten().tolist()) <= {1, 2, 3}
+
+
+def test_dataset_source_through_the_datasets_package(tmp_path: Path) -> None:
+    """``name[:config]:split:column`` goes through ``datasets.load_dataset`` (optional extra); a local
+    dataset folder exercises the same path a Hub id does, without a network."""
+    pytest.importorskip("datasets", reason="the optional 'datasets' extra is not installed")
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    rows = [{"body": f"line {i} of the calibration set", "id": i} for i in range(5)]
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    text = load_text(f"{folder}:train:body")
+    assert text.split("\n\n") == [r["body"] for r in rows]
+    with pytest.raises(BadInputError, match="no column 'text'"):
+        load_text(f"{folder}:train:text")
+    with pytest.raises(BadInputError, match="cannot load calibration dataset"):
+        load_text(f"{tmp_path / 'missing'}:train:body")
