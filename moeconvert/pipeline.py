@@ -414,19 +414,15 @@ class Quantizer:
                 report.starved_experts = [e for e, c in enumerate(counts) if c < self.options.min_tokens]
             dequantized[target.local] = qw.dequantize().to(weight.dtype).cpu()
             if fused_layout:  # one stacked entry per projection, runtime names
-                name = prefix + target.local.removesuffix(".weight")
-                out.pop(prefix + target.local)
-                out.update(
-                    {
-                        n: t.cpu()
-                        for n, t in self.fmt.tensors(
-                            QuantizedModule(name, qw, target.scheme, weight.dtype)
-                        ).items()
-                    }
-                )
-                schemes[name] = target.scheme
-                continue
-            for module in output_modules(self.family, prefix, target, qw, weight.dtype):
+                modules = [
+                    QuantizedModule(
+                        prefix + target.local.removesuffix(".weight"), qw, target.scheme, weight.dtype
+                    )
+                ]
+            else:
+                modules = output_modules(self.family, prefix, target, qw, weight.dtype)
+            for module in modules:
+                out.pop(module.name, None)  # stacked experts are stored without a ".weight" suffix
                 out.pop(module.name + ".weight", None)
                 out.update({n: t.cpu() for n, t in self.fmt.tensors(module).items()})
                 schemes[module.name] = target.scheme

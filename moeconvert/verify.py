@@ -300,9 +300,9 @@ def _logit_metrics(
     kl_sum = kl_max = agree = diff_sum = diff_max = nll_a = nll_b = 0.0
     count = predicted = 0
     for tokens, ha, hb in zip(batches, hidden_a, hidden_b, strict=True):
-        la = a.streamed.logits(ha).float().log_softmax(-1)
-        lb = b.streamed.logits(hb).float().log_softmax(-1)
-        raw = (a.streamed.logits(ha).float() - b.streamed.logits(hb).float()).abs()
+        logits_a, logits_b = a.streamed.logits(ha).float(), b.streamed.logits(hb).float()
+        la, lb = logits_a.log_softmax(-1), logits_b.log_softmax(-1)
+        raw = (logits_a - logits_b).abs()
         kl = (la.exp() * (la - lb)).sum(-1)
         kl_sum, kl_max = kl_sum + float(kl.sum()), max(kl_max, float(kl.max()))
         agree += float((la.argmax(-1) == lb.argmax(-1)).sum())
