@@ -15,10 +15,12 @@ from .errors import (
     ModelNotFoundError,
     MoeConvertError,
     OutputExistsError,
+    PushFailedError,
     UnsupportedModelError,
 )
 from .inspection import ModelSummary, inspect_model
 from .pipeline import QuantizeOptions, QuantizeReport, quantize
+from .publish import PushResult, push
 from .quant.scheme import Scheme
 from .quant.targets import Rule
 from .relayout import fuse, unfuse
@@ -34,6 +36,8 @@ __all__ = [
     "MoeConvertError",
     "OutputExistsError",
     "ParityReport",
+    "PushFailedError",
+    "PushResult",
     "QuantizeOptions",
     "QuantizeReport",
     "Rule",
@@ -42,6 +46,7 @@ __all__ = [
     "__version__",
     "fuse",
     "inspect_model",
+    "push",
     "quantize",
     "read_metadata",
     "resolve_model",

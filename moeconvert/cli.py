@@ -204,6 +204,11 @@ _relayout_command("unfuse", unfuse, "Restore per-expert tensors and original nam
 @click.option(
     "--report", type=click.Path(dir_okay=False, path_type=Path), help="Also write the JSON report here."
 )
+@click.option(
+    "--push-to-hub", "push_to", metavar="ORG/NAME", help="Upload the verified output to this Hub repo."
+)
+@click.option("--push-branch", default=None, help="Hub branch to upload to [default: main].")
+@click.option("--private", is_flag=True, help="Create the Hub repo as private (with --push-to-hub).")
 @revision_option
 @token_option
 @shard_option
@@ -232,6 +237,9 @@ def quantize_cmd(
     no_verify: bool,
     as_json: bool,
     report: Path | None,
+    push_to: str | None,
+    push_branch: str | None,
+    private: bool,
     revision: str | None,
     token: str | None,
     max_shard_size: str,
@@ -277,10 +285,51 @@ def quantize_cmd(
         data["estimates"] = _estimates(summary, scheme, options)
     _emit_report(data, as_json, report, lambda: _quantize_table(data, dry_run))
     if result.verify is not None and not result.verify["passed"]:
+        unpushed = f" (not pushed to {push_to})" if push_to else ""
         click.echo(
-            f"error: the output failed its parity check: {'; '.join(result.verify['failures'])}", err=True
+            f"error: the output failed its parity check{unpushed}: {'; '.join(result.verify['failures'])}",
+            err=True,
         )
         sys.exit(1)
+    if push_to and not dry_run:
+        _push_and_say(Path(result.output), push_to, private, push_branch, None, token)
+
+
+@main.command("push")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.argument("repo_id", metavar="ORG/NAME")
+@click.option(
+    "--private", is_flag=True, help="Create the repo as private (an existing repo keeps its setting)."
+)
+@click.option(
+    "--branch", default=None, help="Branch to upload to, created from main if missing [default: main]."
+)
+@click.option(
+    "--commit-message", default=None, help="Commit message [default: Upload <folder> with moeconvert]."
+)
+@token_option
+@_friendly_errors
+def push_cmd(
+    folder: Path,
+    repo_id: str,
+    private: bool,
+    branch: str | None,
+    commit_message: str | None,
+    token: str | None,
+) -> None:
+    """Upload a converted FOLDER to the Hub repo ORG/NAME (created if needed), model card included."""
+    _push_and_say(folder, repo_id, private, branch, commit_message, token)
+
+
+def _push_and_say(
+    folder: Path, repo_id: str, private: bool, branch: str | None, message: str | None, token: str | None
+) -> None:
+    from .publish import push
+
+    result = push(folder, repo_id, private=private, branch=branch, commit_message=message, token=token)
+    click.echo(
+        f"pushed {result.files} files ({_gb(result.bytes)}) to {result.repo_id}@{result.branch}: {result.commit_url}"
+    )
 
 
 def _given_flags() -> Callable[[str], bool]:

@@ -1,7 +1,8 @@
 """Exceptions with messages that tell the user what to do.
 
 Every error a user can cause derives from :class:`MoeConvertError`; the CLI prints its message on one
-line and exits with its ``exit_code`` (2 for bad input, 1 for a failed check), never with a traceback.
+line and exits with its ``exit_code`` (2 for bad input, 1 for a failed check, 3 for a failed upload),
+never with a traceback.
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ class CorruptCheckpointError(BadInputError):
 
 class OutputExistsError(BadInputError):
     """The output path exists and ``force`` was not given."""
+
+
+class PushFailedError(MoeConvertError):
+    """The Hub refused an upload or could not be reached; the local output is untouched."""
+
+    exit_code = 3
 
 
 class CheckFailedError(MoeConvertError):

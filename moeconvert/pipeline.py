@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .card import REPORT_NAME, library_versions, write_card
 from .checkpoint import OutputFolder, PartsWriter, iter_groups, parse_size
 from .errors import BadInputError
 from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
@@ -38,7 +39,7 @@ from .quant.rtn import QuantizedWeight, rtn_quantize
 from .quant.scheme import Scheme
 from .quant.targets import Rule, TargetPolicy
 from .relayout import fuse_layer
-from .source import parse_model_ref, read_config, read_metadata, resolve_model, side_files
+from .source import describe_source, parse_model_ref, read_config, read_metadata, resolve_model, side_files
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,9 @@ class QuantizeReport:
     layers: list[LayerReport]
     seconds: float = 0.0
     verify: dict[str, Any] | None = None  # the parity report of the fresh output, when verified
+    source: dict[str, Any] = field(default_factory=dict)  # id, revision, license (for the model card)
+    sizes: dict[str, int] = field(default_factory=dict)  # weight bytes of the source and the output
+    versions: dict[str, str] = field(default_factory=dict)  # of the libraries that made the output
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -482,6 +486,9 @@ def quantize(
             quantized_modules=0,
             kept_modules=sorted(set(kept)),
             layers=[],
+            source=describe_source(model, runner.folder, revision),
+            sizes={"source_bytes": runner.reader.total_bytes},
+            versions=library_versions(),
         )
         if dry_run:
             report.quantized_modules = sum(t.modules for targets in plan.values() for t in targets)
@@ -491,6 +498,7 @@ def quantize(
         runner.close()
     if verify:
         report.verify = _verify_output(model, Path(output), options, revision, token, progress)
+        write_card(Path(output))
     report.seconds = time.perf_counter() - started
     return report
 
@@ -557,8 +565,10 @@ def _run(
                 bar.update(1)
         parts.assemble(shard_cap)
         report.quantized_modules = len(all_schemes)
+        report.sizes["output_bytes"] = sum(p.stat().st_size for p in staging.glob("*.safetensors"))
         _write_configs(runner, staging, all_schemes, report.kept_modules)
-        (staging / "quantization_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        (staging / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        write_card(staging, output.name)
 
 
 def _write_configs(runner: Quantizer, staging: Path, schemes: dict[str, Scheme], kept: list[str]) -> None:

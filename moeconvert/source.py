@@ -41,6 +41,7 @@ SIDE_FILE_PATTERNS = (
     "chat_template.json",
     "chat_template.jinja",
 )
+CARD_NAME = "README.md"  # the source's model card: read for its license, never copied
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -118,6 +119,26 @@ def resolve_model(model: str, revision: str | None = None, token: str | None = N
     return _download(ref, token)
 
 
+def describe_source(model: str, folder: Path | None, revision: str | None = None) -> dict[str, Any]:
+    """Where a conversion came from, for its model card: the Hub id (also for a local folder that is a
+    snapshot in the Hugging Face cache), the commit, and the license stated in the source's own card."""
+    ref = parse_model_ref(model, revision)
+    repo_id, commit = ref.repo_id, ref.revision
+    if folder is not None:
+        match = re.search(r"models--([^/]+)--([^/]+)/snapshots/([0-9a-f]{40})$", folder.resolve().as_posix())
+        if match:
+            repo_id, commit = repo_id or f"{match[1]}/{match[2]}", match[3]
+    info: dict[str, Any] = {"model": str(ref), "id": repo_id, "revision": commit}
+    card = folder / CARD_NAME if folder is not None else None
+    if card is not None and card.is_file():
+        try:
+            meta = huggingface_hub.metadata_load(card) or {}
+        except Exception:  # a malformed card only costs the license line
+            meta = {}
+        info.update({k: meta[k] for k in ("license", "license_name", "license_link") if k in meta})
+    return info
+
+
 def read_metadata(model: str, revision: str | None = None, token: str | None = None) -> ModelMetadata:
     """Config and tensor headers only: for a Hub id, ``config.json`` plus HTTP range reads of the
     safetensors headers (no weights are downloaded); for a folder, the header bytes of each shard."""
@@ -157,12 +178,12 @@ def _hub_errors(ref: ModelRef) -> Iterator[None]:
     except hub_errors.OfflineModeIsEnabled:
         raise ModelNotFoundError(f"{ref}: HF_HUB_OFFLINE is set and the files are not cached") from None
     except hub_errors.HfHubHTTPError as err:
-        raise ModelNotFoundError(f"{ref}: the Hub answered {_first_line(err)}") from None
+        raise ModelNotFoundError(f"{ref}: the Hub answered {first_line(err)}") from None
     except (OSError, ConnectionError) as err:
-        raise ModelNotFoundError(f"{ref}: cannot reach the Hub ({_first_line(err)})") from None
+        raise ModelNotFoundError(f"{ref}: cannot reach the Hub ({first_line(err)})") from None
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
@@ -175,7 +196,7 @@ def _download(ref: ModelRef, token: str | None) -> Path:
                 ref.repo_id,
                 revision=ref.revision,
                 token=token,
-                allow_patterns=[*SIDE_FILE_PATTERNS, INDEX_NAME],
+                allow_patterns=[*SIDE_FILE_PATTERNS, INDEX_NAME, CARD_NAME],
             )
         )
         if (folder / INDEX_NAME).exists():
@@ -189,7 +210,7 @@ def _download(ref: ModelRef, token: str | None) -> Path:
                 ref.repo_id,
                 revision=ref.revision,
                 token=token,
-                allow_patterns=[*SIDE_FILE_PATTERNS, INDEX_NAME, *weights],
+                allow_patterns=[*SIDE_FILE_PATTERNS, INDEX_NAME, CARD_NAME, *weights],
             )
         )
     _require_safetensors(folder, ref)
@@ -238,7 +259,7 @@ def _hub_metadata(ref: ModelRef, token: str | None) -> ModelMetadata:
         except hub_errors.NotASafetensorsRepoError:
             _raise_no_safetensors(ref, token)
         except hub_errors.SafetensorsParsingError as err:
-            raise CorruptCheckpointError(f"{ref}: {_first_line(err)}") from None
+            raise CorruptCheckpointError(f"{ref}: {first_line(err)}") from None
     config = read_config(Path(config_path).parent)
     tensors: dict[str, TensorMeta] = {}
     for file, file_meta in sorted(repo_meta.files_metadata.items()):

@@ -28,11 +28,19 @@ def load_text(source: str | None) -> str:
     path = Path(source).expanduser()
     if path.is_file():
         return _read_file(path)
-    if source.count(":") >= 2 and "/" in source.split(":")[0]:
+    if hub_dataset_id(source):
         return _read_hub_dataset(source)
     raise BadInputError(
         f"calibration source {source!r}: no such file, and not org/name[:config]:split:column"
     )
+
+
+def hub_dataset_id(source: str | None) -> str | None:
+    """The Hub dataset id of an ``org/name[:config]:split:column`` source (model cards cite it), else None."""
+    if source is None or source.count(":") < 2 or Path(source).expanduser().is_file():
+        return None
+    name = source.split(":")[0]
+    return name if "/" in name else None
 
 
 def _read_file(path: Path) -> str:
