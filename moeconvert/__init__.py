@@ -19,6 +19,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .inspection import ModelSummary, inspect_model
+from .manifest import CheckReport, check
 from .pipeline import QuantizeOptions, QuantizeReport, quantize
 from .publish import PushResult, push
 from .quant.scheme import Scheme
@@ -30,6 +31,7 @@ from .verify import ParityReport, verify
 __all__ = [
     "BadInputError",
     "CheckFailedError",
+    "CheckReport",
     "CorruptCheckpointError",
     "ModelNotFoundError",
     "ModelSummary",
@@ -44,6 +46,7 @@ __all__ = [
     "Scheme",
     "UnsupportedModelError",
     "__version__",
+    "check",
     "fuse",
     "inspect_model",
     "push",

@@ -458,6 +458,26 @@ def _parity_table(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@main.command("check")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_friendly_errors
+def check_cmd(folder: Path, as_json: bool) -> None:
+    """Re-hash every file of an output FOLDER against its SHA256SUMS; exit 1 on any difference."""
+    from dataclasses import asdict
+
+    from .manifest import check
+
+    result = check(folder, progress=not as_json)
+    if as_json:
+        click.echo(json.dumps({**asdict(result), "passed": result.passed}, indent=2))
+    if not result.passed:
+        click.echo(f"error: {folder} differs from its manifest: {result.problems()}", err=True)
+        sys.exit(1)
+    if not as_json:
+        click.echo(f"ok: {result.files} files, {_gb(result.bytes)} match {folder}/SHA256SUMS")
+
+
 @main.command("tiny")
 @click.argument("family")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output folder.")
@@ -470,12 +490,14 @@ def _parity_table(d: dict[str, Any]) -> str:
 def tiny_cmd(family: str, output: Path, seed: int, train_steps: int, force: bool) -> None:
     """Build a tiny MoE of FAMILY, briefly trained, for trying the tool without a download."""
     from .checkpoint import OutputFolder
+    from .manifest import write_manifest
     from .tiny import TINY_CONFIGS, build_tiny_model
 
     if family not in TINY_CONFIGS:
         raise click.BadParameter(f"choose from {', '.join(sorted(TINY_CONFIGS))}", param_hint="FAMILY")
     with OutputFolder(output, force=force) as staging:
         build_tiny_model(family, staging, seed=seed, train_steps=train_steps)
+        write_manifest(staging)
     click.echo(f"wrote {output}")
 
 

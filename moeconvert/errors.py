@@ -1,7 +1,8 @@
 """Exceptions with messages that tell the user what to do.
 
 Every error a user can cause derives from :class:`MoeConvertError`; the CLI prints its message on one
-line and exits with its ``exit_code`` (2 for bad input, 1 for a failed check, 3 for a failed upload),
+line and exits with its ``exit_code`` (2 for bad input or a failed write, 1 for a
+failed check, 3 for a failed upload, 130 when interrupted),
 never with a traceback.
 """
 
@@ -32,6 +33,16 @@ class CorruptCheckpointError(BadInputError):
 
 class OutputExistsError(BadInputError):
     """The output path exists and ``force`` was not given."""
+
+
+class OutputWriteError(MoeConvertError):
+    """Writing the output failed (full disk, file-size limit, I/O error); finished work is kept to resume."""
+
+
+class InterruptedRunError(MoeConvertError):
+    """The run was interrupted (Ctrl-C); finished work is kept to resume."""
+
+    exit_code = 130
 
 
 class PushFailedError(MoeConvertError):

@@ -10,8 +10,10 @@ Peak memory is one layer plus the calibration activations.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,14 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .card import REPORT_NAME, library_versions, write_card
+from .card import CARD_NAME, REPORT_NAME, library_versions, write_card
 from .checkpoint import OutputFolder, PartsWriter, iter_groups, parse_size
-from .errors import BadInputError
+from .errors import BadInputError, InterruptedRunError, OutputWriteError
 from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
 from .formats import QuantFormat, get_format
 from .formats.base import QuantizedModule
 from .forward import LayerwiseModel
 from .fp8 import header_reader, open_reader, without_fp8_config
+from .manifest import update_manifest, write_manifest
 from .quant.calibration import calibration_tokens, tokens_digest
 from .quant.gptq import gptq_quantize
 from .quant.hessian import HessianAccumulator
@@ -39,6 +42,7 @@ from .quant.rtn import QuantizedWeight, rtn_quantize
 from .quant.scheme import Scheme
 from .quant.targets import Rule, TargetPolicy
 from .relayout import fuse_layer
+from .resume import Progress, RunState
 from .source import describe_source, parse_model_ref, read_config, read_metadata, resolve_model, side_files
 
 
@@ -493,12 +497,13 @@ def quantize(
         if dry_run:
             report.quantized_modules = sum(t.modules for targets in plan.values() for t in targets)
             return report
-        _run(runner, plan, report, Path(output), force, progress)
+        _run_resumably(
+            runner, plan, report, Path(output), force, progress, run_settings(runner, report, rules)
+        )
     finally:
         runner.close()
     if verify:
         report.verify = _verify_output(model, Path(output), options, revision, token, progress)
-        write_card(Path(output))
     report.seconds = time.perf_counter() - started
     return report
 
@@ -521,7 +526,49 @@ def _verify_output(
     )  # fmt: skip
     data = parity.to_dict()
     report_path(output).write_text(json.dumps(data, indent=2) + "\n")
+    write_card(output)
+    update_manifest(output, [CARD_NAME, report_path(output).name])
     return data
+
+
+def run_settings(runner: Quantizer, report: QuantizeReport, rules: tuple[Rule, ...]) -> dict[str, Any]:
+    """Everything that decides the output bytes: a partial output resumes only under the same settings
+    (``experts_per_chunk`` is left out: chunking gives identical bytes; so are verify thresholds)."""
+    options = {
+        k: v
+        for k, v in asdict(runner.options).items()
+        if k not in ("experts_per_chunk", "verify_thresholds", "device")
+    }
+    return {
+        "source": report.source,
+        "scheme": report.scheme,
+        "rules": [asdict(rule) for rule in rules],
+        "options": options,
+        "device": runner.device.type,
+        "versions": report.versions,
+    }
+
+
+def _run_resumably(
+    runner: Quantizer,
+    plan: dict[int, list[Target]],
+    report: QuantizeReport,
+    output: Path,
+    force: bool,
+    progress: bool,
+    settings: dict[str, Any],
+) -> None:
+    """:func:`_run`, with a stop that keeps the finished layers (Ctrl-C, a failed write) told as such."""
+    kept = f"the finished layers are kept in {output.with_name(f'.{output.name}.partial')}"
+    try:
+        _run(runner, plan, report, output, force, progress, settings)
+    except KeyboardInterrupt:
+        raise InterruptedRunError(f"interrupted; {kept}: run the same command again to resume") from None
+    except OSError as err:
+        raise OutputWriteError(
+            f"cannot write the output ({err.strerror or err}); {kept}: free space or fix the cause, then run "
+            "the same command again to resume"
+        ) from None
 
 
 def _run(
@@ -531,30 +578,33 @@ def _run(
     output: Path,
     force: bool,
     progress: bool,
+    settings: dict[str, Any],
 ) -> None:
     shard_cap = parse_size(runner.options.max_shard_size)
-    with OutputFolder(output, force=force) as staging:
+    folder = OutputFolder(output, force=force, resumable=True)
+    state = RunState(folder.staging, settings)
+    if not force:
+        state.check(output)
+    with folder as staging:
+        done = state.start()
+        if done.groups_done:
+            print(
+                f"resuming {staging}: {done.groups_done} of {len(runner.groups)} layers already done",
+                file=sys.stderr,
+            )
         parts = PartsWriter(staging)
-        top_names = dict(runner.groups).get(None, [])
-        top = runner.reader.get_many(top_names)
-        hidden: list[torch.Tensor] = []
-        if runner.needs_calibration:
-            runner.streamed.load_top(top)
-            hidden, digest = runner.calibration_batches()
-            report.calibration["tokens_sha256"] = digest
-        all_schemes: dict[str, Scheme] = {}
-        bar = tqdm(
-            total=len(runner.groups),
-            unit="layer",
-            desc=f"quantize {report.scheme['bits']}-bit",
-            disable=not progress,
-        )
-        with bar:
+        hidden, top = _starting_state(runner, report, state, done)
+        report.layers = [LayerReport(**d) for d in done.layers]
+        all_schemes = {name: Scheme(**fields) for name, fields in done.schemes.items()}
+        desc = f"quantize {report.scheme['bits']}-bit"
+        with tqdm(
+            total=len(runner.groups), initial=done.groups_done, unit="layer", desc=desc, disable=not progress
+        ) as bar:
             for index, (layer, names) in enumerate(runner.groups):
+                if index < done.groups_done:
+                    continue
                 if layer is None or layer >= runner.config.num_hidden_layers:
-                    tensors = (
-                        top if layer is None else runner.reader.get_many(names)
-                    )  # MTP layers: carried through
+                    tensors = top if layer is None else runner.reader.get_many(names)  # MTP layers: carried
                 else:
                     tensors, hidden, layer_report, schemes = runner.quantize_layer(
                         layer, names, plan[layer], hidden
@@ -562,13 +612,44 @@ def _run(
                     report.layers.append(layer_report)
                     all_schemes.update(schemes)
                 parts.write(index, tensors)
+                done.groups_done, done.layers = index + 1, [asdict(r) for r in report.layers]
+                done.schemes = {name: asdict(scheme) for name, scheme in all_schemes.items()}
+                state.record(done, hidden)
+                _pause_for_tests(index)
                 bar.update(1)
-        parts.assemble(shard_cap)
+        digests = parts.assemble(shard_cap)
         report.quantized_modules = len(all_schemes)
         report.sizes["output_bytes"] = sum(p.stat().st_size for p in staging.glob("*.safetensors"))
         _write_configs(runner, staging, all_schemes, report.kept_modules)
         (staging / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         write_card(staging, output.name)
+        state.discard()
+        write_manifest(staging, digests)
+
+
+def _starting_state(
+    runner: Quantizer, report: QuantizeReport, state: RunState, done: Progress
+) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Calibration hidden states and the top-level tensors for a fresh run; for a resumed one, the
+    hidden states stored at the last finished layer (the top tensors are already written then)."""
+    if done.groups_done:
+        report.calibration["tokens_sha256"] = done.tokens_sha256
+        return state.hidden(runner.device), {}
+    top = runner.reader.get_many(dict(runner.groups).get(None, []))
+    if not runner.needs_calibration:
+        return [], top
+    runner.streamed.load_top(top)
+    hidden, digest = runner.calibration_batches()
+    report.calibration["tokens_sha256"] = done.tokens_sha256 = digest
+    return hidden, top
+
+
+def _pause_for_tests(index: int) -> None:
+    """Test hook: with ``MOECONVERT_TEST_PAUSE_AFTER=N``, say so on stderr and wait once group N is
+    recorded, so a test can kill or interrupt a real run at a known point."""
+    if os.environ.get("MOECONVERT_TEST_PAUSE_AFTER") == str(index):
+        print(f"\npaused after group {index}", file=sys.stderr, flush=True)
+        time.sleep(120)
 
 
 def _write_configs(runner: Quantizer, staging: Path, schemes: dict[str, Scheme], kept: list[str]) -> None:

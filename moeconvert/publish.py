@@ -17,8 +17,9 @@ from pathlib import Path
 from huggingface_hub import HfApi
 from huggingface_hub import errors as hub_errors
 
-from .card import REPORT_NAME, write_card
+from .card import CARD_NAME, REPORT_NAME, write_card
 from .errors import BadInputError, PushFailedError
+from .manifest import update_manifest
 from .source import HUB_ID_RE, first_line
 
 # Never uploaded: staging files of an interrupted write and the client's own bookkeeping.
@@ -58,6 +59,7 @@ def push(
         raise BadInputError(f"{repo_id!r} is not a Hub repository id of the form org/name")
     if (folder / REPORT_NAME).exists():
         write_card(folder, repo_id, branch)
+        update_manifest(folder, [CARD_NAME])
     files = [p for p in folder.rglob("*") if p.is_file() and not _hidden(p.relative_to(folder))]
     api = HfApi(token=token)
     message = commit_message or f"Upload {folder.name} with moeconvert"

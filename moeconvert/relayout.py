@@ -22,6 +22,7 @@ from .errors import CorruptCheckpointError, UnsupportedModelError
 from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
 from .fp8 import open_reader, without_fp8_config
 from .layout import stack_experts, unstack_experts
+from .manifest import write_manifest
 from .source import read_config, resolve_model, side_files
 
 LayerFn = Callable[[int | None, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -60,6 +61,7 @@ def fuse_layer(
             )
         return out
     _check_experts(family, config, layer, experts)
+    _check_router(family, config, layer, tensors)
     if experts:
         count = family.num_experts(config)
         gate, up, down = ([experts[(e, family.projections[p])] for e in range(count)] for p in range(3))
@@ -88,9 +90,36 @@ def _check_experts(
         for projection in family.projections:
             if (e, projection) not in experts:
                 raise CorruptCheckpointError(f"layer {layer}: expert {e} has no {projection} weight")
-    shapes = {(p, tuple(t.shape)) for (_, p), t in experts.items()}
-    if len(shapes) != 3:
-        raise CorruptCheckpointError(f"layer {layer}: experts disagree on their weight shapes")
+    hidden, size = int(config.hidden_size), family.expert_size(config)
+    implied = dict(zip(family.projections, [(size, hidden), (size, hidden), (hidden, size)], strict=True))
+    for (e, projection), tensor in sorted(experts.items()):
+        _check_shape(
+            f"model.layers.{layer}.{family.original_expert_name(e, family.projections.index(projection))}",
+            tensor,
+            implied[projection],
+            f"{family.expert_size_key}={size}, hidden_size={hidden}",
+        )
+
+
+def _check_router(family: Family, config: Any, layer: int, tensors: dict[str, torch.Tensor]) -> None:
+    """The router scores every expert from the hidden state: [E, H] by config.json."""
+    if not family.is_moe_layer(config, layer):
+        return
+    count, hidden = family.num_experts(config), int(config.hidden_size)
+    for name, tensor in tensors.items():
+        if family.to_fused_name(_split_layer_prefix(name)[1]) == f"{family.router}.weight":
+            _check_shape(
+                name, tensor, (count, hidden), f"{family.num_experts_key}={count}, hidden_size={hidden}"
+            )
+
+
+def _check_shape(name: str, tensor: torch.Tensor, implied: tuple[int, ...], why: str) -> None:
+    """Checked on the header-only plan, before anything is written: a tensor that contradicts
+    config.json would otherwise convert "fine" and fail only when the output is loaded."""
+    if tuple(tensor.shape) != implied:
+        raise CorruptCheckpointError(
+            f"{name} has shape {list(tensor.shape)}, but config.json implies {list(implied)} ({why})"
+        )
 
 
 def unfuse_layer(
@@ -162,6 +191,7 @@ def relayout(
                 (staging / "config.json").write_text(
                     json.dumps(without_fp8_config(raw_config), indent=2) + "\n"
                 )
+            write_manifest(staging, writer.digests)
     return output
 
 

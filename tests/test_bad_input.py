@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import struct
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import run_cli
+from safetensors.torch import load_file, save_file
 
 
 def _copy(tiny_models: dict[str, Path], tmp_path: Path, family: str = "mixtral") -> Path:
@@ -83,6 +86,92 @@ def _missing_expert(folder: Path) -> None:
     index_path.write_text(json.dumps(index))
 
 
+def _shard_of(folder: Path, name: str) -> Path:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    return folder / index["weight_map"][name]
+
+
+def _edit_tensors(folder: Path, name: str, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    """Rewrite the shard holding ``name`` after ``edit`` has changed its tensors in place."""
+    shard = _shard_of(folder, name)
+    tensors = load_file(shard)
+    edit(tensors)
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
+def _edit_header(shard: Path, edit: Callable[[dict], None]) -> None:
+    """Rewrite a shard's JSON header (the data bytes stay as they are)."""
+    data = shard.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    edit(header)
+    raw = json.dumps(header).encode()
+    shard.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + length :])
+
+
+def _edit_config(folder: Path, **changes: object) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+EXPERT_W1 = "model.layers.2.block_sparse_moe.experts.3.w1.weight"
+
+
+def _duplicate_across_shards(folder: Path) -> None:
+    """A second shard (named in the index for its own tensors) also holds a tensor the index puts elsewhere."""
+    victim = "model.layers.1.self_attn.q_proj.weight"
+    tensor = load_file(_shard_of(folder, victim))[victim]
+    other = next(s for s in sorted(folder.glob("*.safetensors")) if s != _shard_of(folder, victim))
+    tensors = load_file(other)
+    tensors[victim] = tensor
+    save_file(tensors, other, metadata={"format": "pt"})
+
+
+def _unknown_dtype(folder: Path) -> None:
+    def edit(header: dict) -> None:
+        header[EXPERT_W1]["dtype"] = "Q4_K"
+
+    _edit_header(_shard_of(folder, EXPERT_W1), edit)
+
+
+def _trailing_bytes(folder: Path) -> None:
+    shard = _first_shard(folder)
+    shard.write_bytes(shard.read_bytes() + b"\0" * 16)
+
+
+def _wrong_expert_shape(folder: Path) -> None:
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[EXPERT_W1] = tensors[EXPERT_W1][:80].clone()
+
+    _edit_tensors(folder, EXPERT_W1, edit)
+
+
+def _wrong_router_shape(folder: Path) -> None:
+    router = "model.layers.1.block_sparse_moe.gate.weight"
+
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[router] = tensors[router][:, :48].clone()
+
+    _edit_tensors(folder, router, edit)
+
+
+def _nan_in_expert(folder: Path) -> None:
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[EXPERT_W1][5, 7] = float("nan")
+
+    _edit_tensors(folder, EXPERT_W1, edit)
+
+
+def _inf_in_attention(folder: Path) -> None:
+    name = "model.layers.1.self_attn.o_proj.weight"
+
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[name][0, 3] = float("-inf")
+
+    _edit_tensors(folder, name, edit)
+
+
 BREAKAGES: dict[str, tuple[Callable[[Path], None], str]] = {
     "corrupt header": (_corrupt_header, "not valid JSON"),
     "header larger than file": (_huge_header, "larger than the file"),
@@ -93,6 +182,27 @@ BREAKAGES: dict[str, tuple[Callable[[Path], None], str]] = {
     "dense model": (_dense, "supported: deepseek_v2"),
     "config lies about experts": (_lying_config, "says 6 experts"),
     "missing expert tensor": (_missing_expert, "expert 3 has no w2"),
+    "duplicate tensor across shards": (_duplicate_across_shards, "appears in both"),
+    "unknown dtype": (_unknown_dtype, "unsupported dtype 'Q4_K'"),
+    "bytes after the last tensor": (_trailing_bytes, "follow the last tensor"),
+    "expert shape contradicts config": (
+        _wrong_expert_shape,
+        f"{EXPERT_W1} has shape [80, 64], but config.json implies [96, 64]",
+    ),
+    "router shape contradicts config": (_wrong_router_shape, "gate.weight has shape [8, 48]"),
+    "config lies about intermediate size": (
+        lambda folder: _edit_config(folder, intermediate_size=128),
+        "implies [128, 64] (intermediate_size=128, hidden_size=64)",
+    ),
+    "config lies about hidden size": (
+        lambda folder: _edit_config(folder, hidden_size=32),
+        "implies [96, 32] (intermediate_size=96, hidden_size=32)",
+    ),
+    "NaN in an expert weight": (_nan_in_expert, f"NaN in {EXPERT_W1} (layer 2, expert 3) at [5, 7]"),
+    "Inf in an attention weight": (
+        _inf_in_attention,
+        "-Inf in model.layers.1.self_attn.o_proj.weight (layer 1)",
+    ),
 }
 
 
@@ -124,6 +234,95 @@ def test_inspect_refuses_too(case: str, tiny_models: dict[str, Path], tmp_path: 
     folder = _copy(tiny_models, tmp_path)
     breakage(folder)
     assert_clean_failure(run_cli("inspect", str(folder)), None, fragment)
+
+
+# --json: the report goes to stdout and no progress bar to stderr, which is left to the error line
+QUANTIZE = ("--method", "rtn", "--bits", "8", "--group-size", "32", "--no-verify", "--json")
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "corrupt header",
+        "index points outside the folder",
+        "duplicate tensor across shards",
+        "unknown dtype",
+        "expert shape contradicts config",
+        "config lies about experts",
+        "missing expert tensor",
+        "NaN in an expert weight",
+        "pickle only",
+    ],
+)
+def test_quantize_refuses_too(case: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """quantize reads through the same reader and plan as fuse, so it refuses the same way."""
+    breakage, fragment = BREAKAGES[case]
+    folder = _copy(tiny_models, tmp_path)
+    breakage(folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    output = tmp_path / "out"
+    assert_clean_failure(run_cli("quantize", str(folder), "-o", str(output), *QUANTIZE), output, fragment)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before, "input was modified"
+
+
+def _write_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "the", "of", "and", "a", "to", "in", "is", "it"]
+    vocab = {word: i for i, word in enumerate(words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(folder)
+
+
+def test_remote_code_is_never_run(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """config.json and tokenizer_config.json name custom code (auto_map); every command that builds a
+    config, model or tokenizer uses transformers' built-in classes, so the code is never imported."""
+    folder = _copy(tiny_models, tmp_path)
+    marker = tmp_path / "remote-code-ran"
+    for module in ("configuration_evil", "modeling_evil", "tokenization_evil"):
+        (folder / f"{module}.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    _edit_config(
+        folder,
+        auto_map={"AutoConfig": "configuration_evil.Config", "AutoModelForCausalLM": "modeling_evil.Model"},
+    )
+    _write_tokenizer(folder)
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config["auto_map"] = {"AutoTokenizer": ["tokenization_evil.Slow", "tokenization_evil.Fast"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    fused, quantized = tmp_path / "fused", tmp_path / "quantized"
+    gptq = ("--bits", "8", "--group-size", "32", "--samples", "4", "--seq-len", "32", "--no-verify")
+    for command in (
+        ["inspect", str(folder)],
+        ["fuse", str(folder), "-o", str(fused)],
+        ["verify", str(folder), str(fused)],
+        ["quantize", str(folder), "-o", str(quantized), *gptq],  # GPTQ: loads the tokenizer to calibrate
+    ):
+        result = run_cli(*command)
+        assert result.returncode == 0, (command, result.stderr)
+    assert not marker.exists(), "remote code ran"
+
+
+def test_pickle_is_never_loaded(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """A pickle that would leave a marker when unpickled: refused by name, never opened."""
+    folder = _copy(tiny_models, tmp_path)
+    _pickle_only(folder)
+    marker = tmp_path / "unpickled"
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Trap(str(marker))))
+    for command in (["inspect", str(folder)], ["fuse", str(folder), "-o", str(tmp_path / "out")]):
+        assert_clean_failure(run_cli(*command), None, "never loaded")
+    assert not marker.exists(), "the pickle was loaded"
+
+
+class _Trap:
+    """Unpickling calls ``open(path, "w")``: the file appears only if someone loads the pickle."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (open, (self.path, "w"))
 
 
 def test_missing_folder(tmp_path: Path) -> None:

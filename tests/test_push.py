@@ -119,10 +119,12 @@ def test_failed_upload_keeps_the_folder_and_says_what_to_rerun(
     assert "is intact" in lines[0] and f"rerun `moeconvert push {folder} acme/w4b`" in lines[0]
     assert TOKEN not in failed.stderr + failed.stdout
     assert server.repo_files("acme/w4b") == {}  # nothing half-committed
+    card_files = ("README.md", "SHA256SUMS")  # the card now names acme/w4b, and the manifest follows it
     after = read_tree(folder)
-    assert {k: v for k, v in after.items() if k != "README.md"} == {
-        k: v for k, v in before.items() if k != "README.md"
+    assert {k: v for k, v in after.items() if k not in card_files} == {
+        k: v for k, v in before.items() if k not in card_files
     }
+    assert run_cli("check", str(folder)).returncode == 0
 
     server.clear_log()
     again = run_cli("push", str(folder), "acme/w4b", env={"HF_TOKEN": TOKEN})

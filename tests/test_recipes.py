@@ -83,7 +83,10 @@ def test_recipe_runs_on_its_family(recipe: Path, wide_models: dict[str, Path], t
         ("scheme: {bits: 4, colour: red}", "scheme.colour: unknown key"),
         ("scheme: {bits: four}", "scheme.bits: expected int"),
         ("scheme: {bits: 3}", "scheme: bits must be 4 or 8"),
-        ("scheme: {group_size: 32}\nrules: [{pattern: 'nothing_like_this', scheme: null}]", "match no module"),
+        (
+            "scheme: {group_size: 32}\nrules: [{pattern: 'nothing_like_this', scheme: null}]",
+            "match no module",
+        ),
         ("rules: [{pattern: '('}]", "rules[0].pattern: invalid regex"),
         ("calibration: {samples: many}", "calibration.samples: expected int"),
         ("verify: {max_kl: high}", "verify.max_kl: expected float"),

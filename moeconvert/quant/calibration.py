@@ -84,7 +84,11 @@ def tokenize(text: str, folder: Path | None, vocab_size: int) -> torch.Tensor:
     if has_tokenizer:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        try:  # built-in tokenizer classes only: code named by an auto_map is never imported
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        except (ValueError, OSError) as err:
+            reason = " ".join(str(err).split()) or type(err).__name__  # transformers' text spans lines
+            raise BadInputError(f"{folder}: cannot load the checkpoint's tokenizer ({reason})") from None
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         return torch.tensor(ids, dtype=torch.long)
     if vocab_size < 256:

@@ -1,0 +1,114 @@
+"""What a partial quantize output records so that the same command, run again, continues where it stopped.
+
+Quantizing a large MoE takes hours; a crash, ``kill -9`` or Ctrl-C at layer 40 must not cost layers 0-39.
+Inside the staging folder (``.<name>.partial``), besides the finished layers in ``.parts/``:
+
+- ``.resume/settings.json``: everything that decides the output bytes (source, scheme, rules, options,
+  device type, library versions). A rerun with other settings is refused rather than mixed in.
+- ``.resume/hidden.safetensors``: the calibration hidden states at the boundary of the last finished
+  layer, exactly as the next layer would have received them, so the rest of the run is bit-identical to
+  an uninterrupted one.
+- ``.resume/progress.json``: how many groups are finished, their reports and schemes.
+
+Per finished group the part, then the hidden states, then the progress are each written to a temporary
+file, flushed to disk and renamed, so ``progress.json`` never names work that is not complete on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import BadInputError
+
+RESUME_DIR = ".resume"
+
+
+@dataclass
+class Progress:
+    """The state after ``groups_done`` groups (embeddings first, then layers in order)."""
+
+    groups_done: int = 0
+    layers: list[dict[str, Any]] = field(default_factory=list)  # LayerReport dicts
+    schemes: dict[str, dict[str, Any]] = field(default_factory=dict)  # module -> Scheme fields
+    tokens_sha256: str | None = None
+
+
+class RunState:
+    """The resume records of one staging folder."""
+
+    def __init__(self, staging: Path, settings: dict[str, Any]) -> None:
+        self.folder = Path(staging) / RESUME_DIR
+        self.settings = json.loads(json.dumps(settings, sort_keys=True))  # as it reads back from disk
+
+    def check(self, final: Path) -> None:
+        """Refuse a partial output left by a run with other settings (before anything touches it)."""
+        stored = self._read_json("settings.json")
+        if stored is None or stored == self.settings:
+            return
+        changed = sorted(
+            k for k in stored.keys() | self.settings.keys() if stored.get(k) != self.settings.get(k)
+        )
+        raise BadInputError(
+            f"{final} has an unfinished run with other settings ({', '.join(changed)} differ): rerun it with "
+            "the same settings to resume, or add --force to start over"
+        )
+
+    def start(self) -> Progress:
+        """The progress to continue from (nothing done for a fresh staging folder)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if self._read_json("settings.json") is None:
+            _write_atomic(self.folder / "settings.json", _dump(self.settings))
+        data = self._read_json("progress.json")
+        return Progress(**data) if data else Progress()
+
+    def record(self, progress: Progress, hidden: list[torch.Tensor]) -> None:
+        """Make ``progress`` (its part already on disk) and the hidden states after it durable."""
+        if hidden:
+            path = self.folder / "hidden.safetensors"
+            tensors = {f"batch.{i:06d}": h.detach().to("cpu").contiguous() for i, h in enumerate(hidden)}
+            staged = path.with_name(".hidden.tmp")
+            save_file(tensors, staged)
+            _fsync(staged)
+            os.replace(staged, path)
+        _write_atomic(self.folder / "progress.json", _dump(progress.__dict__))
+
+    def discard(self) -> None:
+        """Drop the records once the output is complete (they must not end up in the final folder)."""
+        shutil.rmtree(self.folder)
+
+    def hidden(self, device: torch.device) -> list[torch.Tensor]:
+        path = self.folder / "hidden.safetensors"
+        if not path.exists():
+            return []
+        tensors = load_file(path)
+        return [tensors[name].to(device) for name in sorted(tensors)]
+
+    def _read_json(self, name: str) -> dict[str, Any] | None:
+        path = self.folder / name
+        return json.loads(path.read_text()) if path.exists() else None
+
+
+def _dump(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def _fsync(path: Path) -> None:
+    with path.open("rb") as file:
+        os.fsync(file.fileno())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    staged = path.with_name(f".{path.name}.tmp")
+    with staged.open("w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(staged, path)

@@ -1,0 +1,167 @@
+"""Reliability of long runs: resume after SIGKILL or Ctrl-C with byte-identical results, a refused
+mix of settings, a failed write that stops cleanly, and the sha256 manifest that `check` verifies."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+ARGS = ["--bits", "4", "--group-size", "32", "--samples", "8", "--seq-len", "64", "--no-verify"]
+ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def quantize_cmd(model: Path, output: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "moeconvert.cli", "quantize", str(model), "-o", str(output), *ARGS, *extra]
+
+
+def manifest(folder: Path) -> dict[str, str]:
+    lines = (folder / "SHA256SUMS").read_text().splitlines()
+    return {name: digest for digest, name in (line.split("  ", 1) for line in lines)}
+
+
+def without_timings(report: dict) -> dict:
+    """A quantization report without its wall-clock fields and output path (the runs wrote elsewhere)."""
+    if isinstance(report, dict):
+        return {k: without_timings(v) for k, v in report.items() if k not in ("seconds", "output")}
+    if isinstance(report, list):
+        return [without_timings(v) for v in report]
+    return report
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run; other runs write to a folder of the same name (the card quotes it)."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    subprocess.run(quantize_cmd(tiny_models["mixtral"], out), env=ENV, check=True, capture_output=True)
+    return out
+
+
+def run_until_paused(model: Path, output: Path, group: int) -> subprocess.Popen:
+    """Start a real quantize run that stops after recording ``group`` (the test hook), and wait for it."""
+    env = {**ENV, "MOECONVERT_TEST_PAUSE_AFTER": str(group)}
+    proc = subprocess.Popen(quantize_cmd(model, output), env=env, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if line.startswith(f"paused after group {group}"):
+            return proc
+    raise AssertionError(f"the run ended before group {group} (exit {proc.wait()})")
+
+
+def assert_same_output(resumed: Path, reference: Path) -> None:
+    ours, theirs = manifest(resumed), manifest(reference)
+    assert ours.keys() == theirs.keys()
+    differing = {name for name in ours if ours[name] != theirs[name]}
+    assert differing <= {"quantization_report.json"}, differing  # shards, index, configs, card identical
+    report = json.loads((resumed / "quantization_report.json").read_text())
+    assert without_timings(report) == without_timings(
+        json.loads((reference / "quantization_report.json").read_text())
+    )
+    assert run_cli("check", str(resumed)).returncode == 0
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGINT, 130)])
+def test_killed_run_resumes_to_identical_output(
+    sig: signal.Signals, code: int, tiny_models: dict[str, Path], reference: Path, tmp_path: Path
+) -> None:
+    model, out = tiny_models["mixtral"], tmp_path / "out"
+    proc = run_until_paused(model, out, group=2)  # embeddings and layers 0-1 are done
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == code
+    rest = proc.stderr.read()
+    if sig == signal.SIGINT:
+        errors = [
+            line for line in rest.splitlines() if line.startswith("error: ")
+        ]  # besides the progress bar
+        assert len(errors) == 1 and "Traceback" not in rest, rest
+        assert "interrupted" in errors[0] and "run the same command again to resume" in errors[0]
+    partial = tmp_path / ".out.partial"
+    assert not out.exists() and partial.is_dir()
+    assert run_cli("check", str(partial)).returncode == 2  # not a finished output: no manifest
+    assert json.loads((partial / ".resume" / "progress.json").read_text())["groups_done"] == 3
+
+    resumed = subprocess.run(quantize_cmd(model, out), env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "3 of 4 layers already done" in resumed.stderr
+    assert not partial.exists() and not (out / ".resume").exists() and not (out / ".parts").exists()
+    assert_same_output(out, reference)
+
+
+def test_other_settings_on_a_partial_output_are_refused(
+    tiny_models: dict[str, Path], reference: Path, tmp_path: Path
+) -> None:
+    model, out = tiny_models["mixtral"], tmp_path / "out"
+    proc = run_until_paused(model, out, group=1)
+    proc.kill()
+    proc.wait()
+    before = sorted(p.name for p in (tmp_path / ".out.partial" / ".parts").iterdir())
+    mixed = subprocess.run(quantize_cmd(model, out, "--bits", "8"), env=ENV, capture_output=True, text=True)
+    assert mixed.returncode == 2 and "other settings (scheme differ)" in mixed.stderr, mixed.stderr
+    assert "--force" in mixed.stderr and len(mixed.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in (tmp_path / ".out.partial" / ".parts").iterdir()) == before  # kept
+
+    fresh = subprocess.run(quantize_cmd(model, out, "--force"), env=ENV, capture_output=True, text=True)
+    assert fresh.returncode == 0 and "already done" not in fresh.stderr
+    assert_same_output(out, reference)
+
+
+def test_a_failed_write_stops_cleanly_and_resumes(
+    tiny_models: dict[str, Path], reference: Path, tmp_path: Path
+) -> None:
+    """A file-size limit (like a full disk) hits while the shards are assembled: the run stops with one
+    line, nothing appears at the output path, and the finished layers complete on a rerun."""
+    model, out = tiny_models["mixtral"], tmp_path / "out"
+    largest_part = 140_000  # every per-layer part and the hidden states are smaller; the shard is not
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (largest_part, largest_part))
+
+    failed = subprocess.run(
+        quantize_cmd(model, out), env=ENV, capture_output=True, text=True, preexec_fn=limit_file_size
+    )
+    assert failed.returncode == 2, failed.stderr
+    lines = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in failed.stderr, failed.stderr
+    assert "cannot write the output (File too large)" in lines[0] and "run the same command again" in lines[0]
+    assert not out.exists()
+    assert run_cli("check", str(out)).returncode == 2
+    assert run_cli("check", str(tmp_path / ".out.partial")).returncode == 2
+
+    resumed = subprocess.run(quantize_cmd(model, out), env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0 and "4 of 4 layers already done" in resumed.stderr, resumed.stderr
+    assert_same_output(out, reference)
+
+
+def test_check_finds_truncated_altered_missing_and_extra_files(reference: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = Path(shutil.copytree(reference, tmp_path / "copy"))
+    assert subprocess.run(["sha256sum", "--check", "--quiet", "SHA256SUMS"], cwd=folder).returncode == 0
+    ok = run_cli("check", str(folder))
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: 5 files")
+
+    shard = folder / "model.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-1])
+    assert "changed: model.safetensors" in run_cli("check", str(folder)).stderr
+    shard.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])  # one bit, same size
+    flipped = run_cli("check", str(folder))
+    assert flipped.returncode == 1 and "changed: model.safetensors" in flipped.stderr
+    shard.write_bytes(data)
+    (folder / "config.json").unlink()
+    (folder / "stray.bin").write_bytes(b"x")
+    both = run_cli("check", str(folder), "--json")
+    result = json.loads(both.stdout)
+    assert (
+        both.returncode == 1
+        and result["missing"] == ["config.json"]
+        and result["unexpected"] == ["stray.bin"]
+    )
+    assert not result["passed"] and result["changed"] == []
