@@ -37,6 +37,9 @@ def _friendly_errors(func: F) -> F:
         except ValueError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
+        except OSError as err:  # a path the library did not anticipate: still one line, not a traceback
+            click.echo(f"error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)

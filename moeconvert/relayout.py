@@ -7,10 +7,11 @@ and drop it. Peak memory is one layer whatever the depth of the model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import OutputFolder, ShardedReader, ShardedWriter, iter_groups, parse_size, plan_group
-from .errors import CorruptCheckpointError, UnsupportedModelError
+from .errors import CorruptCheckpointError, OutputWriteError, UnsupportedModelError
 from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
 from .fp8 import open_reader, without_fp8_config
 from .layout import stack_experts, unstack_experts
@@ -176,7 +177,7 @@ def relayout(
         plan = [
             plan_group(layer_fn(family, config, layer, reader.meta_tensors(names))) for layer, names in groups
         ]
-        with OutputFolder(output, force=force) as staging:
+        with _write_errors(output), OutputFolder(output, force=force) as staging:
             writer = ShardedWriter(staging, plan, shard_cap)
             try:
                 _stream(reader, writer, groups, lambda layer, t: layer_fn(family, config, layer, t), desc)
@@ -193,6 +194,18 @@ def relayout(
                 )
             write_manifest(staging, writer.digests)
     return output
+
+
+@contextlib.contextmanager
+def _write_errors(output: Path) -> Iterator[None]:
+    """A full disk or an I/O error: one line (the staging folder is already gone, nothing is at ``output``)."""
+    try:
+        yield
+    except OSError as err:
+        raise OutputWriteError(
+            f"cannot write {output} ({err.strerror or err}); nothing was written: free space or fix the cause "
+            "and run the same command again"
+        ) from None
 
 
 def _stream(reader: ShardedReader, writer: ShardedWriter, groups: list, convert: LayerFn, desc: str) -> None:

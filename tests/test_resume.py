@@ -165,3 +165,20 @@ def test_check_finds_truncated_altered_missing_and_extra_files(reference: Path, 
         and result["unexpected"] == ["stray.bin"]
     )
     assert not result["passed"] and result["changed"] == []
+
+
+def test_fuse_stops_cleanly_when_a_write_fails(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    model, out = tiny_models["mixtral"], tmp_path / "fused"
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+
+    cmd = [sys.executable, "-m", "moeconvert.cli", "fuse", str(model), "-o", str(out)]
+    failed = subprocess.run(cmd, env=ENV, capture_output=True, text=True, preexec_fn=limit_file_size)
+    assert failed.returncode == 2, failed.stderr
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in failed.stderr, failed.stderr
+    assert "(File too large); nothing was written" in errors[0]
+    assert not out.exists() and not list(tmp_path.glob(".fused*"))
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
