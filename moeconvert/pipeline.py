@@ -41,7 +41,7 @@ from .quant.hessian import HessianAccumulator
 from .quant.rtn import QuantizedWeight, rtn_quantize
 from .quant.scheme import Scheme
 from .quant.targets import Rule, TargetPolicy
-from .relayout import fuse_layer
+from .relayout import check_shapes, fuse_layer
 from .resume import Progress, RunState
 from .source import describe_source, parse_model_ref, read_config, read_metadata, resolve_model, side_files
 
@@ -349,10 +349,13 @@ class Quantizer:
         plan: dict[int, list[Target]] = {}
         kept: list[str] = []
         seen: list[tuple[str, ...]] = []
+        expected = {name: tuple(t.shape) for name, t in self.streamed.model.state_dict().items()}
         for layer, names in self.groups:
             if layer is None or layer >= self.config.num_hidden_layers:
+                check_shapes(self.reader.meta_tensors(names), expected)
                 continue
             local, prefix = self._local(layer, self.reader.meta_tensors(names))
+            check_shapes({prefix + n: t for n, t in local.items()}, expected)
             targets, layer_kept = layer_targets(
                 self.family, self.streamed.backbone.layers[layer], prefix, local, self.policy
             )

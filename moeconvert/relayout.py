@@ -154,6 +154,25 @@ def unfuse_layer(
     return out
 
 
+def model_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in transformers' own model for ``config``, built on the meta device (no
+    memory): the reference that a checkpoint's attention, MLP, norm and embedding shapes must match."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def check_shapes(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a tensor whose shape contradicts config.json (names transformers' model does not have,
+    e.g. per-expert checkpoint names or quantization scales, are checked elsewhere or not at all)."""
+    for name, tensor in tensors.items():
+        shape = expected.get(name)
+        if shape is not None:
+            _check_shape(name, tensor, shape, "transformers' model for this config")
+
+
 def relayout(
     model: str,
     output: str | Path,
@@ -174,9 +193,14 @@ def relayout(
     output = Path(output)
     with open_reader(folder, raw_config) as reader:
         groups = list(iter_groups(reader))
-        plan = [
-            plan_group(layer_fn(family, config, layer, reader.meta_tensors(names))) for layer, names in groups
-        ]
+        expected = model_shapes(config)
+        plan = []
+        for layer, names in groups:
+            stored = reader.meta_tensors(names)
+            converted = layer_fn(family, config, layer, stored)
+            check_shapes(stored, expected)  # whichever side carries transformers' runtime names
+            check_shapes(converted, expected)
+            plan.append(plan_group(converted))
         with _write_errors(output), OutputFolder(output, force=force) as staging:
             writer = ShardedWriter(staging, plan, shard_cap)
             try:

@@ -156,6 +156,15 @@ def _wrong_router_shape(folder: Path) -> None:
     _edit_tensors(folder, router, edit)
 
 
+def _wrong_attention_shape(folder: Path) -> None:
+    name = "model.layers.0.self_attn.k_proj.weight"
+
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[name] = tensors[name][:16].clone()
+
+    _edit_tensors(folder, name, edit)
+
+
 def _nan_in_expert(folder: Path) -> None:
     def edit(tensors: dict[str, torch.Tensor]) -> None:
         tensors[EXPERT_W1][5, 7] = float("nan")
@@ -190,13 +199,17 @@ BREAKAGES: dict[str, tuple[Callable[[Path], None], str]] = {
         f"{EXPERT_W1} has shape [80, 64], but config.json implies [96, 64]",
     ),
     "router shape contradicts config": (_wrong_router_shape, "gate.weight has shape [8, 48]"),
+    "attention shape contradicts config": (
+        _wrong_attention_shape,
+        "model.layers.0.self_attn.k_proj.weight has shape [16, 64], but config.json implies [32, 64]",
+    ),
     "config lies about intermediate size": (
         lambda folder: _edit_config(folder, intermediate_size=128),
         "implies [128, 64] (intermediate_size=128, hidden_size=64)",
     ),
     "config lies about hidden size": (
         lambda folder: _edit_config(folder, hidden_size=32),
-        "implies [96, 32] (intermediate_size=96, hidden_size=32)",
+        "lm_head.weight has shape [256, 64], but config.json implies [256, 32]",
     ),
     "NaN in an expert weight": (_nan_in_expert, f"NaN in {EXPERT_W1} (layer 2, expert 3) at [5, 7]"),
     "Inf in an attention weight": (
@@ -243,6 +256,7 @@ QUANTIZE = ("--method", "rtn", "--bits", "8", "--group-size", "32", "--no-verify
 @pytest.mark.parametrize(
     "case",
     [
+        "attention shape contradicts config",
         "corrupt header",
         "index points outside the folder",
         "duplicate tensor across shards",
