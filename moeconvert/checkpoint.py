@@ -454,7 +454,7 @@ class PartsWriter:
 
         path = self.part_path(index)
         tmp = path.with_suffix(".tmp")
-        save_file({n: t.contiguous() for n, t in sorted(tensors.items())}, tmp, metadata={"format": "pt"})
+        save_file(_unaliased(tensors), tmp, metadata={"format": "pt"})
         os.replace(tmp, path)
 
     def assemble(self, max_shard_size: int) -> dict[str, str]:
@@ -475,6 +475,20 @@ class PartsWriter:
         writer.finish()
         shutil.rmtree(self.parts)
         return writer.digests
+
+
+def _unaliased(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors, each with its own memory: safetensors refuses to save two names for one
+    tensor (e.g. the shared act-order ``g_idx`` of an expert's gate and up projections)."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in sorted(tensors.items()):
+        tensor = tensor.contiguous()
+        if tensor.numel() and tensor.data_ptr() in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.data_ptr())
+        out[name] = tensor
+    return out
 
 
 class HeaderReader(ShardedReader):

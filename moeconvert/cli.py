@@ -186,6 +186,13 @@ _relayout_command("unfuse", unfuse, "Restore per-expert tensors and original nam
 @click.option("--samples", type=int, default=128, show_default=True)
 @click.option("--seq-len", type=int, default=2048, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--batch-tokens",
+    type=int,
+    default=8192,
+    show_default=True,
+    help="Calibration tokens per forward batch (memory; in expert-parallel runs, the unit split across ranks).",
+)
 @click.option("--calibrate-all-experts", is_flag=True, help="Every token updates every expert's statistics.")
 @click.option(
     "--min-tokens",
@@ -212,6 +219,13 @@ _relayout_command("unfuse", unfuse, "Restore per-expert tensors and original nam
 )
 @click.option("--push-branch", default=None, help="Hub branch to upload to [default: main].")
 @click.option("--private", is_flag=True, help="Create the Hub repo as private (with --push-to-hub).")
+@click.option(
+    "--nproc-per-node",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Expert-parallel: run N ranks on this machine, as torchrun does (see docs/DISTRIBUTED.md).",
+)
 @revision_option
 @token_option
 @shard_option
@@ -232,6 +246,7 @@ def quantize_cmd(
     samples: int,
     seq_len: int,
     seed: int,
+    batch_tokens: int,
     calibrate_all_experts: bool,
     min_tokens: int,
     device: str,
@@ -240,6 +255,7 @@ def quantize_cmd(
     no_verify: bool,
     as_json: bool,
     report: Path | None,
+    nproc_per_node: int,
     push_to: str | None,
     push_branch: str | None,
     private: bool,
@@ -271,6 +287,7 @@ def quantize_cmd(
     options = QuantizeOptions(
         format=fmt if given("fmt") or not recipe.format else recipe.format, device=device,
         max_shard_size=max_shard_size, experts_per_chunk=experts_per_chunk, verify_thresholds=dict(recipe.verify),
+        batch_tokens=batch_tokens,
         **calibration,
     )  # fmt: skip
     if options.format not in ("compressed-tensors", "gptq", "fused"):
@@ -279,10 +296,14 @@ def quantize_cmd(
         )
     if dry_run:
         summary = inspect_model(model, revision, token)
+    if nproc_per_node > 1:
+        _relaunch_with_torchrun(nproc_per_node)
     result = quantize(
         model, scheme, output=output, rules=recipe.rules, options=options, revision=revision, token=token, force=force, dry_run=dry_run,
         verify=not no_verify, progress=not as_json,
     )  # fmt: skip
+    if not _is_rank_zero():
+        return  # rank 0 reports (and pushes) for the whole job
     data = result.to_dict()
     if dry_run:
         data["estimates"] = _estimates(summary, scheme, options)
@@ -333,6 +354,31 @@ def _push_and_say(
     click.echo(
         f"pushed {result.files} files ({_gb(result.bytes)}) to {result.repo_id}@{result.branch}: {result.commit_url}"
     )
+
+
+def _relaunch_with_torchrun(nproc: int) -> None:
+    """Run this same command as ``nproc`` ranks through PyTorch's own launcher (torch.distributed.run),
+    with a rendezvous on 127.0.0.1; exits with the job's status."""
+    from torch.distributed import run
+
+    argv = sys.argv[1:]
+    for i, arg in enumerate(argv):  # drop our own flag so the ranks run the plain command
+        if arg.startswith("--nproc-per-node"):
+            del argv[i : i + (1 if "=" in arg else 2)]
+            break
+    launcher = ["--nproc-per-node", str(nproc), "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0"]
+    try:
+        run.main([*launcher, "-m", "moeconvert", *argv])
+    except Exception as err:  # torchrun's ChildFailedError: the failing rank has printed its own line
+        click.echo(f"error: a rank of the distributed job failed ({type(err).__name__})", err=True)
+        sys.exit(1)
+    sys.exit(0)
+
+
+def _is_rank_zero() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _given_flags() -> Callable[[str], bool]:

@@ -9,6 +9,7 @@ Peak memory is one layer plus the calibration activations.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -26,8 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .card import CARD_NAME, REPORT_NAME, library_versions, write_card
 from .checkpoint import OutputFolder, PartsWriter, iter_groups, parse_size
+from .distributed import Ranks, all_gather_cat, all_gather_list, barrier, ordered_sum
+from .distributed import current as current_ranks
 from .errors import BadInputError, InterruptedRunError, OutputWriteError
 from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
 from .formats import QuantFormat, get_format
@@ -175,65 +179,93 @@ def layer_targets(
 # -------------------------------------------------------------------------------------------- calibration
 
 
-@contextmanager
-def gather_hessians(
-    layer: nn.Module, targets: list[Target], calibrate_all_experts: bool
-) -> Iterator[dict[str, HessianAccumulator]]:
-    """Hooks that fill one accumulator per GPTQ target while the layer runs."""
-    accumulators: dict[str, HessianAccumulator] = {}
-    handles = []
-    gptq_targets = [t for t in targets if t.scheme.method == "gptq"]
-    for target in gptq_targets:
-        if target.kind == "dense":
-            module = layer.get_submodule(target.local[: -len(".weight")])
-            accumulators[target.local] = HessianAccumulator(module.in_features)
-            handles.append(module.register_forward_pre_hook(_dense_hook(accumulators[target.local])))
-    expert_targets = {t.kind: t for t in gptq_targets if t.kind in ("gate_up", "down")}
-    if expert_targets:
-        experts = layer.get_submodule("mlp.experts")
-        count, hidden = experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[2]
-        size = experts.down_proj.shape[2]
-        gate_up = accumulators.setdefault(FUSED_GATE_UP, HessianAccumulator(hidden, count))
-        down = accumulators.setdefault(FUSED_DOWN, HessianAccumulator(size, count))
-        hook = _experts_hook(experts, gate_up, down, calibrate_all_experts)
-        handles.append(experts.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        yield accumulators
-    finally:
-        for handle in handles:
-            handle.remove()
+class LayerStatistics:
+    """GPTQ statistics of one layer's targets that this rank owns, and the hooks that gather them.
 
+    Dense targets see every token their Linear sees; the stacked experts see, per expert, the tokens the
+    router sends it (gate/up) and their ``act(gate) * up`` (down). In one process the hooks add rows as the
+    layer runs. In an expert-parallel job (:mod:`moeconvert.distributed`) the hooks only record what they
+    saw; :meth:`exchange` then shares each batch's records and every owner adds them in batch order.
+    """
 
-def _dense_hook(acc: HessianAccumulator) -> Callable[..., None]:
-    def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        acc.add(args[0].detach().reshape(-1, args[0].shape[-1]).float())
+    def __init__(self, layer: nn.Module, targets: list[Target], all_experts: bool, ranks: Ranks) -> None:
+        self.ranks, self.all_experts = ranks, all_experts
+        self.accumulators: dict[str, HessianAccumulator] = {}
+        self.modules: dict[str, nn.Module] = {}
+        self.records: list[tuple[str, tuple[torch.Tensor, ...]]] = []
+        self.owned = range(0)
+        gptq = [t for t in targets if t.scheme.method == "gptq"]
+        for index, target in enumerate(t for t in gptq if t.kind == "dense"):
+            self.modules[target.local] = layer.get_submodule(target.local[: -len(".weight")])
+            if ranks.owns_target(index):
+                self.accumulators[target.local] = HessianAccumulator(self.modules[target.local].in_features)
+        if any(t.kind in ("gate_up", "down") for t in gptq):
+            experts = self.modules["experts"] = layer.get_submodule("mlp.experts")
+            count, hidden = experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[2]
+            self.owned = ranks.experts(count)
+            self.accumulators[FUSED_GATE_UP] = HessianAccumulator(hidden, len(self.owned))
+            self.accumulators[FUSED_DOWN] = HessianAccumulator(experts.down_proj.shape[2], len(self.owned))
 
-    return hook
+    @contextmanager
+    def hooks(self) -> Iterator[None]:
+        handles = []
+        for key, module in self.modules.items():
+            if key == "experts":
+                handles.append(module.register_forward_pre_hook(self._experts_hook, with_kwargs=True))
+            else:
+                handles.append(module.register_forward_pre_hook(self._dense_hook(key)))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
+    def _dense_hook(self, key: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            self._seen(key, (args[0].detach().reshape(-1, args[0].shape[-1]).float(),))
 
-def _experts_hook(
-    experts: nn.Module, gate_up: HessianAccumulator, down: HessianAccumulator, all_experts: bool
-) -> Callable[..., None]:
-    """Routed statistics: gate/up see the tokens the router sent each expert; down sees act(gate)*up."""
-    count = experts.gate_up_proj.shape[0]
+        return hook
 
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _experts_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         params = dict(zip(("hidden_states", "top_k_index", "top_k_weights"), args, strict=False)) | kwargs
-        x = params["hidden_states"].detach().reshape(-1, experts.gate_up_proj.shape[2])
+        x = params["hidden_states"].detach().reshape(-1, module.gate_up_proj.shape[2])
+        count = module.gate_up_proj.shape[0]
         index = params["top_k_index"].reshape(x.shape[0], -1)
-        routed = F.one_hot(index.clamp(max=count), count + 1)[..., :count].any(
-            dim=1
-        )  # [T, E]; drops sentinels
-        mask = torch.ones_like(routed) if all_experts else routed
-        gate_up.add(x.float(), mask)
-        for expert in range(count):
-            rows = x[mask[:, expert]]
+        routed = F.one_hot(index.clamp(max=count), count + 1)[..., :count].any(dim=1)  # [T, E]; no sentinels
+        self._seen("experts", (x, torch.ones_like(routed) if self.all_experts else routed))
+
+    def _seen(self, key: str, tensors: tuple[torch.Tensor, ...]) -> None:
+        if self.ranks.distributed:
+            self.records.append((key, tensors))
+        else:
+            self._add(key, tensors)
+
+    def exchange(self, template: list[tuple[str, tuple[torch.Tensor, ...]]]) -> None:
+        """Share this round's records (one batch per rank; a rank without a batch sends empty ones shaped
+        like ``template``) and add every rank's rows, in rank order, which is batch order."""
+        mine = self.records or [(k, tuple(t[:0] for t in ts)) for k, ts in template]
+        for key, tensors in mine:
+            per_rank = [all_gather_list(t) for t in tensors]
+            for pieces in zip(*per_rank, strict=True):
+                if pieces[0].shape[0]:
+                    self._add(key, pieces)
+        self.records = []
+
+    def _add(self, key: str, tensors: tuple[torch.Tensor, ...]) -> None:
+        if key != "experts":
+            if key in self.accumulators:
+                self.accumulators[key].add(tensors[0])
+            return
+        x, mask = tensors
+        experts = self.modules["experts"]
+        mask = mask[:, self.owned.start : self.owned.stop]
+        self.accumulators[FUSED_GATE_UP].add(x.float(), mask)
+        for local, expert in enumerate(self.owned):
+            rows = x[mask[:, local]]
             if rows.shape[0] == 0:
                 continue
             gate, up = F.linear(rows, experts.gate_up_proj[expert]).chunk(2, dim=-1)
-            down.add_expert(expert, (experts.act_fn(gate) * up).float())
-
-    return hook
+            self.accumulators[FUSED_DOWN].add_expert(local, (experts.act_fn(gate) * up).float())
 
 
 # ---------------------------------------------------------------------------------------------- solving
@@ -242,26 +274,77 @@ def _experts_hook(
 def solve(
     target: Target,
     weight: torch.Tensor,
-    acc: HessianAccumulator | None,
+    stats: LayerStatistics | None,
     min_tokens: int,
     fmt: QuantFormat,
     experts_per_chunk: int | None = None,
 ) -> tuple[QuantizedWeight, list[int]]:
-    """Quantize one target; returns the codes and the calibration rows each expert received."""
+    """Quantize one target; returns the codes and the calibration rows each expert received.
+
+    In an expert-parallel job each rank solves what it owns (a range of experts, or a dense target) and
+    the codes are gathered, so every rank returns the whole target."""
     scale_dtype = fmt.scale_dtype or weight.dtype
     w = weight.float()
-    if target.scheme.method == "rtn" or acc is None:
+    if target.scheme.method == "rtn" or stats is None:
         return rtn_quantize(w, target.scheme, scale_dtype=scale_dtype), []
-    hessians, counts = acc.finalize(min_tokens)
-    if target.kind == "dense":
-        hessians = hessians[0]
     chunk = (
         experts_per_chunk if experts_per_chunk is not None else auto_experts_per_chunk(w.shape[-1], w.device)
     )
+    acc = stats.accumulators.get(target.local)
+    if target.kind == "dense":
+        mine = None
+        if acc is not None:
+            hessian = acc.finalize(min_tokens)[0][0].to(w.device)
+            mine = gptq_quantize(w, hessian, target.scheme, scale_dtype=scale_dtype)
+        return _from_owner(mine, w, target.scheme), []
+    assert acc is not None
+    hessians, counts = _expert_hessians(acc, min_tokens)
+    owned = w[stats.owned.start : stats.owned.stop]
     qw = gptq_quantize(
-        w, hessians.to(w.device), target.scheme, scale_dtype=scale_dtype, max_experts_per_chunk=chunk
+        owned, hessians.to(w.device), target.scheme, scale_dtype=scale_dtype, max_experts_per_chunk=chunk
     )
-    return qw, counts.tolist()
+    return _gathered(qw), all_gather_cat(counts).tolist()
+
+
+def _expert_hessians(acc: HessianAccumulator, min_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Finalized Hessians of this rank's experts, with the starved-expert prior summed over all the
+    layer's experts in expert order (across ranks, as one process would)."""
+    sums = acc.sums()
+    total = int(all_gather_cat(acc.counts).sum())
+    pooled = ordered_sum(list(sums), like=sums[0])
+    return acc.finalize_with(min_tokens, None if total == 0 or pooled is None else pooled / total)
+
+
+def _gathered(qw: QuantizedWeight) -> QuantizedWeight:
+    """Every rank's experts of a target, in expert order."""
+    g_idx = None if qw.g_idx is None else all_gather_cat(qw.g_idx)
+    return replace(
+        qw,
+        codes=all_gather_cat(qw.codes),
+        scale=all_gather_cat(qw.scale),
+        zero=all_gather_cat(qw.zero),
+        g_idx=g_idx,
+    )
+
+
+def _from_owner(mine: QuantizedWeight | None, w: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
+    """A dense target solved by its owner, on every rank (the others contribute empty stand-ins)."""
+    if not current_ranks().distributed:
+        assert mine is not None
+        return mine
+    if mine is None:  # shapes and dtypes of the owner's result, without its work
+        mine = rtn_quantize(w, scheme)
+        if scheme.act_order:
+            mine = replace(mine, g_idx=torch.zeros(w.shape[-1], dtype=torch.int32, device=w.device))
+        empty = True
+    else:
+        empty = False
+    fields = {"codes": mine.codes, "scale": mine.scale, "zero": mine.zero, "g_idx": mine.g_idx}
+    shared = {
+        name: None if t is None else all_gather_cat(t.unsqueeze(0)[: 0 if empty else 1])[0]
+        for name, t in fields.items()
+    }
+    return replace(mine, **shared)
 
 
 def auto_experts_per_chunk(in_features: int, device: torch.device) -> int:
@@ -338,6 +421,8 @@ class Quantizer:
         self.options = options
         self.fmt = get_format(options.format)
         self.device = resolve_device(options.device)
+        self.ranks = distributed.init(self.device)
+        self.batch_count = 0  # calibration batches over all ranks
         self.groups = list(iter_groups(self.reader))
         self.streamed = LayerwiseModel(load_config(self.raw_config), self.device)
         self.needs_calibration = policy.base.method == "gptq" or any(
@@ -350,6 +435,11 @@ class Quantizer:
         kept: list[str] = []
         seen: list[tuple[str, ...]] = []
         expected = {name: tuple(t.shape) for name, t in self.streamed.model.state_dict().items()}
+        if self.family.num_experts(self.config) < self.ranks.world:
+            raise BadInputError(
+                f"{self.ranks.world} ranks for {self.family.num_experts(self.config)} experts per layer: "
+                "use at most as many ranks as experts"
+            )
         for layer, names in self.groups:
             if layer is None or layer >= self.config.num_hidden_layers:
                 check_shapes(self.reader.meta_tensors(names), expected)
@@ -387,7 +477,15 @@ class Quantizer:
             self.options.seed,
         )
         per_batch = max(1, self.options.batch_tokens // self.options.seq_len)
-        return [self.streamed.embed(chunk) for chunk in tokens.split(per_batch)], tokens_digest(tokens)
+        batches = tokens.split(per_batch)
+        self.batch_count = len(batches)
+        if self.batch_count < self.ranks.world:
+            raise BadInputError(
+                f"{self.batch_count} calibration batches cannot keep {self.ranks.world} ranks busy: use more "
+                "--samples or fewer ranks"
+            )
+        mine = [self.streamed.embed(chunk) for b, chunk in enumerate(batches) if self.ranks.owns_batch(b)]
+        return mine, tokens_digest(tokens)
 
     def quantize_layer(
         self, layer: int, names: list[str], targets: list[Target], hidden: list[torch.Tensor]
@@ -396,26 +494,22 @@ class Quantizer:
         original = self.reader.get_many(names)
         local, prefix = self._local(layer, original)
         report = LayerReport(layer, len(targets))
-        accumulators: dict[str, HessianAccumulator] = {}
-        calibrate = bool(hidden) and any(t.scheme.method == "gptq" for t in targets)
-        if calibrate:
-            with (
-                self.streamed.layer(layer, local) as module,
-                gather_hessians(module, targets, self.options.calibrate_all_experts) as accumulators,
-            ):
-                for batch in hidden:
-                    self.streamed.run_layer(module, batch)
+        stats = None
+        if bool(hidden) and any(t.scheme.method == "gptq" for t in targets):
+            with self.streamed.layer(layer, local) as module:
+                stats = LayerStatistics(module, targets, self.options.calibrate_all_experts, self.ranks)
+                with stats.hooks():
+                    self._calibrate(module, hidden, stats)
         fused_layout = self.fmt.layout == "fused"
         out = {prefix + n: t for n, t in local.items()} if fused_layout else dict(original)
         dequantized = dict(local)
         schemes: dict[str, Scheme] = {}
         for target in targets:
             weight = local[target.local]
-            acc = accumulators.get(target.local)  # dense: its module; experts: the stacked name
             qw, counts = solve(
                 target,
                 weight.to(self.device),
-                acc,
+                stats,
                 self.options.min_tokens,
                 self.fmt,
                 self.options.experts_per_chunk,
@@ -442,6 +536,20 @@ class Quantizer:
                 hidden = [self.streamed.run_layer(module, batch) for batch in hidden]
         report.seconds = time.perf_counter() - started
         return out, hidden, report, schemes
+
+    def _calibrate(self, module: nn.Module, hidden: list[torch.Tensor], stats: LayerStatistics) -> None:
+        """Run this rank's batches through the layer while the hooks gather statistics; in an
+        expert-parallel job, one batch per rank at a time, each round's records shared before the next."""
+        if not self.ranks.distributed:
+            for batch in hidden:
+                self.streamed.run_layer(module, batch)
+            return
+        template: list[tuple[str, tuple[torch.Tensor, ...]]] = []
+        for round_ in range(-(-self.batch_count // self.ranks.world)):
+            if round_ < len(hidden):
+                self.streamed.run_layer(module, hidden[round_])
+                template = template or list(stats.records)
+            stats.exchange(template)
 
     def close(self) -> None:
         self.reader.close()
@@ -505,7 +613,7 @@ def quantize(
         )
     finally:
         runner.close()
-    if verify:
+    if verify and distributed.current().writes:  # one rank checks the finished output
         report.verify = _verify_output(model, Path(output), options, revision, token, progress)
     report.seconds = time.perf_counter() - started
     return report
@@ -583,25 +691,30 @@ def _run(
     progress: bool,
     settings: dict[str, Any],
 ) -> None:
-    shard_cap = parse_size(runner.options.max_shard_size)
+    ranks = runner.ranks
     folder = OutputFolder(output, force=force, resumable=True)
-    state = RunState(folder.staging, settings)
-    if not force:
+    state = RunState(folder.staging, settings, ranks)
+    if not force and ranks.writes:
         state.check(output)
-    with folder as staging:
+    with folder if ranks.writes else contextlib.nullcontext(folder.staging) as staging:
+        barrier()  # the staging folder exists before any rank reads or writes its records
         done = state.start()
-        if done.groups_done:
+        if done.groups_done and ranks.writes:
             print(
                 f"resuming {staging}: {done.groups_done} of {len(runner.groups)} layers already done",
                 file=sys.stderr,
             )
-        parts = PartsWriter(staging)
+        parts = PartsWriter(staging) if ranks.writes else None
         hidden, top = _starting_state(runner, report, state, done)
         report.layers = [LayerReport(**d) for d in done.layers]
         all_schemes = {name: Scheme(**fields) for name, fields in done.schemes.items()}
         desc = f"quantize {report.scheme['bits']}-bit"
         with tqdm(
-            total=len(runner.groups), initial=done.groups_done, unit="layer", desc=desc, disable=not progress
+            total=len(runner.groups),
+            initial=done.groups_done,
+            unit="layer",
+            desc=desc,
+            disable=not (progress and ranks.writes),
         ) as bar:
             for index, (layer, names) in enumerate(runner.groups):
                 if index < done.groups_done:
@@ -614,13 +727,16 @@ def _run(
                     )
                     report.layers.append(layer_report)
                     all_schemes.update(schemes)
-                parts.write(index, tensors)
+                if parts is not None:
+                    parts.write(index, tensors)
                 done.groups_done, done.layers = index + 1, [asdict(r) for r in report.layers]
                 done.schemes = {name: asdict(scheme) for name, scheme in all_schemes.items()}
                 state.record(done, hidden)
                 _pause_for_tests(index)
                 bar.update(1)
-        digests = parts.assemble(shard_cap)
+        if parts is None:
+            return
+        digests = parts.assemble(parse_size(runner.options.max_shard_size))
         report.quantized_modules = len(all_schemes)
         report.sizes["output_bytes"] = sum(p.stat().st_size for p in staging.glob("*.safetensors"))
         _write_configs(runner, staging, all_schemes, report.kept_modules)
@@ -633,10 +749,11 @@ def _run(
 def _starting_state(
     runner: Quantizer, report: QuantizeReport, state: RunState, done: Progress
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-    """Calibration hidden states and the top-level tensors for a fresh run; for a resumed one, the
-    hidden states stored at the last finished layer (the top tensors are already written then)."""
+    """Calibration hidden states (this rank's batches) and the top-level tensors for a fresh run; for a
+    resumed one, the hidden states stored at the last finished layer (the top tensors are written then)."""
     if done.groups_done:
         report.calibration["tokens_sha256"] = done.tokens_sha256
+        runner.batch_count = done.batch_count
         return state.hidden(runner.device), {}
     top = runner.reader.get_many(dict(runner.groups).get(None, []))
     if not runner.needs_calibration:
@@ -644,6 +761,7 @@ def _starting_state(
     runner.streamed.load_top(top)
     hidden, digest = runner.calibration_batches()
     report.calibration["tokens_sha256"] = done.tokens_sha256 = digest
+    done.batch_count = runner.batch_count
     return hidden, top
 
 

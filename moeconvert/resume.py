@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .distributed import Ranks, barrier
 from .errors import BadInputError
 
 RESUME_DIR = ".resume"
@@ -39,14 +40,20 @@ class Progress:
     layers: list[dict[str, Any]] = field(default_factory=list)  # LayerReport dicts
     schemes: dict[str, dict[str, Any]] = field(default_factory=dict)  # module -> Scheme fields
     tokens_sha256: str | None = None
+    batch_count: int = 0  # calibration batches over all ranks
 
 
 class RunState:
     """The resume records of one staging folder."""
 
-    def __init__(self, staging: Path, settings: dict[str, Any]) -> None:
+    def __init__(self, staging: Path, settings: dict[str, Any], ranks: Ranks | None = None) -> None:
         self.folder = Path(staging) / RESUME_DIR
+        self.ranks = ranks or Ranks()
+        if self.ranks.distributed:  # each rank keeps its own batches' hidden states
+            settings = {**settings, "world_size": self.ranks.world}
         self.settings = json.loads(json.dumps(settings, sort_keys=True))  # as it reads back from disk
+        suffix = f".rank{self.ranks.rank}" if self.ranks.distributed else ""
+        self.hidden_path = self.folder / f"hidden{suffix}.safetensors"
 
     def check(self, final: Path) -> None:
         """Refuse a partial output left by a run with other settings (before anything touches it)."""
@@ -63,29 +70,33 @@ class RunState:
 
     def start(self) -> Progress:
         """The progress to continue from (nothing done for a fresh staging folder)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if self._read_json("settings.json") is None:
-            _write_atomic(self.folder / "settings.json", _dump(self.settings))
+        if self.ranks.writes:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if self._read_json("settings.json") is None:
+                _write_atomic(self.folder / "settings.json", _dump(self.settings))
+        barrier()
         data = self._read_json("progress.json")
         return Progress(**data) if data else Progress()
 
     def record(self, progress: Progress, hidden: list[torch.Tensor]) -> None:
         """Make ``progress`` (its part already on disk) and the hidden states after it durable."""
         if hidden:
-            path = self.folder / "hidden.safetensors"
+            path = self.hidden_path
             tensors = {f"batch.{i:06d}": h.detach().to("cpu").contiguous() for i, h in enumerate(hidden)}
-            staged = path.with_name(".hidden.tmp")
+            staged = path.with_name(f".{path.name}.tmp")
             save_file(tensors, staged)
             _fsync(staged)
             os.replace(staged, path)
-        _write_atomic(self.folder / "progress.json", _dump(progress.__dict__))
+        barrier()  # every rank's hidden states are on disk before the progress names them
+        if self.ranks.writes:
+            _write_atomic(self.folder / "progress.json", _dump(progress.__dict__))
 
     def discard(self) -> None:
         """Drop the records once the output is complete (they must not end up in the final folder)."""
         shutil.rmtree(self.folder)
 
     def hidden(self, device: torch.device) -> list[torch.Tensor]:
-        path = self.folder / "hidden.safetensors"
+        path = self.hidden_path
         if not path.exists():
             return []
         tensors = load_file(path)

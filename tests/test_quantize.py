@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import FAMILIES, W4, eval_tokens, load_model, load_tensors, mean_kl, run_cli
 
+from moeconvert.distributed import Ranks
 from moeconvert.families import family_for, load_config
-from moeconvert.pipeline import QuantizeOptions, Quantizer, gather_hessians, quantize, solve
+from moeconvert.pipeline import LayerStatistics, QuantizeOptions, Quantizer, quantize, solve
 from moeconvert.quant.packing import unpack_compressed, unpack_gptq
 from moeconvert.quant.rtn import rtn_quantize
 from moeconvert.quant.scheme import Scheme
@@ -90,13 +91,12 @@ def _layer_statistics(source: Path, scheme: Scheme, layer: int):
     runner.streamed.load_top(runner.reader.get_many(dict(runner.groups)[None]))
     hidden, _ = runner.calibration_batches()
     local, _ = runner._local(layer, runner.reader.get_many(dict(runner.groups)[layer]))
-    with (
-        runner.streamed.layer(layer, local) as module,
-        gather_hessians(module, plan[layer], False) as accumulators,
-    ):
-        for batch in hidden:
-            runner.streamed.run_layer(module, batch)
-    return runner, plan[layer], local, accumulators
+    with runner.streamed.layer(layer, local) as module:
+        stats = LayerStatistics(module, plan[layer], False, Ranks())
+        with stats.hooks():
+            for batch in hidden:
+                runner.streamed.run_layer(module, batch)
+    return runner, plan[layer], local, stats
 
 
 @pytest.mark.parametrize("family", ["mixtral", "phimoe", "deepseek_v3"])
@@ -107,12 +107,12 @@ def test_gptq_objective_below_rtn(family: str, trained_models: dict[str, Path]) 
     below RTN. Starved experts (1..min_tokens-1 rows) are solved on their rows blended with the layer's
     prior, so on their own few rows GPTQ may lose a little: tolerance 1.5x RTN. Every expert is finite."""
     layer = 1
-    runner, targets, local, accumulators = _layer_statistics(trained_models[family], W4, layer)
+    runner, targets, local, stats = _layer_statistics(trained_models[family], W4, layer)
     for target in targets:
-        accumulator = accumulators[target.local]
+        accumulator = stats.accumulators[target.local]
         hessian, counts = accumulator.finalize(0)
         weight = local[target.local].float()
-        gptq = solve(target, local[target.local], accumulator, FAST.min_tokens, runner.fmt)[0].dequantize()
+        gptq = solve(target, local[target.local], stats, FAST.min_tokens, runner.fmt)[0].dequantize()
         rtn = rtn_quantize(weight, W4).dequantize()
         if weight.dim() == 2:
             weight, gptq, rtn = weight[None], gptq[None], rtn[None]

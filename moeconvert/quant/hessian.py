@@ -122,9 +122,21 @@ class HessianAccumulator:
         Returns:
             ``(H, counts)``: symmetric ``H[E, in, in]`` without NaN, and the true row counts int64 ``[E]``.
         """
+        return self.finalize_with(min_tokens, self._layer_mean(), dtype=dtype)
+
+    def sums(self) -> Tensor:
+        """The running sums ``S_e`` ``[E, in, in]`` with every buffered row included (once all rows are in)."""
+        self._flush_all()
+        return self._sums_or_zeros()
+
+    def finalize_with(
+        self, min_tokens: int, layer_mean: Tensor | None, *, dtype: torch.dtype = torch.float32
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`finalize` with the layer-wide ``S_all / n_all`` given: for an accumulator that holds only
+        some of a layer's experts (expert-parallel runs sum it across ranks, in expert order)."""
         if min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {min_tokens}")
-        layer_mean = self._layer_mean()
+        self._flush_all()
         sums = self._sums_or_zeros()
         hessians = torch.empty(sums.shape, dtype=dtype, device=sums.device)
         for expert, rows in enumerate(self._counts):
