@@ -192,7 +192,7 @@ class LayerStatistics:
         self.ranks, self.all_experts = ranks, all_experts
         self.accumulators: dict[str, HessianAccumulator] = {}
         self.modules: dict[str, nn.Module] = {}
-        self.records: list[tuple[str, tuple[torch.Tensor, ...]]] = []
+        self.records: list[tuple[str, Any]] = []  # (key, tensors, or the index of an identical record)
         self.owned = range(0)
         gptq = [t for t in targets if t.scheme.method == "gptq"]
         for index, target in enumerate(t for t in gptq if t.kind == "dense"):
@@ -235,23 +235,34 @@ class LayerStatistics:
         self._seen("experts", (x, torch.ones_like(routed) if self.all_experts else routed))
 
     def _seen(self, key: str, tensors: tuple[torch.Tensor, ...]) -> None:
-        if self.ranks.distributed:
-            self.records.append((key, tensors))
-        else:
+        if not self.ranks.distributed:
             self._add(key, tensors)
+            return
+        # q, k and v (or gate and up) see the very same input: share it once, refer to it after
+        same = [i for i, (_, earlier) in enumerate(self.records) if _same(earlier, tensors)]
+        self.records.append((key, tensors if not same else same[0]))
 
-    def exchange(self, template: list[tuple[str, tuple[torch.Tensor, ...]]]) -> None:
+    @torch.no_grad()
+    def exchange(self, template: list[tuple[str, Any]]) -> None:
         """Share this round's records (one batch per rank; a rank without a batch sends empty ones shaped
         like ``template``) and add every rank's rows, in rank order, which is batch order."""
-        mine = self.records or [(k, tuple(t[:0] for t in ts)) for k, ts in template]
-        for key, tensors in mine:
-            per_rank = [all_gather_list(t) for t in tensors]
-            for pieces in zip(*per_rank, strict=True):
+        mine = self.records or [
+            (k, r if isinstance(r, int) else tuple(t[:0] for t in r)) for k, r in template
+        ]
+        shared: list[list[tuple[torch.Tensor, ...]]] = []
+        for key, record in mine:
+            if isinstance(record, int):
+                per_rank = shared[record]
+            else:
+                per_rank = list(zip(*[all_gather_list(t) for t in record], strict=True))
+            shared.append(per_rank)
+            for pieces in per_rank:
                 if pieces[0].shape[0]:
                     self._add(key, pieces)
         self.records = []
 
     def _add(self, key: str, tensors: tuple[torch.Tensor, ...]) -> None:
+        """Push one batch's rows into the accumulators this rank owns (what a hook does in one process)."""
         if key != "experts":
             if key in self.accumulators:
                 self.accumulators[key].add(tensors[0])
@@ -266,6 +277,17 @@ class LayerStatistics:
                 continue
             gate, up = F.linear(rows, experts.gate_up_proj[expert]).chunk(2, dim=-1)
             self.accumulators[FUSED_DOWN].add_expert(local, (experts.act_fn(gate) * up).float())
+
+
+def _same(a: Any, b: tuple[torch.Tensor, ...]) -> bool:
+    return (
+        isinstance(a, tuple)
+        and len(a) == len(b)
+        and all(
+            x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.dtype == y.dtype
+            for x, y in zip(a, b, strict=True)
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------- solving
@@ -544,7 +566,7 @@ class Quantizer:
             for batch in hidden:
                 self.streamed.run_layer(module, batch)
             return
-        template: list[tuple[str, tuple[torch.Tensor, ...]]] = []
+        template: list[tuple[str, Any]] = []
         for round_ in range(-(-self.batch_count // self.ranks.world)):
             if round_ < len(hidden):
                 self.streamed.run_layer(module, hidden[round_])
