@@ -92,3 +92,50 @@ def test_ordered_sum_adds_left_to_right_in_one_process() -> None:
     total = ordered_sum(terms, like=terms[0])
     assert total is not None and total.item() == ((1e16 + 1.0) - 1e16)  # order matters: 0.0, not 1.0
     assert ordered_sum([], like=terms[0]) is None
+
+
+@pytest.mark.slow
+def test_killed_two_rank_job_resumes_to_the_same_bytes(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    import signal
+
+    model = tiny_models["mixtral"]
+    assert quantize(model, tmp_path / "one" / "out").returncode == 0
+    out = tmp_path / "two" / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "moeconvert",
+        "quantize",
+        str(model),
+        "-o",
+        str(out),
+        *ARGS,
+        "--nproc-per-node",
+        "2",
+    ]
+    job = subprocess.Popen(
+        cmd,
+        env={**ENV, "MOECONVERT_TEST_PAUSE_AFTER": "2"},
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    paused = 0
+    for line in job.stderr:  # both ranks say so once layers 0-1 are recorded
+        paused += "paused after group 2" in line
+        if paused == 2:
+            break
+    os.killpg(job.pid, signal.SIGKILL)  # the launcher and both ranks
+    job.wait()
+    records = sorted(p.name for p in (tmp_path / "two" / ".out.partial" / ".resume").iterdir())
+    assert records == [
+        "hidden.rank0.safetensors",
+        "hidden.rank1.safetensors",
+        "progress.json",
+        "settings.json",
+    ]
+
+    resumed = quantize(model, out, "--nproc-per-node", "2")
+    assert resumed.returncode == 0 and "3 of 4 layers already done" in resumed.stderr, resumed.stderr
+    one, two = manifest(tmp_path / "one" / "out"), manifest(out)
+    assert {name for name in one if one[name] != two[name]} == {"quantization_report.json"}
