@@ -320,21 +320,38 @@ def solve(
             mine = gptq_quantize(w, hessian, target.scheme, scale_dtype=scale_dtype)
         return _from_owner(mine, w, target.scheme), []
     assert acc is not None
-    hessians, counts = _expert_hessians(acc, min_tokens)
+    layer_mean = _layer_mean(acc)
     owned = w[stats.owned.start : stats.owned.stop]
-    qw = gptq_quantize(
-        owned, hessians.to(w.device), target.scheme, scale_dtype=scale_dtype, max_experts_per_chunk=chunk
-    )
-    return _gathered(qw), all_gather_cat(counts).tolist()
+    parts = []
+    for start in range(0, owned.shape[0], chunk):  # one chunk's Hessians finalized at a time
+        experts = range(start, min(start + chunk, owned.shape[0]))
+        hessians, _ = acc.finalize_with(min_tokens, layer_mean, experts=experts)
+        part = owned[experts.start : experts.stop]
+        parts.append(gptq_quantize(part, hessians.to(w.device), target.scheme, scale_dtype=scale_dtype))
+        del hessians
+    return _gathered(_concat(parts)), all_gather_cat(acc.counts).tolist()
 
 
-def _expert_hessians(acc: HessianAccumulator, min_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Finalized Hessians of this rank's experts, with the starved-expert prior summed over all the
-    layer's experts in expert order (across ranks, as one process would)."""
+def _layer_mean(acc: HessianAccumulator) -> torch.Tensor | None:
+    """The starved-expert prior ``S_all / n_all``, summed over all the layer's experts in expert order
+    (across ranks, as one process would)."""
     sums = acc.sums()
     total = int(all_gather_cat(acc.counts).sum())
     pooled = ordered_sum(list(sums), like=sums[0])
-    return acc.finalize_with(min_tokens, None if total == 0 or pooled is None else pooled / total)
+    return None if total == 0 or pooled is None else pooled / total
+
+
+def _concat(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    if len(parts) == 1:
+        return parts[0]
+    g_idx = None if parts[0].g_idx is None else torch.cat([p.g_idx for p in parts])
+    return replace(
+        parts[0],
+        codes=torch.cat([p.codes for p in parts]),
+        scale=torch.cat([p.scale for p in parts]),
+        zero=torch.cat([p.zero for p in parts]),
+        g_idx=g_idx,
+    )
 
 
 def _gathered(qw: QuantizedWeight) -> QuantizedWeight:
@@ -370,16 +387,17 @@ def _from_owner(mine: QuantizedWeight | None, w: torch.Tensor, scheme: Scheme) -
 
 
 def auto_experts_per_chunk(in_features: int, device: torch.device) -> int:
-    """How many experts' GPTQ problems fit in half the free memory at once. The solver holds about
-    five Hessian-sized float32 buffers per expert (H, its factor, the inverse and temporaries, as
-    measured by scripts/bench_quantize.py); a layer whose experts do not all fit is solved in chunks."""
+    """How many experts' GPTQ problems fit in half the free memory at once. Per expert, the finalized
+    Hessian plus the solver's about five Hessian-sized float32 buffers (its copy, factor, inverse and
+    temporaries, as measured by scripts/bench_quantize.py); a layer whose experts do not all fit is
+    finalized and solved in chunks."""
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
         import psutil
 
         free = psutil.virtual_memory().available
-    per_expert = 5 * in_features * in_features * 4
+    per_expert = 6 * in_features * in_features * 4
     return max(1, int(free * 0.5 // per_expert))
 
 

@@ -65,6 +65,7 @@ class HessianAccumulator:
         self.dtype = dtype
         self._device = None if device is None else torch.device(device)
         self._sums: Tensor | None = None
+        self._product: tuple[Tensor, Tensor] | None = None  # float32 and widened x^T x, see _add_product
         self._counts = [0] * num_experts
         self._pending: list[list[Tensor]] = [[] for _ in range(num_experts)]
         self._pending_rows = [0] * num_experts
@@ -130,23 +131,31 @@ class HessianAccumulator:
         return self._sums_or_zeros()
 
     def finalize_with(
-        self, min_tokens: int, layer_mean: Tensor | None, *, dtype: torch.dtype = torch.float32
+        self,
+        min_tokens: int,
+        layer_mean: Tensor | None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        experts: range | None = None,
     ) -> tuple[Tensor, Tensor]:
         """:meth:`finalize` with the layer-wide ``S_all / n_all`` given: for an accumulator that holds only
-        some of a layer's experts (expert-parallel runs sum it across ranks, in expert order)."""
+        some of a layer's experts (expert-parallel runs sum it across ranks, in expert order). With
+        ``experts``, only those Hessians are returned, so a caller solving a few experts at a time holds
+        one chunk of them (Mixtral-8x7B's eight 14336² down Hessians are 6.6 GB in float32)."""
         if min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {min_tokens}")
         self._flush_all()
         sums = self._sums_or_zeros()
-        hessians = torch.empty(sums.shape, dtype=dtype, device=sums.device)
-        for expert, rows in enumerate(self._counts):
+        experts = range(self.num_experts) if experts is None else experts
+        hessians = torch.empty((len(experts), *sums.shape[1:]), dtype=dtype, device=sums.device)
+        work = torch.empty(sums.shape[1:], dtype=sums.dtype, device=sums.device)
+        for slot, expert in enumerate(experts):
+            rows = self._counts[expert]
             pseudo_rows = _pseudo_rows(rows, min_tokens) if layer_mean is not None else 0
             if rows + pseudo_rows == 0:  # no data anywhere in the layer
-                hessians[expert] = torch.eye(self.in_features, dtype=dtype, device=sums.device)
+                hessians[slot] = torch.eye(self.in_features, dtype=dtype, device=sums.device)
                 continue
-            moment = sums[expert] + pseudo_rows * layer_mean if pseudo_rows else sums[expert]
-            hessian = moment * (2.0 / (rows + pseudo_rows))
-            hessians[expert] = (hessian + hessian.T) / 2  # exactly symmetric, whatever the matmul did
+            _normalize(sums[expert], layer_mean, pseudo_rows, rows, out=hessians[slot], work=work)
         return hessians, self.counts
 
     # -- internals -------------------------------------------------------------------------------------
@@ -205,9 +214,17 @@ class HessianAccumulator:
             self._flush(expert, whole_chunks_only=False)
 
     def _add_product(self, expert: int, chunk: Tensor) -> None:
+        """``S_e += x^T x`` for one chunk: a float32 product, widened, added. Both go through buffers kept
+        for the accumulator's life; fresh ``in x in`` temporaries per product cost more in page faults
+        than the product itself, and the buffers change no bit of the sum."""
         sums = self._sums_or_zeros(chunk.device)
         chunk = chunk.to(device=sums.device, dtype=torch.float32)
-        sums[expert] += (chunk.t() @ chunk).to(self.dtype)
+        if self._product is None:
+            product = torch.empty(sums.shape[1:], dtype=torch.float32, device=sums.device)
+            self._product = (product, product if sums.dtype == torch.float32 else torch.empty_like(sums[0]))
+        product, widened = self._product
+        torch.mm(chunk.t(), chunk, out=product)
+        sums[expert] += widened.copy_(product)
 
     def _sums_or_zeros(self, device: torch.device | None = None) -> Tensor:
         if self._sums is None:
@@ -227,6 +244,27 @@ class HessianAccumulator:
         for expert in range(1, self.num_experts):
             pooled += sums[expert]
         return pooled / total
+
+
+def _normalize(
+    sums: Tensor, layer_mean: Tensor | None, pseudo_rows: int, rows: int, *, out: Tensor, work: Tensor
+) -> None:
+    """``out = sym(2 * (S_e + m_e * S_all / n_all) / (n_e + m_e))``, ``sym(h) = (h + h^T) / 2``: exactly
+    symmetric, whatever the matmul did.
+
+    The same operations in the same order as the plain expression, so the same bits, but through
+    ``work`` (an ``in x in`` buffer of the sums' dtype) instead of fresh temporaries, and with the
+    transposed operand read a band of columns at a time, which keeps it in cache.
+    """
+    if pseudo_rows:
+        torch.mul(layer_mean, pseudo_rows, out=work).add_(sums)
+    else:
+        work.copy_(sums)
+    work.mul_(2.0 / (rows + pseudo_rows))
+    band = 64
+    for start in range(0, work.shape[0], band):
+        rows_band, columns_band = work[start : start + band], work[:, start : start + band]
+        out[start : start + band] = rows_band.add(columns_band.T).div_(2)
 
 
 def _pseudo_rows(rows: int, min_tokens: int) -> int:
