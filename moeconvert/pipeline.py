@@ -648,9 +648,8 @@ def quantize(
         if dry_run:
             report.quantized_modules = sum(t.modules for targets in plan.values() for t in targets)
             return report
-        _run_resumably(
-            runner, plan, report, Path(output), force, progress, run_settings(runner, report, rules)
-        )
+        with _resumable_stops(Path(output)):
+            _run(runner, plan, report, Path(output), force, progress, run_settings(runner, report, rules))
     finally:
         runner.close()
     if verify and distributed.current().writes:  # one rank checks the finished output
@@ -700,19 +699,12 @@ def run_settings(runner: Quantizer, report: QuantizeReport, rules: tuple[Rule, .
     }
 
 
-def _run_resumably(
-    runner: Quantizer,
-    plan: dict[int, list[Target]],
-    report: QuantizeReport,
-    output: Path,
-    force: bool,
-    progress: bool,
-    settings: dict[str, Any],
-) -> None:
-    """:func:`_run`, with a stop that keeps the finished layers (Ctrl-C, a failed write) told as such."""
+@contextlib.contextmanager
+def _resumable_stops(output: Path) -> Iterator[None]:
+    """Ctrl-C and failed writes stop a run with one line that says the finished layers are kept."""
     kept = f"the finished layers are kept in {output.with_name(f'.{output.name}.partial')}"
     try:
-        _run(runner, plan, report, output, force, progress, settings)
+        yield
     except KeyboardInterrupt:
         raise InterruptedRunError(f"interrupted; {kept}: run the same command again to resume") from None
     except OSError as err:
