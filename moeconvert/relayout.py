@@ -3,22 +3,37 @@
 Both run the same streaming driver: plan every output tensor from headers alone (the layer function
 applied to shape-only "meta" tensors), then read one layer, convert it, append it to the open shard,
 and drop it. Peak memory is one layer whatever the depth of the model.
+
+Both are pure byte moves, so the driver copies nothing itself: tensors are read as views of the source
+files (``ShardedReader.views``), fuse's stacks are written from the experts they stack
+(:func:`concat_experts`), unfuse's per-expert tensors are views of the stacks, and the next layer is
+prefetched from disk while this one is written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import OutputFolder, ShardedReader, ShardedWriter, iter_groups, parse_size, plan_group
+from .checkpoint import (
+    Concatenated,
+    OutputFolder,
+    ShardedReader,
+    ShardedWriter,
+    iter_groups,
+    parse_size,
+    plan_group,
+)
 from .errors import CorruptCheckpointError, OutputWriteError, UnsupportedModelError
 from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
 from .fp8 import open_reader, without_fp8_config
@@ -35,9 +50,16 @@ def _split_layer_prefix(name: str) -> tuple[str, str]:
 
 
 def fuse_layer(
-    family: Family, config: Any, layer: int | None, tensors: dict[str, torch.Tensor]
+    family: Family,
+    config: Any,
+    layer: int | None,
+    tensors: dict[str, torch.Tensor],
+    stack: Callable[..., tuple[Any, Any]] = stack_experts,
 ) -> dict[str, torch.Tensor]:
-    """One layer in the original layout -> the transformers 5 runtime layout (stacked experts)."""
+    """One layer in the original layout -> the transformers 5 runtime layout (stacked experts).
+
+    ``stack`` builds (gate_up, down) from the experts' gate, up and down lists; :func:`fuse` passes
+    :func:`concat_experts`, whose stacks are never built but written from the experts."""
     expert_re = family.original_expert_re()
     experts: dict[tuple[int, str], torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
@@ -66,8 +88,30 @@ def fuse_layer(
     if experts:
         count = family.num_experts(config)
         gate, up, down = ([experts[(e, family.projections[p])] for e in range(count)] for p in range(3))
-        out[prefix + FUSED_GATE_UP], out[prefix + FUSED_DOWN] = stack_experts(gate, up, down)
+        out[prefix + FUSED_GATE_UP], out[prefix + FUSED_DOWN] = stack(gate, up, down)
     return out
+
+
+def concat_experts(
+    gate: Sequence[torch.Tensor], up: Sequence[torch.Tensor], down: Sequence[torch.Tensor]
+) -> tuple[Concatenated, Concatenated] | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~moeconvert.layout.stack_experts` without the copy: row-major ``gate_up [E, 2I, H]`` is
+    expert 0's gate rows, then its up rows, then expert 1's..., and ``down [E, H, I]`` is each expert's
+    down in turn, so the writer can stream the experts' own bytes. Experts that a stack would convert
+    (mixed dtypes or shapes) or that are not contiguous are stacked for real."""
+    parts = [*gate, *up, *down]
+    if not parts or any(
+        p.dtype != parts[0].dtype or not p.is_contiguous() or p.shape != q[0].shape
+        for q in (gate, up, down)
+        for p in q
+    ):
+        return stack_experts(gate, up, down)
+    size, hidden = gate[0].shape
+    gate_up = [t for pair in zip(gate, up, strict=True) for t in pair]
+    return (
+        Concatenated(tuple(gate_up), gate[0].dtype, (len(gate), 2 * size, hidden)),
+        Concatenated(tuple(down), down[0].dtype, (len(down), *down[0].shape)),
+    )
 
 
 def _check_experts(
@@ -192,6 +236,7 @@ def relayout(
     shard_cap = parse_size(max_shard_size)
     output = Path(output)
     with open_reader(folder, raw_config) as reader:
+        reader.views = True  # no copies: each group is written and dropped as a whole
         groups = list(iter_groups(reader))
         expected = model_shapes(config)
         plan = []
@@ -233,14 +278,18 @@ def _write_errors(output: Path) -> Iterator[None]:
 
 
 def _stream(reader: ShardedReader, writer: ShardedWriter, groups: list, convert: LayerFn, desc: str) -> None:
+    """Write every group in turn while the next one is prefetched from disk on a helper thread."""
     total = sum(t.nbytes for g in writer.groups for t in g)
-    with tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, dynamic_ncols=True
-    ) as bar:
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetcher,
+        tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, dynamic_ncols=True) as bar,
+    ):
         for index, (layer, names) in enumerate(groups):
             bar.set_postfix_str(
                 f"layer {layer}/{len(groups) - 2}" if layer is not None else "embeddings/head"
             )
+            if index + 1 < len(groups):
+                prefetcher.submit(reader.prefetch, groups[index + 1][1])
             written = writer.write_group(index, convert(layer, reader.get_many(names)))
             bar.update(written)
 
@@ -266,7 +315,7 @@ def fuse(
     return relayout(
         model,
         output,
-        fuse_layer,
+        functools.partial(fuse_layer, stack=concat_experts),
         revision=revision,
         token=token,
         max_shard_size=max_shard_size,

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from moeconvert.checkpoint import (
+    Concatenated,
     OutputFolder,
     ShardedReader,
     ShardedWriter,
@@ -20,6 +21,8 @@ from moeconvert.checkpoint import (
 )
 from moeconvert.errors import OutputExistsError
 from moeconvert.layout import stack_experts, unstack_experts
+from moeconvert.manifest import file_sha256
+from moeconvert.relayout import concat_experts
 
 
 def test_parse_size() -> None:
@@ -121,3 +124,53 @@ def test_stack_unstack_round_trip(dtype: torch.dtype) -> None:
     assert all(torch.equal(a, b) for a, b in zip(g + u + d, gate + up + down, strict=True))
     with pytest.raises(ValueError):
         unstack_experts(gate_up[:, :-1], stacked_down)
+
+
+def _write(folder: Path, groups: list[dict], cap: int = 200) -> ShardedWriter:
+    writer = ShardedWriter(folder, [plan_group(g) for g in groups], max_shard_size=cap)
+    for i, group in enumerate(groups):
+        writer.write_group(i, group)
+    writer.finish()
+    return writer
+
+
+def test_writer_digests_are_the_shards_sha256(tmp_path: Path) -> None:
+    """The manifest takes each shard's sha256 from the writer, hashed on a worker thread as written."""
+    writer = _write(tmp_path, _groups())
+    assert sorted(writer.digests) == sorted(writer.names)
+    assert all(writer.digests[n] == file_sha256(tmp_path / n) for n in writer.names)
+
+
+def test_writer_streams_concatenated_parts_as_their_stack(tmp_path: Path) -> None:
+    """fuse writes stacked experts from the experts themselves: the bytes must be torch.stack's."""
+    gen = torch.Generator().manual_seed(1)
+    gate, up, down = (
+        [torch.randn(6, 4, generator=gen).to(torch.bfloat16) for _ in range(3)] for _ in range(3)
+    )
+    lazy, real = concat_experts(gate, up, down), stack_experts(gate, up, down)
+    assert all(isinstance(t, Concatenated) for t in lazy)
+    assert all(torch.equal(a.materialize(), b) for a, b in zip(lazy, real, strict=True))
+    (tmp_path / "lazy").mkdir()
+    (tmp_path / "real").mkdir()
+    _write(tmp_path / "lazy", [{"a.gate_up": lazy[0], "a.down": lazy[1]}], cap=10**9)
+    _write(tmp_path / "real", [{"a.gate_up": real[0], "a.down": real[1]}], cap=10**9)
+    assert (tmp_path / "lazy/model.safetensors").read_bytes() == (
+        tmp_path / "real/model.safetensors"
+    ).read_bytes()
+    mixed = concat_experts([gate[0].float(), *gate[1:]], up, down)  # a real stack promotes: so does this
+    assert all(isinstance(t, torch.Tensor) for t in mixed)
+
+
+def test_reader_views_equal_copies_and_never_change_the_file(tmp_path: Path) -> None:
+    groups = _groups()
+    _write(tmp_path, groups)
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("*.safetensors")}
+    names = sorted(k for g in groups for k in g)
+    copies = ShardedReader(tmp_path).get_many(names)
+    reader = ShardedReader(tmp_path)
+    reader.views = True
+    views = reader.get_many(names)
+    assert all(v.dtype == copies[n].dtype and torch.equal(v, copies[n]) for n, v in views.items())
+    views["model.layers.0.w1"].fill_(7)  # copy-on-write: the tensor changes, the file does not
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.safetensors")} == before
+    assert torch.equal(reader.get("model.layers.0.w1"), copies["model.layers.0.w1"])
