@@ -13,6 +13,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from moeconvert.quant import gptq
 from moeconvert.quant.gptq import gptq_quantize
 from moeconvert.quant.hessian import HessianAccumulator
 from moeconvert.quant.rtn import compute_qparams, dequantize, quantize_codes, rtn_quantize
@@ -145,6 +146,22 @@ def test_single_weight_and_expert_chunks_match_the_stack() -> None:
     torch.testing.assert_close(chunked.scale, whole.scale)
     assert single.codes.shape == W.shape[1:] and single.g_idx.shape == (W.shape[2],)
     assert torch.equal(single.codes, whole.codes[2]) and torch.equal(single.g_idx, whole.g_idx[2])
+
+
+def test_internal_pieces_do_not_change_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The solver goes through experts (and the factor through rows) in pieces sized by
+    ``WORKSPACE_BYTES``; pieces of one expert and one row change no bit of the float32 result."""
+    W, H = expert_stack(experts=5)
+    schemes = [Scheme(bits=4, group_size=32, block_size=64), Scheme(bits=4, act_order=True, block_size=32)]
+    for scheme in schemes:
+        whole = gptq_quantize(W.float(), H.float(), scheme)
+        with monkeypatch.context() as patch:
+            patch.setattr(gptq, "WORKSPACE_BYTES", 4096)
+            pieces = gptq_quantize(W.float(), H.float(), scheme)
+        assert torch.equal(pieces.codes, whole.codes) and torch.equal(pieces.scale, whole.scale)
+        assert torch.equal(pieces.zero, whole.zero)
+        assert (pieces.g_idx is None) == (whole.g_idx is None)
+        assert whole.g_idx is None or torch.equal(pieces.g_idx, whole.g_idx)
 
 
 def test_deterministic() -> None:

@@ -1,11 +1,27 @@
 """GPTQ (Frantar et al. 2022) for a whole stack of experts at once.
 
-The solver follows the paper and its reference implementation line by line, with one leading expert
-dimension added to every tensor: ``W[E, out, in]`` and ``H[E, in, in]``. Dead inputs are dropped,
-the Hessian is damped and inverted through Cholesky, and columns are quantized one at a time, each
-rounding error fed back into the not-yet-quantized columns, lazily in blocks. The Python loops are over
-columns and blocks, as in the reference (and, only if asked to bound memory, over chunks of experts);
-every step inside them is one batched tensor op over all experts.
+The solver follows the paper's algorithm with one leading expert dimension added to every tensor:
+``W[E, out, in]`` and ``H[E, in, in]``. Dead inputs are dropped, the Hessian is damped and factored,
+and columns are quantized one at a time, each rounding error fed back into the columns not yet
+quantized, lazily in blocks. Every step is one tensor op over a chunk of experts; the Python loops are
+over chunks, blocks and columns, as in the reference.
+
+The solver needs two pieces of the upper Cholesky factor ``U`` of ``H^-1`` that the reference
+takes from ``U`` itself: its diagonal blocks, for the column-by-column feedback inside a block, and
+the feedback from all earlier blocks into a block, which the reference adds block by block as
+``Err @ U[block, later]``. Both come from ``H``'s own factor without inverting ``H``: with
+``H = V V^T`` (``V`` upper; ``V = J L J`` for the Cholesky factor ``L`` of ``J H J``, ``J`` the order
+reversal), ``U = V^-1``, so ``U[b, b] = V[b, b]^-1``, and the feedback of everything before block ``b``
+is ``R @ V[:b, b] @ U[b, b]`` with ``R = W - Q`` the residuals of the columns already quantized (the
+identity behind QuIP's LDLQ, Chee et al. 2023). One Cholesky, ``in^3 / 3`` flops, and a product per
+block replace the reference's ``4/3 in^3`` of Cholesky, inverse and second Cholesky, with the same
+result in exact arithmetic.
+
+For speed on CPUs the weights are held transposed (a column is a contiguous row), the feedback into
+a block is one matmul when the block starts (left-looking: read the residuals, write one block),
+inside a block each column updates only a few following columns at once and the rest of the block by
+one matmul per sub-block, and every buffer is allocated once; see docs/PERFORMANCE.md, "GPTQ per
+layer".
 
 The integer grid (codes, scales, zero points) is :mod:`moeconvert.quant.rtn`'s, so a GPTQ result and a
 round-to-nearest result are interchangeable for packing and output formats. Statistics are gathered in
@@ -19,10 +35,15 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from .rtn import QuantizedWeight, compute_qparams, dequantize, quantize_codes
+from .rtn import QuantizedWeight, compute_qparams
 from .scheme import Scheme
 
 MAX_DAMPING_TRIES = 8  # damping grows x10 per try: from 1% of the mean diagonal to 1e5 times it
+SUB_BLOCK = 16  # columns inside a block that feed each other one by one; the rest waits for a matmul
+# Size of the buffers a step works in. They are allocated once per call: a fresh large temporary is
+# fresh pages, and a page fault costs about 0.5 ms per MB on the benchmark machine, more than most
+# steps spend computing on it. A column loop's block of this size also stays in that machine's L3.
+WORKSPACE_BYTES = 16 << 20
 
 
 def gptq_quantize(
@@ -39,10 +60,13 @@ def gptq_quantize(
     Args:
         w: weights ``[E, out, in]``, or ``[out, in]`` for a single Linear.
         H: Hessians ``[E, in, in]`` (``[in, in]`` with a 2D ``w``), e.g. from
-            :meth:`HessianAccumulator.finalize`. Moved to ``w``'s device.
+            :meth:`HessianAccumulator.finalize`; symmetric (one triangle is read). Moved to ``w``'s
+            device; not modified.
         scheme: bits, group size, symmetry, damping, block size, act-order.
-        max_experts_per_chunk: solve at most this many experts at a time, to bound memory
-            (the solve holds about ``3 * E * in * in`` elements of ``compute_dtype`` besides the inputs).
+        max_experts_per_chunk: solve at most this many experts at a time, to bound memory. Besides the
+            inputs, the solve holds two buffers per expert of a chunk: the factor (``in * in``
+            elements of ``compute_dtype``) and the transposed weights (``out * in``). The result does
+            not depend on the chunking.
         compute_dtype: dtype of the solve; float32 as in the reference, float64 for tighter numerics.
         scale_dtype: the dtype scales will be stored in (fp16 for GPTQ files); rounding decisions are
             then made against exactly the stored scale (see :func:`compute_qparams`).
@@ -64,7 +88,7 @@ def gptq_quantize(
         raise ValueError(
             f"expected w [E, out, in] and H [E, in, in], got {tuple(w.shape)} and {tuple(H.shape)}"
         )
-    if not bool(w.isfinite().all()) or not bool(H.isfinite().all()):
+    if not _all_finite(w) or not _all_finite(H):
         raise ValueError("weight or Hessian contains NaN or Inf; it cannot be quantized")
     step = w.shape[0] if max_experts_per_chunk is None else max(1, max_experts_per_chunk)
     parts = [
@@ -84,89 +108,215 @@ def gptq_quantize(
 
 
 def _cat(items: tuple[Tensor | None, ...]) -> Tensor | None:
-    return None if items[0] is None else torch.cat(items)
+    if items[0] is None:
+        return None
+    return items[0] if len(items) == 1 else torch.cat(items)
+
+
+def _all_finite(t: Tensor) -> bool:
+    """No NaN or Inf in ``t``: its extremes, one reduction (NaN propagates to them), with no temporary;
+    ``isfinite().all()`` writes a boolean copy of the whole stack and is ten times slower."""
+    if t.numel() == 0:
+        return True
+    low, high = torch.aminmax(t)
+    return bool(low.isfinite() & high.isfinite())
 
 
 def _quantize_stack(
     w: Tensor, H: Tensor, scheme: Scheme, dtype: torch.dtype, scale_dtype: torch.dtype | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """GPTQ for one chunk of experts: prepare the Hessian, solve, undo the column order."""
-    W = w.to(dtype=dtype, copy=True)
-    H = H.to(device=W.device, dtype=dtype, copy=True)
-    W, H = _drop_dead_inputs(W, H)
-    perm = _act_order(H) if scheme.act_order else None
+    """GPTQ for one chunk of experts: drop dead inputs, order the columns, factor, solve, undo the order."""
+    H = H.to(device=w.device)
+    diagonal = H.diagonal(dim1=-2, dim2=-1).to(dtype)
+    dead = diagonal == 0  # inputs never seen in calibration: weight column to 0, H_jj to 1
+    diagonal = diagonal + dead.to(dtype)
+    Wt = _transposed(w, dtype).masked_fill_(dead[:, :, None], 0)
+    perm = _act_order(diagonal) if scheme.act_order else None
     if perm is not None:
-        W, H = _permute_columns(W, perm), _permute_square(H, perm)
-    U = _inverse_cholesky_upper(H, scheme.damp)
-    del H
-    codes, scale, zero = _solve(W, U, scheme, scale_dtype)
+        Wt, diagonal = _permute_rows(Wt, perm), diagonal.gather(-1, perm)
+    block = _block_size(scheme.block_size, scheme.effective_group_size(Wt.shape[1]), Wt.shape[1])
+    G = _feedback_factor(H, perm, diagonal.mean(-1), scheme.damp, block, dtype)
+    codes, scale, zero = _solve(Wt, G, block, scheme, scale_dtype)
     if perm is None:
         return codes, scale, zero, None
     position = _inverse_permutation(perm)
     codes = codes.gather(-1, position[:, None, :].expand_as(codes))
-    g_idx = (position // scheme.effective_group_size(W.shape[-1])).to(torch.int32)
+    g_idx = (position // scheme.effective_group_size(Wt.shape[1])).to(torch.int32)
     return codes, scale, zero, g_idx
 
 
+def _transposed(w: Tensor, dtype: torch.dtype) -> Tensor:
+    """``w[E, out, in]`` as ``Wt[E, in, out]`` in ``dtype``: the solver's working copy, a column a row.
+
+    One expert at a time, as a 2D copy from a transposed view: torch tiles those, and a batched one
+    is several times slower.
+    """
+    experts, rows, columns = w.shape
+    Wt = torch.empty(experts, columns, rows, dtype=dtype, device=w.device)
+    for expert in range(experts):
+        Wt[expert].copy_(w[expert].to(dtype).mT)
+    return Wt
+
+
+# ------------------------------------------------------------------------------------------ column loop
+
+
 def _solve(
-    W: Tensor, U: Tensor, scheme: Scheme, scale_dtype: torch.dtype | None
+    Wt: Tensor, G: Tensor, block: int, scheme: Scheme, scale_dtype: torch.dtype | None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The GPTQ column loop with lazy block updates (the paper's Algorithm 1), batched over experts.
 
-    ``U`` is the upper Cholesky factor of ``H^-1``. A group's scale and zero point are computed from the
-    current, error-updated weights of its columns when the loop enters the group. ``W`` is overwritten.
+    ``Wt[E, in, out]`` holds the weights transposed; it is overwritten, column by column, with the
+    residuals ``w - dequant(q)``. ``G`` is the factor of :func:`_feedback_factor` for this ``block``
+    size. A group's scale and zero point are computed from the current, error-updated weights of its
+    columns when the loop enters the group.
+
+    Experts go in chunks whose ``[chunk, block, out]`` block stays in cache; each expert's arithmetic is
+    the same whatever the chunk, so the result does not depend on it. Returns ``codes [E, out, in]``,
+    ``scales`` and ``zeros [E, out, n_groups]``.
     """
-    experts, rows, columns = W.shape
+    experts, columns, rows = Wt.shape
+    codes = torch.empty(experts, rows, columns, dtype=torch.uint8, device=Wt.device)
+    scales = torch.empty(experts, rows, scheme.groups(columns), dtype=torch.float32, device=Wt.device)
+    zeros = torch.empty(experts, rows, scheme.groups(columns), dtype=torch.int32, device=Wt.device)
+    step = min(experts, max(1, WORKSPACE_BYTES // (block * rows * Wt.element_size())))
+    codes_t = torch.empty(step, columns, rows, dtype=torch.uint8, device=Wt.device)
+    for start in range(0, experts, step):
+        chunk = slice(start, start + step)
+        k = codes[chunk].shape[0]
+        _solve_chunk(
+            Wt[chunk], G[chunk], block, codes_t[:k], scales[chunk], zeros[chunk], scheme, scale_dtype
+        )
+        for expert in range(k):  # 2D transposes: torch tiles those
+            codes[start + expert].copy_(codes_t[expert].mT)
+    return codes, scales, zeros
+
+
+def _solve_chunk(
+    Rt: Tensor,
+    G: Tensor,
+    block: int,
+    codes_t: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    scheme: Scheme,
+    scale_dtype: torch.dtype | None,
+) -> None:
+    """The column loop for one chunk of experts, filling ``codes_t`` (transposed), ``scales``, ``zeros``.
+
+    ``Rt`` holds the weights of the columns not yet quantized and the residuals of those that are. A
+    block's current weights ``Ct`` are its weights plus one matmul of the residuals before it. Inside
+    the block, as in the reference, each column's scaled error ``Et`` goes into the later columns, but
+    at once only into the rest of its sub-block (a few rows of ``Ct``, in cache), and into the rest of
+    the block by one matmul when the sub-block is done.
+    """
+    experts, columns, rows = Rt.shape
     group = scheme.effective_group_size(columns)
-    block = _aligned_block(scheme.block_size, group, columns)
-    scales = torch.empty(experts, rows, scheme.groups(columns), dtype=torch.float32, device=W.device)
-    zeros = torch.empty(experts, rows, scheme.groups(columns), dtype=torch.int32, device=W.device)
-    code_blocks = []
+    sub = _aligned_block(min(SUB_BLOCK, block), group, columns)
+    Ct = Rt.new_empty(experts, block, rows)
+    Et = torch.empty_like(Ct)
+    scratch = torch.empty(experts, rows, dtype=torch.float32, device=Rt.device)
     for i1 in range(0, columns, block):
         i2 = min(i1 + block, columns)
-        W1 = W[:, :, i1:i2].clone()
-        U1 = U[:, i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
-        Q1 = []
-        for i in range(i2 - i1):
-            column = i1 + i
-            if column % group == 0:
-                # A group longer than the block starts at a block start, so its columns still in W
-                # have no pending updates: this is the group as the error feedback has left it.
-                current = torch.cat([W1[:, :, i : i + group], W[:, :, i2 : column + group]], dim=-1)
-                scale, zero = compute_qparams(current, scheme, scale_dtype=scale_dtype)
-                scales[:, :, column // group] = scale[..., 0]
-                zeros[:, :, column // group] = zero[..., 0].to(torch.int32)
-            w = W1[:, :, i : i + 1]
-            q = quantize_codes(w, scale, zero, scheme.maxq)
-            err = (w - dequantize(q, scale, zero).to(w.dtype)) / U1[:, None, i, i : i + 1]
-            W1[:, :, i:] -= err * U1[:, None, i, i:]
-            Err1[:, :, i : i + 1] = err
-            Q1.append(q)
-        W[:, :, i2:] -= Err1 @ U[:, i1:i2, i2:]
-        code_blocks.append(torch.cat(Q1, dim=-1))
-    return torch.cat(code_blocks, dim=-1), scales, zeros
+        current = torch.baddbmm(Rt[:, i1:i2], G[:, i1:i2, :i1], Rt[:, :i1], out=Ct[:, : i2 - i1])
+        U_block = G[:, i1:i2, i1:i2]  # U[block, block], transposed
+        for j1 in range(0, i2 - i1, sub):
+            j2 = min(j1 + sub, i2 - i1)
+            for c in range(j1, j2):
+                if (i1 + c) % group == 0:  # a group of all columns is entered before any feedback
+                    group_now = current[:, c : c + group] if i1 + c else Rt[:, :group]
+                    scale, zero = _group_qparams(group_now, scheme, scale_dtype)
+                    scales[:, :, (i1 + c) // group] = scale
+                    zeros[:, :, (i1 + c) // group] = zero.to(torch.int32)
+                q = codes_t[:, i1 + c]
+                _quantize_column(
+                    current, c, j2, Rt[:, i1 + c], Et, q, scratch, U_block, scale, zero, scheme.maxq
+                )
+            if j2 < i2 - i1:  # the sub-block's errors into the rest of the block
+                current[:, j2:].baddbmm_(U_block[:, j2:, j1:j2], Et[:, j1:j2], alpha=-1)
 
 
-def _drop_dead_inputs(W: Tensor, H: Tensor) -> tuple[Tensor, Tensor]:
-    """Inputs never seen in calibration (``H_jj = 0``): weight column to 0, ``H_jj`` to 1, in place."""
-    dead = H.diagonal(dim1=-2, dim2=-1) == 0
-    H.diagonal(dim1=-2, dim2=-1).add_(dead.to(H.dtype))
-    return W.masked_fill_(dead[:, None, :], 0), H
+def _quantize_column(
+    current: Tensor,
+    c: int,
+    end: int,
+    residual: Tensor,
+    Et: Tensor,
+    q: Tensor,
+    scratch: Tensor,
+    U_block: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    maxq: int,
+) -> None:
+    """Quantize column ``c`` of the block into ``q``, turn its weight row ``residual`` into the residual,
+    and feed its scaled error ``Et[:, c]`` into the block's columns after it up to ``end`` (the end of
+    its sub-block).
+
+    The arithmetic is :func:`~moeconvert.quant.rtn.quantize_codes` then
+    :func:`~moeconvert.quant.rtn.dequantize`, op for op, done in place in a float32 ``scratch`` column
+    (it holds the code exactly): this is the innermost loop of the solver, where each temporary costs
+    as much as the op that fills it.
+    """
+    w, err = current[:, c], Et[:, c]
+    code = torch.div(w, scale, out=scratch) if w.dtype == torch.float32 else scratch.copy_(w).div_(scale)
+    code.round_().add_(zero).clamp_(0, maxq)
+    q.copy_(code)
+    dequantized = code.sub_(zero).mul_(scale)
+    torch.sub(w, dequantized, out=err).div_(U_block[:, c, c, None])
+    residual.sub_(dequantized)
+    if c + 1 < end:
+        current[:, c + 1 : end].addcmul_(U_block[:, c + 1 : end, c, None], err[:, None, :], value=-1)
 
 
-def _act_order(H: Tensor) -> Tensor:
+def _group_qparams(current: Tensor, scheme: Scheme, scale_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+    """Scale and zero ``[E, out]`` of a group from its current columns, ``current[E, g, out]``.
+
+    Blocks hold whole groups and sub-blocks start at group starts (:func:`_block_size`), so when a
+    group is entered its columns have no pending feedback: this is the group as the error feedback has
+    left it. :func:`compute_qparams` needs only each row's extremes (exactly), which a pass down the
+    contiguous columns gives (``amin`` and ``amax``: ``aminmax`` over this dimension is 5x slower).
+    """
+    extremes = torch.stack([current.amin(dim=1), current.amax(dim=1)], dim=-1)
+    scale, zero = compute_qparams(extremes, scheme, scale_dtype=scale_dtype)
+    return scale[..., 0], zero[..., 0]
+
+
+def _block_size(block: int, group: int, columns: int) -> int:
+    """The lazy block: ``block`` columns, adjusted so that every group lies inside one block.
+
+    A group's scale is computed from its current weights, and only a block's columns are current (the
+    feedback from earlier blocks is added when a block starts); a single group of all columns is the
+    exception, as it is entered before any feedback.
+    """
+    if group >= columns or block % group == 0:
+        return block
+    return block // group * group if group < block else group
+
+
+def _aligned_block(block: int, group: int, columns: int) -> int:
+    """A sub-block size that tiles groups: every group either fits in one sub-block or starts at a
+    sub-block start, so its columns are all current when it is entered."""
+    if group >= columns or block % group == 0 or group % block == 0:
+        return block
+    if group < block:
+        return block // group * group
+    return max(d for d in range(1, block + 1) if group % d == 0)
+
+
+# -------------------------------------------------------------------------------------- column order
+
+
+def _act_order(diagonal: Tensor) -> Tensor:
     """Each expert's columns by decreasing Hessian diagonal; ties keep their order (deterministic)."""
-    return torch.argsort(H.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)
+    return torch.argsort(diagonal, dim=-1, descending=True, stable=True)
 
 
-def _permute_columns(W: Tensor, perm: Tensor) -> Tensor:
-    return W.gather(-1, perm[:, None, :].expand_as(W))
-
-
-def _permute_square(H: Tensor, perm: Tensor) -> Tensor:
-    rows = H.gather(1, perm[:, :, None].expand_as(H))
-    return rows.gather(2, perm[:, None, :].expand_as(H))
+def _permute_rows(Wt: Tensor, perm: Tensor) -> Tensor:
+    """``Wt[e, perm[e]]`` for every expert, in place (one expert's temporary at a time)."""
+    for expert in range(Wt.shape[0]):
+        Wt[expert] = Wt[expert].index_select(0, perm[expert])
+    return Wt
 
 
 def _inverse_permutation(perm: Tensor) -> Tensor:
@@ -175,49 +325,99 @@ def _inverse_permutation(perm: Tensor) -> Tensor:
     return torch.empty_like(perm).scatter_(-1, perm, order)
 
 
-def _inverse_cholesky_upper(H: Tensor, damp: float) -> Tensor:
-    """Upper ``U`` with ``U^T U = (H + lambda I)^-1`` per expert, ``lambda = damp * mean(diag H)``.
+# ------------------------------------------------------------------------------------- factorization
 
-    ``H`` is damped in place. An expert whose factorization fails in floating point retries with ten
-    times the damping (the others keep theirs); one that never succeeds gets the identity, i.e. no error
-    feedback: round-to-nearest.
+
+def _feedback_factor(
+    H: Tensor, perm: Tensor | None, mean_diagonal: Tensor, damp: float, block: int, dtype: torch.dtype
+) -> Tensor:
+    """What the column loop needs of ``U``, the upper Cholesky factor of ``(H + lambda I)^-1``, as a
+    lower ``G`` (transposed, so that the solver reads rows): for each block ``b`` of ``block`` columns,
+    ``G[b, b] = U[b, b]^T`` and ``G[b, :b] = (V[:b, b] U[b, b])^T``, where ``V V^T = H + lambda I``
+    (``V = U^-1`` upper).
+
+    ``H`` is taken in the solve's column order (``perm``, if given) with dead inputs' ``H_jj`` set to 1,
+    and ``lambda = damp * mean_diagonal`` (the mean of that diagonal). ``V^T = J L^T J`` for the
+    Cholesky factor ``L`` of ``J H J``.
+
+    An expert whose factorization fails in floating point is redone with ten times the damping (the
+    others keep theirs); one that never succeeds gets ``G = I``, i.e. no error feedback:
+    round-to-nearest. Experts go a few at a time through buffers allocated once.
     """
-    mean_diag = H.diagonal(dim1=-2, dim2=-1).mean(-1)
-    H.diagonal(dim1=-2, dim2=-1).add_(damp * mean_diag[:, None])
-    U, ok = _try_inverse_cholesky_upper(H)
+    experts, n = H.shape[0], H.shape[-1]
+    G = torch.empty(experts, n, n, dtype=dtype, device=H.device)
+    step = min(experts, max(1, WORKSPACE_BYTES // (n * n * G.element_size())))
+    A, damped, L = (torch.empty(step, n, n, dtype=dtype, device=H.device) for _ in range(3))
+    identity = torch.eye(block, dtype=dtype, device=H.device)
+    for start in range(0, experts, step):
+        chunk = slice(start, start + step)
+        factor, k = G[chunk], G[chunk].shape[0]
+        order = None if perm is None else perm[chunk].flip(-1)
+        _reversed_hessian(H[chunk], order, out=A[:k])
+        # Column-major views (A is symmetric): the layout LAPACK factors in, so torch copies no more.
+        _damped_cholesky(A[:k].mT, mean_diagonal[chunk], damp, damped=damped[:k].mT, out=L[:k].mT)
+        _reverse(L[:k], out=factor)  # L[:k] holds L^T, and J L^T J = V^T
+        for i1 in range(0, n, block):  # V^T[b, b] -> U[b, b]^T, then V^T[b, :b] -> U[b, b]^T V^T[b, :b]
+            i2 = min(i1 + block, n)
+            diagonal_block = factor[:, i1:i2, i1:i2]
+            inverse = torch.linalg.solve_triangular(
+                diagonal_block, identity[: i2 - i1, : i2 - i1], upper=False
+            )
+            factor[:, i1:i2, :i1] = inverse @ factor[:, i1:i2, :i1]
+            diagonal_block.copy_(inverse)
+    return G
+
+
+def _reversed_hessian(H: Tensor, order: Tensor | None, *, out: Tensor) -> None:
+    """``out = J P H P^T J`` in ``out``'s dtype, with a zero diagonal entry (a dead input) set to 1.
+
+    ``P`` is the solve's column order and ``J`` the reversal; ``order`` is the two together (None: the
+    reversal alone). Permuted columns are taken as permuted rows of the transpose (``H`` is
+    symmetric), which is fast.
+    """
+    if order is None:
+        _reverse(H, out=out)
+    else:
+        for expert in range(H.shape[0]):
+            rows = H[expert].index_select(0, order[expert])  # J P H
+            out[expert] = rows.mT.contiguous().index_select(0, order[expert])  # (J P H)^T = H P^T J, its rows
+    diagonal = out.diagonal(dim1=-2, dim2=-1)
+    diagonal.add_((diagonal == 0).to(out.dtype))
+
+
+def _reverse(x: Tensor, *, out: Tensor) -> None:
+    """``out = J x J`` (``x.flip(-2, -1)``) in ``out``'s dtype, a few rows at a time: a whole flipped copy
+    would be a large temporary."""
+    n = x.shape[-1]
+    step = max(1, WORKSPACE_BYTES // 16 // (x.shape[0] * n * x.element_size()))
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        out[:, start:stop] = x[:, n - stop : n - start].flip(-2, -1)
+
+
+def _damped_cholesky(A: Tensor, mean_diagonal: Tensor, damp: float, *, damped: Tensor, out: Tensor) -> None:
+    """``out = L`` with ``L L^T = A + lambda I`` per expert, raising ``lambda`` for the experts where that
+    fails; ``damped`` is a buffer like ``A``, which is left as it is.
+
+    Every expert still failing at a given try has had the same damping sequence, so one fraction serves
+    them all, and a retried expert gets exactly what a first try with that damping would give.
+    """
     fraction = damp
+    ok = _try_cholesky(A, fraction * mean_diagonal, damped=damped, out=out)
     for _ in range(MAX_DAMPING_TRIES - 1):
-        failed = (~ok).nonzero().flatten()
-        if failed.numel() == 0:
-            return U
-        extra, fraction = max(10 * fraction, 0.01) - fraction, max(10 * fraction, 0.01)
-        retry = H[failed]
-        retry.diagonal(dim1=-2, dim2=-1).add_(extra * mean_diag[failed, None])
-        H[failed] = retry
-        U[failed], ok[failed] = _try_inverse_cholesky_upper(retry)
-    U[~ok] = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
-    return U
+        failed = (~ok).nonzero().flatten().tolist()
+        if not failed:
+            return
+        fraction = max(10 * fraction, 0.01)
+        for e in failed:
+            one = slice(e, e + 1)
+            ok[one] = _try_cholesky(A[one], fraction * mean_diagonal[one], damped=damped[one], out=out[one])
+    out[~ok] = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
 
 
-def _try_inverse_cholesky_upper(H: Tensor) -> tuple[Tensor, Tensor]:
-    """One batched attempt; returns the factors and which experts succeeded."""
-    L, info = torch.linalg.cholesky_ex(H)
-    ok = (info == 0) & L.isfinite().all(-1).all(-1)
-    L[~ok] = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)  # keep cholesky_inverse away from them
-    H_inverse = torch.cholesky_inverse(L)
-    del L
-    U, info = torch.linalg.cholesky_ex(H_inverse, upper=True)
-    return U, ok & (info == 0) & U.isfinite().all(-1).all(-1)
-
-
-def _aligned_block(block: int, group: int, columns: int) -> int:
-    """A block size that tiles groups: every group either fits in one block or starts at a block start.
-
-    Blocking does not change the result in exact arithmetic; aligning it guarantees that the weights a
-    group's scale is computed from are up to date (no pending lazy updates) when the group is entered.
-    """
-    if group >= columns or block % group == 0 or group % block == 0:
-        return block
-    if group < block:
-        return block // group * group
-    return max(d for d in range(1, block + 1) if group % d == 0)
+def _try_cholesky(A: Tensor, damping: Tensor, *, damped: Tensor, out: Tensor) -> Tensor:
+    """One attempt; which experts succeeded."""
+    damped.copy_(A).diagonal(dim1=-2, dim2=-1).add_(damping[:, None])
+    info = torch.empty(A.shape[0], dtype=torch.int32, device=A.device)
+    torch.linalg.cholesky_ex(damped, out=(out, info))
+    return (info == 0) & out.sum(dim=(-2, -1)).isfinite()  # NaN and Inf reach the sum

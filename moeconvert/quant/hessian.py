@@ -66,6 +66,7 @@ class HessianAccumulator:
         self._device = None if device is None else torch.device(device)
         self._sums: Tensor | None = None
         self._product: tuple[Tensor, Tensor] | None = None  # float32 and widened x^T x, see _add_product
+        self._written = [False] * num_experts  # whether an expert's sums hold anything yet
         self._counts = [0] * num_experts
         self._pending: list[list[Tensor]] = [[] for _ in range(num_experts)]
         self._pending_rows = [0] * num_experts
@@ -209,9 +210,14 @@ class HessianAccumulator:
         self._pending_rows[expert] = rest.shape[0]
 
     def _flush_all(self) -> None:
-        """Sum the partial last chunks. Later rows start new chunks, so finalize once, at the end."""
+        """Sum the partial last chunks, and zero the sums of experts without rows. Later rows start new
+        chunks, so finalize once, at the end."""
         for expert in range(self.num_experts):
             self._flush(expert, whole_chunks_only=False)
+        for expert, written in enumerate(self._written):
+            if not written:
+                self._sums_or_zeros()[expert].zero_()
+                self._written[expert] = True
 
     def _add_product(self, expert: int, chunk: Tensor) -> None:
         """``S_e += x^T x`` for one chunk: a float32 product, widened, added. Both go through buffers kept
@@ -224,13 +230,20 @@ class HessianAccumulator:
             self._product = (product, product if sums.dtype == torch.float32 else torch.empty_like(sums[0]))
         product, widened = self._product
         torch.mm(chunk.t(), chunk, out=product)
-        sums[expert] += widened.copy_(product)
+        if self._written[expert]:
+            sums[expert] += widened.copy_(product)
+        else:  # the first product writes the sums (0 + x, the same bits as adding it to zeros)
+            torch.add(widened.copy_(product), 0.0, out=sums[expert])
+            self._written[expert] = True
 
     def _sums_or_zeros(self, device: torch.device | None = None) -> Tensor:
+        """The running sums ``[E, in, in]``, allocated on first use but not zeroed: an expert's are
+        written by its first product, or zeroed by :meth:`_flush_all` if it has none, so each page is
+        touched once (a layer's float64 sums are GBs, and first touches cost more than the products)."""
         if self._sums is None:
             where = self._device or device or torch.device("cpu")
             shape = (self.num_experts, self.in_features, self.in_features)
-            self._sums = torch.zeros(shape, dtype=self.dtype, device=where)
+            self._sums = torch.empty(shape, dtype=self.dtype, device=where)
         return self._sums
 
     def _layer_mean(self) -> Tensor | None:
