@@ -168,7 +168,7 @@ def _quantization_table(report: dict[str, Any]) -> str:
     scheme, calib = report["scheme"], report["calibration"]
     group = "per output channel" if scheme["group_size"] == -1 else str(scheme["group_size"])
     rows = [
-        ("method", scheme["method"].upper() + (" (act-order)" if scheme.get("act_order") else "")),
+        ("method", scheme["method"].upper() + _order(scheme)),
         ("bits", str(scheme["bits"])),
         ("group size", group),
         ("symmetric", "yes" if scheme["sym"] else "no"),
@@ -187,6 +187,13 @@ def _quantization_table(report: dict[str, Any]) -> str:
     lines = ["## Quantization", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
     return "\n".join(lines)
+
+
+def _order(scheme: dict[str, Any]) -> str:
+    """How GPTQ ordered its columns, for the method row."""
+    if scheme["method"] != "gptq" or not scheme.get("act_order"):
+        return ""
+    return " (act-order, static groups)" if scheme.get("static_groups", False) else " (act-order)"
 
 
 def _kept(report: dict[str, Any]) -> str:

@@ -167,7 +167,19 @@ _relayout_command("unfuse", unfuse, "Restore per-expert tensors and original nam
     "--group-size", type=int, default=128, show_default=True, help="-1: one scale per output channel."
 )
 @click.option("--sym/--asym", default=True, show_default=True)
-@click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by decreasing Hessian diagonal.")
+@click.option(
+    "--act-order/--no-act-order",
+    default=True,
+    show_default=True,
+    help="GPTQ: quantize columns by decreasing Hessian diagonal (the largest errors are fed back most).",
+)
+@click.option(
+    "--static-groups/--dynamic-groups",
+    default=True,
+    show_default=True,
+    help="GPTQ: group scales from the weights before the solve, so act-order keeps plain groups (no "
+    "g_idx, every kernel); dynamic: scales as the solve reaches a group (act-order then needs --format gptq).",
+)
 @click.option(
     "--damp", type=float, default=0.01, show_default=True, help="GPTQ dampening (fraction of mean diag)."
 )
@@ -240,6 +252,7 @@ def quantize_cmd(
     group_size: int,
     sym: bool,
     act_order: bool,
+    static_groups: bool,
     damp: float,
     fmt: str,
     calib: str | None,
@@ -275,6 +288,7 @@ def quantize_cmd(
         "sym": sym,
         "method": method,
         "act_order": act_order,
+        "static_groups": static_groups,
         "damp": damp,
     }
     scheme = replace(recipe.scheme, **{k: v for k, v in flags.items() if given(k) or not recipe_path})

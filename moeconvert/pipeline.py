@@ -373,7 +373,7 @@ def _from_owner(mine: QuantizedWeight | None, w: torch.Tensor, scheme: Scheme) -
         return mine
     if mine is None:  # shapes and dtypes of the owner's result, without its work
         mine = rtn_quantize(w, scheme)
-        if scheme.act_order:
+        if scheme.group_index:
             mine = replace(mine, g_idx=torch.zeros(w.shape[-1], dtype=torch.int32, device=w.device))
         empty = True
     else:

@@ -32,6 +32,7 @@ _TYPES = {
     "sym": bool,
     "method": str,
     "act_order": bool,
+    "static_groups": bool,
     "damp": float,
     "block_size": int,
 }

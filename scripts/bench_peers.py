@@ -66,7 +66,7 @@ class Peer:
 
 MOECONVERT_SETTINGS = (
     "Scheme(bits=4, group_size=128, sym=True, method='gptq'), format compressed-tensors; library defaults "
-    "otherwise: damp 0.01, no act-order, each expert calibrated on the tokens routed to it"
+    "otherwise: damp 0.01, act-order with static groups, each expert calibrated on the tokens routed to it"
 )
 
 # Diagnostic variants, not in the default --tools: each changes one setting in which the tools differ.

@@ -28,17 +28,20 @@ def reference_gptq(w: torch.Tensor, H: torch.Tensor, scheme: Scheme):
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    group = scheme.effective_group_size(columns)
+    static = [compute_qparams(W[:, g : g + group], scheme) for g in range(0, columns, group)]
     perm = torch.arange(columns)
     if scheme.act_order:
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
     H += scheme.damp * torch.mean(torch.diag(H)) * torch.eye(columns, dtype=H.dtype)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    group = scheme.effective_group_size(columns)
     Q = torch.zeros(W.shape, dtype=torch.uint8)
     scales, zeros = [], []
     for j in range(columns):
-        if j % group == 0:
+        if scheme.static_groups:  # the natural group's scale, fixed before the solve
+            scale, zero = static[int(perm[j]) // group]
+        elif j % group == 0:
             scale, zero = compute_qparams(W[:, j : j + group], scheme)
             scales.append(scale)
             zeros.append(zero)
@@ -47,7 +50,11 @@ def reference_gptq(w: torch.Tensor, H: torch.Tensor, scheme: Scheme):
         err = (W[:, j : j + 1] - dequantize(q, scale, zero).double()) / Hinv[j, j]
         W[:, j:] -= err * Hinv[j : j + 1, j:]
     position = torch.argsort(perm)
-    return Q[:, position], torch.cat(scales, 1), torch.cat(zeros, 1).int(), (position // group).int()
+    g_idx = (position // group).int()
+    if scheme.static_groups:  # groups of consecutive columns
+        scales, zeros = [s for s, _ in static], [z for _, z in static]
+        g_idx = (torch.arange(columns) // group).int()
+    return Q[:, position], torch.cat(scales, 1), torch.cat(zeros, 1).int(), g_idx
 
 
 def correlated_inputs(tokens: int, features: int, generator: torch.Generator) -> torch.Tensor:
@@ -78,21 +85,29 @@ def expert_stack(experts=3, out=16, columns=96, seed=0):
 
 
 SCHEMES = [
-    Scheme(bits=bits, group_size=group, sym=sym, act_order=act, block_size=64)
+    Scheme(bits=bits, group_size=group, sym=sym, act_order=act, static_groups=False, block_size=64)
     for bits in (4, 8)
     for group in (32, -1)
     for sym in (True, False)
     for act in (False, True)
 ] + [
-    Scheme(bits=4, group_size=64, block_size=32),  # groups span several blocks
-    Scheme(bits=4, group_size=48, block_size=64, act_order=True),  # block realigned to the groups
-    Scheme(bits=4, group_size=40, block_size=128, sym=False),  # short last group
+    Scheme(bits=4, group_size=64, block_size=32, act_order=False, static_groups=False),  # groups span blocks
+    Scheme(bits=4, group_size=48, block_size=64, act_order=True, static_groups=False),  # block realigned to the groups
+    Scheme(bits=4, group_size=40, block_size=128, sym=False, act_order=False, static_groups=False),  # short last group
+] + [
+    Scheme(bits=4, group_size=group, sym=sym, act_order=act, static_groups=True, block_size=64)
+    for group in (32, 40, -1)
+    for sym in (True, False)
+    for act in (False, True)
 ]
 
 
-@pytest.mark.parametrize(
-    "scheme", SCHEMES, ids=lambda s: f"{s.label}-{'act' if s.act_order else 'seq'}-b{s.block_size}"
-)
+def scheme_id(s: Scheme) -> str:
+    order = "act" if s.act_order else "seq"
+    return f"{s.label}-{order}{'-static' if s.static_groups else ''}-b{s.block_size}"
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=scheme_id)
 def test_batched_equals_per_expert_reference(scheme: Scheme) -> None:
     W, H = expert_stack()
     got = gptq_quantize(W, H, scheme, compute_dtype=torch.float64)
@@ -101,10 +116,10 @@ def test_batched_equals_per_expert_reference(scheme: Scheme) -> None:
         assert torch.equal(got.codes[expert], codes)
         torch.testing.assert_close(got.scale[expert], scale, rtol=1e-6, atol=0)
         assert torch.equal(got.zero[expert], zero)
-        if scheme.act_order:
+        if scheme.act_order and not scheme.static_groups:
             assert torch.equal(got.g_idx[expert], g_idx)
-    if not scheme.act_order:
-        assert got.g_idx is None
+    if not scheme.act_order or scheme.static_groups:
+        assert got.g_idx is None  # static groups keep consecutive columns together, as without act-order
     assert (
         got.codes.dtype == torch.uint8 and got.scale.dtype == torch.float32 and got.zero.dtype == torch.int32
     )
@@ -114,7 +129,7 @@ def test_batched_equals_per_expert_reference(scheme: Scheme) -> None:
 
 def test_float32_solve_matches_float64_reference() -> None:
     W, H = expert_stack(seed=3)
-    scheme = Scheme(bits=4, group_size=32, act_order=True, block_size=64)
+    scheme = Scheme(bits=4, group_size=32, act_order=True, static_groups=False, block_size=64)
     got = gptq_quantize(W.float(), H.float(), scheme)
     for expert in range(W.shape[0]):
         codes, *_ = reference_gptq(W[expert], H[expert], scheme)
@@ -123,7 +138,7 @@ def test_float32_solve_matches_float64_reference() -> None:
 
 def test_act_order_g_idx_is_per_expert_and_dequantizes() -> None:
     W, H = expert_stack()
-    scheme = Scheme(bits=4, group_size=32, act_order=True, block_size=64)
+    scheme = Scheme(bits=4, group_size=32, act_order=True, static_groups=False, block_size=64)
     got = gptq_quantize(W, H, scheme, compute_dtype=torch.float64)
     assert got.g_idx.shape == (W.shape[0], W.shape[2]) and got.g_idx.dtype == torch.int32
     assert not torch.equal(got.g_idx[0], got.g_idx[2]), "each expert has its own column order"
@@ -138,7 +153,7 @@ def test_act_order_g_idx_is_per_expert_and_dequantizes() -> None:
 
 def test_single_weight_and_expert_chunks_match_the_stack() -> None:
     W, H = expert_stack()
-    scheme = Scheme(bits=4, group_size=32, act_order=True, block_size=64)
+    scheme = Scheme(bits=4, group_size=32, act_order=True, static_groups=False, block_size=64)
     whole = gptq_quantize(W, H, scheme, compute_dtype=torch.float64)
     chunked = gptq_quantize(W, H, scheme, compute_dtype=torch.float64, max_experts_per_chunk=2)
     single = gptq_quantize(W[2], H[2], scheme, compute_dtype=torch.float64)
@@ -152,7 +167,7 @@ def test_internal_pieces_do_not_change_the_result(monkeypatch: pytest.MonkeyPatc
     """The solver goes through experts (and the factor through rows) in pieces sized by
     ``WORKSPACE_BYTES``; pieces of one expert and one row change no bit of the float32 result."""
     W, H = expert_stack(experts=5)
-    schemes = [Scheme(bits=4, group_size=32, block_size=64), Scheme(bits=4, act_order=True, block_size=32)]
+    schemes = [Scheme(bits=4, group_size=32, block_size=64), Scheme(bits=4, act_order=True, static_groups=False, block_size=32)]
     for scheme in schemes:
         whole = gptq_quantize(W.float(), H.float(), scheme)
         with monkeypatch.context() as patch:
@@ -166,7 +181,7 @@ def test_internal_pieces_do_not_change_the_result(monkeypatch: pytest.MonkeyPatc
 
 def test_deterministic() -> None:
     W, H = expert_stack()
-    scheme = Scheme(bits=4, group_size=32, act_order=True, block_size=64)
+    scheme = Scheme(bits=4, group_size=32, act_order=True, static_groups=False, block_size=64)
     first = gptq_quantize(W.float(), H.float(), scheme)
     second = gptq_quantize(W.float(), H.float(), scheme)
     assert torch.equal(first.codes, second.codes) and torch.equal(first.scale, second.scale)
@@ -174,7 +189,7 @@ def test_deterministic() -> None:
 
 @pytest.mark.parametrize(
     "scheme",
-    [Scheme(bits=4, group_size=32), Scheme(bits=4, group_size=-1, sym=False), Scheme(bits=4, act_order=True)],
+    [Scheme(bits=4, group_size=32), Scheme(bits=4, group_size=-1, sym=False), Scheme(bits=4, act_order=True, static_groups=False)],
     ids=lambda s: s.label + ("-act" if s.act_order else ""),
 )
 def test_gptq_beats_rtn_on_correlated_routed_inputs(scheme: Scheme) -> None:
@@ -197,7 +212,7 @@ def test_gptq_beats_rtn_on_correlated_routed_inputs(scheme: Scheme) -> None:
 
 @pytest.mark.parametrize(
     "scheme",
-    [Scheme(bits=4, group_size=32), Scheme(bits=8, group_size=-1, sym=False), Scheme(bits=4, act_order=True)],
+    [Scheme(bits=4, group_size=32), Scheme(bits=8, group_size=-1, sym=False), Scheme(bits=4, act_order=True, static_groups=False)],
     ids=lambda s: s.label + ("-act" if s.act_order else ""),
 )
 @pytest.mark.parametrize("scale_dtype", [None, torch.float16])
@@ -209,8 +224,10 @@ def test_identity_hessian_gives_round_to_nearest(scheme: Scheme, scale_dtype: to
     rtn = rtn_quantize(W, scheme, scale_dtype=scale_dtype)
     assert torch.equal(gptq.codes, rtn.codes)
     assert torch.equal(gptq.scale, rtn.scale) and torch.equal(gptq.zero, rtn.zero)
-    if scheme.act_order:  # all diagonals tie, so the stable order is the identity
+    if scheme.group_index:  # all diagonals tie, so the stable order is the identity
         assert torch.equal(gptq.g_idx, rtn.group_index().expand(3, -1))
+    else:
+        assert gptq.g_idx is None
 
 
 def test_dead_inputs_and_empty_hessian() -> None:
@@ -219,7 +236,7 @@ def test_dead_inputs_and_empty_hessian() -> None:
     x = correlated_inputs(256, 64, gen)
     x[:, 10:20] = 0
     H = torch.stack([hessian_of(x).float(), torch.zeros(64, 64)])
-    for scheme in (Scheme(bits=4, group_size=32), Scheme(bits=4, group_size=-1, act_order=True)):
+    for scheme in (Scheme(bits=4, group_size=32), Scheme(bits=4, group_size=-1, act_order=True, static_groups=False)):
         got = gptq_quantize(W, H, scheme).dequantize()
         assert got.isfinite().all()
         assert torch.equal(got[0][:, 10:20], torch.zeros(8, 10))
@@ -263,7 +280,7 @@ def test_non_finite_input_is_refused() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_solve_agrees_with_cpu() -> None:
     W, H = expert_stack(seed=11)
-    scheme = Scheme(bits=4, group_size=32, act_order=True, block_size=64)
+    scheme = Scheme(bits=4, group_size=32, act_order=True, static_groups=False, block_size=64)
     cpu = gptq_quantize(W.float(), H.float(), scheme)
     cuda = gptq_quantize(W.float().cuda(), H.float().cuda(), scheme)
     assert cuda.codes.is_cuda and cuda.dequantize().isfinite().all()
@@ -354,7 +371,7 @@ def test_starved_experts_borrow_layer_statistics() -> None:
             H[expert].double(), hessian_of(x[(routing == expert).any(-1)]), rtol=1e-5, atol=1e-3
         )
     W = torch.randn(4, 16, 48, generator=torch.Generator().manual_seed(8))
-    assert gptq_quantize(W, H, Scheme(bits=4, group_size=16, act_order=True)).dequantize().isfinite().all()
+    assert gptq_quantize(W, H, Scheme(bits=4, group_size=16, act_order=True, static_groups=False)).dequantize().isfinite().all()
 
 
 def test_zero_token_expert_is_well_posed_even_without_min_tokens() -> None:

@@ -251,7 +251,7 @@ def test_cli_quantize(trained_models: dict[str, Path], tmp_path: Path) -> None:
         (["--format", "gptq", "--asym"], "asymmetric"),
         (["--group-size", "48"], "divisible by the group size"),
         ([], "divisible by the group size"),  # the default 128 does not divide the tiny widths (64)
-        (["--act-order"], "act-order"),
+        (["--dynamic-groups"], "act-order"),  # act-order's group index has no place in compressed-tensors
         (["--bits", "3"], "Invalid value"),
     ]:
         bad = run_cli("quantize", source, "-o", str(tmp_path / "bad"), *args)

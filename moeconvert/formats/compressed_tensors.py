@@ -27,7 +27,7 @@ def _weights_args(scheme: Scheme) -> dict[str, Any]:
         "group_size": None if scheme.group_size == -1 else scheme.group_size,
         "block_structure": None,
         "dynamic": False,
-        "actorder": None,
+        "actorder": "static" if scheme.method == "gptq" and scheme.act_order else None,  # static groups
         "observer": "minmax",
         "observer_kwargs": {},
     }
@@ -44,9 +44,10 @@ class CompressedTensorsFormat(QuantFormat):
     scale_dtype = None  # the model's dtype
 
     def check(self, scheme: Scheme, in_features: int) -> None:
-        if scheme.act_order:
+        if scheme.group_index:
             raise ValueError(
-                "compressed-tensors pack-quantized has no act-order; use --format gptq or drop --act-order"
+                "compressed-tensors pack-quantized has no act-order group index; drop --dynamic-groups, "
+                "use --format gptq, or add --no-act-order"
             )
         if scheme.group_size != -1 and in_features % scheme.group_size:
             raise ValueError(

@@ -56,11 +56,11 @@ class GptqFormat(QuantFormat):
             "checkpoint_format": "gptq",
             "bits": main.bits,
             "group_size": main.group_size,
-            "desc_act": main.act_order,
+            "desc_act": main.group_index,  # static groups keep the plain column order
             "sym": main.sym,
             "damp_percent": main.damp,
             "true_sequential": True,
-            "static_groups": False,
+            "static_groups": main.method == "gptq" and main.static_groups,
             "lm_head": False,
         }
         if dynamic:

@@ -131,18 +131,39 @@ def _quantize_stack(
     dead = diagonal == 0  # inputs never seen in calibration: weight column to 0, H_jj to 1
     diagonal = diagonal + dead.to(dtype)
     Wt = _transposed(w, dtype).masked_fill_(dead[:, :, None], 0)
+    static = _static_qparams(Wt, scheme, scale_dtype) if scheme.static_groups else None
     perm = _act_order(diagonal) if scheme.act_order else None
     if perm is not None:
         Wt, diagonal = _permute_rows(Wt, perm), diagonal.gather(-1, perm)
     block = _block_size(scheme.block_size, scheme.effective_group_size(Wt.shape[1]), Wt.shape[1])
     G = _feedback_factor(H, perm, diagonal.mean(-1), scheme.damp, block, dtype)
-    codes, scale, zero = _solve(Wt, G, block, scheme, scale_dtype)
+    codes, scale, zero = _solve(Wt, G, block, scheme, scale_dtype, static, perm)
     if perm is None:
         return codes, scale, zero, None
     position = _inverse_permutation(perm)
     codes = codes.gather(-1, position[:, None, :].expand_as(codes))
+    if static is not None:  # groups kept their natural columns: plain layout, no group index
+        return codes, scale, zero, None
     g_idx = (position // scheme.effective_group_size(Wt.shape[1])).to(torch.int32)
     return codes, scale, zero, g_idx
+
+
+def _static_qparams(
+    Wt: Tensor, scheme: Scheme, scale_dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor]:
+    """Every group's scale and zero from the weights as they are before any error feedback, in the
+    natural column order, as float32 ``[E, n_groups, out]`` (``Wt`` is ``[E, in, out]``).
+
+    With these the solve may take columns in any order (act-order) and still store groups of
+    consecutive columns, so the output needs no group index and loads in every kernel.
+    """
+    experts, columns, rows = Wt.shape
+    group = scheme.effective_group_size(columns)
+    scales = Wt.new_empty(experts, scheme.groups(columns), rows, dtype=torch.float32)
+    zeros = torch.empty_like(scales)
+    for g in range(scheme.groups(columns)):
+        scales[:, g], zeros[:, g] = _group_qparams(Wt[:, g * group : (g + 1) * group], scheme, scale_dtype)
+    return scales, zeros
 
 
 def _transposed(w: Tensor, dtype: torch.dtype) -> Tensor:
@@ -162,14 +183,21 @@ def _transposed(w: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _solve(
-    Wt: Tensor, G: Tensor, block: int, scheme: Scheme, scale_dtype: torch.dtype | None
+    Wt: Tensor,
+    G: Tensor,
+    block: int,
+    scheme: Scheme,
+    scale_dtype: torch.dtype | None,
+    static: tuple[Tensor, Tensor] | None = None,
+    perm: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The GPTQ column loop with lazy block updates (the paper's Algorithm 1), batched over experts.
 
     ``Wt[E, in, out]`` holds the weights transposed; it is overwritten, column by column, with the
     residuals ``w - dequant(q)``. ``G`` is the factor of :func:`_feedback_factor` for this ``block``
     size. A group's scale and zero point are computed from the current, error-updated weights of its
-    columns when the loop enters the group.
+    columns when the loop enters the group, or, with ``static`` (from :func:`_static_qparams`), taken
+    from there: then column ``c`` of expert ``e`` uses the group of its natural column ``perm[e, c]``.
 
     Experts go in chunks whose ``[chunk, block, out]`` block stays in cache; each expert's arithmetic is
     the same whatever the chunk, so the result does not depend on it. Returns ``codes [E, out, in]``,
@@ -184,12 +212,28 @@ def _solve(
     for start in range(0, experts, step):
         chunk = slice(start, start + step)
         k = codes[chunk].shape[0]
-        _solve_chunk(
-            Wt[chunk], G[chunk], block, codes_t[:k], scales[chunk], zeros[chunk], scheme, scale_dtype
-        )
+        if static is None:
+            _solve_chunk(
+                Wt[chunk], G[chunk], block, codes_t[:k], scales[chunk], zeros[chunk], scheme, scale_dtype
+            )
+        else:
+            groups = _column_groups(perm, chunk, k, columns, scheme, Wt.device)
+            _solve_chunk(
+                Wt[chunk], G[chunk], block, codes_t[:k], scales[chunk], zeros[chunk], scheme, scale_dtype,
+                static=(static[0][chunk], static[1][chunk], groups),
+            )  # fmt: skip
         for expert in range(k):  # 2D transposes: torch tiles those
             codes[start + expert].copy_(codes_t[expert].mT)
     return codes, scales, zeros
+
+
+def _column_groups(
+    perm: Tensor | None, chunk: slice, k: int, columns: int, scheme: Scheme, device: torch.device
+) -> Tensor:
+    """``[k, in]``: the natural group of each solve-order column of a chunk's experts."""
+    natural = torch.arange(columns, device=device)
+    order = natural.expand(k, columns) if perm is None else perm[chunk]
+    return order // scheme.effective_group_size(columns)
 
 
 def _solve_chunk(
@@ -201,6 +245,7 @@ def _solve_chunk(
     zeros: Tensor,
     scheme: Scheme,
     scale_dtype: torch.dtype | None,
+    static: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> None:
     """The column loop for one chunk of experts, filling ``codes_t`` (transposed), ``scales``, ``zeros``.
 
@@ -216,6 +261,11 @@ def _solve_chunk(
     Ct = Rt.new_empty(experts, block, rows)
     Et = torch.empty_like(Ct)
     scratch = torch.empty(experts, rows, dtype=torch.float32, device=Rt.device)
+    if static is not None:
+        static_scales, static_zeros, column_groups = static
+        scales.copy_(static_scales.mT)
+        zeros.copy_(static_zeros.mT.to(torch.int32))
+        every = torch.arange(experts, device=Rt.device)
     for i1 in range(0, columns, block):
         i2 = min(i1 + block, columns)
         current = torch.baddbmm(Rt[:, i1:i2], G[:, i1:i2, :i1], Rt[:, :i1], out=Ct[:, : i2 - i1])
@@ -223,7 +273,10 @@ def _solve_chunk(
         for j1 in range(0, i2 - i1, sub):
             j2 = min(j1 + sub, i2 - i1)
             for c in range(j1, j2):
-                if (i1 + c) % group == 0:  # a group of all columns is entered before any feedback
+                if static is not None:
+                    natural = column_groups[:, i1 + c]
+                    scale, zero = static_scales[every, natural], static_zeros[every, natural]
+                elif (i1 + c) % group == 0:  # a group of all columns is entered before any feedback
                     group_now = current[:, c : c + group] if i1 + c else Rt[:, :group]
                     scale, zero = _group_qparams(group_now, scheme, scale_dtype)
                     scales[:, :, (i1 + c) // group] = scale

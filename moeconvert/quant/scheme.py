@@ -17,7 +17,10 @@ class Scheme:
     group_size: int = 128  # input channels sharing a scale; -1 = one group per output channel
     sym: bool = True
     method: str = "gptq"  # "gptq" or "rtn"
-    act_order: bool = False  # GPTQ: quantize columns by decreasing Hessian diagonal
+    act_order: bool = True  # GPTQ: quantize columns by decreasing Hessian diagonal
+    # GPTQ: every group's scale from the weights before the solve, so that act-order keeps groups of
+    # consecutive columns (no group index: plain layout, every kernel); False: as the solve reaches it
+    static_groups: bool = True
     damp: float = 0.01  # GPTQ: fraction of the mean Hessian diagonal added to it
     block_size: int = 128  # GPTQ: columns per lazy-batch block
 
@@ -30,6 +33,12 @@ class Scheme:
             raise ValueError(f"method must be gptq or rtn, got {self.method!r}")
         if not 0 <= self.damp < 1:
             raise ValueError(f"damp must be in [0, 1), got {self.damp}")
+
+    @property
+    def group_index(self) -> bool:
+        """Whether outputs carry a per-column group index (``g_idx``): GPTQ act-order without static
+        groups, whose groups are scattered over the columns."""
+        return self.method == "gptq" and self.act_order and not self.static_groups
 
     @property
     def maxq(self) -> int:
