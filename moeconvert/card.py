@@ -223,7 +223,7 @@ def _parity_section(parity: dict[str, Any] | None) -> str:
         ("result", "passed" if parity["passed"] else "**failed**: " + "; ".join(parity["failures"])),
         ("tokens compared", f"{parity['tokens']:,} on {parity['device']}"),
         ("mean KL(original ‖ quantized)", f"{parity['kl_mean']:.3e} (limit {t['max_kl']:g})"),
-        ("max KL", f"{parity['kl_max']:.3e}"),
+        ("median / 99th percentile / max KL", _kl_spread(parity)),
         ("top-1 agreement", f"{parity['top1_agreement']:.4f} (limit {t['min_top1']:g})"),
         ("perplexity", f"{parity['perplexity_original']:.4f} → {parity['perplexity_converted']:.4f}"),
         ("max \\|logits diff\\|", f"{parity['logits_max_abs_diff']:.3e}"),
@@ -242,6 +242,11 @@ def _parity_section(parity: dict[str, Any] | None) -> str:
     ]
     lines += [f"| {k} | {v} |" for k, v in rows]
     return "\n".join(lines)
+
+
+def _kl_spread(parity: dict[str, Any]) -> str:
+    spread = [parity.get("kl_median"), parity.get("kl_p99"), parity["kl_max"]]
+    return " / ".join("n/a" if v is None else f"{v:.3e}" for v in spread)
 
 
 def _provenance(report: dict[str, Any]) -> str:

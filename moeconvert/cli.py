@@ -513,7 +513,8 @@ def _parity_table(d: dict[str, Any]) -> str:
     lines += [
         f"kind: {d['kind']} on {d['device']}, {d['tokens']} tokens",
         f"logits: max |diff| {d['logits_max_abs_diff']:.3e}, mean |diff| {d['logits_mean_abs_diff']:.3e}",
-        f"KL(original||converted): mean {d['kl_mean']:.3e} (max allowed {t['max_kl']:g}), max {d['kl_max']:.3e}",
+        f"KL(original||converted): mean {d['kl_mean']:.3e} (max allowed {t['max_kl']:g}), "
+        f"median {d.get('kl_median', 0.0):.3e}, p99 {d.get('kl_p99', 0.0):.3e}, max {d['kl_max']:.3e}",
         f"top-1 agreement: {d['top1_agreement']:.4f} (min {t['min_top1']:g})",
         f"perplexity: {d['perplexity_original']:.4f} -> {d['perplexity_converted']:.4f}",
         "PASSED" if d["passed"] else "FAILED: " + "; ".join(d["failures"]),

@@ -39,9 +39,10 @@ from .formats.base import QuantizedModule
 from .forward import LayerwiseModel
 from .fp8 import header_reader, open_reader, without_fp8_config
 from .manifest import update_manifest, write_manifest
+from .memory import release_freed_memory
 from .quant.calibration import calibration_tokens, tokens_digest
 from .quant.gptq import gptq_quantize
-from .quant.hessian import HessianAccumulator
+from .quant.hessian import HessianAccumulator, sums_dtype
 from .quant.rtn import QuantizedWeight, rtn_quantize
 from .quant.scheme import Scheme
 from .quant.targets import Rule, TargetPolicy
@@ -203,8 +204,13 @@ class LayerStatistics:
             experts = self.modules["experts"] = layer.get_submodule("mlp.experts")
             count, hidden = experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[2]
             self.owned = ranks.experts(count)
-            self.accumulators[FUSED_GATE_UP] = HessianAccumulator(hidden, len(self.owned))
-            self.accumulators[FUSED_DOWN] = HessianAccumulator(experts.down_proj.shape[2], len(self.owned))
+            width = experts.down_proj.shape[2]
+            self.accumulators[FUSED_GATE_UP] = HessianAccumulator(
+                hidden, len(self.owned), dtype=sums_dtype(hidden, count)
+            )
+            self.accumulators[FUSED_DOWN] = HessianAccumulator(
+                width, len(self.owned), dtype=sums_dtype(width, count)
+            )
 
     @contextmanager
     def hooks(self) -> Iterator[None]:
@@ -306,29 +312,30 @@ def solve(
     In an expert-parallel job each rank solves what it owns (a range of experts, or a dense target) and
     the codes are gathered, so every rank returns the whole target."""
     scale_dtype = fmt.scale_dtype or weight.dtype
-    w = weight.float()
     if target.scheme.method == "rtn" or stats is None:
-        return rtn_quantize(w, target.scheme, scale_dtype=scale_dtype), []
+        return rtn_quantize(weight.float(), target.scheme, scale_dtype=scale_dtype), []
     chunk = (
-        experts_per_chunk if experts_per_chunk is not None else auto_experts_per_chunk(w.shape[-1], w.device)
+        experts_per_chunk
+        if experts_per_chunk is not None
+        else auto_experts_per_chunk(weight.shape[-1], weight.device)
     )
     acc = stats.accumulators.get(target.local)
     if target.kind == "dense":
-        mine = None
+        w, mine = weight.float(), None
         if acc is not None:
             hessian = acc.finalize(min_tokens)[0][0].to(w.device)
             mine = gptq_quantize(w, hessian, target.scheme, scale_dtype=scale_dtype)
         return _from_owner(mine, w, target.scheme), []
     assert acc is not None
     layer_mean = _layer_mean(acc)
-    owned = w[stats.owned.start : stats.owned.stop]
+    owned = weight[stats.owned.start : stats.owned.stop]
     parts = []
-    for start in range(0, owned.shape[0], chunk):  # one chunk's Hessians finalized at a time
+    for start in range(0, owned.shape[0], chunk):  # one chunk's Hessians and weights at a time
         experts = range(start, min(start + chunk, owned.shape[0]))
         hessians, _ = acc.finalize_with(min_tokens, layer_mean, experts=experts)
-        part = owned[experts.start : experts.stop]
-        parts.append(gptq_quantize(part, hessians.to(w.device), target.scheme, scale_dtype=scale_dtype))
-        del hessians
+        part = owned[experts.start : experts.stop].float()
+        parts.append(gptq_quantize(part, hessians.to(part.device), target.scheme, scale_dtype=scale_dtype))
+        del hessians, part
     return _gathered(_concat(parts)), all_gather_cat(acc.counts).tolist()
 
 
@@ -387,18 +394,19 @@ def _from_owner(mine: QuantizedWeight | None, w: torch.Tensor, scheme: Scheme) -
 
 
 def auto_experts_per_chunk(in_features: int, device: torch.device) -> int:
-    """How many experts' GPTQ problems fit in half the free memory at once. Per expert, the finalized
-    Hessian plus the solver's about five Hessian-sized float32 buffers (its copy, factor, inverse and
-    temporaries, as measured by scripts/bench_quantize.py); a layer whose experts do not all fit is
-    finalized and solved in chunks."""
+    """How many experts' GPTQ problems fit in half the free memory at once (sizes as measured by
+    scripts/bench_quantize.py); a layer whose experts do not all fit is finalized and solved in chunks,
+    with the same result."""
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
         import psutil
 
         free = psutil.virtual_memory().available
-    per_expert = 6 * in_features * in_features * 4
-    return max(1, int(free * 0.5 // per_expert))
+    hessian = in_features * in_features * 4
+    per_expert = 3 * hessian  # its finalized Hessian, its factor, its weights (two copies, at most in x in)
+    shared = 5 * hessian  # the finalize buffer (float64) and the factorization's three buffers
+    return max(1, int((free * 0.5 - shared) // per_expert))
 
 
 def _rows(qw: QuantizedWeight, rows: slice) -> QuantizedWeight:
@@ -507,6 +515,20 @@ class Quantizer:
         prefix = f"model.layers.{layer}."
         return {n[len(prefix) :]: t for n, t in fused.items()}, prefix
 
+    def _source_names(self, prefix: str, targets: list[Target], local: dict[str, torch.Tensor]) -> set[str]:
+        """The checkpoint's names of the tensors that ``targets`` replace (per-expert names for a stack),
+        whichever layout the source was saved in."""
+        names: set[str] = set()
+        for target in targets:
+            names.add(prefix + target.local)
+            if target.kind == "dense":
+                names.add(prefix + self.family.to_original_name(target.local))
+                continue
+            projections = (0, 1) if target.kind == "gate_up" else (2,)
+            for expert in range(local[target.local].shape[0]):
+                names.update(prefix + self.family.original_expert_name(expert, p) for p in projections)
+        return names
+
     def calibration_batches(self) -> tuple[list[torch.Tensor], str]:
         tokens = calibration_tokens(
             self.options.calib,
@@ -533,6 +555,13 @@ class Quantizer:
         started = time.perf_counter()
         original = self.reader.get_many(names)
         local, prefix = self._local(layer, original)
+        fused_layout = self.fmt.layout == "fused"
+        if fused_layout:  # one stacked entry per projection, runtime names
+            out = {prefix + n: t for n, t in local.items()}
+        else:  # the source's own tensors, less the weights being quantized: their copy in ``local`` is enough
+            replaced = self._source_names(prefix, targets, local)
+            out = {n: t for n, t in original.items() if n not in replaced}
+        del original
         report = LayerReport(layer, len(targets))
         stats = None
         if bool(hidden) and any(t.scheme.method == "gptq" for t in targets):
@@ -540,8 +569,6 @@ class Quantizer:
                 stats = LayerStatistics(module, targets, self.options.calibrate_all_experts, self.ranks)
                 with stats.hooks():
                     self._calibrate(module, hidden, stats)
-        fused_layout = self.fmt.layout == "fused"
-        out = {prefix + n: t for n, t in local.items()} if fused_layout else dict(original)
         dequantized = dict(local)
         schemes: dict[str, Scheme] = {}
         for target in targets:
@@ -571,6 +598,7 @@ class Quantizer:
                 out.pop(module.name + ".weight", None)
                 out.update({n: t.cpu() for n, t in self.fmt.tensors(module).items()})
                 schemes[module.name] = target.scheme
+        stats = local = weight = qw = None  # the statistics and source weights: room for the forward pass
         if hidden:  # true-sequential: the next layer sees what the quantized layer computes
             with self.streamed.layer(layer, dequantized) as module:
                 hidden = [self.streamed.run_layer(module, batch) for batch in hidden]
@@ -764,6 +792,8 @@ def _run(
                 done.groups_done, done.layers = index + 1, [asdict(r) for r in report.layers]
                 done.schemes = {name: asdict(scheme) for name, scheme in all_schemes.items()}
                 state.record(done, hidden)
+                del tensors
+                release_freed_memory()
                 _pause_for_tests(index)
                 bar.update(1)
         if parts is None:

@@ -1,11 +1,19 @@
-"""Peak memory of quantize and verify at 2 and 8 layers of the same width: flat in depth, or not.
+"""Peak memory of quantize and verify: flat in depth, and one Mixtral-8x7B-width layer within this machine.
 
-Builds two synthetic Mixtral-style checkpoints (random bf16 weights, transformers' own classes) that
-differ only in depth, runs `quantize` (GPTQ, few calibration tokens) and `verify` on each in a fresh
+Depth: builds two synthetic Mixtral-style checkpoints (random bf16 weights, transformers' own classes)
+that differ only in depth, runs `quantize` (GPTQ, few calibration tokens) and `verify` on each in a fresh
 process, and reads each process's peak RSS (VmHWM). Streaming by layer means the 8-layer model should
-peak where the 2-layer one does, although it is 4x larger. Prints a table and writes JSON.
+peak where the 2-layer one does, although it is 4x larger.
+
+Width (`--mixtral-layer`): one decoder layer at Mixtral-8x7B's widths (hidden 4096, 8 experts of 14336,
+top-2, 32 heads, 8 KV heads, vocabulary 32000; 2.8 GB of bf16 experts, whose down-projection Hessians
+alone are 8 x 14336^2 floats), quantized GPTQ w4 g128 with a stated, reduced number of calibration
+tokens, in a fresh process, with its peak RSS and the machine's memory beside it.
+
+Prints a table and writes JSON.
 
     python scripts/bench_memory.py --hidden 1024 --out bench_results/memory.json
+    python scripts/bench_memory.py --mixtral-layer --samples 4 --seq-len 512 --out bench_results/memory-mixtral.json
 """
 
 from __future__ import annotations
@@ -23,22 +31,23 @@ STEP = r"""
 import json, sys, time
 import moeconvert
 from moeconvert.pipeline import QuantizeOptions
-step, source, out = sys.argv[1:4]
+step, source, out, samples, seq_len = sys.argv[1:6]
+samples, seq_len = int(samples), int(seq_len)
 t = time.perf_counter()
 if step == "quantize":
     moeconvert.quantize(source, moeconvert.Scheme(bits=4, group_size=128), output=out,
-                        options=QuantizeOptions(samples=4, seq_len=256), verify=False, progress=False)
+                        options=QuantizeOptions(samples=samples, seq_len=seq_len), verify=False, progress=False)
 else:
-    moeconvert.verify(source, out, samples=4, seq_len=256, progress=False)
+    moeconvert.verify(source, out, samples=samples, seq_len=seq_len, progress=False)
 hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": int(hwm) * 1024}))
 """
 
 
-def run_step(step: str, source: Path, out: Path) -> dict:
+def run_step(step: str, source: Path, out: Path, samples: int = 4, seq_len: int = 256) -> dict:
     env = {"TQDM_DISABLE": "1", "PATH": "", "OMP_NUM_THREADS": "2"}
     result = subprocess.run(
-        [sys.executable, "-c", STEP, step, str(source), str(out)],
+        [sys.executable, "-c", STEP, step, str(source), str(out), str(samples), str(seq_len)],
         check=True,
         capture_output=True,
         text=True,
@@ -53,7 +62,13 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--depths", type=int, nargs=2, default=(2, 8))
     parser.add_argument("--out", type=Path, default=Path("bench_results/memory.json"))
+    parser.add_argument("--mixtral-layer", action="store_true", help="one layer at Mixtral-8x7B widths")
+    parser.add_argument("--samples", type=int, default=4, help="calibration sequences (--mixtral-layer)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (--mixtral-layer)")
     args = parser.parse_args()
+    if args.mixtral_layer:
+        mixtral_layer(args)
+        return
 
     import torch
 
@@ -111,6 +126,52 @@ def main() -> None:
         print(
             f"{step}: peak at {b['layers']} layers / at {a['layers']} layers = {b[step]['peak_rss'] / a[step]['peak_rss']:.3f} (model {b['model_bytes'] / a['model_bytes']:.1f}x larger)"
         )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def mixtral_layer(args: argparse.Namespace) -> None:
+    """One Mixtral-8x7B-width layer: build it, quantize it in a fresh process, report the peak."""
+    import psutil
+    import torch
+
+    from moeconvert.checkpoint import ShardedReader
+    from moeconvert.tiny import build_tiny_model
+
+    work = Path(tempfile.mkdtemp(prefix="bench_memory_mixtral_"))
+    try:
+        src = build_tiny_model(
+            "mixtral", work / "src", dtype=torch.bfloat16, hidden_size=4096, intermediate_size=14336,
+            num_hidden_layers=1, num_local_experts=8, num_experts_per_tok=2, num_attention_heads=32,
+            num_key_value_heads=8, vocab_size=32000,
+        )  # fmt: skip
+        with ShardedReader(src) as reader:
+            total = reader.total_bytes
+            experts = sum(m.nbytes for n, m in reader.metas.items() if ".experts." in n)
+        quant = run_step("quantize", src, work / "q", args.samples, args.seq_len)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    down_sums = 8 * 14336 * 14336 * 4  # float32 running sums (moeconvert.quant.hessian.sums_dtype)
+    result = {
+        "machine": platform.platform(),
+        "torch": torch.__version__,
+        "memory_total": psutil.virtual_memory().total,
+        "model_bytes": total,
+        "expert_bytes": experts,
+        "calibration_tokens": args.samples * args.seq_len,
+        "samples": args.samples,
+        "seq_len": args.seq_len,
+        "down_hessian_sums_bytes": down_sums,
+        "quantize": quant,
+    }
+    gb = 1e9
+    print(
+        f"{'model GB':>9}{'experts GB':>11}{'tokens':>8}{'down sums GB':>13}{'peak GB':>9}{'machine GB':>11}{'s':>7}"
+    )
+    print(
+        f"{total / gb:>9.2f}{experts / gb:>11.2f}{result['calibration_tokens']:>8}{down_sums / gb:>13.2f}"
+        f"{quant['peak_rss'] / gb:>9.2f}{result['memory_total'] / gb:>11.2f}{quant['seconds']:>7.0f}"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -355,6 +355,8 @@ def evaluate(run: Run, src: Path, out: Path, held_out: Path, samples: int, seq_l
             setattr(run, key, {
                 "kl_mean": report.kl_mean,
                 "kl_max": report.kl_max,
+                "kl_median": report.kl_median,
+                "kl_p99": report.kl_p99,
                 "top1_agreement": report.top1_agreement,
                 "perplexity_original": report.perplexity_original,
                 "perplexity_converted": report.perplexity_converted,

@@ -99,12 +99,17 @@ def eval_tokens(batch: int = 8, seq_len: int = 96) -> torch.Tensor:
     return calibration_tokens(None, None, 256, batch, seq_len, seed=777)
 
 
-def mean_kl(reference: torch.nn.Module, candidate: torch.nn.Module, tokens: torch.Tensor) -> float:
-    """Mean per-token KL(reference || candidate) of next-token distributions."""
+def token_kl(reference: torch.nn.Module, candidate: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(reference || candidate) of next-token distributions, flattened."""
     with torch.no_grad():
         p = reference(tokens).logits.float().log_softmax(-1)
         q = candidate(tokens).logits.float().log_softmax(-1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
+    return (p.exp() * (p - q)).sum(-1).flatten()
+
+
+def mean_kl(reference: torch.nn.Module, candidate: torch.nn.Module, tokens: torch.Tensor) -> float:
+    """Mean per-token KL(reference || candidate) of next-token distributions."""
+    return float(token_kl(reference, candidate, tokens).mean())
 
 
 W4 = Scheme(bits=4, group_size=32)

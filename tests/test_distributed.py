@@ -39,7 +39,10 @@ def comparable(report: dict) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("family", "extra"),
-    [("mixtral", ()), ("deepseek_v2", ("--dynamic-groups", "--format", "gptq"))],  # dense layer, shared experts
+    [
+        ("mixtral", ()),
+        ("deepseek_v2", ("--dynamic-groups", "--format", "gptq")),
+    ],  # dense layer, shared experts
 )
 def test_two_gloo_ranks_write_the_single_process_bytes(
     family: str, extra: tuple[str, ...], tiny_models: dict[str, Path], tmp_path: Path

@@ -15,7 +15,7 @@ import torch
 
 from moeconvert.quant import gptq
 from moeconvert.quant.gptq import gptq_quantize
-from moeconvert.quant.hessian import HessianAccumulator
+from moeconvert.quant.hessian import HessianAccumulator, sums_dtype
 from moeconvert.quant.rtn import compute_qparams, dequantize, quantize_codes, rtn_quantize
 from moeconvert.quant.scheme import Scheme
 
@@ -84,22 +84,32 @@ def expert_stack(experts=3, out=16, columns=96, seed=0):
     return W, torch.stack(hessians)
 
 
-SCHEMES = [
-    Scheme(bits=bits, group_size=group, sym=sym, act_order=act, static_groups=False, block_size=64)
-    for bits in (4, 8)
-    for group in (32, -1)
-    for sym in (True, False)
-    for act in (False, True)
-] + [
-    Scheme(bits=4, group_size=64, block_size=32, act_order=False, static_groups=False),  # groups span blocks
-    Scheme(bits=4, group_size=48, block_size=64, act_order=True, static_groups=False),  # block realigned to the groups
-    Scheme(bits=4, group_size=40, block_size=128, sym=False, act_order=False, static_groups=False),  # short last group
-] + [
-    Scheme(bits=4, group_size=group, sym=sym, act_order=act, static_groups=True, block_size=64)
-    for group in (32, 40, -1)
-    for sym in (True, False)
-    for act in (False, True)
-]
+SCHEMES = (
+    [
+        Scheme(bits=bits, group_size=group, sym=sym, act_order=act, static_groups=False, block_size=64)
+        for bits in (4, 8)
+        for group in (32, -1)
+        for sym in (True, False)
+        for act in (False, True)
+    ]
+    + [
+        Scheme(
+            bits=4, group_size=64, block_size=32, act_order=False, static_groups=False
+        ),  # groups span blocks
+        Scheme(
+            bits=4, group_size=48, block_size=64, act_order=True, static_groups=False
+        ),  # block realigned to the groups
+        Scheme(
+            bits=4, group_size=40, block_size=128, sym=False, act_order=False, static_groups=False
+        ),  # short last group
+    ]
+    + [
+        Scheme(bits=4, group_size=group, sym=sym, act_order=act, static_groups=True, block_size=64)
+        for group in (32, 40, -1)
+        for sym in (True, False)
+        for act in (False, True)
+    ]
+)
 
 
 def scheme_id(s: Scheme) -> str:
@@ -167,7 +177,10 @@ def test_internal_pieces_do_not_change_the_result(monkeypatch: pytest.MonkeyPatc
     """The solver goes through experts (and the factor through rows) in pieces sized by
     ``WORKSPACE_BYTES``; pieces of one expert and one row change no bit of the float32 result."""
     W, H = expert_stack(experts=5)
-    schemes = [Scheme(bits=4, group_size=32, block_size=64), Scheme(bits=4, act_order=True, static_groups=False, block_size=32)]
+    schemes = [
+        Scheme(bits=4, group_size=32, block_size=64),
+        Scheme(bits=4, act_order=True, static_groups=False, block_size=32),
+    ]
     for scheme in schemes:
         whole = gptq_quantize(W.float(), H.float(), scheme)
         with monkeypatch.context() as patch:
@@ -189,7 +202,11 @@ def test_deterministic() -> None:
 
 @pytest.mark.parametrize(
     "scheme",
-    [Scheme(bits=4, group_size=32), Scheme(bits=4, group_size=-1, sym=False), Scheme(bits=4, act_order=True, static_groups=False)],
+    [
+        Scheme(bits=4, group_size=32),
+        Scheme(bits=4, group_size=-1, sym=False),
+        Scheme(bits=4, act_order=True, static_groups=False),
+    ],
     ids=lambda s: s.label + ("-act" if s.act_order else ""),
 )
 def test_gptq_beats_rtn_on_correlated_routed_inputs(scheme: Scheme) -> None:
@@ -212,7 +229,11 @@ def test_gptq_beats_rtn_on_correlated_routed_inputs(scheme: Scheme) -> None:
 
 @pytest.mark.parametrize(
     "scheme",
-    [Scheme(bits=4, group_size=32), Scheme(bits=8, group_size=-1, sym=False), Scheme(bits=4, act_order=True, static_groups=False)],
+    [
+        Scheme(bits=4, group_size=32),
+        Scheme(bits=8, group_size=-1, sym=False),
+        Scheme(bits=4, act_order=True, static_groups=False),
+    ],
     ids=lambda s: s.label + ("-act" if s.act_order else ""),
 )
 @pytest.mark.parametrize("scale_dtype", [None, torch.float16])
@@ -236,7 +257,10 @@ def test_dead_inputs_and_empty_hessian() -> None:
     x = correlated_inputs(256, 64, gen)
     x[:, 10:20] = 0
     H = torch.stack([hessian_of(x).float(), torch.zeros(64, 64)])
-    for scheme in (Scheme(bits=4, group_size=32), Scheme(bits=4, group_size=-1, act_order=True, static_groups=False)):
+    for scheme in (
+        Scheme(bits=4, group_size=32),
+        Scheme(bits=4, group_size=-1, act_order=True, static_groups=False),
+    ):
         got = gptq_quantize(W, H, scheme).dequantize()
         assert got.isfinite().all()
         assert torch.equal(got[0][:, 10:20], torch.zeros(8, 10))
@@ -309,6 +333,19 @@ def test_routed_accumulation_equals_explicit_per_expert_products() -> None:
     torch.testing.assert_close(accumulator.layer_hessian(), hessian_of(x), rtol=1e-5, atol=1e-3)
 
 
+def test_float32_sums_for_very_wide_stacks_only_and_close_to_float64() -> None:
+    assert sums_dtype(14336, 8) == torch.float32  # Mixtral-8x7B down: 13 GB of float64 sums
+    assert sums_dtype(4096, 8) == torch.float64 and sums_dtype(768, 128) == torch.float64  # 1.1, 0.6 GB
+    x, routing = routed_inputs(tokens=3000)
+    sums = {}
+    for dtype in (torch.float64, torch.float32):
+        accumulator = HessianAccumulator(48, 5, chunk_size=64, dtype=dtype)
+        accumulator.add(x, routing)
+        sums[dtype] = accumulator.finalize(min_tokens=0)[0]
+    assert not torch.equal(sums[torch.float32], sums[torch.float64])
+    torch.testing.assert_close(sums[torch.float32], sums[torch.float64], rtol=1e-5, atol=1e-5)
+
+
 def test_mask_indices_per_expert_rows_and_batch_shape_agree_bitwise() -> None:
     x, routing = routed_inputs()
     by_index = HessianAccumulator(48, 5, chunk_size=64)
@@ -371,7 +408,12 @@ def test_starved_experts_borrow_layer_statistics() -> None:
             H[expert].double(), hessian_of(x[(routing == expert).any(-1)]), rtol=1e-5, atol=1e-3
         )
     W = torch.randn(4, 16, 48, generator=torch.Generator().manual_seed(8))
-    assert gptq_quantize(W, H, Scheme(bits=4, group_size=16, act_order=True, static_groups=False)).dequantize().isfinite().all()
+    assert (
+        gptq_quantize(W, H, Scheme(bits=4, group_size=16, act_order=True, static_groups=False))
+        .dequantize()
+        .isfinite()
+        .all()
+    )
 
 
 def test_zero_token_expert_is_well_posed_even_without_min_tokens() -> None:

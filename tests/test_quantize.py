@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, W4, eval_tokens, load_model, load_tensors, mean_kl, run_cli
+from conftest import FAMILIES, W4, eval_tokens, load_model, load_tensors, mean_kl, run_cli, token_kl
 
 from moeconvert.distributed import Ranks
 from moeconvert.families import family_for, load_config
@@ -66,23 +66,24 @@ def test_transformers_loads_our_compressed_tensors(
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_quality_orders_as_it_must(family: str, quantized: dict, trained_models: dict[str, Path]) -> None:
+    """Means of per-token KL on these tiny models hang on a few knife-edge tokens (one token at KL ~0.5
+    outweighs 700 ordinary ones), so the orderings are asserted on the median token, which a method
+    must move less everywhere, and the mean is bounded."""
     tokens = eval_tokens()
     original = load_model(trained_models[family])
-    kl = {
-        label: mean_kl(original, load_model(quantized[family, label]), tokens)
+    per_token = {
+        label: token_kl(original, load_model(quantized[family, label]), tokens)
         for label in ("w4", "w8", "w4rtn")
     }
-    assert kl["w4"] < 3e-3, kl
+    assert all(float(k.mean()) < 3e-3 for k in per_token.values()), per_token
+    kl = {label: float(k.median()) for label, k in per_token.items()}
+    assert kl["w4"] < kl["w4rtn"] / 4, kl  # GPTQ moves the typical token several times less than RTN
     if family == "phimoe":
         # Phi-MoE's sparsemixer routing flips on small input changes; quantized attention moves tokens
-        # across its thresholds whatever the method or width, so end to end GPTQ only matches RTN and
-        # 8 bits gain less over 4 than elsewhere (its layer objective is still far lower than RTN's:
-        # see test_gptq_objective_below_rtn).
+        # across its thresholds whatever the width, so 8 bits gain less over 4 than elsewhere.
         assert kl["w8"] < kl["w4"] and kl["w8"] < 1e-3, kl
-        assert kl["w4"] < 1.2 * kl["w4rtn"], kl
     else:
         assert kl["w8"] < kl["w4"] / 10 and kl["w8"] < 2e-4, kl
-        assert kl["w4"] < kl["w4rtn"], kl
 
 
 def _layer_statistics(source: Path, scheme: Scheme, layer: int):

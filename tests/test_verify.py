@@ -42,6 +42,9 @@ def test_parity_numbers(family: str, parity: dict) -> None:
     assert (w8.kind, w4.kind) == ("int8", "int4")
     assert w8.passed and w4.passed, (w8.failures, w4.failures)
     assert 0.0 < w8.kl_mean < w4.kl_mean
+    assert fused.kl_median == fused.kl_p99 == 0.0
+    for r in (w8, w4):
+        assert 0.0 < r.kl_median <= r.kl_p99 <= r.kl_max and r.kl_median < r.kl_max
     assert w4.top1_agreement <= w8.top1_agreement
     errors8, errors4 = ([p.layer_error for p in r.layers] for r in (w8, w4))
     assert all(e > 0.0 for e in errors8 + errors4)

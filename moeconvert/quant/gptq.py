@@ -148,9 +148,7 @@ def _quantize_stack(
     return codes, scale, zero, g_idx
 
 
-def _static_qparams(
-    Wt: Tensor, scheme: Scheme, scale_dtype: torch.dtype | None
-) -> tuple[Tensor, Tensor]:
+def _static_qparams(Wt: Tensor, scheme: Scheme, scale_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
     """Every group's scale and zero from the weights as they are before any error feedback, in the
     natural column order, as float32 ``[E, n_groups, out]`` (``Wt`` is ``[E, in, out]``).
 

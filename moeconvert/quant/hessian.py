@@ -11,7 +11,10 @@ chunking therefore depends only on the sequence of rows each expert receives, no
 split tokens into batches, so the sums are bit-identical however the calibration set is batched (on
 CPU, with a fixed thread count). Each chunk product is a float32 matmul (short sums, fast, accurate to
 ~1e-7 relative) added into a float64 running sum: millions of float32 additions would drift with the
-token count and the chunking, float64 does not, at twice the memory of the sums.
+token count and the chunking, float64 does not, at twice the memory of the sums. Where float64 sums of
+one stack would pass ``FLOAT64_SUMS_BYTES`` (Mixtral-8x7B's eight 14336-wide down projections: 13 GB),
+:func:`sums_dtype` picks float32: a few hundred chunk products per expert drift by ~1e-5 relative, far
+below GPTQ's 1% damping, and the rule depends on shapes alone, so every machine sums alike.
 
 Starved experts. A router may send an expert few or no calibration tokens. ``finalize`` fills the
 deficit with pseudo-tokens drawn from the layer-wide statistics (the pool of every row any expert
@@ -35,6 +38,15 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+FLOAT64_SUMS_BYTES = 4 << 30
+
+
+def sums_dtype(in_features: int, num_experts: int = 1) -> torch.dtype:
+    """dtype of the running sums of a stack of ``num_experts`` (the whole layer's count, so that an
+    expert-parallel rank sums as one process would): float64 unless that would pass FLOAT64_SUMS_BYTES."""
+    float64_bytes = num_experts * in_features * in_features * 8
+    return torch.float64 if float64_bytes <= FLOAT64_SUMS_BYTES else torch.float32
 
 
 class HessianAccumulator:
