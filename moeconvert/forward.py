@@ -92,6 +92,12 @@ class LayerwiseModel:
             }
             _materialise(module, state, self.device)
 
+    def release_top(self) -> None:
+        """Back to meta for embeddings, final norm and head, once a pass needs no more of them (a
+        quantize pass embeds its calibration tokens once; Mixtral's two float32 tables are 1 GB)."""
+        for module_name in ("model.embed_tokens", "model.norm", "lm_head"):
+            self.model.get_submodule(module_name).to("meta")
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.backbone.embed_tokens(input_ids.to(self.device))

@@ -317,7 +317,7 @@ def solve(
     chunk = (
         experts_per_chunk
         if experts_per_chunk is not None
-        else auto_experts_per_chunk(weight.shape[-1], weight.device)
+        else auto_experts_per_chunk(weight.shape[-1], weight.shape[-2], weight.device)
     )
     acc = stats.accumulators.get(target.local)
     if target.kind == "dense":
@@ -333,7 +333,7 @@ def solve(
     for start in range(0, owned.shape[0], chunk):  # one chunk's Hessians and weights at a time
         experts = range(start, min(start + chunk, owned.shape[0]))
         hessians, _ = acc.finalize_with(min_tokens, layer_mean, experts=experts)
-        part = owned[experts.start : experts.stop].float()
+        part = owned[experts.start : experts.stop]  # the solver takes its float32 copy an expert at a time
         parts.append(gptq_quantize(part, hessians.to(part.device), target.scheme, scale_dtype=scale_dtype))
         del hessians, part
     return _gathered(_concat(parts)), all_gather_cat(acc.counts).tolist()
@@ -345,7 +345,7 @@ def _layer_mean(acc: HessianAccumulator) -> torch.Tensor | None:
     sums = acc.sums()
     total = int(all_gather_cat(acc.counts).sum())
     pooled = ordered_sum(list(sums), like=sums[0])
-    return None if total == 0 or pooled is None else pooled / total
+    return None if total == 0 or pooled is None else pooled.div_(total)
 
 
 def _concat(parts: list[QuantizedWeight]) -> QuantizedWeight:
@@ -393,7 +393,7 @@ def _from_owner(mine: QuantizedWeight | None, w: torch.Tensor, scheme: Scheme) -
     return replace(mine, **shared)
 
 
-def auto_experts_per_chunk(in_features: int, device: torch.device) -> int:
+def auto_experts_per_chunk(in_features: int, out_features: int, device: torch.device) -> int:
     """How many experts' GPTQ problems fit in half the free memory at once (sizes as measured by
     scripts/bench_quantize.py); a layer whose experts do not all fit is finalized and solved in chunks,
     with the same result."""
@@ -404,9 +404,21 @@ def auto_experts_per_chunk(in_features: int, device: torch.device) -> int:
 
         free = psutil.virtual_memory().available
     hessian = in_features * in_features * 4
-    per_expert = 3 * hessian  # its finalized Hessian, its factor, its weights (two copies, at most in x in)
+    # its finalized Hessian and factor, its float32 working weights and its codes (one byte per weight)
+    per_expert = 2 * hessian + 5 * in_features * out_features
     shared = 5 * hessian  # the finalize buffer (float64) and the factorization's three buffers
     return max(1, int((free * 0.5 - shared) // per_expert))
+
+
+def _dequantized(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """``qw`` decoded to ``dtype`` on the CPU, one expert at a time: a whole stack decoded in float32
+    first would be twice the stack (7.5 GB for Mixtral-8x7B's gate_up)."""
+    if qw.codes.dim() == 2:
+        return qw.dequantize().to(dtype).cpu()
+    out = torch.empty(qw.codes.shape, dtype=dtype)
+    for expert in range(qw.codes.shape[0]):
+        out[expert] = _expert(qw, expert).dequantize().to(dtype)
+    return out
 
 
 def _rows(qw: QuantizedWeight, rows: slice) -> QuantizedWeight:
@@ -584,7 +596,9 @@ class Quantizer:
             if target.kind == "gate_up" and counts:
                 report.tokens_per_expert = counts
                 report.starved_experts = [e for e, c in enumerate(counts) if c < self.options.min_tokens]
-            dequantized[target.local] = qw.dequantize().to(weight.dtype).cpu()
+            if stats is not None:  # this target's statistics are spent
+                stats.accumulators.pop(target.local, None)
+            dequantized[target.local] = _dequantized(qw, weight.dtype)
             if fused_layout:  # one stacked entry per projection, runtime names
                 modules = [
                     QuantizedModule(
@@ -822,6 +836,7 @@ def _starting_state(
         return [], top
     runner.streamed.load_top(top)
     hidden, digest = runner.calibration_batches()
+    runner.streamed.release_top()
     report.calibration["tokens_sha256"] = done.tokens_sha256 = digest
     done.batch_count = runner.batch_count
     return hidden, top

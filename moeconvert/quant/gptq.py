@@ -404,7 +404,7 @@ def _feedback_factor(
         chunk = slice(start, start + step)
         factor, k = G[chunk], G[chunk].shape[0]
         order = None if perm is None else perm[chunk].flip(-1)
-        _reversed_hessian(H[chunk], order, out=A[:k])
+        _reversed_hessian(H[chunk], order, out=A[:k], scratch=(damped[:k], L[:k]))
         # Column-major views (A is symmetric): the layout LAPACK factors in, so torch copies no more.
         _damped_cholesky(A[:k].mT, mean_diagonal[chunk], damp, damped=damped[:k].mT, out=L[:k].mT)
         _reverse(L[:k], out=factor)  # L[:k] holds L^T, and J L^T J = V^T
@@ -419,19 +419,24 @@ def _feedback_factor(
     return G
 
 
-def _reversed_hessian(H: Tensor, order: Tensor | None, *, out: Tensor) -> None:
+def _reversed_hessian(
+    H: Tensor, order: Tensor | None, *, out: Tensor, scratch: tuple[Tensor, Tensor]
+) -> None:
     """``out = J P H P^T J`` in ``out``'s dtype, with a zero diagonal entry (a dead input) set to 1.
 
     ``P`` is the solve's column order and ``J`` the reversal; ``order`` is the two together (None: the
     reversal alone). Permuted columns are taken as permuted rows of the transpose (``H`` is
-    symmetric), which is fast.
+    symmetric), which is fast. ``scratch`` are two buffers like ``out`` (free at this point), so that
+    no Hessian-sized temporary is allocated (Mixtral-8x7B's down Hessian is 0.8 GB).
     """
     if order is None:
         _reverse(H, out=out)
     else:
+        rows, transposed = scratch
         for expert in range(H.shape[0]):
-            rows = H[expert].index_select(0, order[expert])  # J P H
-            out[expert] = rows.mT.contiguous().index_select(0, order[expert])  # (J P H)^T = H P^T J, its rows
+            torch.index_select(H[expert].to(out.dtype), 0, order[expert], out=rows[expert])  # J P H
+            transposed[expert].copy_(rows[expert].mT)  # (J P H)^T = H P^T J
+            torch.index_select(transposed[expert], 0, order[expert], out=out[expert])  # its rows
     diagonal = out.diagonal(dim1=-2, dim2=-1)
     diagonal.add_((diagonal == 0).to(out.dtype))
 
