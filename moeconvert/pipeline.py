@@ -180,6 +180,11 @@ def layer_targets(
 # -------------------------------------------------------------------------------------------- calibration
 
 
+class StatisticsComplete(Exception):
+    """Raised by the last statistics hook of a forward pass: the rest of the layer's computation (often
+    the routed experts themselves, whose inputs the hook has just taken) would be thrown away."""
+
+
 class LayerStatistics:
     """GPTQ statistics of one layer's targets that this rank owns, and the hooks that gather them.
 
@@ -191,6 +196,7 @@ class LayerStatistics:
 
     def __init__(self, layer: nn.Module, targets: list[Target], all_experts: bool, ranks: Ranks) -> None:
         self.ranks, self.all_experts = ranks, all_experts
+        self.fired: set[str] = set()  # hooks run in this batch's forward pass
         self.accumulators: dict[str, HessianAccumulator] = {}
         self.modules: dict[str, nn.Module] = {}
         self.records: list[tuple[str, Any]] = []  # (key, tensors, or the index of an identical record)
@@ -243,10 +249,12 @@ class LayerStatistics:
     def _seen(self, key: str, tensors: tuple[torch.Tensor, ...]) -> None:
         if not self.ranks.distributed:
             self._add(key, tensors)
-            return
-        # q, k and v (or gate and up) see the very same input: share it once, refer to it after
-        same = [i for i, (_, earlier) in enumerate(self.records) if _same(earlier, tensors)]
-        self.records.append((key, tensors if not same else same[0]))
+        else:  # q, k and v (or gate and up) see the very same input: share it once, refer to it after
+            same = [i for i, (_, earlier) in enumerate(self.records) if _same(earlier, tensors)]
+            self.records.append((key, tensors if not same else same[0]))
+        self.fired.add(key)
+        if len(self.fired) == len(self.modules):
+            raise StatisticsComplete  # nothing after this point of the forward pass adds statistics
 
     @torch.no_grad()
     def exchange(self, template: list[tuple[str, Any]]) -> None:
@@ -624,14 +632,20 @@ class Quantizer:
         expert-parallel job, one batch per rank at a time, each round's records shared before the next."""
         if not self.ranks.distributed:
             for batch in hidden:
-                self.streamed.run_layer(module, batch)
+                self._statistics_pass(module, batch, stats)
             return
         template: list[tuple[str, Any]] = []
         for round_ in range(-(-self.batch_count // self.ranks.world)):
             if round_ < len(hidden):
-                self.streamed.run_layer(module, hidden[round_])
+                self._statistics_pass(module, hidden[round_], stats)
                 template = template or list(stats.records)
             stats.exchange(template)
+
+    def _statistics_pass(self, module: nn.Module, batch: torch.Tensor, stats: LayerStatistics) -> None:
+        """Run one batch through the layer until every statistics hook has seen it."""
+        stats.fired.clear()
+        with contextlib.suppress(StatisticsComplete):
+            self.streamed.run_layer(module, batch)
 
     def close(self) -> None:
         self.reader.close()

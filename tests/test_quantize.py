@@ -96,7 +96,7 @@ def _layer_statistics(source: Path, scheme: Scheme, layer: int):
         stats = LayerStatistics(module, plan[layer], False, Ranks())
         with stats.hooks():
             for batch in hidden:
-                runner.streamed.run_layer(module, batch)
+                runner._statistics_pass(module, batch, stats)
     return runner, plan[layer], local, stats
 
 
