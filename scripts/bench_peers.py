@@ -70,8 +70,10 @@ MOECONVERT_SETTINGS = (
 )
 
 # Diagnostic variants, not in the default --tools: each changes one setting in which the tools differ.
-DIAGNOSTIC = {"moeconvert-all-experts", "llm-compressor-no-actorder"}
+DIAGNOSTIC = {"moeconvert-all-experts", "moeconvert-bf16-forward", "llm-compressor-no-actorder"}
 OWN_VARIANTS = {
+    "moeconvert-bf16-forward": "as moeconvert, but forward_dtype='checkpoint': calibration forward passes in "
+    "the model's bf16, as the peers run them",
     "moeconvert-all-experts": "as moeconvert, but calibrate_all_experts=True: every expert on every token, "
     "as llm-compressor does by default"
 }
@@ -117,7 +119,7 @@ t = time.perf_counter()
 report = moeconvert.quantize(
     src, moeconvert.Scheme(bits=4, group_size=128, sym=True, method="gptq"), output=out,
     options=QuantizeOptions(format="compressed-tensors", samples=samples, seq_len=seq_len, seed=calib["seed"],
-                            device="cpu", calibrate_all_experts=ALL_EXPERTS),
+                            device="cpu", calibrate_all_experts=ALL_EXPERTS, forward_dtype=FORWARD),
     verify=False, progress=False,
 )
 seconds = time.perf_counter() - t
@@ -170,8 +172,9 @@ print("BENCH_RESULT", json.dumps({"version": gptqmodel.__version__, "quantize_se
 """
 
 DRIVERS = {
-    "moeconvert": "ALL_EXPERTS = False\n" + MOECONVERT_DRIVER,
-    "moeconvert-all-experts": "ALL_EXPERTS = True\n" + MOECONVERT_DRIVER,
+    "moeconvert": "ALL_EXPERTS, FORWARD = False, 'float32'\n" + MOECONVERT_DRIVER,
+    "moeconvert-all-experts": "ALL_EXPERTS, FORWARD = True, 'float32'\n" + MOECONVERT_DRIVER,
+    "moeconvert-bf16-forward": "ALL_EXPERTS, FORWARD = False, 'checkpoint'\n" + MOECONVERT_DRIVER,
     "llm-compressor": "OPTIONS = {}\n" + LLMCOMPRESSOR_DRIVER,
     "llm-compressor-no-actorder": "OPTIONS = {'actorder': None}\n" + LLMCOMPRESSOR_DRIVER,
     "gptqmodel": GPTQMODEL_DRIVER,

@@ -10,6 +10,7 @@ import torch
 from conftest import FAMILIES, W4, eval_tokens, load_model, load_tensors, mean_kl, run_cli, token_kl
 
 from moeconvert.distributed import Ranks
+from moeconvert.errors import BadInputError
 from moeconvert.families import family_for, load_config
 from moeconvert.pipeline import LayerStatistics, QuantizeOptions, Quantizer, quantize, solve
 from moeconvert.quant.packing import unpack_compressed, unpack_gptq
@@ -293,3 +294,35 @@ def test_solving_experts_in_chunks_changes_nothing(trained_models: dict[str, Pat
     assert (tmp_path / "chunked" / "model.safetensors").read_bytes() == (
         tmp_path / "whole" / "model.safetensors"
     ).read_bytes()
+
+
+def test_forward_in_the_checkpoint_dtype(tmp_path: Path) -> None:
+    """--forward-dtype checkpoint calibrates a bf16 model in bf16: other statistics (other bytes), the
+    same quality class, and the float32 default is untouched by it."""
+    from moeconvert.tiny import build_tiny_model
+    from moeconvert.verify import verify
+
+    source = str(
+        build_tiny_model("qwen3_moe", tmp_path / "bf16", seed=3, train_steps=150, dtype=torch.bfloat16)
+    )
+    outputs = {}
+    for forward in ("float32", "checkpoint"):
+        options = QuantizeOptions(samples=16, seq_len=128, forward_dtype=forward)
+        outputs[forward] = quantize(
+            source, W4, output=tmp_path / forward, options=options, verify=False, progress=False
+        ).output
+    rtn = quantize(
+        source, Scheme(bits=4, group_size=32, method="rtn"), output=tmp_path / "rtn", options=FAST,
+        verify=False, progress=False,
+    ).output  # fmt: skip
+    weights = {k: (Path(v) / "model.safetensors").read_bytes() for k, v in outputs.items()}
+    assert weights["float32"] != weights["checkpoint"]
+    medians = {
+        k: verify(source, str(v), samples=8, seq_len=96, seed=777, progress=False).kl_median
+        for k, v in {**outputs, "rtn": rtn}.items()
+    }
+    assert medians["checkpoint"] < medians["rtn"] / 4 and medians["float32"] < medians["rtn"] / 4, medians
+    with pytest.raises(BadInputError, match="forward dtype"):
+        quantize(
+            source, W4, output=tmp_path / "bad", options=QuantizeOptions(forward_dtype="fp8"), progress=False
+        )
