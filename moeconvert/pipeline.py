@@ -603,41 +603,54 @@ class Quantizer:
                     self._calibrate(module, hidden, stats)
         dequantized = dict(local)
         schemes: dict[str, Scheme] = {}
-        for target in targets:
-            weight = local[target.local]
-            qw, counts = solve(
-                target,
-                weight.to(self.device),
-                stats,
-                self.options.min_tokens,
-                self.fmt,
-                self.options.experts_per_chunk,
+        for target in targets:  # each source stack is dropped once decoded: room for the next solve
+            weight = local.pop(target.local)
+            dequantized[target.local] = self._quantize_target(
+                target, weight, stats, prefix, report, out, schemes
             )
-            if target.kind == "gate_up" and counts:
-                report.tokens_per_expert = counts
-                report.starved_experts = [e for e, c in enumerate(counts) if c < self.options.min_tokens]
             if stats is not None:  # this target's statistics are spent
                 stats.accumulators.pop(target.local, None)
-            dequantized[target.local] = _dequantized(qw, weight.dtype)
-            if fused_layout:  # one stacked entry per projection, runtime names
-                modules = [
-                    QuantizedModule(
-                        prefix + target.local.removesuffix(".weight"), qw, target.scheme, weight.dtype
-                    )
-                ]
-            else:
-                modules = output_modules(self.family, prefix, target, qw, weight.dtype)
-            for module in modules:
-                out.pop(module.name, None)  # stacked experts are stored without a ".weight" suffix
-                out.pop(module.name + ".weight", None)
-                out.update({n: t.cpu() for n, t in self.fmt.tensors(module).items()})
-                schemes[module.name] = target.scheme
-        stats = local = weight = qw = None  # the statistics and source weights: room for the forward pass
+        stats = local = weight = None  # the statistics and source weights: room for the forward pass
         if hidden:  # true-sequential: the next layer sees what the quantized layer computes
             with self.streamed.layer(layer, dequantized) as module:
                 hidden = [self.streamed.run_layer(module, batch) for batch in hidden]
         report.seconds = time.perf_counter() - started
         return out, hidden, report, schemes
+
+    def _quantize_target(
+        self,
+        target: Target,
+        weight: torch.Tensor,
+        stats: LayerStatistics | None,
+        prefix: str,
+        report: LayerReport,
+        out: dict[str, torch.Tensor],
+        schemes: dict[str, Scheme],
+    ) -> torch.Tensor:
+        """Solve one target, put its output modules in ``out`` (replacing its source tensors) and their
+        schemes in ``schemes``; returns its decoded weight for the layer's forward pass."""
+        qw, counts = solve(
+            target,
+            weight.to(self.device),
+            stats,
+            self.options.min_tokens,
+            self.fmt,
+            self.options.experts_per_chunk,
+        )
+        if target.kind == "gate_up" and counts:
+            report.tokens_per_expert = counts
+            report.starved_experts = [e for e, c in enumerate(counts) if c < self.options.min_tokens]
+        if self.fmt.layout == "fused":  # one stacked entry per projection, runtime names
+            name = prefix + target.local.removesuffix(".weight")
+            modules = [QuantizedModule(name, qw, target.scheme, weight.dtype)]
+        else:
+            modules = output_modules(self.family, prefix, target, qw, weight.dtype)
+        for module in modules:
+            out.pop(module.name, None)  # stacked experts are stored without a ".weight" suffix
+            out.pop(module.name + ".weight", None)
+            out.update({n: t.cpu() for n, t in self.fmt.tensors(module).items()})
+            schemes[module.name] = target.scheme
+        return _dequantized(qw, weight.dtype)
 
     def _calibrate(self, module: nn.Module, hidden: list[torch.Tensor], stats: LayerStatistics) -> None:
         """Run this rank's batches through the layer while the hooks gather statistics; in an

@@ -31,12 +31,13 @@ STEP = r"""
 import json, sys, time
 import moeconvert
 from moeconvert.pipeline import QuantizeOptions
-step, source, out, samples, seq_len = sys.argv[1:6]
+step, source, out, samples, seq_len, forward = sys.argv[1:7]
 samples, seq_len = int(samples), int(seq_len)
 t = time.perf_counter()
 if step == "quantize":
     moeconvert.quantize(source, moeconvert.Scheme(bits=4, group_size=128), output=out,
-                        options=QuantizeOptions(samples=samples, seq_len=seq_len), verify=False, progress=False)
+                        options=QuantizeOptions(samples=samples, seq_len=seq_len, forward_dtype=forward),
+                        verify=False, progress=False)
 else:
     moeconvert.verify(source, out, samples=samples, seq_len=seq_len, progress=False)
 hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]
@@ -44,10 +45,12 @@ print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": int(hwm) * 102
 """
 
 
-def run_step(step: str, source: Path, out: Path, samples: int = 4, seq_len: int = 256) -> dict:
+def run_step(
+    step: str, source: Path, out: Path, samples: int = 4, seq_len: int = 256, forward: str = "float32"
+) -> dict:
     env = {"TQDM_DISABLE": "1", "PATH": "", "OMP_NUM_THREADS": "2"}
     result = subprocess.run(
-        [sys.executable, "-c", STEP, step, str(source), str(out), str(samples), str(seq_len)],
+        [sys.executable, "-c", STEP, step, str(source), str(out), str(samples), str(seq_len), forward],
         check=True,
         capture_output=True,
         text=True,
@@ -65,6 +68,9 @@ def main() -> None:
     parser.add_argument("--mixtral-layer", action="store_true", help="one layer at Mixtral-8x7B widths")
     parser.add_argument("--samples", type=int, default=4, help="calibration sequences (--mixtral-layer)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (--mixtral-layer)")
+    parser.add_argument(
+        "--forward-dtype", default="float32", choices=["float32", "checkpoint"], help="(--mixtral-layer)"
+    )
     args = parser.parse_args()
     if args.mixtral_layer:
         mixtral_layer(args)
@@ -148,7 +154,7 @@ def mixtral_layer(args: argparse.Namespace) -> None:
         with ShardedReader(src) as reader:
             total = reader.total_bytes
             experts = sum(m.nbytes for n, m in reader.metas.items() if ".experts." in n)
-        quant = run_step("quantize", src, work / "q", args.samples, args.seq_len)
+        quant = run_step("quantize", src, work / "q", args.samples, args.seq_len, args.forward_dtype)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     down_sums = 8 * 14336 * 14336 * 4  # float32 running sums (moeconvert.quant.hessian.sums_dtype)
@@ -161,6 +167,7 @@ def mixtral_layer(args: argparse.Namespace) -> None:
         "calibration_tokens": args.samples * args.seq_len,
         "samples": args.samples,
         "seq_len": args.seq_len,
+        "forward_dtype": args.forward_dtype,
         "down_hessian_sums_bytes": down_sums,
         "quantize": quant,
     }

@@ -75,7 +75,7 @@ OWN_VARIANTS = {
     "moeconvert-bf16-forward": "as moeconvert, but forward_dtype='checkpoint': calibration forward passes in "
     "the model's bf16, as the peers run them",
     "moeconvert-all-experts": "as moeconvert, but calibrate_all_experts=True: every expert on every token, "
-    "as llm-compressor does by default"
+    "as llm-compressor does by default",
 }
 
 PEERS = {
