@@ -223,9 +223,11 @@ class HessianAccumulator:
 
     def _flush_all(self) -> None:
         """Sum the partial last chunks, and zero the sums of experts without rows. Later rows start new
-        chunks, so finalize once, at the end."""
+        chunks, so finalize once, at the end. The product buffers go too (at Mixtral-8x7B's down width
+        they are 0.8 GB); later rows would allocate them again."""
         for expert in range(self.num_experts):
             self._flush(expert, whole_chunks_only=False)
+        self._product = None
         for expert, written in enumerate(self._written):
             if not written:
                 self._sums_or_zeros()[expert].zero_()
