@@ -17,6 +17,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -822,16 +823,21 @@ def _run(
         report.layers = [LayerReport(**d) for d in done.layers]
         all_schemes = {name: Scheme(**fields) for name, fields in done.schemes.items()}
         desc = f"quantize {report.scheme['bits']}-bit"
-        with tqdm(
-            total=len(runner.groups),
-            initial=done.groups_done,
-            unit="layer",
-            desc=desc,
-            disable=not (progress and ranks.writes),
-        ) as bar:
+        with (
+            tqdm(
+                total=len(runner.groups),
+                initial=done.groups_done,
+                unit="layer",
+                desc=desc,
+                disable=not (progress and ranks.writes),
+            ) as bar,
+            ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetcher,
+        ):
             for index, (layer, names) in enumerate(runner.groups):
                 if index < done.groups_done:
                     continue
+                if index + 1 < len(runner.groups):  # the next layer comes off disk while this one computes
+                    prefetcher.submit(runner.reader.prefetch, runner.groups[index + 1][1])
                 if layer is None or layer >= runner.config.num_hidden_layers:
                     tensors = top if layer is None else runner.reader.get_many(names)  # MTP layers: carried
                 else:
