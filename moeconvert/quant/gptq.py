@@ -210,16 +210,16 @@ def _solve(
     for start in range(0, experts, step):
         chunk = slice(start, start + step)
         k = codes[chunk].shape[0]
-        if static is None:
-            _solve_chunk(
-                Wt[chunk], G[chunk], block, codes_t[:k], scales[chunk], zeros[chunk], scheme, scale_dtype
+        fixed = None
+        if static is not None:
+            fixed = (
+                static[0][chunk],
+                static[1][chunk],
+                _column_groups(perm, chunk, k, columns, scheme, Wt.device),
             )
-        else:
-            groups = _column_groups(perm, chunk, k, columns, scheme, Wt.device)
-            _solve_chunk(
-                Wt[chunk], G[chunk], block, codes_t[:k], scales[chunk], zeros[chunk], scheme, scale_dtype,
-                static=(static[0][chunk], static[1][chunk], groups),
-            )  # fmt: skip
+        _solve_chunk(
+            Wt[chunk], G[chunk], block, codes_t[:k], scales[chunk], zeros[chunk], scheme, scale_dtype, fixed
+        )
         for expert in range(k):  # 2D transposes: torch tiles those
             codes[start + expert].copy_(codes_t[expert].mT)
     return codes, scales, zeros
