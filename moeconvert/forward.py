@@ -4,6 +4,12 @@ The model skeleton is built on the "meta" device (no memory). Its embeddings are
 *catcher* in place of layer 0 records exactly what the model hands its decoder layers (mask, positions,
 rotary embeddings), whatever the family. Each layer is then materialised from its tensors, run on the
 hidden states, and returned to "meta", so only one layer's weights are resident at a time.
+
+Every supported family's decoder layer is ``h = x + attn(norm1(x)); out = h + mlp(norm2(h))``. A pass
+that has already run a layer's attention on some input can keep ``h`` (:meth:`LayerwiseModel.
+capture_residual`) and later finish the layer from it (:meth:`LayerwiseModel.run_mlp_half`), with the
+same operations in the same order: quantize's second pass over a layer whose attention it leaves as it
+is computes that attention once, not twice.
 """
 
 from __future__ import annotations
@@ -138,6 +144,31 @@ class LayerwiseModel:
         with torch.no_grad():
             out = module(hidden, **self.layer_kwargs(hidden))
         return out[0] if isinstance(out, tuple) else out
+
+    @staticmethod
+    @contextmanager
+    def capture_residual(module: nn.Module, into: list[torch.Tensor | None]) -> Iterator[None]:
+        """While the block runs, each forward pass of ``module`` appends its post-attention residual
+        stream ``h`` (the input of ``post_attention_layernorm``) to ``into``."""
+        hook = module.post_attention_layernorm.register_forward_pre_hook(
+            lambda _, args: into.append(args[0].detach())
+        )
+        try:
+            yield
+        finally:
+            hook.remove()
+
+    @staticmethod
+    def has_mlp_half(module: nn.Module) -> bool:
+        """Whether the layer can be finished from its residual stream (see the module docstring)."""
+        return all(hasattr(module, name) for name in ("self_attn", "post_attention_layernorm", "mlp"))
+
+    @staticmethod
+    def run_mlp_half(module: nn.Module, residual: torch.Tensor) -> torch.Tensor:
+        """The decoder layer after its attention: ``h + mlp(post_attention_layernorm(h))``, as the layer
+        itself adds them, so the result is bit-identical to :meth:`run_layer` on the layer's input."""
+        with torch.no_grad():
+            return residual + module.mlp(module.post_attention_layernorm(residual))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -597,11 +597,13 @@ class Quantizer:
         del original
         report = LayerReport(layer, len(targets))
         stats = None
+        after_attention = [False] * len(hidden)  # batches that calibration left at the residual stream
         if bool(hidden) and any(t.scheme.method == "gptq" for t in targets):
             with self.streamed.layer(layer, local) as module:
                 stats = LayerStatistics(module, targets, self.options.calibrate_all_experts, self.ranks)
+                keep = self.streamed.has_mlp_half(module) and all(t.local.startswith("mlp.") for t in targets)
                 with stats.hooks():
-                    self._calibrate(module, hidden, stats)
+                    after_attention = self._calibrate(module, hidden, stats, keep_residual=keep)
         dequantized = dict(local)
         schemes: dict[str, Scheme] = {}
         for target in targets:  # each source stack is dropped once decoded: room for the next solve
@@ -614,7 +616,12 @@ class Quantizer:
         stats = local = weight = None  # the statistics and source weights: room for the forward pass
         if hidden:  # true-sequential: the next layer sees what the quantized layer computes
             with self.streamed.layer(layer, dequantized) as module:
-                hidden = [self.streamed.run_layer(module, batch) for batch in hidden]
+                hidden = [
+                    self.streamed.run_mlp_half(module, batch)
+                    if kept
+                    else self.streamed.run_layer(module, batch)
+                    for batch, kept in zip(hidden, after_attention, strict=True)
+                ]
         report.seconds = time.perf_counter() - started
         return out, hidden, report, schemes
 
@@ -653,19 +660,40 @@ class Quantizer:
             schemes[module.name] = target.scheme
         return _dequantized(qw, weight.dtype)
 
-    def _calibrate(self, module: nn.Module, hidden: list[torch.Tensor], stats: LayerStatistics) -> None:
+    def _calibrate(
+        self, module: nn.Module, hidden: list[torch.Tensor], stats: LayerStatistics, keep_residual: bool
+    ) -> list[bool]:
         """Run this rank's batches through the layer while the hooks gather statistics; in an
-        expert-parallel job, one batch per rank at a time, each round's records shared before the next."""
+        expert-parallel job, one batch per rank at a time, each round's records shared before the next.
+
+        With ``keep_residual`` (no target in the layer's attention, so the output pass would compute
+        the very same attention again) each batch's entry of ``hidden`` is replaced by its residual
+        stream after the attention, all that the output pass then needs, in place: the layer's input is
+        freed as soon as it is spent. Returns which entries were replaced."""
+        replaced = [False] * len(hidden)
+
+        def run(index: int) -> None:
+            captured: list[torch.Tensor | None] = []
+            with (
+                self.streamed.capture_residual(module, captured)
+                if keep_residual
+                else contextlib.nullcontext()
+            ):
+                self._statistics_pass(module, hidden[index], stats)
+            if len(captured) == 1 and captured[0] is not None:
+                hidden[index], replaced[index] = captured[0], True
+
         if not self.ranks.distributed:
-            for batch in hidden:
-                self._statistics_pass(module, batch, stats)
-            return
+            for index in range(len(hidden)):
+                run(index)
+            return replaced
         template: list[tuple[str, Any]] = []
         for round_ in range(-(-self.batch_count // self.ranks.world)):
             if round_ < len(hidden):
-                self._statistics_pass(module, hidden[round_], stats)
+                run(round_)
                 template = template or list(stats.records)
             stats.exchange(template)
+        return replaced
 
     def _statistics_pass(self, module: nn.Module, batch: torch.Tensor, stats: LayerStatistics) -> None:
         """Run one batch through the layer until every statistics hook has seen it."""

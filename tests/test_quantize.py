@@ -12,6 +12,7 @@ from conftest import FAMILIES, W4, eval_tokens, load_model, load_tensors, mean_k
 from moeconvert.distributed import Ranks
 from moeconvert.errors import BadInputError
 from moeconvert.families import family_for, load_config
+from moeconvert.forward import LayerwiseModel
 from moeconvert.pipeline import LayerStatistics, QuantizeOptions, Quantizer, quantize, solve
 from moeconvert.quant.packing import unpack_compressed, unpack_gptq
 from moeconvert.quant.rtn import rtn_quantize
@@ -292,6 +293,35 @@ def test_solving_experts_in_chunks_changes_nothing(trained_models: dict[str, Pat
     quantize(source, W4, output=tmp_path / "chunked", options=chunked, verify=False, progress=False)
     quantize(source, W4, output=tmp_path / "whole", options=FAST, verify=False, progress=False)
     assert (tmp_path / "chunked" / "model.safetensors").read_bytes() == (
+        tmp_path / "whole" / "model.safetensors"
+    ).read_bytes()
+
+
+def test_output_pass_reuses_the_calibration_attention(
+    trained_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With attention kept as it is, the output pass finishes each layer from the residual stream the
+    calibration pass left (no second attention): the same bytes as running every layer whole."""
+    source = str(trained_models["qwen3_moe"])
+    finish = LayerwiseModel.run_mlp_half
+    finished: list[int] = []
+
+    def counted(module: torch.nn.Module, residual: torch.Tensor) -> torch.Tensor:
+        finished.append(residual.shape[0])
+        return finish(module, residual)
+
+    monkeypatch.setattr(LayerwiseModel, "run_mlp_half", staticmethod(counted))
+    for path in ("reused", "whole"):
+        if path == "whole":
+            monkeypatch.setattr(LayerwiseModel, "has_mlp_half", staticmethod(lambda module: False))
+        quantize(
+            source, W4, rules=(Rule("self_attn", None),), output=tmp_path / path, options=FAST,
+            verify=False, progress=False,
+        )  # fmt: skip
+        layers = load_config(read_config(Path(source))).num_hidden_layers
+        assert sum(finished) == (FAST.samples * layers if path == "reused" else 0), finished
+        finished.clear()
+    assert (tmp_path / "reused" / "model.safetensors").read_bytes() == (
         tmp_path / "whole" / "model.safetensors"
     ).read_bytes()
 
