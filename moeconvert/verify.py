@@ -331,7 +331,9 @@ def _logit_metrics(
 
 
 def _judge(report: ParityReport) -> None:
-    worst = max(report.layers, key=lambda p: p.layer_error, default=None)
+    """Record every threshold the conversion misses. Each test is written so that NaN fails it: a
+    converted model with NaN in its outputs is broken, not within tolerance."""
+    worst = max(report.layers, key=lambda p: _or_inf(p.layer_error), default=None)
     report.worst_layer = worst.layer if worst else None
     where = f" (largest single-layer error at layer {worst.layer}: {worst.layer_error:.2e})" if worst else ""
     if report.kind == "lossless":
@@ -340,23 +342,32 @@ def _judge(report: ParityReport) -> None:
             report.failures.append(f"tensors differ from the original in layer(s) {changed}")
         if report.logits_max_abs_diff != 0.0 and report.device == "cpu":
             report.failures.append(f"logits differ (max abs diff {report.logits_max_abs_diff:.3e}){where}")
-        if report.device != "cpu" and report.kl_mean > 1e-6:
+        if report.device != "cpu" and not report.kl_mean <= 1e-6:
             report.failures.append(
-                f"mean KL {report.kl_mean:.3e} on {report.device} for a lossless conversion{where}"
+                f"mean KL {_show(report.kl_mean)} on {report.device} for a lossless conversion{where}"
             )
         return
-    broken = [p.layer for p in report.layers if p.layer_error > report.thresholds["max_layer_error"]]
+    limits = report.thresholds
+    broken = [p.layer for p in report.layers if not p.layer_error <= limits["max_layer_error"]]
     if broken:
         report.failures.append(
-            f"layer(s) {broken} err by more than {report.thresholds['max_layer_error']:g} of their own output "
+            f"layer(s) {broken} err by more than {limits['max_layer_error']:g} of their own output "
             f"(worst: layer {worst.layer}, {worst.layer_error:.3f})"
         )
-    if report.kl_mean > report.thresholds["max_kl"]:
-        report.failures.append(f"mean KL {report.kl_mean:.3e} > {report.thresholds['max_kl']:g}{where}")
-    if report.top1_agreement < report.thresholds["min_top1"]:
-        report.failures.append(
-            f"top-1 agreement {report.top1_agreement:.4f} < {report.thresholds['min_top1']:g}{where}"
-        )
+    if not report.kl_mean <= limits["max_kl"]:
+        report.failures.append(f"mean KL {_show(report.kl_mean)} > {limits['max_kl']:g}{where}")
+    if not report.top1_agreement >= limits["min_top1"]:
+        report.failures.append(f"top-1 agreement {report.top1_agreement:.4f} < {limits['min_top1']:g}{where}")
+
+
+def _or_inf(value: float) -> float:
+    return math.inf if math.isnan(value) else value
+
+
+def _show(value: float) -> str:
+    return (
+        f"{value:.3e}" if math.isfinite(value) else f"{value} (the converted model's logits are not finite)"
+    )
 
 
 def report_path(folder: Path) -> Path:

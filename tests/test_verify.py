@@ -106,6 +106,26 @@ def test_corrupted_expert_fails_and_names_its_layer(
     assert json.loads(clean.stdout)["kl_mean"] < data["kl_mean"] / 10
 
 
+def test_nan_outputs_fail_every_check_they_reach(
+    quantized: dict, trained_models: dict, tmp_path: Path
+) -> None:
+    """Scales near the dtype's maximum keep the weights finite (the reader's check passes) but overflow
+    the forward pass to NaN: NaN compares false with every threshold, and must fail, not slip through."""
+    broken = Path(shutil.copytree(quantized["mixtral", "w4"], tmp_path / "broken"))
+    shard = broken / "model.safetensors"
+    tensors = load_file(shard)
+    for name in [n for n in tensors if ".layers.1." in n and n.endswith("w2.weight_scale")]:
+        scale = tensors[name]
+        near_max = scale.double() / scale.double().abs().max() * (torch.finfo(scale.dtype).max / 8)
+        tensors[name] = near_max.to(scale.dtype)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    report = verify(str(trained_models["mixtral"]), str(broken), samples=2, seq_len=64, progress=False)
+    assert report.kl_mean != report.kl_mean, report.kl_mean  # NaN: the case under test
+    assert not report.passed
+    assert any(f.startswith("mean KL nan") and "not finite" in f for f in report.failures), report.failures
+    assert report.worst_layer == 1
+
+
 def test_lossless_check_catches_a_single_changed_tensor(
     trained_models: dict[str, Path], tmp_path: Path
 ) -> None:
