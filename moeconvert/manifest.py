@@ -108,7 +108,7 @@ def check(folder: str | Path, progress: bool = False) -> CheckReport:
     Raises:
         BadInputError: no such folder, or no manifest (an unfinished or foreign folder).
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -120,7 +120,7 @@ def check(folder: str | Path, progress: bool = False) -> CheckReport:
     present = set(listed_files(folder))
     report.unexpected = sorted(present - set(expected))
     total = sum((folder / n).stat().st_size for n in expected if n in present)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="check", disable=not progress) as bar:
+    with progress_bar(total=total, unit="B", unit_scale=True, desc="check", show=progress) as bar:
         for name, digest in sorted(expected.items()):
             if name not in present:
                 report.missing.append(name)

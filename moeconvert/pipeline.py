@@ -26,7 +26,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import distributed
 from .card import CARD_NAME, REPORT_NAME, library_versions, write_card
@@ -41,6 +40,7 @@ from .forward import LayerwiseModel
 from .fp8 import header_reader, open_reader, source_dtype, without_fp8_config
 from .manifest import update_manifest, write_manifest
 from .memory import release_freed_memory
+from .progress import progress_bar
 from .quant.calibration import calibration_tokens, tokens_digest
 from .quant.gptq import gptq_quantize
 from .quant.hessian import HessianAccumulator, sums_dtype
@@ -852,12 +852,12 @@ def _run(
         all_schemes = {name: Scheme(**fields) for name, fields in done.schemes.items()}
         desc = f"quantize {report.scheme['bits']}-bit"
         with (
-            tqdm(
+            progress_bar(
                 total=len(runner.groups),
                 initial=done.groups_done,
                 unit="layer",
                 desc=desc,
-                disable=not (progress and ranks.writes),
+                show=progress and ranks.writes,
             ) as bar,
             ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetcher,
         ):

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .checkpoint import ShardedReader, iter_groups
 from .errors import BadInputError
@@ -28,6 +27,7 @@ from .families import FUSED_DOWN, FUSED_GATE_UP, family_for, load_config
 from .forward import LayerwiseModel
 from .fp8 import open_reader, source_dtype, without_fp8_config
 from .memory import release_freed_memory
+from .progress import progress_bar
 from .quant.calibration import calibration_tokens
 from .quant.packing import unpack_gptq
 from .relayout import fuse_layer
@@ -256,7 +256,7 @@ def verify(
     b.streamed.load_top(b.top())
     hidden_a = [a.streamed.embed(t) for t in batches]
     hidden_b = [b.streamed.embed(t) for t in batches]
-    for index in tqdm(range(a.config.num_hidden_layers), unit="layer", desc="verify", disable=not progress):
+    for index in progress_bar(range(a.config.num_hidden_layers), unit="layer", desc="verify", show=progress):
         hidden_a, hidden_b, parity = _compare_layer(a, b, index, hidden_a, hidden_b, kind == "lossless")
         report.layers.append(parity)
         release_freed_memory()
