@@ -13,6 +13,8 @@ from typing import Any
 
 from .checkpoint import layer_index
 from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
+from .fp8 import header_reader, without_fp8_config
+from .relayout import check_against_config
 from .safetensors_header import TensorMeta
 from .source import ModelMetadata, read_metadata
 
@@ -152,6 +154,13 @@ def inspect_model(model: str, revision: str | None = None, token: str | None = N
     for a folder only the header bytes are read.
 
     Raises:
-        MoeConvertError: MODEL missing, not a supported MoE family, or with corrupt headers.
+        MoeConvertError: MODEL missing, not a supported MoE family, with corrupt headers, or with tensors
+            that contradict its config.json (other expert counts or shapes).
     """
-    return summarize(read_metadata(model, revision, token))
+    metadata = read_metadata(model, revision, token)
+    summary = summarize(metadata)
+    plain = without_fp8_config(metadata.config)  # FP8 sources are checked as read: dequantized
+    if "quantization_config" not in plain:  # packed integer tensors have shapes of their own
+        reader = header_reader(metadata.tensors, metadata.config)
+        check_against_config(reader, family_for(plain), load_config(plain))
+    return summary

@@ -217,6 +217,18 @@ def check_shapes(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int
             _check_shape(name, tensor, shape, "transformers' model for this config")
 
 
+def check_against_config(reader: ShardedReader, family: Family, config: Any) -> None:
+    """Refuse a checkpoint whose tensors contradict its config.json (expert count, shapes), reading
+    headers only: what fuse and quantize check before writing anything, for callers that write
+    nothing (``inspect``, whose counts assume that the config describes the tensors). Either layout."""
+    expected = model_shapes(config)
+    for layer, names in iter_groups(reader):
+        stored = reader.meta_tensors(names)
+        check_shapes(stored, expected)
+        if not any(_split_layer_prefix(n)[1] in (FUSED_GATE_UP, FUSED_DOWN) for n in stored):
+            check_shapes(fuse_layer(family, config, layer, stored), expected)
+
+
 def relayout(
     model: str,
     output: str | Path,

@@ -241,7 +241,18 @@ def test_broken_checkpoint_is_refused(case: str, tiny_models: dict[str, Path], t
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before, "input was modified"
 
 
-@pytest.mark.parametrize("case", ["corrupt header", "truncated shard", "dense model", "pickle only"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "corrupt header",
+        "truncated shard",
+        "dense model",
+        "pickle only",
+        "config lies about experts",
+        "expert shape contradicts config",
+        "config lies about hidden size",
+    ],
+)
 def test_inspect_refuses_too(case: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
     breakage, fragment = BREAKAGES[case]
     folder = _copy(tiny_models, tmp_path)

@@ -69,3 +69,9 @@ def test_cli_json_and_table(tiny_models: dict[str, Path], tmp_path: Path) -> Non
     assert (
         table.returncode == 0 and "active params/token" in table.stdout and "8 routed, top-2" in table.stdout
     )
+
+
+def test_quantized_outputs_are_inspected_too(quantized: dict) -> None:
+    """Packed tensors have shapes of their own: a quantized folder is summarised, not refused."""
+    summary = inspect_model(str(quantized["mixtral", "w4"]))
+    assert summary.family == "mixtral" and summary.num_experts == 8 and summary.total_params > 0
