@@ -301,22 +301,32 @@ def _read_index(index: Path) -> dict[str, str]:
     return weight_map
 
 
+def index_files(index: Path) -> list[str]:
+    """The shard names a safetensors index lists, each checked to be a plain file name (never a path:
+    the HF cache links shards to blobs elsewhere, so containment is checked on the name, not on the
+    resolved target) and free of glob characters (a Hub download takes names as patterns: ``*`` would
+    fetch the whole repository)."""
+    files = sorted(set(_read_index(index).values()))
+    if not files:
+        raise CorruptCheckpointError(f"{INDEX_NAME} names no weight files (empty weight_map)")
+    for file in files:
+        if Path(file).name != file or file in (".", "..") or "\\" in file:
+            raise CorruptCheckpointError(f"{INDEX_NAME} names {file!r}, which is outside the model folder")
+        if any(c in file for c in "*?[]"):
+            raise CorruptCheckpointError(f"{INDEX_NAME} names {file!r}, which is a pattern, not a file name")
+    return files
+
+
 def _weight_files(folder: Path) -> list[str]:
     """Shard file names of a checkpoint, checked to exist and to lie inside the folder."""
     index = folder / INDEX_NAME
     if index.exists():
-        files = sorted(set(_read_index(index).values()))
-        if not files:
-            raise CorruptCheckpointError(f"{INDEX_NAME} names no weight files (empty weight_map)")
+        files = index_files(index)
     elif (folder / SINGLE_NAME).exists():
         files = [SINGLE_NAME]
     else:
         raise CorruptCheckpointError(f"{folder}: no {INDEX_NAME} or {SINGLE_NAME} found")
     for file in files:
-        # A plain file name, never a path: the HF cache links shards to blobs elsewhere, so
-        # containment is checked on the name, not on the resolved target.
-        if Path(file).name != file or file in (".", "..") or "\\" in file:
-            raise CorruptCheckpointError(f"{INDEX_NAME} names {file!r}, which is outside the model folder")
         if not _is_file(folder / file):
             raise CorruptCheckpointError(f"{INDEX_NAME} names {file!r}, which is missing from {folder}")
     return files

@@ -22,7 +22,7 @@ import huggingface_hub
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub_errors
 
-from .checkpoint import INDEX_NAME, SINGLE_NAME
+from .checkpoint import INDEX_NAME, SINGLE_NAME, index_files
 from .errors import BadInputError, CorruptCheckpointError, ModelNotFoundError, UnsupportedModelError
 from .safetensors_header import DTYPE_SIZES, TensorMeta, read_header
 
@@ -200,7 +200,7 @@ def _download(ref: ModelRef, token: str | None) -> Path:
             )
         )
         if (folder / INDEX_NAME).exists():
-            weights = sorted(set(_index_files(folder / INDEX_NAME)))
+            weights = index_files(folder / INDEX_NAME)
         elif _repo_has(ref, token, SINGLE_NAME, folder):
             weights = [SINGLE_NAME]
         else:
@@ -215,13 +215,6 @@ def _download(ref: ModelRef, token: str | None) -> Path:
         )
     _require_safetensors(folder, ref)
     return folder
-
-
-def _index_files(index: Path) -> list[str]:
-    try:
-        return list(json.loads(index.read_text())["weight_map"].values())
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise CorruptCheckpointError(f"{INDEX_NAME} is not a valid safetensors index ({err})") from None
 
 
 def _repo_has(ref: ModelRef, token: str | None, filename: str, folder: Path) -> bool:

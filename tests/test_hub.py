@@ -20,7 +20,8 @@ TOKEN = "hf_testtoken0123456789"
 @pytest.fixture(scope="module")
 def hub(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
     """A server holding acme/tiny-mixtral (main: with decoy pickle and extra safetensors files;
-    branch v2: a different model), acme/pickle-only and a private acme/secret-moe."""
+    branch v2: a different model), acme/pickle-only, a private acme/secret-moe, and acme/glob-index
+    (as main, with an index entry that is a pattern)."""
     root = tmp_path_factory.mktemp("hub")
     repo = Path(shutil.copytree(tiny_models["mixtral"], root / "src-main"))
     (repo / "pytorch_model.bin").write_bytes(b"never unpickled")
@@ -31,12 +32,17 @@ def hub(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
     pickle_only.mkdir()
     (pickle_only / "config.json").write_text((repo / "config.json").read_text())
     (pickle_only / "pytorch_model.bin").write_bytes(b"never unpickled")
+    globbed = Path(shutil.copytree(repo, root / "src-glob"))  # an index that names a pattern
+    index = json.loads((globbed / "model.safetensors.index.json").read_text())
+    index["weight_map"][next(iter(index["weight_map"]))] = "*"
+    (globbed / "model.safetensors.index.json").write_text(json.dumps(index))
     with HubServer(root / "server", token=TOKEN) as server:
         server.add_repo("acme/tiny-mixtral", repo)
         server.v2_sha = server.add_repo("acme/tiny-mixtral", v2, revision="v2")
         server.add_repo("acme/pickle-only", pickle_only)
         server.add_repo("acme/secret-moe", tiny_models["olmoe"], private=True)
         server.add_repo("acme/single-file", v2)
+        server.add_repo("acme/glob-index", globbed)
         yield server
 
 
@@ -185,3 +191,12 @@ def test_quantize_dry_run_downloads_no_weights(hub: HubServer, tmp_path: Path) -
     ]
     assert weight_gets and all(r.headers.get("range", "").startswith("bytes=0-") for r in weight_gets)
     assert not list(tmp_path.glob("tiny-mixtral*")), "a dry run writes nothing"
+
+
+def test_index_patterns_are_refused_before_any_weight_download(hub: HubServer, tmp_path: Path) -> None:
+    """Index entries become download patterns: "*" would fetch the whole repository, pickles included."""
+    start = len(hub.request_log)
+    result = run_cli("fuse", "acme/glob-index", "-o", str(tmp_path / "out"), env=_env(hub, tmp_path))
+    assert result.returncode == 2 and "'*', which is a pattern" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    assert not any(name.endswith((".safetensors", ".bin")) for name in _downloaded(hub, start))
