@@ -11,6 +11,7 @@ itself out.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
@@ -279,9 +280,22 @@ def _compare_layer(
             and torch.equal(tensors_a[n].view(torch.uint8), tensors_b[n].view(torch.uint8))
             for n in tensors_a
         )
+    same_attention = _same_outside_mlp(tensors_a, tensors_b, a.streamed.dtype)
     with a.streamed.layer(index, tensors_a) as layer_a, b.streamed.layer(index, tensors_b) as layer_b:
-        next_a = [a.streamed.run_layer(layer_a, h) for h in hidden_a]
-        alone = [b.streamed.run_layer(layer_b, h) for h in hidden_a]
+        residuals: list[torch.Tensor | None] = []
+        finish_b = (
+            same_attention
+            and a.streamed.dtype == b.streamed.dtype
+            and a.streamed.has_mlp_half(layer_a)
+            and b.streamed.has_mlp_half(layer_b)
+        )
+        with a.streamed.capture_residual(layer_a, residuals) if finish_b else contextlib.nullcontext():
+            next_a = [a.streamed.run_layer(layer_a, h) for h in hidden_a]
+        if finish_b:  # b's attention is a's: b's layer on a's input goes on from a's residual stream
+            alone = [b.streamed.run_mlp_half(layer_b, r) for r in residuals]
+        else:
+            alone = [b.streamed.run_layer(layer_b, h) for h in hidden_a]
+        del residuals
         next_b = [b.streamed.run_layer(layer_b, h) for h in hidden_b]
     ref = torch.cat([h.flatten() for h in next_a])
     update = ref - torch.cat([h.flatten() for h in hidden_a])  # what the layer adds to the residual stream
@@ -293,6 +307,21 @@ def _compare_layer(
         identical_tensors=identical,
     )
     return next_a, next_b, parity
+
+
+def _same_outside_mlp(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], dtype: torch.dtype) -> bool:
+    """Whether two layers have the same weights before their MLP (attention, norms) once loaded in
+    ``dtype``: a conversion that quantized only the MLP or experts."""
+    outside = sorted(n for n in a if not n.startswith("mlp."))
+    return outside == sorted(n for n in b if not n.startswith("mlp.")) and all(
+        a[n].is_floating_point() == b[n].is_floating_point()
+        and torch.equal(_loaded(a[n], dtype), _loaded(b[n], dtype))
+        for n in outside
+    )
+
+
+def _loaded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() else t
 
 
 def _logit_metrics(

@@ -142,3 +142,36 @@ def test_lossless_check_catches_a_single_changed_tensor(
 def test_mismatched_models_are_refused(trained_models: dict[str, Path]) -> None:
     result = run_cli("verify", str(trained_models["mixtral"]), str(trained_models["olmoe"]))
     assert result.returncode == 2 and "not a conversion" in result.stderr
+
+
+def test_experts_only_conversions_reuse_the_original_attention(
+    trained_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When only the MLP changed, the converted layer's error on the original's input goes on from
+    the original's residual stream: the same report as running that layer whole."""
+    from moeconvert import Scheme, quantize
+    from moeconvert.forward import LayerwiseModel
+    from moeconvert.quant.targets import Rule
+
+    source = str(trained_models["deepseek_v3"])
+    rtn = Scheme(method="rtn", bits=4, group_size=32)
+    experts_only = quantize(
+        source, rtn, rules=(Rule("self_attn", None),), output=tmp_path / "q", verify=False, progress=False
+    ).output
+    finish = LayerwiseModel.run_mlp_half
+    finished: list[int] = []
+
+    def counted(module: torch.nn.Module, residual: torch.Tensor) -> torch.Tensor:
+        finished.append(1)
+        return finish(module, residual)
+
+    monkeypatch.setattr(LayerwiseModel, "run_mlp_half", staticmethod(counted))
+    reused = verify(source, str(experts_only), samples=2, seq_len=64, progress=False)
+    assert len(finished) == len(reused.layers)  # one batch per layer
+    monkeypatch.setattr(LayerwiseModel, "has_mlp_half", staticmethod(lambda module: False))
+    whole = verify(source, str(experts_only), samples=2, seq_len=64, progress=False)
+    assert len(finished) == len(reused.layers)
+    assert [(p.layer_error, p.drift) for p in reused.layers] == [
+        (p.layer_error, p.drift) for p in whole.layers
+    ]
+    assert reused.kl_mean == whole.kl_mean and reused.layers[-1].layer_error > 0
