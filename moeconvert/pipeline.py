@@ -585,6 +585,9 @@ class Quantizer:
     def quantize_layer(
         self, layer: int, names: list[str], targets: list[Target], hidden: list[torch.Tensor]
     ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], LayerReport, dict[str, Scheme]]:
+        """Calibrate, solve and run one layer: its output tensors, the hidden states after it, its report
+        and the schemes of its modules. ``hidden`` is updated batch by batch in place (and returned), so
+        the calibration activations are held once, not twice, at every step."""
         started = time.perf_counter()
         original = self.reader.get_many(names)
         local, prefix = self._local(layer, original)
@@ -616,12 +619,9 @@ class Quantizer:
         stats = local = weight = None  # the statistics and source weights: room for the forward pass
         if hidden:  # true-sequential: the next layer sees what the quantized layer computes
             with self.streamed.layer(layer, dequantized) as module:
-                hidden = [
-                    self.streamed.run_mlp_half(module, batch)
-                    if kept
-                    else self.streamed.run_layer(module, batch)
-                    for batch, kept in zip(hidden, after_attention, strict=True)
-                ]
+                for index, kept in enumerate(after_attention):  # in place: each batch's input goes as
+                    run = self.streamed.run_mlp_half if kept else self.streamed.run_layer  # its output
+                    hidden[index] = run(module, hidden[index])  # comes, not all inputs at the end
         report.seconds = time.perf_counter() - started
         return out, hidden, report, schemes
 
