@@ -326,6 +326,32 @@ def test_output_pass_reuses_the_calibration_attention(
     ).read_bytes()
 
 
+def test_activations_spilled_during_the_solve_change_nothing(
+    trained_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large calibration activations leave memory while a layer is solved and come back from the
+    resume record: the same bytes as keeping them (here every size counts as large)."""
+    import moeconvert.pipeline
+    from moeconvert.resume import RunState
+
+    source = str(trained_models["olmoe"])
+    quantize(source, W4, output=tmp_path / "kept", options=FAST, verify=False, progress=False)
+    read_back = RunState.hidden
+    reads: list[int] = []
+
+    def counted(state: RunState, device: torch.device) -> list[torch.Tensor]:
+        reads.append(1)
+        return read_back(state, device)
+
+    monkeypatch.setattr(RunState, "hidden", counted)
+    monkeypatch.setattr(moeconvert.pipeline, "SPILL_BYTES", 0)
+    quantize(source, W4, output=tmp_path / "spilled", options=FAST, verify=False, progress=False)
+    assert len(reads) == load_config(read_config(Path(source))).num_hidden_layers
+    assert (tmp_path / "kept" / "model.safetensors").read_bytes() == (
+        tmp_path / "spilled" / "model.safetensors"
+    ).read_bytes()
+
+
 def test_forward_in_the_checkpoint_dtype(tmp_path: Path) -> None:
     """--forward-dtype checkpoint calibrates a bf16 model in bf16: other statistics (other bytes), the
     same quality class, and the float32 default is untouched by it."""
