@@ -323,11 +323,13 @@ def solve(
     min_tokens: int,
     fmt: QuantFormat,
     experts_per_chunk: int | None = None,
+    solved: Callable[[int], None] = lambda experts: None,
 ) -> tuple[QuantizedWeight, list[int]]:
     """Quantize one target; returns the codes and the calibration rows each expert received.
 
     In an expert-parallel job each rank solves what it owns (a range of experts, or a dense target) and
-    the codes are gathered, so every rank returns the whole target."""
+    the codes are gathered, so every rank returns the whole target. ``solved`` hears of each chunk of
+    experts this rank has solved."""
     scale_dtype = fmt.scale_dtype or weight.dtype
     if target.scheme.method == "rtn" or stats is None:
         return rtn_quantize(weight.float(), target.scheme, scale_dtype=scale_dtype), []
@@ -352,6 +354,7 @@ def solve(
         hessians, _ = acc.finalize_with(min_tokens, layer_mean, experts=experts)
         part = owned[experts.start : experts.stop]  # the solver takes its float32 copy an expert at a time
         parts.append(gptq_quantize(part, hessians.to(part.device), target.scheme, scale_dtype=scale_dtype))
+        solved(len(experts))
         del hessians, part
     return _gathered(_concat(parts)), all_gather_cat(acc.counts).tolist()
 
@@ -500,6 +503,7 @@ class Quantizer:
         self.device = resolve_device(options.device)
         self.ranks = distributed.init(self.device)
         self.batch_count = 0  # calibration batches over all ranks
+        self.progress = False  # whether to show a bar inside each layer (set by the run)
         self.groups = list(iter_groups(self.reader))
         self.streamed = LayerwiseModel(load_config(self.raw_config), self.device, self._forward_dtype())
         self.needs_calibration = policy.base.method == "gptq" or any(
@@ -614,37 +618,58 @@ class Quantizer:
             out = {n: t for n, t in original.items() if n not in replaced}
         del original
         report = LayerReport(layer, len(targets))
-        stats = None
-        batches = len(hidden)
-        after_attention = [False] * batches  # batches that calibration left at the residual stream
-        if batches and any(t.scheme.method == "gptq" for t in targets):
-            with self.streamed.layer(layer, local) as module:
-                stats = LayerStatistics(module, targets, self.options.calibrate_all_experts, self.ranks)
-                keep = self.streamed.has_mlp_half(module) and all(t.local.startswith("mlp.") for t in targets)
-                with stats.hooks():  # spilled activations come back as they are on disk: the layer's inputs
-                    after_attention = self._calibrate(module, hidden, stats, keep_residual=keep and not spill)
-        if spill:
-            hidden.clear()
-            release_freed_memory()
-        dequantized = dict(local)
-        schemes: dict[str, Scheme] = {}
-        for target in targets:  # each source stack is dropped once decoded: room for the next solve
-            weight = local.pop(target.local)
-            dequantized[target.local] = self._quantize_target(
-                target, weight, stats, prefix, report, out, schemes
+        bar = progress_bar(
+            total=sum(t.modules for t in targets), unit="linear", desc=f"layer {layer}", leave=False,
+            show=self.progress,
+        )  # fmt: skip
+        with bar:
+            bar.set_postfix_str("calibrating")
+            stats, after_attention = self._calibrate_layer(
+                layer, local, targets, hidden, keep_residual=not spill
             )
-            if stats is not None:  # this target's statistics are spent
-                stats.accumulators.pop(target.local, None)
-        stats = local = weight = None  # the statistics and source weights: room for the forward pass
-        if spill:
-            hidden.extend(stored())  # type: ignore[misc]
-        if batches:  # true-sequential: the next layer sees what the quantized layer computes
-            with self.streamed.layer(layer, dequantized) as module:
-                for index, kept in enumerate(after_attention):  # in place: each batch's input goes as
-                    run = self.streamed.run_mlp_half if kept else self.streamed.run_layer  # its output
-                    hidden[index] = run(module, hidden[index])  # comes, not all inputs at the end
+            if spill:
+                hidden.clear()
+                release_freed_memory()
+            bar.set_postfix_str("solving")
+            dequantized = dict(local)
+            schemes: dict[str, Scheme] = {}
+            for target in targets:  # each source stack is dropped once decoded: room for the next solve
+                weight = local.pop(target.local)
+                dequantized[target.local] = self._quantize_target(
+                    target, weight, stats, prefix, report, out, schemes, bar
+                )
+                if stats is not None:  # this target's statistics are spent
+                    stats.accumulators.pop(target.local, None)
+            stats = local = weight = None  # the statistics and source weights: room for the forward pass
+            if spill:
+                hidden.extend(stored())  # type: ignore[misc]
+            bar.set_postfix_str("running")
+            if hidden:  # true-sequential: the next layer sees what the quantized layer computes
+                with self.streamed.layer(layer, dequantized) as module:
+                    for index, kept in enumerate(after_attention):  # in place: each batch's input goes
+                        run = self.streamed.run_mlp_half if kept else self.streamed.run_layer  # as its
+                        hidden[index] = run(module, hidden[index])  # output comes, not all at the end
         report.seconds = time.perf_counter() - started
         return out, hidden, report, schemes
+
+    def _calibrate_layer(
+        self,
+        layer: int,
+        local: dict[str, torch.Tensor],
+        targets: list[Target],
+        hidden: list[torch.Tensor],
+        keep_residual: bool,
+    ) -> tuple[LayerStatistics | None, list[bool]]:
+        """The layer's GPTQ statistics (None if it has no GPTQ target or no calibration data), and which
+        batches of ``hidden`` the pass left at the residual stream (see :meth:`_calibrate`)."""
+        if not hidden or not any(t.scheme.method == "gptq" for t in targets):
+            return None, [False] * len(hidden)
+        with self.streamed.layer(layer, local) as module:
+            stats = LayerStatistics(module, targets, self.options.calibrate_all_experts, self.ranks)
+            keep = keep_residual and self.streamed.has_mlp_half(module)
+            keep = keep and all(t.local.startswith("mlp.") for t in targets)
+            with stats.hooks():
+                return stats, self._calibrate(module, hidden, stats, keep_residual=keep)
 
     def _quantize_target(
         self,
@@ -655,9 +680,19 @@ class Quantizer:
         report: LayerReport,
         out: dict[str, torch.Tensor],
         schemes: dict[str, Scheme],
+        bar: Any,
     ) -> torch.Tensor:
         """Solve one target, put its output modules in ``out`` (replacing its source tensors) and their
-        schemes in ``schemes``; returns its decoded weight for the layer's forward pass."""
+        schemes in ``schemes``, and advance ``bar`` by its Linear modules; returns its decoded weight for
+        the layer's forward pass."""
+        per_expert = target.modules // weight.shape[0] if target.kind != "dense" else 1
+        shown = 0
+
+        def solved(experts: int) -> None:
+            nonlocal shown
+            bar.update(experts * per_expert)
+            shown += experts * per_expert
+
         qw, counts = solve(
             target,
             weight.to(self.device),
@@ -665,7 +700,9 @@ class Quantizer:
             self.options.min_tokens,
             self.fmt,
             self.options.experts_per_chunk,
+            solved,
         )
+        bar.update(target.modules - shown)  # what other ranks solved, a dense target, an RTN stack
         if target.kind == "gate_up" and counts:
             report.tokens_per_expert = counts
             report.starved_experts = [e for e, c in enumerate(counts) if c < self.options.min_tokens]
@@ -855,6 +892,7 @@ def _run(
     settings: dict[str, Any],
 ) -> None:
     ranks = runner.ranks
+    runner.progress = progress and ranks.writes
     folder = OutputFolder(output, force=force, resumable=True)
     state = RunState(folder.staging, settings, ranks)
     if not force and ranks.writes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,3 +25,17 @@ def test_bar_visibility(show: bool, environment: str | None, hidden: bool) -> No
         [sys.executable, "-c", PROBE.format(show=show)], capture_output=True, text=True, env=env, check=True
     )
     assert probe.stdout.strip() == str(hidden)
+
+
+def test_quantize_shows_progress_inside_each_layer(tiny_models: dict, tmp_path: Path) -> None:
+    """Layers of large MoEs take minutes: a bar per layer counts its Linear modules as they are solved.
+    The real CLI in a fresh process, without the TQDM_DISABLE the test run sets."""
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    quantize = [sys.executable, "-m", "moeconvert.cli", "quantize", str(tiny_models["qwen3_moe"])]
+    quantize += ["--method", "rtn", "--bits", "8", "--group-size", "32", "--samples", "2", "--seq-len", "32"]
+    run = subprocess.run(
+        [*quantize, "--no-verify", "-o", str(tmp_path / "out")], capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 0, run.stderr
+    assert "quantize 8-bit" in run.stderr and "layer 0" in run.stderr and "linear" in run.stderr
+    assert "28/28" in run.stderr  # 4 attention projections + 8 experts x 3 projections, all counted
