@@ -14,6 +14,7 @@ Prints a table and writes JSON.
 
     python scripts/bench_memory.py --hidden 1024 --out bench_results/memory.json
     python scripts/bench_memory.py --mixtral-layer --samples 4 --seq-len 512 --out bench_results/memory-mixtral.json
+    python scripts/bench_memory.py --activations --samples 128 --out bench_results/memory-activations.json
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ import tempfile
 from pathlib import Path
 
 STEP = r"""
-import json, sys, time
+import json, os, sys, time
 import moeconvert
+import moeconvert.pipeline
 from moeconvert.pipeline import QuantizeOptions
+if "BENCH_SPILL_BYTES" in os.environ:
+    moeconvert.pipeline.SPILL_BYTES = int(os.environ["BENCH_SPILL_BYTES"])
 step, source, out, samples, seq_len, forward = sys.argv[1:7]
 samples, seq_len = int(samples), int(seq_len)
 t = time.perf_counter()
@@ -46,9 +50,17 @@ print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": int(hwm) * 102
 
 
 def run_step(
-    step: str, source: Path, out: Path, samples: int = 4, seq_len: int = 256, forward: str = "float32"
+    step: str,
+    source: Path,
+    out: Path,
+    samples: int = 4,
+    seq_len: int = 256,
+    forward: str = "float32",
+    spill_bytes: int | None = None,
 ) -> dict:
     env = {"TQDM_DISABLE": "1", "PATH": "", "OMP_NUM_THREADS": "2"}
+    if spill_bytes is not None:
+        env["BENCH_SPILL_BYTES"] = str(spill_bytes)
     result = subprocess.run(
         [sys.executable, "-c", STEP, step, str(source), str(out), str(samples), str(seq_len), forward],
         check=True,
@@ -66,7 +78,14 @@ def main() -> None:
     parser.add_argument("--depths", type=int, nargs=2, default=(2, 8))
     parser.add_argument("--out", type=Path, default=Path("bench_results/memory.json"))
     parser.add_argument("--mixtral-layer", action="store_true", help="one layer at Mixtral-8x7B widths")
-    parser.add_argument("--samples", type=int, default=4, help="calibration sequences (--mixtral-layer)")
+    parser.add_argument(
+        "--activations",
+        action="store_true",
+        help="one layer, many calibration tokens: peak with the activations kept vs spilled during the solve",
+    )
+    parser.add_argument(
+        "--samples", type=int, default=4, help="calibration sequences (--mixtral-layer, --activations)"
+    )
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (--mixtral-layer)")
     parser.add_argument(
         "--forward-dtype", default="float32", choices=["float32", "checkpoint"], help="(--mixtral-layer)"
@@ -74,6 +93,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.mixtral_layer:
         mixtral_layer(args)
+        return
+    if args.activations:
+        activations(args)
         return
 
     import torch
@@ -178,6 +200,52 @@ def mixtral_layer(args: argparse.Namespace) -> None:
     print(
         f"{total / gb:>9.2f}{experts / gb:>11.2f}{result['calibration_tokens']:>8}{down_sums / gb:>13.2f}"
         f"{quant['peak_rss'] / gb:>9.2f}{result['memory_total'] / gb:>11.2f}{quant['seconds']:>7.0f}"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def activations(args: argparse.Namespace) -> None:
+    """One Mixtral-style layer (width ``--hidden``) with ``--samples x --seq-len`` calibration tokens,
+    quantized twice in fresh processes: calibration activations kept in memory throughout, and spilled
+    while the layer is solved (``moeconvert.pipeline.SPILL_BYTES``: never vs always)."""
+    import torch
+
+    from moeconvert.tiny import build_tiny_model
+
+    work = Path(tempfile.mkdtemp(prefix="bench_memory_activations_"))
+    rows = []
+    try:
+        src = build_tiny_model(
+            "mixtral", work / "src", dtype=torch.bfloat16, hidden_size=args.hidden,
+            intermediate_size=int(3.5 * args.hidden), num_hidden_layers=1, num_local_experts=args.experts,
+            num_attention_heads=16, num_key_value_heads=4, vocab_size=32000,
+        )  # fmt: skip
+        for label, spill in (("kept", 1 << 62), ("spilled", 0)):
+            run = run_step("quantize", src, work / label, args.samples, args.seq_len, spill_bytes=spill)
+            rows.append({"activations": label, **run})
+            shutil.rmtree(work / label)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    tokens = args.samples * args.seq_len
+    result = {
+        "machine": platform.platform(),
+        "torch": torch.__version__,
+        "hidden": args.hidden,
+        "experts": args.experts,
+        "calibration_tokens": tokens,
+        "activation_bytes": tokens * args.hidden * 4,
+        "rows": rows,
+    }
+    print(f"{'activations':>12}{'tokens':>8}{'activations MB':>16}{'peak MB':>9}{'s':>7}")
+    for r in rows:
+        print(
+            f"{r['activations']:>12}{tokens:>8}{result['activation_bytes'] / 1e6:>16.0f}"
+            f"{r['peak_rss'] / 1e6:>9.0f}{r['seconds']:>7.1f}"
+        )
+    saved = rows[0]["peak_rss"] - rows[1]["peak_rss"]
+    print(
+        f"peak lowered by {saved / 1e6:.0f} MB ({saved / result['activation_bytes']:.2f} of the activations)"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
