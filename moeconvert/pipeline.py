@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,9 @@ from .quant.targets import Rule, TargetPolicy
 from .relayout import check_shapes, fuse_layer
 from .resume import Progress, RunState
 from .source import describe_source, parse_model_ref, read_config, read_metadata, resolve_model, side_files
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 @dataclass(frozen=True)
@@ -680,7 +683,7 @@ class Quantizer:
         report: LayerReport,
         out: dict[str, torch.Tensor],
         schemes: dict[str, Scheme],
-        bar: Any,
+        bar: tqdm,
     ) -> torch.Tensor:
         """Solve one target, put its output modules in ``out`` (replacing its source tensors) and their
         schemes in ``schemes``, and advance ``bar`` by its Linear modules; returns its decoded weight for
