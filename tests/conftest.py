@@ -71,6 +71,19 @@ def load_model(folder: Path) -> torch.nn.Module:
     return model
 
 
+def count_calls(monkeypatch: pytest.MonkeyPatch, owner: type, name: str, static: bool = False) -> list:
+    """Record the arguments of every call to ``owner.name`` (which still runs) in the returned list."""
+    original = getattr(owner, name)
+    calls: list = []
+
+    def recorded(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, staticmethod(recorded) if static else recorded)
+    return calls
+
+
 def run_cli(
     *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess:

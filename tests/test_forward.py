@@ -15,26 +15,33 @@ from moeconvert.relayout import fuse_layer
 from moeconvert.source import read_config
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_streamed_forward_equals_model(family: str, tiny_models: dict[str, Path]) -> None:
-    folder = tiny_models[family]
+def _layerwise(folder: Path, seed: int) -> tuple[LayerwiseModel, torch.Tensor, torch.Tensor, list[dict]]:
+    """A model streamed by layer: the streamed model, random tokens, their embeddings, and each decoder
+    layer's tensors (fused, named within the layer)."""
     raw = read_config(folder)
     fam, config = family_for(raw), load_config(raw)
     streamed = LayerwiseModel(load_config(raw))
-    tokens = torch.randint(0, config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(5))
+    tokens = torch.randint(0, config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(seed))
     with ShardedReader(folder) as reader:
         groups = reader.layer_names()
         streamed.load_top(reader.get_many(groups[None]))
-        hidden = streamed.embed(tokens)
+        layers = []
         for index in range(config.num_hidden_layers):
             fused = fuse_layer(fam, config, index, reader.get_many(groups[index]))
-            local = {name.split(".", 3)[3]: tensor.clone() for name, tensor in fused.items()}
-            with streamed.layer(index, local) as layer:
-                hidden = streamed.run_layer(layer, hidden)
-            assert streamed.backbone.layers[index].self_attn.o_proj.weight.is_meta, "layer must be freed"
-        logits = streamed.logits(hidden)
+            layers.append({name.split(".", 3)[3]: tensor.clone() for name, tensor in fused.items()})
+    return streamed, tokens, streamed.embed(tokens), layers
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streamed_forward_equals_model(family: str, tiny_models: dict[str, Path]) -> None:
+    streamed, tokens, hidden, layers = _layerwise(tiny_models[family], seed=5)
+    for index, local in enumerate(layers):
+        with streamed.layer(index, local) as layer:
+            hidden = streamed.run_layer(layer, hidden)
+        assert streamed.backbone.layers[index].self_attn.o_proj.weight.is_meta, "layer must be freed"
+    logits = streamed.logits(hidden)
     with torch.no_grad():
-        expected = load_model(folder)(tokens).logits
+        expected = load_model(tiny_models[family])(tokens).logits
     assert torch.equal(expected, logits)
 
 
@@ -42,23 +49,13 @@ def test_streamed_forward_equals_model(family: str, tiny_models: dict[str, Path]
 def test_layer_finishes_from_its_residual_stream(family: str, tiny_models: dict[str, Path]) -> None:
     """quantize's output pass may skip an attention it computed already: the layer's second half, run
     from the residual stream captured by the first pass, gives the layer's own output bit for bit."""
-    folder = tiny_models[family]
-    raw = read_config(folder)
-    fam, config = family_for(raw), load_config(raw)
-    streamed = LayerwiseModel(load_config(raw))
-    tokens = torch.randint(0, config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(6))
-    with ShardedReader(folder) as reader:
-        groups = reader.layer_names()
-        streamed.load_top(reader.get_many(groups[None]))
-        hidden = streamed.embed(tokens)
-        for index in range(config.num_hidden_layers):
-            fused = fuse_layer(fam, config, index, reader.get_many(groups[index]))
-            local = {name.split(".", 3)[3]: tensor.clone() for name, tensor in fused.items()}
-            captured: list[torch.Tensor | None] = []
-            with streamed.layer(index, local) as layer:
-                assert streamed.has_mlp_half(layer)
-                with streamed.capture_residual(layer, captured):
-                    whole = streamed.run_layer(layer, hidden)
-                assert len(captured) == 1 and not torch.equal(captured[0], hidden)
-                assert torch.equal(streamed.run_mlp_half(layer, captured[0]), whole)
-            hidden = whole
+    streamed, _, hidden, layers = _layerwise(tiny_models[family], seed=6)
+    for index, local in enumerate(layers):
+        captured: list[torch.Tensor | None] = []
+        with streamed.layer(index, local) as layer:
+            assert streamed.has_mlp_half(layer)
+            with streamed.capture_residual(layer, captured):
+                whole = streamed.run_layer(layer, hidden)
+            assert len(captured) == 1 and not torch.equal(captured[0], hidden)
+            assert torch.equal(streamed.run_mlp_half(layer, captured[0]), whole)
+        hidden = whole

@@ -7,7 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, W4, eval_tokens, load_model, load_tensors, mean_kl, run_cli, token_kl
+from conftest import (
+    FAMILIES,
+    W4,
+    count_calls,
+    eval_tokens,
+    load_model,
+    load_tensors,
+    mean_kl,
+    run_cli,
+    token_kl,
+)
 
 from moeconvert.distributed import Ranks
 from moeconvert.errors import BadInputError
@@ -303,14 +313,7 @@ def test_output_pass_reuses_the_calibration_attention(
     """With attention kept as it is, the output pass finishes each layer from the residual stream the
     calibration pass left (no second attention): the same bytes as running every layer whole."""
     source = str(trained_models["qwen3_moe"])
-    finish = LayerwiseModel.run_mlp_half
-    finished: list[int] = []
-
-    def counted(module: torch.nn.Module, residual: torch.Tensor) -> torch.Tensor:
-        finished.append(residual.shape[0])
-        return finish(module, residual)
-
-    monkeypatch.setattr(LayerwiseModel, "run_mlp_half", staticmethod(counted))
+    finished = count_calls(monkeypatch, LayerwiseModel, "run_mlp_half", static=True)
     for path in ("reused", "whole"):
         if path == "whole":
             monkeypatch.setattr(LayerwiseModel, "has_mlp_half", staticmethod(lambda module: False))
@@ -319,7 +322,8 @@ def test_output_pass_reuses_the_calibration_attention(
             verify=False, progress=False,
         )  # fmt: skip
         layers = load_config(read_config(Path(source))).num_hidden_layers
-        assert sum(finished) == (FAST.samples * layers if path == "reused" else 0), finished
+        batches = sum(residual.shape[0] for _, residual in finished)
+        assert batches == (FAST.samples * layers if path == "reused" else 0), batches
         finished.clear()
     assert (tmp_path / "reused" / "model.safetensors").read_bytes() == (
         tmp_path / "whole" / "model.safetensors"
@@ -336,14 +340,7 @@ def test_activations_spilled_during_the_solve_change_nothing(
 
     source = str(trained_models["olmoe"])
     quantize(source, W4, output=tmp_path / "kept", options=FAST, verify=False, progress=False)
-    read_back = RunState.hidden
-    reads: list[int] = []
-
-    def counted(state: RunState, device: torch.device) -> list[torch.Tensor]:
-        reads.append(1)
-        return read_back(state, device)
-
-    monkeypatch.setattr(RunState, "hidden", counted)
+    reads = count_calls(monkeypatch, RunState, "hidden")
     monkeypatch.setattr(moeconvert.pipeline, "SPILL_BYTES", 0)
     quantize(source, W4, output=tmp_path / "spilled", options=FAST, verify=False, progress=False)
     assert len(reads) == load_config(read_config(Path(source))).num_hidden_layers

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, run_cli
+from conftest import FAMILIES, count_calls, run_cli
 from safetensors.torch import load_file, save_file
 
 from moeconvert import fuse
@@ -158,14 +158,7 @@ def test_experts_only_conversions_reuse_the_original_attention(
     experts_only = quantize(
         source, rtn, rules=(Rule("self_attn", None),), output=tmp_path / "q", verify=False, progress=False
     ).output
-    finish = LayerwiseModel.run_mlp_half
-    finished: list[int] = []
-
-    def counted(module: torch.nn.Module, residual: torch.Tensor) -> torch.Tensor:
-        finished.append(1)
-        return finish(module, residual)
-
-    monkeypatch.setattr(LayerwiseModel, "run_mlp_half", staticmethod(counted))
+    finished = count_calls(monkeypatch, LayerwiseModel, "run_mlp_half", static=True)
     reused = verify(source, str(experts_only), samples=2, seq_len=64, progress=False)
     assert len(finished) == len(reused.layers)  # one batch per layer
     monkeypatch.setattr(LayerwiseModel, "has_mlp_half", staticmethod(lambda module: False))
