@@ -329,7 +329,7 @@ def quantize_cmd(
         return  # rank 0 reports (and pushes) for the whole job
     data = result.to_dict()
     if dry_run:
-        data["estimates"] = _estimates(summary, scheme, options)
+        data["estimates"] = _estimates(summary, scheme, result.sizes)
     _emit_report(data, as_json, report, lambda: _quantize_table(data, dry_run))
     if result.verify is not None and not result.verify["passed"]:
         unpushed = f" (not pushed to {push_to})" if push_to else ""
@@ -414,15 +414,12 @@ def _given_flags() -> Callable[[str], bool]:
     )
 
 
-def _estimates(summary: ModelSummary, scheme: Any, options: Any) -> dict[str, int]:
+def _estimates(summary: ModelSummary, scheme: Any, sizes: dict[str, int]) -> dict[str, int]:
     label = "int4" if scheme.bits == 4 else "int8"
-    layer = max((s.routed_params + s.other_params for s in summary.layers), default=0)
-    activations = options.samples * options.seq_len * summary.hidden_size * 4
     return {
         "output_bytes": summary.weight_bytes[label],
         "download_bytes": summary.disk_bytes["download"],
-        "peak_layer_bytes": layer * 4,  # one layer in float32 while it is calibrated
-        "calibration_activation_bytes": activations if scheme.method == "gptq" else 0,
+        "peak_memory_bytes": sizes["peak_memory_bytes"],  # see moeconvert.estimate
     }
 
 
@@ -438,7 +435,7 @@ def _quantize_table(data: dict[str, Any], dry_run: bool) -> str:
         e = data["estimates"]
         lines.append(
             f"needs    {_gb(e['output_bytes'])} output, {_gb(e['download_bytes'])} download, "
-            f"~{_gb(e['peak_layer_bytes'] + e['calibration_activation_bytes'])} memory (one layer + activations)"
+            f"~{_gb(e['peak_memory_bytes'])} memory at the peak (the widest layer's solve or calibration)"
         )
         return "\n".join(lines)
     if data.get("verify"):

@@ -33,6 +33,7 @@ from .checkpoint import OutputFolder, PartsWriter, iter_groups, parse_size
 from .distributed import Ranks, all_gather_cat, all_gather_list, barrier, ordered_sum
 from .distributed import current as current_ranks
 from .errors import BadInputError, InterruptedRunError, OutputWriteError
+from .estimate import ALLOCATOR_SLACK, FIXED_BYTES, layer_peak_bytes, solve_working_bytes
 from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
 from .formats import QuantFormat, get_format
 from .formats.base import QuantizedModule
@@ -426,10 +427,8 @@ def auto_experts_per_chunk(in_features: int, out_features: int, device: torch.de
         import psutil
 
         free = psutil.virtual_memory().available
-    hessian = in_features * in_features * 4
-    # its finalized Hessian and factor, its float32 working weights and its codes (one byte per weight)
-    per_expert = 2 * hessian + 5 * in_features * out_features
-    shared = 5 * hessian  # the finalize buffer (float64) and the factorization's three buffers
+    shared = solve_working_bytes(in_features, out_features, 0)
+    per_expert = solve_working_bytes(in_features, out_features, 1) - shared
     return max(1, int((free * 0.5 - shared) // per_expert))
 
 
@@ -555,6 +554,28 @@ class Quantizer:
             raise BadInputError(f"rule pattern(s) {unused} match no module of this model")
         return plan, kept
 
+    def peak_memory_bytes(self, plan: dict[int, list[Target]]) -> int:
+        """What this run needs at its peak, from the headers (:mod:`moeconvert.estimate`)."""
+        forward_bytes = torch.finfo(self._forward_dtype()).bits // 8
+        tokens = self.options.samples * self.options.seq_len if self.needs_calibration else 0
+        activations = tokens * self.config.hidden_size * forward_bytes
+        peak = 0
+        for layer, targets in plan.items():
+            local, _ = self._local(layer, self.reader.meta_tensors(dict(self.groups)[layer]))
+            peak = max(
+                peak,
+                layer_peak_bytes(
+                    targets,
+                    local,
+                    activation_bytes=activations,
+                    spilled=activations >= SPILL_BYTES,
+                    batch_tokens=min(self.options.batch_tokens, tokens),
+                    hidden_size=self.config.hidden_size,
+                    forward_bytes=forward_bytes,
+                ),  # fmt: skip
+            )
+        return FIXED_BYTES + int(ALLOCATOR_SLACK * peak)
+
     def _local(self, layer: int, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
         fused = fuse_layer(self.family, self.config, layer, tensors)
         prefix = f"model.layers.{layer}."
@@ -632,7 +653,7 @@ class Quantizer:
             )
             if spill:
                 hidden.clear()
-                release_freed_memory()
+            release_freed_memory()  # the pass's temporaries: the solves, where memory peaks, come next
             bar.set_postfix_str("solving")
             dequantized = dict(local)
             schemes: dict[str, Scheme] = {}
@@ -818,6 +839,7 @@ def quantize(
         )
         if dry_run:
             report.quantized_modules = sum(t.modules for targets in plan.values() for t in targets)
+            report.sizes["peak_memory_bytes"] = runner.peak_memory_bytes(plan)
             return report
         with _resumable_stops(Path(output)):
             _run(runner, plan, report, Path(output), force, progress, run_settings(runner, report, rules))

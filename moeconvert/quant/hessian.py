@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 FLOAT64_SUMS_BYTES = 4 << 30
+CHUNK_ROWS = 512  # rows per chunk product: the unit of deterministic summation
 
 
 def sums_dtype(in_features: int, num_experts: int = 1) -> torch.dtype:
@@ -65,7 +66,7 @@ class HessianAccumulator:
         in_features: int,
         num_experts: int = 1,
         *,
-        chunk_size: int = 512,
+        chunk_size: int = CHUNK_ROWS,
         dtype: torch.dtype = torch.float64,
         device: torch.device | str | None = None,
     ) -> None:

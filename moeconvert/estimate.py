@@ -1,0 +1,97 @@
+"""How much memory a quantize run needs at its peak, from the plan's shapes alone (a dry run).
+
+The peak is the layer that needs most, at one of two points of its work:
+
+- **calibrating**: the layer's source tensors, the layer again in the forward dtype, the running Hessian
+  sums of its GPTQ targets, the calibration activations and one batch's temporaries;
+- **solving** a target, one expert at a time at least: the source tensors, the sums of the targets not
+  yet solved, that target's layer-wide prior, the solver's buffers (:func:`solve_working_bytes`, the
+  budget ``auto_experts_per_chunk`` also uses), and the activations when they stay in memory
+  (below ``SPILL_BYTES``).
+
+Plus the allocator's slack and the fixed cost of torch and transformers. This is what the run needs, not
+all it may take: with memory to spare it solves several experts at once (up to half the free memory).
+docs/PERFORMANCE.md compares the estimate with measured peaks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch
+
+from .quant.hessian import CHUNK_ROWS, sums_dtype
+
+if TYPE_CHECKING:
+    from .pipeline import Target
+
+FIXED_BYTES = 512 << 20  # the interpreter, torch, transformers and the model skeleton (measured)
+# The allocator's share: freed temporaries that glibc keeps in its heaps until the layer ends. Measured
+# peaks of one-expert-at-a-time runs came out 5-12% above the sum of what is held.
+ALLOCATOR_SLACK = 1.1
+
+
+def solve_working_bytes(in_features: int, out_features: int, experts: int) -> int:
+    """The solver's memory for ``experts`` problems at once: per expert its finalized Hessian and factor
+    (float32), its float32 working weights and codes; shared, the finalize buffer (float64) and the
+    factorization's three buffers (sizes as measured by scripts/bench_quantize.py)."""
+    hessian = in_features * in_features * 4
+    return experts * (2 * hessian + 5 * in_features * out_features) + 5 * hessian
+
+
+def _accumulating_bytes(target: Target, shape: tuple[int, ...]) -> int:
+    """What a target's accumulator holds besides its sums while rows come in: its product buffers (one
+    ``in x in`` float32 product, widened to float64 unless the sums are float32) and each expert's
+    rows waiting for a full chunk."""
+    in_features = shape[-1]
+    experts = 1 if target.kind == "dense" else shape[0]
+    wide = sums_dtype(in_features, experts) == torch.float64 or target.kind == "dense"
+    product = in_features * in_features * (12 if wide else 4)
+    return product + experts * CHUNK_ROWS * in_features * 4
+
+
+def _sums_bytes(target: Target, shape: tuple[int, ...]) -> int:
+    """Running Hessian sums of one GPTQ target: float64 per expert, float32 for very wide stacks."""
+    in_features = shape[-1]
+    if target.kind == "dense":
+        return in_features * in_features * 8
+    experts = shape[0]
+    width = torch.finfo(sums_dtype(in_features, experts)).bits // 8
+    return experts * in_features * in_features * width
+
+
+def layer_peak_bytes(
+    targets: Iterable[Target],
+    local: dict[str, torch.Tensor],
+    *,
+    activation_bytes: int,
+    spilled: bool,
+    batch_tokens: int,
+    hidden_size: int,
+    forward_bytes: int,
+) -> int:
+    """Peak memory of one layer's quantize step (without the fixed cost); ``local`` holds the layer's
+    tensors (meta tensors will do), named as the targets name them. ``activation_bytes`` is 0 for a run
+    without calibration (round-to-nearest only), which has no forward pass."""
+    targets = list(targets)
+    source = sum(t.numel() * t.element_size() for t in local.values())
+    if not activation_bytes:  # each target in float32, its codes and its decoded copy, one at a time
+        return source + max((local[t.local].numel() * 9 for t in targets), default=0)
+    gptq = sorted((t for t in targets if t.scheme.method == "gptq"), key=lambda t: t.local)
+    forward = sum(t.numel() * forward_bytes for t in local.values() if t.is_floating_point())
+    sums = [_sums_bytes(t, tuple(local[t.local].shape)) for t in gptq]
+    widest = max((local[t.local].shape[-2] for t in gptq), default=hidden_size)
+    batch = batch_tokens * (4 * hidden_size + widest) * forward_bytes
+    accumulating = sum(_accumulating_bytes(t, tuple(local[t.local].shape)) for t in gptq)
+    calibrating = source + forward + sum(sums) + accumulating + activation_bytes + batch if gptq else 0
+    solving = 0
+    for index, target in enumerate(gptq):  # in the pipeline's order; a solved target's sums are freed
+        shape = tuple(local[target.local].shape)
+        in_features, out_features = shape[-1], shape[-2]
+        prior = 0 if target.kind == "dense" else sums[index] // shape[0]
+        working = solve_working_bytes(in_features, out_features, 1) + prior
+        held = source + sum(sums[index:]) + (0 if spilled else activation_bytes)
+        solving = max(solving, held + working)
+    running = source + forward + activation_bytes + batch  # the output pass, and layers without GPTQ
+    return max(calibrating, solving, running)
