@@ -51,6 +51,17 @@ def _accumulating_bytes(target: Target, shape: tuple[int, ...]) -> int:
     return product + experts * CHUNK_ROWS * in_features * 4
 
 
+_SAME_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+
+
+def _own_accumulator(target: Target, targets: list[Target]) -> bool:
+    """False for a projection that takes its sibling's very input (k and v after q, up after gate) and
+    so shares its accumulator (``LayerStatistics._shares_input``)."""
+    parent, _, leaf = target.local.removesuffix(".weight").rpartition(".")
+    sibling = _SAME_INPUT.get(leaf)
+    return sibling is None or not any(t.local == f"{parent}.{sibling}.weight" for t in targets)
+
+
 def _sums_bytes(target: Target, shape: tuple[int, ...]) -> int:
     """Running Hessian sums of one GPTQ target: float64 per expert, float32 for very wide stacks."""
     in_features = shape[-1]
@@ -83,7 +94,9 @@ def layer_peak_bytes(
     sums = [_sums_bytes(t, tuple(local[t.local].shape)) for t in gptq]
     widest = max((local[t.local].shape[-2] for t in gptq), default=hidden_size)
     batch = batch_tokens * (4 * hidden_size + widest) * forward_bytes
-    accumulating = sum(_accumulating_bytes(t, tuple(local[t.local].shape)) for t in gptq)
+    owners = [t for t in gptq if _own_accumulator(t, gptq)]
+    accumulating = sum(_accumulating_bytes(t, tuple(local[t.local].shape)) for t in owners)
+    sums = [size if t in owners else 0 for size, t in zip(sums, gptq, strict=True)]
     calibrating = source + forward + sum(sums) + accumulating + activation_bytes + batch if gptq else 0
     solving = 0
     for index, target in enumerate(gptq):  # in the pipeline's order; a solved target's sums are freed

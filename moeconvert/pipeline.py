@@ -210,6 +210,7 @@ class LayerStatistics:
     def __init__(self, layer: nn.Module, targets: list[Target], all_experts: bool, ranks: Ranks) -> None:
         self.ranks, self.all_experts = ranks, all_experts
         self.fired: set[str] = set()  # hooks run in this batch's forward pass
+        self.taken: list[tuple[torch.Tensor, str]] = []  # this pass's dense inputs and their first hook
         self.accumulators: dict[str, HessianAccumulator] = {}
         self.modules: dict[str, nn.Module] = {}
         self.records: list[tuple[str, Any]] = []  # (key, tensors, or the index of an identical record)
@@ -245,11 +246,41 @@ class LayerStatistics:
             for handle in handles:
                 handle.remove()
 
+    @contextmanager
+    def one_pass(self) -> Iterator[None]:
+        """One batch's forward pass: which hooks fired, and the dense inputs taken (held only meanwhile)."""
+        self.fired.clear()
+        try:
+            yield
+        finally:
+            self.taken.clear()
+
     def _dense_hook(self, key: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            self._seen(key, (args[0].detach().reshape(-1, args[0].shape[-1]).float(),))
+            if self._shares_input(key, args[0]):
+                self._fired(key)
+            else:
+                self._seen(key, (args[0].detach().reshape(-1, args[0].shape[-1]).float(),))
 
         return hook
+
+    def _shares_input(self, key: str, x: torch.Tensor) -> bool:
+        """Whether an earlier hook of this pass took this very tensor (q, k and v; a dense MLP's gate and
+        up): then ``key`` shares that hook's accumulator, whose sums its rows would repeat bit for bit,
+        and adds nothing (a third of the work and memory for q, k and v). The inputs are held until the
+        pass ends, so identity cannot be confused by a reused address. Not in an expert-parallel job,
+        where another rank may own the first target (its records are shared once anyway)."""
+        if self.ranks.distributed:
+            return False
+        first = next((owner for taken, owner in self.taken if taken is x), None)
+        if first is None:
+            self.taken.append((x, key))
+            return False
+        if self.accumulators[key] is not self.accumulators[first]:
+            if int(self.accumulators[key].counts.sum()):  # rows of its own already: keep them apart
+                return False
+            self.accumulators[key] = self.accumulators[first]
+        return True
 
     def _experts_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         params = dict(zip(("hidden_states", "top_k_index", "top_k_weights"), args, strict=False)) | kwargs
@@ -265,6 +296,9 @@ class LayerStatistics:
         else:  # q, k and v (or gate and up) see the very same input: share it once, refer to it after
             same = [i for i, (_, earlier) in enumerate(self.records) if _same(earlier, tensors)]
             self.records.append((key, tensors if not same else same[0]))
+        self._fired(key)
+
+    def _fired(self, key: str) -> None:
         self.fired.add(key)
         if len(self.fired) == len(self.modules):
             raise StatisticsComplete  # nothing after this point of the forward pass adds statistics
@@ -779,8 +813,7 @@ class Quantizer:
 
     def _statistics_pass(self, module: nn.Module, batch: torch.Tensor, stats: LayerStatistics) -> None:
         """Run one batch through the layer until every statistics hook has seen it."""
-        stats.fired.clear()
-        with contextlib.suppress(StatisticsComplete):
+        with stats.one_pass(), contextlib.suppress(StatisticsComplete):
             self.streamed.run_layer(module, batch)
 
     def close(self) -> None:

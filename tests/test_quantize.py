@@ -330,6 +330,25 @@ def test_output_pass_reuses_the_calibration_attention(
     ).read_bytes()
 
 
+def test_projections_of_one_input_share_their_statistics(
+    trained_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """q, k and v (and a shared expert's gate and up) take the very same tensor: one accumulator serves
+    them, and the output is the same bytes as with one accumulator each."""
+    source = trained_models["qwen2_moe"]
+    _, targets, _, stats = _layer_statistics(source, W4, 0)
+    q, k, v, o = (stats.accumulators[f"self_attn.{p}_proj.weight"] for p in "qkvo")
+    assert q is k is v and o is not q
+    gate, up = (stats.accumulators[f"mlp.shared_expert.{p}_proj.weight"] for p in ("gate", "up"))
+    assert gate is up and gate is not q
+    quantize(str(source), W4, output=tmp_path / "shared", options=FAST, verify=False, progress=False)
+    monkeypatch.setattr(LayerStatistics, "_shares_input", lambda self, key, x: False)
+    quantize(str(source), W4, output=tmp_path / "apart", options=FAST, verify=False, progress=False)
+    assert (tmp_path / "shared" / "model.safetensors").read_bytes() == (
+        tmp_path / "apart" / "model.safetensors"
+    ).read_bytes()
+
+
 def test_activations_spilled_during_the_solve_change_nothing(
     trained_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
