@@ -340,10 +340,10 @@ def _logit_metrics(
         la, lb = logits_a.log_softmax(-1), logits_b.log_softmax(-1)
         raw = (logits_a - logits_b).abs()
         kl = (la.exp() * (la - lb)).sum(-1)
-        kl_sum, kl_max = kl_sum + float(kl.sum()), max(kl_max, float(kl.max()))
+        kl_sum, kl_max = kl_sum + float(kl.sum()), _worst(kl_max, float(kl.max()))
         per_token.append(kl.flatten().double().cpu())
         agree += float((la.argmax(-1) == lb.argmax(-1)).sum())
-        diff_sum, diff_max = diff_sum + float(raw.sum()), max(diff_max, float(raw.max()))
+        diff_sum, diff_max = diff_sum + float(raw.sum()), _worst(diff_max, float(raw.max()))
         count += kl.numel()
         target = tokens[:, 1:].to(la.device)
         nll_a -= float(la[:, :-1].gather(-1, target[..., None]).sum())
@@ -387,6 +387,11 @@ def _judge(report: ParityReport) -> None:
         report.failures.append(f"mean KL {_show(report.kl_mean)} > {limits['max_kl']:g}{where}")
     if not report.top1_agreement >= limits["min_top1"]:
         report.failures.append(f"top-1 agreement {report.top1_agreement:.4f} < {limits['min_top1']:g}{where}")
+
+
+def _worst(a: float, b: float) -> float:
+    """The larger, or NaN if either is (Python's ``max`` drops a NaN second argument)."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
 def _or_inf(value: float) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -121,6 +122,7 @@ def test_nan_outputs_fail_every_check_they_reach(
     save_file(tensors, shard, metadata={"format": "pt"})
     report = verify(str(trained_models["mixtral"]), str(broken), samples=2, seq_len=64, progress=False)
     assert report.kl_mean != report.kl_mean, report.kl_mean  # NaN: the case under test
+    assert math.isnan(report.kl_max) and math.isnan(report.logits_max_abs_diff)  # maxima keep the NaN
     assert not report.passed
     assert any(f.startswith("mean KL nan") and "not finite" in f for f in report.failures), report.failures
     assert report.worst_layer == 1
