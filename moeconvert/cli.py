@@ -56,7 +56,9 @@ def _params(n: float) -> str:
 
 
 def _emit_report(data: dict[str, Any], as_json: bool, report: Path | None, table: Callable[[], str]) -> None:
-    text = json.dumps(data, indent=2)
+    from .verify import report_json
+
+    text = report_json(data)
     if report is not None:
         report.write_text(text + "\n")
     click.echo(text if as_json else table())

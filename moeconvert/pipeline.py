@@ -893,7 +893,7 @@ def _verify_output(
     progress: bool,
 ) -> dict[str, Any]:
     """Parity of the fresh output against its source, stored beside it (the model card quotes it)."""
-    from .verify import report_path, verify
+    from .verify import report_json, report_path, verify
 
     parity = verify(
         model, str(output), device=options.device, calib=options.calib, seed=options.seed + 1,
@@ -901,7 +901,7 @@ def _verify_output(
         **options.verify_thresholds,
     )  # fmt: skip
     data = parity.to_dict()
-    report_path(output).write_text(json.dumps(data, indent=2) + "\n")
+    report_path(output).write_text(report_json(data) + "\n")
     write_card(output)
     update_manifest(output, [CARD_NAME, report_path(output).name])
     return data

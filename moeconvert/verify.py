@@ -12,6 +12,7 @@ itself out.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import re
 import time
@@ -402,6 +403,22 @@ def _show(value: float) -> str:
     return (
         f"{value:.3e}" if math.isfinite(value) else f"{value} (the converted model's logits are not finite)"
     )
+
+
+def report_json(data: Any) -> str:
+    """``data`` as strict JSON: NaN and infinities, which a broken conversion's metrics can be and which
+    ``json`` would write as the non-standard ``NaN``/``Infinity``, become null (the failures say why)."""
+
+    def strict(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: strict(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [strict(v) for v in value]
+        return value
+
+    return json.dumps(strict(data), indent=2, allow_nan=False)
 
 
 def report_path(folder: Path) -> Path:

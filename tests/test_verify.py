@@ -13,7 +13,7 @@ from conftest import FAMILIES, count_calls, run_cli
 from safetensors.torch import load_file, save_file
 
 from moeconvert import fuse
-from moeconvert.verify import verify
+from moeconvert.verify import report_json, verify
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +123,8 @@ def test_nan_outputs_fail_every_check_they_reach(
     report = verify(str(trained_models["mixtral"]), str(broken), samples=2, seq_len=64, progress=False)
     assert report.kl_mean != report.kl_mean, report.kl_mean  # NaN: the case under test
     assert math.isnan(report.kl_max) and math.isnan(report.logits_max_abs_diff)  # maxima keep the NaN
+    written = json.loads(report_json(report.to_dict()), parse_constant=lambda c: pytest.fail(f"wrote {c}"))
+    assert written["kl_mean"] is None and written["passed"] is False  # strict JSON: null, not NaN
     assert not report.passed
     assert any(f.startswith("mean KL nan") and "not finite" in f for f in report.failures), report.failures
     assert report.worst_layer == 1
