@@ -222,15 +222,21 @@ def _parity_section(parity: dict[str, Any] | None) -> str:
     rows = [
         ("result", "passed" if parity["passed"] else "**failed**: " + "; ".join(parity["failures"])),
         ("tokens compared", f"{parity['tokens']:,} on {parity['device']}"),
-        ("mean KL(original ‖ quantized)", f"{parity['kl_mean']:.3e} (limit {t['max_kl']:g})"),
+        ("mean KL(original ‖ quantized)", f"{_number(parity['kl_mean'], '.3e')} (limit {t['max_kl']:g})"),
         ("median / 99th percentile / max KL", _kl_spread(parity)),
-        ("top-1 agreement", f"{parity['top1_agreement']:.4f} (limit {t['min_top1']:g})"),
-        ("perplexity", f"{parity['perplexity_original']:.4f} → {parity['perplexity_converted']:.4f}"),
-        ("max \\|logits diff\\|", f"{parity['logits_max_abs_diff']:.3e}"),
+        ("top-1 agreement", f"{_number(parity['top1_agreement'], '.4f')} (limit {t['min_top1']:g})"),
+        (
+            "perplexity",
+            f"{_number(parity['perplexity_original'], '.4f')} → {_number(parity['perplexity_converted'], '.4f')}",
+        ),
+        ("max \\|logits diff\\|", _number(parity["logits_max_abs_diff"], ".3e")),
     ]
-    if worst_error is not None:
+    if worst is not None:
         rows.append(
-            ("worst layer error", f"{worst_error:.3e} (layer {worst}, limit {t['max_layer_error']:g})")
+            (
+                "worst layer error",
+                f"{_number(worst_error, '.3e')} (layer {worst}, limit {t['max_layer_error']:g})",
+            )
         )
     lines = [
         "## Parity with the original",
@@ -245,8 +251,15 @@ def _parity_section(parity: dict[str, Any] | None) -> str:
 
 
 def _kl_spread(parity: dict[str, Any]) -> str:
-    spread = [parity.get("kl_median"), parity.get("kl_p99"), parity["kl_max"]]
-    return " / ".join("n/a" if v is None else f"{v:.3e}" for v in spread)
+    spread = [parity.get("kl_median", "n/a"), parity.get("kl_p99", "n/a"), parity["kl_max"]]  # older reports
+    return " / ".join(_number(v, ".3e") for v in spread)
+
+
+def _number(value: float | str | None, spec: str) -> str:
+    """A metric as the report holds it: null where the converted model's outputs were not finite."""
+    if isinstance(value, str):
+        return value
+    return "not finite" if value is None else format(value, spec)
 
 
 def _provenance(report: dict[str, Any]) -> str:

@@ -13,7 +13,8 @@ from conftest import FAMILIES, count_calls, run_cli
 from safetensors.torch import load_file, save_file
 
 from moeconvert import fuse
-from moeconvert.verify import report_json, verify
+from moeconvert.card import write_card
+from moeconvert.verify import report_json, report_path, verify
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +126,9 @@ def test_nan_outputs_fail_every_check_they_reach(
     assert math.isnan(report.kl_max) and math.isnan(report.logits_max_abs_diff)  # maxima keep the NaN
     written = json.loads(report_json(report.to_dict()), parse_constant=lambda c: pytest.fail(f"wrote {c}"))
     assert written["kl_mean"] is None and written["passed"] is False  # strict JSON: null, not NaN
+    report_path(broken).write_text(report_json(report.to_dict()))  # as quantize leaves it for the card
+    card = write_card(broken).read_text()
+    assert "| mean KL(original ‖ quantized) | not finite (limit" in card and "**failed**" in card
     assert not report.passed
     assert any(f.startswith("mean KL nan") and "not finite" in f for f in report.failures), report.failures
     assert report.worst_layer == 1
