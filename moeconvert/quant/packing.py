@@ -21,6 +21,8 @@ Both formats pack unsigned codes into int32 words lowest bits first, ``32 // bit
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from moeconvert.quant.rtn import QuantizedWeight
@@ -40,11 +42,27 @@ def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
     words = -(-count // per_word)
     if words * per_word != count:
         values = torch.nn.functional.pad(values, (0, words * per_word - count))
+    if bits in (4, 8) and sys.byteorder == "little":
+        return _pack_bytes(values.to(torch.uint8), bits)
     fields = values.unflatten(-1, (words, per_word))
     packed = torch.zeros(fields.shape[:-1], dtype=torch.int64, device=values.device)
     for j in range(per_word):
         packed |= fields[..., j].to(torch.int64) << (bits * j)
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def _pack_bytes(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`pack_int32` for 4 and 8 bits, whose fields never straddle a byte: each byte is built in
+    uint8 and the bytes are read as int32 words (little-endian: byte ``b`` holds bits ``8b..8b+7``), the
+    same words with a few uint8 passes instead of int64 shifts of every field (13 s to pack one
+    Qwen3-30B-A3B layer's experts before)."""
+    if values.numel() == 0:
+        return torch.zeros(*values.shape[:-1], values.shape[-1] * bits // 32, dtype=torch.int32)
+    if bits == 4:
+        pairs = values.unflatten(-1, (values.shape[-1] // 2, 2))
+        values = pairs[..., 0] | (pairs[..., 1] << 4)
+    rows = values.reshape(-1, values.shape[-1]).contiguous()  # plain strides, whatever size-1 dims had
+    return rows.view(torch.int32).reshape(*values.shape[:-1], -1)
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
