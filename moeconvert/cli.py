@@ -230,6 +230,15 @@ _relayout_command("unfuse", unfuse, "Restore per-expert tensors and original nam
     help="dtype of the calibration forward passes; checkpoint (e.g. bf16) halves the layer in memory and "
     "runs faster on CPUs with bf16 matmuls.",
 )
+@click.option(
+    "--expert-statistics",
+    type=click.Choice(["auto", "held", "replayed"]),
+    default="auto",
+    show_default=True,
+    help="held: running gate/up sums of every expert; replayed: keep the experts' inputs and sum a chunk of "
+    "experts at a time (same output, far less memory for wide layers such as DeepSeek-V3's); auto: "
+    "replayed when held sums would take half the memory.",
+)
 @click.option("--dry-run", is_flag=True, help="Print the plan and estimates; write nothing.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity check of the fresh output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -275,6 +284,7 @@ def quantize_cmd(
     device: str,
     experts_per_chunk: int | None,
     forward_dtype: str,
+    expert_statistics: str,
     dry_run: bool,
     no_verify: bool,
     as_json: bool,
@@ -312,7 +322,7 @@ def quantize_cmd(
     options = QuantizeOptions(
         format=fmt if given("fmt") or not recipe.format else recipe.format, device=device,
         max_shard_size=max_shard_size, experts_per_chunk=experts_per_chunk, verify_thresholds=dict(recipe.verify),
-        batch_tokens=batch_tokens, forward_dtype=forward_dtype,
+        batch_tokens=batch_tokens, forward_dtype=forward_dtype, expert_statistics=expert_statistics,
         **calibration,
     )  # fmt: skip
     if options.format not in ("compressed-tensors", "gptq", "fused"):

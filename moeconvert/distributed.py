@@ -21,6 +21,7 @@ On CPU with gloo the output is therefore byte-identical to a single-process run;
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -109,7 +110,7 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
-def ordered_sum(terms: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor | None:
+def ordered_sum(terms: Iterable[torch.Tensor], like: torch.Tensor) -> torch.Tensor | None:
     """``((t0 + t1) + t2) + ...`` over every rank's ``terms`` in rank order, then list order: exactly the
     order one process would add them in. The running sum travels from rank to rank; the last rank's
     result is broadcast. ``like`` gives shape, dtype and device. None if no rank has a term."""

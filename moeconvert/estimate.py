@@ -9,6 +9,10 @@ The peak is the layer that needs most, at one of two points of its work:
   budget ``auto_experts_per_chunk`` also uses), and the activations when they stay in memory
   (below ``SPILL_BYTES``).
 
+A layer whose gate/up sums are replayed (:class:`~moeconvert.quant.hessian.ReplayedAccumulator`) holds
+the experts' inputs and routing in their place until its gate/up target is solved, and the sums of one
+chunk of experts while it is.
+
 Plus the allocator's slack and the fixed cost of torch and transformers. This is what the run needs, not
 all it may take: with memory to spare it solves several experts at once (up to half the free memory).
 docs/PERFORMANCE.md compares the estimate with measured peaks.
@@ -38,6 +42,16 @@ def solve_working_bytes(in_features: int, out_features: int, experts: int) -> in
     factorization's three buffers (sizes as measured by scripts/bench_quantize.py)."""
     hessian = in_features * in_features * 4
     return experts * (2 * hessian + 5 * in_features * out_features) + 5 * hessian
+
+
+def replay_bytes_per_expert(in_features: int, dtype: torch.dtype) -> int:
+    """A replayed stack's memory per expert of a chunk: its sums and its rows waiting for a full chunk."""
+    return in_features * in_features * (torch.finfo(dtype).bits // 8) + CHUNK_ROWS * in_features * 4
+
+
+def replay_buffer_bytes(in_features: int, dtype: torch.dtype) -> int:
+    """A replayed chunk's product buffers: one float32 product, and its float64 widening."""
+    return in_features * in_features * (4 if dtype == torch.float32 else 12)
 
 
 def _accumulating_bytes(target: Target, shape: tuple[int, ...]) -> int:
@@ -81,10 +95,12 @@ def layer_peak_bytes(
     batch_tokens: int,
     hidden_size: int,
     forward_bytes: int,
+    replayed: bool = False,
 ) -> int:
     """Peak memory of one layer's quantize step (without the fixed cost); ``local`` holds the layer's
     tensors (meta tensors will do), named as the targets name them. ``activation_bytes`` is 0 for a run
-    without calibration (round-to-nearest only), which has no forward pass."""
+    without calibration (round-to-nearest only), which has no forward pass. ``replayed``: the gate/up
+    sums are formed a chunk of experts at a time from the kept inputs (the module docstring)."""
     targets = list(targets)
     source = sum(t.numel() * t.element_size() for t in local.values())
     if not activation_bytes:  # each target in float32, its codes and its decoded copy, one at a time
@@ -95,15 +111,28 @@ def layer_peak_bytes(
     widest = max((local[t.local].shape[-2] for t in gptq), default=hidden_size)
     batch = batch_tokens * (4 * hidden_size + widest) * forward_bytes
     owners = [t for t in gptq if _own_accumulator(t, gptq)]
-    accumulating = sum(_accumulating_bytes(t, tuple(local[t.local].shape)) for t in owners)
-    sums = [size if t in owners else 0 for size, t in zip(sums, gptq, strict=True)]
+    replaying = {t.local for t in gptq if replayed and t.kind == "gate_up"}
+    accumulating = sum(
+        _accumulating_bytes(t, tuple(local[t.local].shape)) for t in owners if t.local not in replaying
+    )
+    kept_inputs = {  # the replayed stack's inputs (the layer's activations again) and routing masks
+        t.local: activation_bytes
+        + activation_bytes // (hidden_size * forward_bytes) * local[t.local].shape[0]
+        for t in gptq
+        if t.local in replaying
+    }
+    sums = [kept_inputs.get(t.local, size) if t in owners else 0 for size, t in zip(sums, gptq, strict=True)]
     calibrating = source + forward + sum(sums) + accumulating + activation_bytes + batch if gptq else 0
     solving = 0
     for index, target in enumerate(gptq):  # in the pipeline's order; a solved target's sums are freed
         shape = tuple(local[target.local].shape)
         in_features, out_features = shape[-1], shape[-2]
-        prior = 0 if target.kind == "dense" else sums[index] // shape[0]
+        one_sums = in_features * in_features * torch.finfo(sums_dtype(in_features, shape[0])).bits // 8
+        prior = 0 if target.kind == "dense" else one_sums
         working = solve_working_bytes(in_features, out_features, 1) + prior
+        if target.local in replaying:
+            dtype = sums_dtype(in_features, shape[0])
+            working += replay_bytes_per_expert(in_features, dtype) + replay_buffer_bytes(in_features, dtype)
         held = source + sum(sums[index:]) + (0 if spilled else activation_bytes)
         solving = max(solving, held + working)
     running = source + forward + activation_bytes + batch  # the output pass, and layers without GPTQ

@@ -13,6 +13,8 @@ import ctypes
 import ctypes.util
 import functools
 
+import torch
+
 
 @functools.cache
 def _libc() -> ctypes.CDLL | None:
@@ -29,3 +31,12 @@ def release_freed_memory() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory a run may still take on ``device``: free GPU memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available

@@ -10,6 +10,7 @@ Peak memory is one layer plus the calibration activations.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -33,18 +34,25 @@ from .checkpoint import OutputFolder, PartsWriter, iter_groups, parse_size
 from .distributed import Ranks, all_gather_cat, all_gather_list, barrier, ordered_sum
 from .distributed import current as current_ranks
 from .errors import BadInputError, InterruptedRunError, OutputWriteError
-from .estimate import ALLOCATOR_SLACK, FIXED_BYTES, layer_peak_bytes, solve_working_bytes
+from .estimate import (
+    ALLOCATOR_SLACK,
+    FIXED_BYTES,
+    layer_peak_bytes,
+    replay_buffer_bytes,
+    replay_bytes_per_expert,
+    solve_working_bytes,
+)
 from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
 from .formats import QuantFormat, get_format
 from .formats.base import QuantizedModule
 from .forward import LayerwiseModel
 from .fp8 import header_reader, open_reader, source_dtype, without_fp8_config
 from .manifest import update_manifest, write_manifest
-from .memory import release_freed_memory
+from .memory import available_bytes, release_freed_memory
 from .progress import progress_bar
 from .quant.calibration import calibration_tokens, tokens_digest
 from .quant.gptq import gptq_quantize
-from .quant.hessian import HessianAccumulator, sums_dtype
+from .quant.hessian import HessianAccumulator, ReplayedAccumulator, sums_dtype
 from .quant.rtn import QuantizedWeight, rtn_quantize
 from .quant.scheme import Scheme
 from .quant.targets import Rule, TargetPolicy
@@ -86,6 +94,10 @@ class QuantizeOptions:
     # dtype of the calibration forward passes: "float32", or "checkpoint" (the weights' own dtype, as the
     # model is served: half the layer's memory, and bf16 matmuls run 2-3x faster on recent CPUs)
     forward_dtype: str = "float32"
+    # the experts' gate/up statistics: "held" (running sums of every expert), "replayed" (the inputs kept
+    # and summed a chunk of experts at a time as they are solved: same bytes out, for DeepSeek-V3-wide
+    # layers whose sums outgrow memory), or "auto": replayed when held sums would take half of it
+    expert_statistics: str = "auto"
 
 
 @dataclass
@@ -207,11 +219,18 @@ class LayerStatistics:
     saw; :meth:`exchange` then shares each batch's records and every owner adds them in batch order.
     """
 
-    def __init__(self, layer: nn.Module, targets: list[Target], all_experts: bool, ranks: Ranks) -> None:
+    def __init__(
+        self,
+        layer: nn.Module,
+        targets: list[Target],
+        all_experts: bool,
+        ranks: Ranks,
+        replay_gate_up: bool = False,
+    ) -> None:
         self.ranks, self.all_experts = ranks, all_experts
         self.fired: set[str] = set()  # hooks run in this batch's forward pass
         self.taken: list[tuple[torch.Tensor, str]] = []  # this pass's dense inputs and their first hook
-        self.accumulators: dict[str, HessianAccumulator] = {}
+        self.accumulators: dict[str, HessianAccumulator | ReplayedAccumulator] = {}
         self.modules: dict[str, nn.Module] = {}
         self.records: list[tuple[str, Any]] = []  # (key, tensors, or the index of an identical record)
         self.owned = range(0)
@@ -225,7 +244,8 @@ class LayerStatistics:
             count, hidden = experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[2]
             self.owned = ranks.experts(count)
             width = experts.down_proj.shape[2]
-            self.accumulators[FUSED_GATE_UP] = HessianAccumulator(
+            gate_up = ReplayedAccumulator if replay_gate_up else HessianAccumulator
+            self.accumulators[FUSED_GATE_UP] = gate_up(
                 hidden, len(self.owned), dtype=sums_dtype(hidden, count)
             )
             self.accumulators[FUSED_DOWN] = HessianAccumulator(
@@ -331,7 +351,8 @@ class LayerStatistics:
         x, mask = tensors
         experts = self.modules["experts"]
         mask = mask[:, self.owned.start : self.owned.stop]
-        self.accumulators[FUSED_GATE_UP].add(x.float(), mask)
+        gate_up = self.accumulators[FUSED_GATE_UP]  # a replayed one keeps the rows as they are
+        gate_up.add(x if isinstance(gate_up, ReplayedAccumulator) else x.float(), mask)
         for local, expert in enumerate(self.owned):
             rows = x[mask[:, local]]
             if rows.shape[0] == 0:
@@ -371,12 +392,17 @@ def solve(
     scale_dtype = fmt.scale_dtype or weight.dtype
     if target.scheme.method == "rtn" or stats is None:
         return rtn_quantize(weight.float(), target.scheme, scale_dtype=scale_dtype), []
+    acc = stats.accumulators.get(target.local)
+    replayed = isinstance(acc, ReplayedAccumulator)
     chunk = (
         experts_per_chunk
         if experts_per_chunk is not None
-        else auto_experts_per_chunk(weight.shape[-1], weight.shape[-2], weight.device)
+        else auto_experts_per_chunk(
+            weight.shape[-1], weight.shape[-2], weight.device, replayed_sums=acc if replayed else None
+        )
     )
-    acc = stats.accumulators.get(target.local)
+    if replayed:
+        acc.experts_per_replay = chunk
     if target.kind == "dense":
         w, mine = weight.float(), None
         if acc is not None:
@@ -384,7 +410,7 @@ def solve(
             mine = gptq_quantize(w, hessian, target.scheme, scale_dtype=scale_dtype)
         return _from_owner(mine, w, target.scheme), []
     assert acc is not None
-    layer_mean = _layer_mean(acc)
+    layer_mean = _layer_mean(acc, min_tokens)
     owned = weight[stats.owned.start : stats.owned.stop]
     parts = []
     for start in range(0, owned.shape[0], chunk):  # one chunk's Hessians and weights at a time
@@ -397,13 +423,24 @@ def solve(
     return _gathered(_concat(parts)), all_gather_cat(acc.counts).tolist()
 
 
-def _layer_mean(acc: HessianAccumulator) -> torch.Tensor | None:
+def _layer_mean(acc: HessianAccumulator | ReplayedAccumulator, min_tokens: int) -> torch.Tensor | None:
     """The starved-expert prior ``S_all / n_all``, summed over all the layer's experts in expert order
-    (across ranks, as one process would)."""
-    sums = acc.sums()
-    total = int(all_gather_cat(acc.counts).sum())
-    pooled = ordered_sum(list(sums), like=sums[0])
-    return None if total == 0 or pooled is None else pooled.div_(total)
+    (across ranks, as one process would). None without rows, or when no expert is starved: then no
+    expert's Hessian uses it, and a replayed stack is not summed twice for nothing."""
+    counts = all_gather_cat(acc.counts)
+    total = int(counts.sum())
+    if total == 0 or int(counts.min()) >= max(min_tokens, 1):
+        return None
+    like, terms = _peeked(acc.iter_sums())
+    pooled = ordered_sum(terms, like=like)
+    return None if pooled is None else pooled.div_(total)
+
+
+def _peeked(terms: Iterator[torch.Tensor]) -> tuple[torch.Tensor, Iterator[torch.Tensor]]:
+    """A memoryless stand-in with the first term's shape, dtype and device, and all the terms; the first
+    is not held apart from the iterator (a replayed chunk's sums are freed as soon as they are added)."""
+    first = next(terms)
+    return first.new_zeros(()).expand(first.shape), itertools.chain((first,), terms)
 
 
 def _concat(parts: list[QuantizedWeight]) -> QuantizedWeight:
@@ -451,19 +488,21 @@ def _from_owner(mine: QuantizedWeight | None, w: torch.Tensor, scheme: Scheme) -
     return replace(mine, **shared)
 
 
-def auto_experts_per_chunk(in_features: int, out_features: int, device: torch.device) -> int:
+def auto_experts_per_chunk(
+    in_features: int,
+    out_features: int,
+    device: torch.device,
+    replayed_sums: ReplayedAccumulator | None = None,
+) -> int:
     """How many experts' GPTQ problems fit in half the free memory at once (sizes as measured by
     scripts/bench_quantize.py); a layer whose experts do not all fit is finalized and solved in chunks,
-    with the same result."""
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        import psutil
-
-        free = psutil.virtual_memory().available
+    with the same result. With ``replayed_sums`` each chunk's running sums are formed for it, too."""
     shared = solve_working_bytes(in_features, out_features, 0)
     per_expert = solve_working_bytes(in_features, out_features, 1) - shared
-    return max(1, int((free * 0.5 - shared) // per_expert))
+    if replayed_sums is not None:
+        shared += replay_buffer_bytes(in_features, replayed_sums.dtype)
+        per_expert += replay_bytes_per_expert(in_features, replayed_sums.dtype)
+    return max(1, int((available_bytes(device) * 0.5 - shared) // per_expert))
 
 
 def _dequantized(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -546,6 +585,19 @@ class Quantizer:
             r.scheme is not None and r.scheme.method == "gptq" for r in policy.rules
         )
 
+    def replays_gate_up(self, targets: list[Target], local: dict[str, torch.Tensor]) -> bool:
+        """Whether this layer's gate/up statistics are replayed (``QuantizeOptions.expert_statistics``)."""
+        mode = self.options.expert_statistics
+        if mode not in ("auto", "held", "replayed"):
+            raise BadInputError(f"expert statistics must be auto, held or replayed, not {mode!r}")
+        gate_up = next((t for t in targets if t.kind == "gate_up" and t.scheme.method == "gptq"), None)
+        if gate_up is None or mode != "auto":
+            return gate_up is not None and mode == "replayed"
+        experts, _, hidden = local[gate_up.local].shape
+        width = torch.finfo(sums_dtype(hidden, experts)).bits // 8
+        held = len(self.ranks.experts(experts)) * hidden * hidden * width
+        return held > available_bytes(self.device) // 2
+
     def _forward_dtype(self) -> torch.dtype:
         if self.options.forward_dtype == "float32":
             return torch.float32
@@ -606,6 +658,7 @@ class Quantizer:
                     batch_tokens=min(self.options.batch_tokens, tokens),
                     hidden_size=self.config.hidden_size,
                     forward_bytes=forward_bytes,
+                    replayed=self.replays_gate_up(targets, local),
                 ),  # fmt: skip
             )
         return FIXED_BYTES + int(ALLOCATOR_SLACK * peak)
@@ -723,7 +776,13 @@ class Quantizer:
         if not hidden or not any(t.scheme.method == "gptq" for t in targets):
             return None, [False] * len(hidden)
         with self.streamed.layer(layer, local) as module:
-            stats = LayerStatistics(module, targets, self.options.calibrate_all_experts, self.ranks)
+            stats = LayerStatistics(
+                module,
+                targets,
+                self.options.calibrate_all_experts,
+                self.ranks,
+                replay_gate_up=self.replays_gate_up(targets, local),
+            )
             keep = keep_residual and self.streamed.has_mlp_half(module)
             keep = keep and all(t.local.startswith("mlp.") for t in targets)
             with stats.hooks():
@@ -909,11 +968,12 @@ def _verify_output(
 
 def run_settings(runner: Quantizer, report: QuantizeReport, rules: tuple[Rule, ...]) -> dict[str, Any]:
     """Everything that decides the output bytes: a partial output resumes only under the same settings
-    (``experts_per_chunk`` is left out: chunking gives identical bytes; so are verify thresholds)."""
+    (``experts_per_chunk`` and ``expert_statistics`` are left out: they give identical bytes; so are
+    verify thresholds)."""
     options = {
         k: v
         for k, v in asdict(runner.options).items()
-        if k not in ("experts_per_chunk", "verify_thresholds", "device")
+        if k not in ("experts_per_chunk", "expert_statistics", "verify_thresholds", "device")
     }
     return {
         "source": report.source,

@@ -13,9 +13,10 @@ from dataclasses import replace
 import pytest
 import torch
 
+from moeconvert.pipeline import _layer_mean
 from moeconvert.quant import gptq
 from moeconvert.quant.gptq import gptq_quantize
-from moeconvert.quant.hessian import HessianAccumulator, sums_dtype
+from moeconvert.quant.hessian import HessianAccumulator, ReplayedAccumulator, sums_dtype
 from moeconvert.quant.rtn import compute_qparams, dequantize, quantize_codes, rtn_quantize
 from moeconvert.quant.scheme import Scheme
 
@@ -358,6 +359,35 @@ def test_mask_indices_per_expert_rows_and_batch_shape_agree_bitwise() -> None:
     reference = by_index.finalize(min_tokens=0)[0]
     assert torch.equal(by_mask.finalize(min_tokens=0)[0], reference)
     assert torch.equal(per_expert.finalize(min_tokens=0)[0], reference)
+    assert _layer_mean(by_index, min_tokens=int(by_index.counts.min())) is None  # no expert is starved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_replayed_sums_are_the_held_sums_bit_for_bit(dtype: torch.dtype) -> None:
+    """Kept inputs summed a few experts at a time, in uneven batches, give exactly the running sums,
+    the layer-wide prior summed in expert order, and the finalized Hessians of starved experts."""
+    x, routing = routed_inputs(tokens=900, experts=7)
+    x = x.to(dtype)
+    routing[routing == 6] = 5  # expert 6 gets no row at all
+    held = HessianAccumulator(48, 7, chunk_size=64)
+    replayed = ReplayedAccumulator(48, 7, chunk_size=64, experts_per_replay=3)
+    for rows, experts in zip(x.split([100, 333, 1, 466]), routing.split([100, 333, 1, 466]), strict=True):
+        held.add(rows.float(), experts)
+        replayed.add(rows, experts)
+    assert replayed.stored_bytes == x.nbytes + 900 * 7
+    assert torch.equal(replayed.counts, held.counts) and replayed.counts[6] == 0
+    sums = held.sums()
+    replayed_sums = list(replayed.iter_sums())
+    assert len(replayed_sums) == 7 and all(
+        torch.equal(a, b) for a, b in zip(replayed_sums, sums, strict=True)
+    )
+    prior = held._layer_mean()
+    assert prior is not None
+    assert torch.equal(_layer_mean(replayed, min_tokens=0), prior)  # expert 6 is starved at any minimum
+    assert torch.equal(_layer_mean(held, min_tokens=0), prior)
+    for experts in (range(0, 7), range(2, 5), range(6, 7)):
+        expected = held.finalize_with(400, prior, experts=experts)[0]
+        assert torch.equal(replayed.finalize_with(400, prior, experts=experts)[0], expected)
 
 
 def test_dense_linear_takes_every_token() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -305,6 +306,33 @@ def test_solving_experts_in_chunks_changes_nothing(trained_models: dict[str, Pat
     assert (tmp_path / "chunked" / "model.safetensors").read_bytes() == (
         tmp_path / "whole" / "model.safetensors"
     ).read_bytes()
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "olmoe"])
+def test_replayed_expert_statistics_change_nothing(
+    family: str, trained_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gate/up sums formed from the kept inputs a chunk of experts at a time (what wide layers use) give
+    the same bytes as running sums of every expert, the starved-expert prior included (every expert is
+    starved under this minimum)."""
+    from moeconvert.quant.hessian import ReplayedAccumulator
+
+    replays = count_calls(monkeypatch, ReplayedAccumulator, "accumulator")
+    outputs = {}
+    for mode in ("held", "replayed"):
+        options = replace(FAST, min_tokens=100_000, experts_per_chunk=3, expert_statistics=mode)
+        quantize(
+            str(trained_models[family]),
+            W4,
+            output=tmp_path / mode,
+            options=options,
+            verify=False,
+            progress=False,
+        )
+        outputs[mode] = (tmp_path / mode / "model.safetensors").read_bytes()
+    layers = load_config(read_config(trained_models[family])).num_hidden_layers
+    assert len(replays) >= 2 * layers  # the prior's sweep and the solve's, per sparse layer
+    assert outputs["replayed"] == outputs["held"]
 
 
 def test_output_pass_reuses_the_calibration_attention(

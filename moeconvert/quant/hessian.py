@@ -30,11 +30,17 @@ no rows gets the layer-wide Hessian; with no rows anywhere in the layer it gets 
 GPTQ reduces to round-to-nearest. With top-k routing every token enters the pool exactly k times, so the
 pooled mean is the all-token mean; for per-expert inputs (``down_proj``) it is the pool of what all experts
 received, which carries the typical per-feature scale rather than a shared correlation structure.
+
+Wide stacks. The gate/up sums of a whole layer can outgrow the layer itself: DeepSeek-V3's 256 experts of
+width 7168 need 53 GB of float32 sums, against 7.5 GB for the 262,144 calibration inputs they are summed
+from. :class:`ReplayedAccumulator` keeps those inputs and their routing instead, and forms the sums a few
+experts at a time when they are solved, from the same rows in the same chunks: the same bits as a
+:class:`HessianAccumulator`, for the memory of one chunk of experts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -143,6 +149,10 @@ class HessianAccumulator:
         """The running sums ``S_e`` ``[E, in, in]`` with every buffered row included (once all rows are in)."""
         self._flush_all()
         return self._sums_or_zeros()
+
+    def iter_sums(self) -> Iterator[Tensor]:
+        """Each expert's running sums ``S_e`` in expert order (see :class:`ReplayedAccumulator`)."""
+        return iter(self.sums())
 
     def finalize_with(
         self,
@@ -272,6 +282,78 @@ class HessianAccumulator:
         for expert in range(1, self.num_experts):
             pooled += sums[expert]
         return pooled / total
+
+
+class ReplayedAccumulator:
+    """A :class:`HessianAccumulator` for inputs shared by a stack of experts (their gate and up
+    projections) that keeps the inputs instead of the sums (module docstring, "Wide stacks").
+
+    Each batch's rows and routing are kept as they come; the sums of a range of experts are formed when
+    asked for, by replaying every batch in order into a :class:`HessianAccumulator` of just those
+    experts. An expert's sums depend only on the sequence of rows it receives, so they are bit-identical
+    to those of one accumulator fed as the batches came. Rows are kept in the dtype they arrive in and
+    widened to float32 as they are replayed (a bf16 forward pass keeps half the bytes).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int,
+        *,
+        chunk_size: int = CHUNK_ROWS,
+        dtype: torch.dtype = torch.float64,
+        experts_per_replay: int = 1,
+    ) -> None:
+        self._like = HessianAccumulator(in_features, num_experts, chunk_size=chunk_size, dtype=dtype)
+        self.in_features, self.num_experts, self.dtype = in_features, num_experts, dtype
+        self.experts_per_replay = max(1, experts_per_replay)  # experts summed at once by :meth:`iter_sums`
+        self._batches: list[tuple[Tensor, Tensor]] = []  # (rows [T, in], routing mask [T, E])
+        self._counts = torch.zeros(num_experts, dtype=torch.int64)
+
+    @property
+    def counts(self) -> Tensor:
+        """Rows received so far per expert, int64 ``[E]``."""
+        return self._counts.clone()
+
+    @property
+    def stored_bytes(self) -> int:
+        """Memory the kept rows and routing masks take."""
+        return sum(x.nbytes + mask.nbytes for x, mask in self._batches)
+
+    def add(self, x: Tensor, routing: Tensor | None = None) -> None:
+        """As :meth:`HessianAccumulator.add`: keep a batch of inputs and which experts each row goes to."""
+        x = self._like._rows(x)
+        mask = self._like._routing_mask(routing, x.shape[0], x.device)
+        self._batches.append((x, mask))
+        self._counts += mask.sum(dim=0).cpu()
+
+    def accumulator(self, experts: range) -> HessianAccumulator:
+        """A :class:`HessianAccumulator` of ``experts`` alone, fed every kept batch in order."""
+        acc = HessianAccumulator(
+            self.in_features, len(experts), chunk_size=self._like.chunk_size, dtype=self.dtype
+        )
+        for x, mask in self._batches:
+            acc.add(x.float(), mask[:, experts.start : experts.stop])
+        return acc
+
+    def iter_sums(self) -> Iterator[Tensor]:
+        """Each expert's sums ``S_e`` in expert order, ``experts_per_replay`` experts' sums held at a time."""
+        for start in range(0, self.num_experts, self.experts_per_replay):
+            experts = range(start, min(start + self.experts_per_replay, self.num_experts))
+            yield from self.accumulator(experts).sums()
+
+    def finalize_with(
+        self,
+        min_tokens: int,
+        layer_mean: Tensor | None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        experts: range | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """As :meth:`HessianAccumulator.finalize_with`; the sums of ``experts`` are formed here."""
+        experts = range(self.num_experts) if experts is None else experts
+        hessians, _ = self.accumulator(experts).finalize_with(min_tokens, layer_mean, dtype=dtype)
+        return hessians, self.counts
 
 
 def _normalize(
