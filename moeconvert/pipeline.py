@@ -663,6 +663,14 @@ class Quantizer:
             )
         return FIXED_BYTES + int(ALLOCATOR_SLACK * peak)
 
+    def replayed_layers(self, plan: dict[int, list[Target]]) -> int:
+        """How many layers' gate/up statistics would be replayed (``QuantizeOptions.expert_statistics``)."""
+        groups = dict(self.groups)
+        return sum(
+            self.replays_gate_up(targets, self._local(layer, self.reader.meta_tensors(groups[layer]))[0])
+            for layer, targets in plan.items()
+        )
+
     def _local(self, layer: int, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
         fused = fuse_layer(self.family, self.config, layer, tensors)
         prefix = f"model.layers.{layer}."
@@ -932,6 +940,7 @@ def quantize(
         if dry_run:
             report.quantized_modules = sum(t.modules for targets in plan.values() for t in targets)
             report.sizes["peak_memory_bytes"] = runner.peak_memory_bytes(plan)
+            report.sizes["replayed_layers"] = runner.replayed_layers(plan)
             return report
         with _resumable_stops(Path(output)):
             _run(runner, plan, report, Path(output), force, progress, run_settings(runner, report, rules))

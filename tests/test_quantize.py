@@ -254,6 +254,11 @@ def test_cli_quantize(trained_models: dict[str, Path], tmp_path: Path) -> None:
     assert plan.returncode == 0, plan.stderr
     data = json.loads(plan.stdout)
     assert data["quantized_modules"] == 3 * (8 * 3 + 4) and data["estimates"]["output_bytes"] > 0
+    assert data["estimates"]["replayed_layers"] == 0  # the sums of a tiny model fit anywhere
+    replayed = run_cli(
+        "quantize", source, "--dry-run", "--group-size", "32", "--expert-statistics", "replayed", cwd=tmp_path
+    )
+    assert "statistics replayed from the kept inputs in 3 layers" in replayed.stdout, replayed.stdout
     assert list(tmp_path.iterdir()) == [], "a dry run writes nothing"
     result = run_cli(
         "quantize", source, "--group-size", "32", "--samples", "8", "--seq-len", "64", cwd=tmp_path
