@@ -10,11 +10,19 @@ top-2, 32 heads, 8 KV heads, vocabulary 32000; 2.8 GB of bf16 experts, whose dow
 alone are 8 x 14336^2 floats), quantized GPTQ w4 g128 with a stated, reduced number of calibration
 tokens, in a fresh process, with its peak RSS and the machine's memory beside it.
 
+Wide experts (`--qwen3-235b-layer`): one decoder layer at Qwen3-235B-A22B's widths (hidden 4096, 128
+experts of 1536, top-8, 64 heads of 128, 4 KV heads; vocabulary cut to 32000), whose gate/up running
+sums (128 x 4096^2 floats, 8.6 GB) are larger than its bf16 experts (4.8 GB): the dry-run estimate with
+the sums held and with them replayed from the kept inputs, then a real run with them replayed (bf16
+forward passes), in a fresh process, with its peak RSS.
+
 Prints a table and writes JSON.
 
     python scripts/bench_memory.py --hidden 1024 --out bench_results/memory.json
     python scripts/bench_memory.py --mixtral-layer --samples 4 --seq-len 512 --out bench_results/memory-mixtral.json
     python scripts/bench_memory.py --activations --samples 128 --out bench_results/memory-activations.json
+    python scripts/bench_memory.py --qwen3-235b-layer --samples 4 --seq-len 512 --forward-dtype checkpoint \
+        --out bench_results/memory-qwen3-235b.json
 """
 
 from __future__ import annotations
@@ -35,13 +43,16 @@ import moeconvert.pipeline
 from moeconvert.pipeline import QuantizeOptions
 if "BENCH_SPILL_BYTES" in os.environ:
     moeconvert.pipeline.SPILL_BYTES = int(os.environ["BENCH_SPILL_BYTES"])
-step, source, out, samples, seq_len, forward = sys.argv[1:7]
+step, source, out, samples, seq_len, forward, statistics = sys.argv[1:8]
 samples, seq_len = int(samples), int(seq_len)
 t = time.perf_counter()
-if step == "quantize":
-    moeconvert.quantize(source, moeconvert.Scheme(bits=4, group_size=128), output=out,
-                        options=QuantizeOptions(samples=samples, seq_len=seq_len, forward_dtype=forward),
-                        verify=False, progress=False)
+if step in ("quantize", "estimate"):
+    options = QuantizeOptions(samples=samples, seq_len=seq_len, forward_dtype=forward, expert_statistics=statistics)
+    report = moeconvert.quantize(source, moeconvert.Scheme(bits=4, group_size=128), output=out, options=options,
+                                 verify=False, progress=False, dry_run=step == "estimate")
+    if step == "estimate":
+        print(json.dumps(report.sizes))
+        sys.exit()
 else:
     moeconvert.verify(source, out, samples=samples, seq_len=seq_len, progress=False)
 hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]
@@ -57,12 +68,24 @@ def run_step(
     seq_len: int = 256,
     forward: str = "float32",
     spill_bytes: int | None = None,
+    statistics: str = "auto",
 ) -> dict:
     env = {"TQDM_DISABLE": "1", "PATH": "", "OMP_NUM_THREADS": "2"}
     if spill_bytes is not None:
         env["BENCH_SPILL_BYTES"] = str(spill_bytes)
     result = subprocess.run(
-        [sys.executable, "-c", STEP, step, str(source), str(out), str(samples), str(seq_len), forward],
+        [
+            sys.executable,
+            "-c",
+            STEP,
+            step,
+            str(source),
+            str(out),
+            str(samples),
+            str(seq_len),
+            forward,
+            statistics,
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -78,6 +101,11 @@ def main() -> None:
     parser.add_argument("--depths", type=int, nargs=2, default=(2, 8))
     parser.add_argument("--out", type=Path, default=Path("bench_results/memory.json"))
     parser.add_argument("--mixtral-layer", action="store_true", help="one layer at Mixtral-8x7B widths")
+    parser.add_argument(
+        "--qwen3-235b-layer",
+        action="store_true",
+        help="one layer at Qwen3-235B-A22B widths, statistics replayed",
+    )
     parser.add_argument(
         "--activations",
         action="store_true",
@@ -96,6 +124,9 @@ def main() -> None:
         return
     if args.activations:
         activations(args)
+        return
+    if args.qwen3_235b_layer:
+        qwen3_235b_layer(args)
         return
 
     import torch
@@ -200,6 +231,61 @@ def mixtral_layer(args: argparse.Namespace) -> None:
     print(
         f"{total / gb:>9.2f}{experts / gb:>11.2f}{result['calibration_tokens']:>8}{down_sums / gb:>13.2f}"
         f"{quant['peak_rss'] / gb:>9.2f}{result['memory_total'] / gb:>11.2f}{quant['seconds']:>7.0f}"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def qwen3_235b_layer(args: argparse.Namespace) -> None:
+    """One Qwen3-235B-A22B-width layer: build it, estimate its peak with the gate/up sums held and
+    replayed, quantize it with them replayed in a fresh process, report the peak."""
+    import psutil
+    import torch
+
+    from moeconvert.checkpoint import ShardedReader
+    from moeconvert.tiny import build_tiny_model
+
+    work = Path(tempfile.mkdtemp(prefix="bench_memory_qwen3_235b_"))
+    try:
+        src = build_tiny_model(
+            "qwen3_moe", work / "src", dtype=torch.bfloat16, hidden_size=4096, moe_intermediate_size=1536,
+            intermediate_size=12288, num_hidden_layers=1, num_experts=128, num_experts_per_tok=8,
+            num_attention_heads=64, num_key_value_heads=4, head_dim=128, vocab_size=32000,
+        )  # fmt: skip
+        with ShardedReader(src) as reader:
+            total = reader.total_bytes
+            experts = sum(m.nbytes for n, m in reader.metas.items() if ".experts." in n)
+        sizes = {"samples": args.samples, "seq_len": args.seq_len, "forward": args.forward_dtype}
+        estimates = {
+            mode: run_step("estimate", src, work / "q", **sizes, statistics=mode)["peak_memory_bytes"]
+            for mode in ("held", "replayed")
+        }
+        quant = run_step("quantize", src, work / "q", **sizes, statistics="replayed")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    gate_up_sums = 128 * 4096 * 4096 * 4  # float32 running sums (moeconvert.quant.hessian.sums_dtype)
+    result = {
+        "machine": platform.platform(),
+        "torch": torch.__version__,
+        "memory_total": psutil.virtual_memory().total,
+        "model_bytes": total,
+        "expert_bytes": experts,
+        "calibration_tokens": args.samples * args.seq_len,
+        "forward_dtype": args.forward_dtype,
+        "gate_up_sums_bytes": gate_up_sums,
+        "estimate_held": estimates["held"],
+        "estimate_replayed": estimates["replayed"],
+        "quantize_replayed": quant,
+    }
+    gb = 1e9
+    print(
+        f"{'model GB':>9}{'experts GB':>11}{'tokens':>8}{'gate/up sums GB':>16}{'est. held GB':>13}"
+        f"{'est. replayed GB':>17}{'peak GB':>9}{'machine GB':>11}{'s':>7}"
+    )
+    print(
+        f"{total / gb:>9.2f}{experts / gb:>11.2f}{result['calibration_tokens']:>8}{gate_up_sums / gb:>16.2f}"
+        f"{estimates['held'] / gb:>13.2f}{estimates['replayed'] / gb:>17.2f}{quant['peak_rss'] / gb:>9.2f}"
+        f"{result['memory_total'] / gb:>11.2f}{quant['seconds']:>7.0f}"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
