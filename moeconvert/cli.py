@@ -237,7 +237,7 @@ _relayout_command("unfuse", unfuse, "Restore per-expert tensors and original nam
     show_default=True,
     help="held: running gate/up sums of every expert; replayed: keep the experts' inputs and sum a chunk of "
     "experts at a time (same output, far less memory for wide layers such as DeepSeek-V3's); auto: "
-    "replayed when held sums would take half the memory.",
+    "replayed where a layer would not fit in memory with them held.",
 )
 @click.option("--dry-run", is_flag=True, help="Print the plan and estimates; write nothing.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity check of the fresh output.")
@@ -453,7 +453,7 @@ def _quantize_table(data: dict[str, Any], dry_run: bool) -> str:
         if e.get("replayed_layers"):
             lines.append(
                 f"memory   gate/up statistics replayed from the kept inputs in {e['replayed_layers']} layers "
-                "(their running sums would take over half the memory available)"
+                "(--expert-statistics)"
             )
         return "\n".join(lines)
     if data.get("verify"):

@@ -1,4 +1,4 @@
-"""Handing freed memory back to the operating system between layers.
+"""Handing freed memory back to the operating system between layers, and what is left of it.
 
 A streaming pass frees each layer's tensors before the next, but glibc's allocator keeps freed blocks
 below its (self-raising, up to 32 MB) mmap threshold in its heaps for reuse, and a layer's many
@@ -40,3 +40,12 @@ def available_bytes(device: torch.device) -> int:
     import psutil
 
     return psutil.virtual_memory().available
+
+
+def memory_budget_bytes(device: torch.device) -> int:
+    """All the memory this process may hold on ``device``: what it holds now and what is still free."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+    import psutil
+
+    return psutil.virtual_memory().available + psutil.Process().memory_info().rss

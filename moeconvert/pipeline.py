@@ -48,7 +48,7 @@ from .formats.base import QuantizedModule
 from .forward import LayerwiseModel
 from .fp8 import header_reader, open_reader, source_dtype, without_fp8_config
 from .manifest import update_manifest, write_manifest
-from .memory import available_bytes, release_freed_memory
+from .memory import available_bytes, memory_budget_bytes, release_freed_memory
 from .progress import progress_bar
 from .quant.calibration import calibration_tokens, tokens_digest
 from .quant.gptq import gptq_quantize
@@ -96,7 +96,7 @@ class QuantizeOptions:
     forward_dtype: str = "float32"
     # the experts' gate/up statistics: "held" (running sums of every expert), "replayed" (the inputs kept
     # and summed a chunk of experts at a time as they are solved: same bytes out, for DeepSeek-V3-wide
-    # layers whose sums outgrow memory), or "auto": replayed when held sums would take half of it
+    # layers whose sums outgrow memory), or "auto": replayed when the layer would not fit with them held
     expert_statistics: str = "auto"
 
 
@@ -593,10 +593,8 @@ class Quantizer:
         gate_up = next((t for t in targets if t.kind == "gate_up" and t.scheme.method == "gptq"), None)
         if gate_up is None or mode != "auto":
             return gate_up is not None and mode == "replayed"
-        experts, _, hidden = local[gate_up.local].shape
-        width = torch.finfo(sums_dtype(hidden, experts)).bits // 8
-        held = len(self.ranks.experts(experts)) * hidden * hidden * width
-        return held > available_bytes(self.device) // 2
+        held = FIXED_BYTES + ALLOCATOR_SLACK * self._layer_peak_bytes(targets, local, replayed=False)
+        return held > memory_budget_bytes(self.device)
 
     def _forward_dtype(self) -> torch.dtype:
         if self.options.forward_dtype == "float32":
@@ -642,26 +640,27 @@ class Quantizer:
 
     def peak_memory_bytes(self, plan: dict[int, list[Target]]) -> int:
         """What this run needs at its peak, from the headers (:mod:`moeconvert.estimate`)."""
-        forward_bytes = torch.finfo(self._forward_dtype()).bits // 8
-        tokens = self.options.samples * self.options.seq_len if self.needs_calibration else 0
-        activations = tokens * self.config.hidden_size * forward_bytes
         peak = 0
         for layer, targets in plan.items():
             local, _ = self._local(layer, self.reader.meta_tensors(dict(self.groups)[layer]))
-            peak = max(
-                peak,
-                layer_peak_bytes(
-                    targets,
-                    local,
-                    activation_bytes=activations,
-                    spilled=activations >= SPILL_BYTES,
-                    batch_tokens=min(self.options.batch_tokens, tokens),
-                    hidden_size=self.config.hidden_size,
-                    forward_bytes=forward_bytes,
-                    replayed=self.replays_gate_up(targets, local),
-                ),  # fmt: skip
-            )
+            replayed = self.replays_gate_up(targets, local)
+            peak = max(peak, self._layer_peak_bytes(targets, local, replayed=replayed))
         return FIXED_BYTES + int(ALLOCATOR_SLACK * peak)
+
+    def _layer_peak_bytes(self, targets: list[Target], local: dict[str, torch.Tensor], replayed: bool) -> int:
+        forward_bytes = torch.finfo(self._forward_dtype()).bits // 8
+        tokens = self.options.samples * self.options.seq_len if self.needs_calibration else 0
+        activations = tokens * self.config.hidden_size * forward_bytes // self.ranks.world
+        return layer_peak_bytes(
+            targets,
+            local,
+            activation_bytes=activations,
+            spilled=activations >= SPILL_BYTES,
+            batch_tokens=min(self.options.batch_tokens, tokens),
+            hidden_size=self.config.hidden_size,
+            forward_bytes=forward_bytes,
+            replayed=replayed,
+        )
 
     def replayed_layers(self, plan: dict[int, list[Target]]) -> int:
         """How many layers' gate/up statistics would be replayed (``QuantizeOptions.expert_statistics``)."""

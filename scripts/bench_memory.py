@@ -22,7 +22,7 @@ Prints a table and writes JSON.
     python scripts/bench_memory.py --mixtral-layer --samples 4 --seq-len 512 --out bench_results/memory-mixtral.json
     python scripts/bench_memory.py --activations --samples 128 --out bench_results/memory-activations.json
     python scripts/bench_memory.py --qwen3-235b-layer --samples 4 --seq-len 512 --forward-dtype checkpoint \
-        --out bench_results/memory-qwen3-235b.json
+        [--experts-per-chunk 1] --out bench_results/memory-qwen3-235b.json
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ step, source, out, samples, seq_len, forward, statistics = sys.argv[1:8]
 samples, seq_len = int(samples), int(seq_len)
 t = time.perf_counter()
 if step in ("quantize", "estimate"):
-    options = QuantizeOptions(samples=samples, seq_len=seq_len, forward_dtype=forward, expert_statistics=statistics)
+    chunk = int(os.environ["BENCH_EXPERTS_PER_CHUNK"]) if "BENCH_EXPERTS_PER_CHUNK" in os.environ else None
+    options = QuantizeOptions(samples=samples, seq_len=seq_len, forward_dtype=forward, expert_statistics=statistics,
+                              experts_per_chunk=chunk)
     report = moeconvert.quantize(source, moeconvert.Scheme(bits=4, group_size=128), output=out, options=options,
                                  verify=False, progress=False, dry_run=step == "estimate")
     if step == "estimate":
@@ -69,10 +71,13 @@ def run_step(
     forward: str = "float32",
     spill_bytes: int | None = None,
     statistics: str = "auto",
+    experts_per_chunk: int | None = None,
 ) -> dict:
     env = {"TQDM_DISABLE": "1", "PATH": "", "OMP_NUM_THREADS": "2"}
     if spill_bytes is not None:
         env["BENCH_SPILL_BYTES"] = str(spill_bytes)
+    if experts_per_chunk is not None:
+        env["BENCH_EXPERTS_PER_CHUNK"] = str(experts_per_chunk)
     result = subprocess.run(
         [
             sys.executable,
@@ -115,6 +120,11 @@ def main() -> None:
         "--samples", type=int, default=4, help="calibration sequences (--mixtral-layer, --activations)"
     )
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (--mixtral-layer)")
+    parser.add_argument(
+        "--experts-per-chunk",
+        type=int,
+        help="GPTQ problems solved at once (--qwen3-235b-layer; default: auto)",
+    )
     parser.add_argument(
         "--forward-dtype", default="float32", choices=["float32", "checkpoint"], help="(--mixtral-layer)"
     )
@@ -260,7 +270,8 @@ def qwen3_235b_layer(args: argparse.Namespace) -> None:
             mode: run_step("estimate", src, work / "q", **sizes, statistics=mode)["peak_memory_bytes"]
             for mode in ("held", "replayed")
         }
-        quant = run_step("quantize", src, work / "q", **sizes, statistics="replayed")
+        chunk = args.experts_per_chunk
+        quant = run_step("quantize", src, work / "q", **sizes, statistics="replayed", experts_per_chunk=chunk)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     gate_up_sums = 128 * 4096 * 4096 * 4  # float32 running sums (moeconvert.quant.hessian.sums_dtype)
@@ -272,6 +283,7 @@ def qwen3_235b_layer(args: argparse.Namespace) -> None:
         "expert_bytes": experts,
         "calibration_tokens": args.samples * args.seq_len,
         "forward_dtype": args.forward_dtype,
+        "experts_per_chunk": args.experts_per_chunk or "auto (up to half the free memory)",
         "gate_up_sums_bytes": gate_up_sums,
         "estimate_held": estimates["held"],
         "estimate_replayed": estimates["replayed"],
