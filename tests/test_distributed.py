@@ -42,7 +42,8 @@ def comparable(report: dict) -> dict:
     [
         ("mixtral", ()),
         ("deepseek_v2", ("--dynamic-groups", "--format", "gptq")),
-    ],  # dense layer, shared experts
+        ("olmoe", ("--expert-statistics", "replayed", "--min-tokens", "100000", "--experts-per-chunk", "3")),
+    ],  # dense layer, shared experts; gate/up sums replayed, the prior summed across ranks
 )
 def test_two_gloo_ranks_write_the_single_process_bytes(
     family: str, extra: tuple[str, ...], tiny_models: dict[str, Path], tmp_path: Path
