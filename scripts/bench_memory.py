@@ -199,9 +199,23 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def one_layer_run(args: argparse.Namespace, model_bytes: int, expert_bytes: int) -> dict:
+    """What a one-layer result records besides its own numbers: the machine and the layer's sizes."""
+    import psutil
+    import torch
+
+    return {
+        "machine": platform.platform(),
+        "torch": torch.__version__,
+        "memory_total": psutil.virtual_memory().total,
+        "model_bytes": model_bytes,
+        "expert_bytes": expert_bytes,
+        "calibration_tokens": args.samples * args.seq_len,
+    }
+
+
 def mixtral_layer(args: argparse.Namespace) -> None:
     """One Mixtral-8x7B-width layer: build it, quantize it in a fresh process, report the peak."""
-    import psutil
     import torch
 
     from moeconvert.checkpoint import ShardedReader
@@ -222,12 +236,7 @@ def mixtral_layer(args: argparse.Namespace) -> None:
         shutil.rmtree(work, ignore_errors=True)
     down_sums = 8 * 14336 * 14336 * 4  # float32 running sums (moeconvert.quant.hessian.sums_dtype)
     result = {
-        "machine": platform.platform(),
-        "torch": torch.__version__,
-        "memory_total": psutil.virtual_memory().total,
-        "model_bytes": total,
-        "expert_bytes": experts,
-        "calibration_tokens": args.samples * args.seq_len,
+        **one_layer_run(args, total, experts),
         "samples": args.samples,
         "seq_len": args.seq_len,
         "forward_dtype": args.forward_dtype,
@@ -249,7 +258,6 @@ def mixtral_layer(args: argparse.Namespace) -> None:
 def qwen3_235b_layer(args: argparse.Namespace) -> None:
     """One Qwen3-235B-A22B-width layer: build it, estimate its peak with the gate/up sums held and
     replayed, quantize it with them replayed in a fresh process, report the peak."""
-    import psutil
     import torch
 
     from moeconvert.checkpoint import ShardedReader
@@ -276,12 +284,7 @@ def qwen3_235b_layer(args: argparse.Namespace) -> None:
         shutil.rmtree(work, ignore_errors=True)
     gate_up_sums = 128 * 4096 * 4096 * 4  # float32 running sums (moeconvert.quant.hessian.sums_dtype)
     result = {
-        "machine": platform.platform(),
-        "torch": torch.__version__,
-        "memory_total": psutil.virtual_memory().total,
-        "model_bytes": total,
-        "expert_bytes": experts,
-        "calibration_tokens": args.samples * args.seq_len,
+        **one_layer_run(args, total, experts),
         "forward_dtype": args.forward_dtype,
         "experts_per_chunk": args.experts_per_chunk or "auto (up to half the free memory)",
         "gate_up_sums_bytes": gate_up_sums,
