@@ -580,6 +580,10 @@ class Quantizer:
         self.batch_count = 0  # calibration batches over all ranks
         self.progress = False  # whether to show a bar inside each layer (set by the run)
         self.groups = list(iter_groups(self.reader))
+        if options.expert_statistics not in ("auto", "held", "replayed"):
+            raise BadInputError(
+                f"expert statistics must be auto, held or replayed, not {options.expert_statistics!r}"
+            )
         self.streamed = LayerwiseModel(load_config(self.raw_config), self.device, self._forward_dtype())
         self.needs_calibration = policy.base.method == "gptq" or any(
             r.scheme is not None and r.scheme.method == "gptq" for r in policy.rules
@@ -588,8 +592,6 @@ class Quantizer:
     def replays_gate_up(self, targets: list[Target], local: dict[str, torch.Tensor]) -> bool:
         """Whether this layer's gate/up statistics are replayed (``QuantizeOptions.expert_statistics``)."""
         mode = self.options.expert_statistics
-        if mode not in ("auto", "held", "replayed"):
-            raise BadInputError(f"expert statistics must be auto, held or replayed, not {mode!r}")
         gate_up = next((t for t in targets if t.kind == "gate_up" and t.scheme.method == "gptq"), None)
         if gate_up is None or mode != "auto":
             return gate_up is not None and mode == "replayed"

@@ -437,3 +437,7 @@ def test_forward_in_the_checkpoint_dtype(tmp_path: Path) -> None:
         quantize(
             source, W4, output=tmp_path / "bad", options=QuantizeOptions(forward_dtype="fp8"), progress=False
         )
+    with pytest.raises(BadInputError, match="expert statistics"):
+        bad = QuantizeOptions(expert_statistics="lazy")
+        quantize(source, W4, output=tmp_path / "bad", options=bad, progress=False)
+    assert not (tmp_path / "bad").exists()
