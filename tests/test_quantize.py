@@ -313,7 +313,7 @@ def test_solving_experts_in_chunks_changes_nothing(trained_models: dict[str, Pat
     ).read_bytes()
 
 
-@pytest.mark.parametrize("family", ["deepseek_v2", "olmoe"])
+@pytest.mark.parametrize("family", ["deepseek_v2"])  # shared experts beside the routed ones
 def test_replayed_expert_statistics_change_nothing(
     family: str, trained_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
