@@ -5,9 +5,9 @@ The peak is the layer that needs most, at one of two points of its work:
 - **calibrating**: the layer's source tensors, the layer again in the forward dtype, the running Hessian
   sums of its GPTQ targets, the calibration activations and one batch's temporaries;
 - **solving** a target, one expert at a time at least: the source tensors, the sums of the targets not
-  yet solved, that target's layer-wide prior, the solver's buffers (:func:`solve_working_bytes`, the
-  budget ``auto_experts_per_chunk`` also uses), and the activations when they stay in memory
-  (below ``SPILL_BYTES``).
+  yet solved, the packed outputs of those solved, that target's layer-wide prior, the solver's buffers
+  (:func:`solve_working_bytes`, the budget ``auto_experts_per_chunk`` also uses), and the activations
+  when they stay in memory (below ``SPILL_BYTES``).
 
 A layer whose gate/up sums are replayed (:class:`~moeconvert.quant.hessian.ReplayedAccumulator`) holds
 the experts' inputs and routing in their place until its gate/up target is solved, and the sums of one
@@ -20,6 +20,7 @@ docs/PERFORMANCE.md compares the estimate with measured peaks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -66,6 +67,13 @@ def _accumulating_bytes(target: Target, shape: tuple[int, ...]) -> int:
 
 
 _SAME_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+
+
+def _output_bytes(target: Target, shape: tuple[int, ...]) -> int:
+    """A quantized target's output tensors: packed codes, and a scale and zero point per group."""
+    in_features, weights = shape[-1], math.prod(shape)
+    groups = weights // in_features * target.scheme.groups(in_features)
+    return weights * target.scheme.bits // 8 + groups * 8
 
 
 def _own_accumulator(target: Target, targets: list[Target]) -> bool:
@@ -133,7 +141,9 @@ def layer_peak_bytes(
         if target.local in replaying:
             dtype = sums_dtype(in_features, shape[0])
             working += replay_bytes_per_expert(in_features, dtype) + replay_buffer_bytes(in_features, dtype)
-        held = source + sum(sums[index:]) + (0 if spilled else activation_bytes)
+        done = sum(_output_bytes(t, tuple(local[t.local].shape)) for t in gptq[:index])
+        held = source + sum(sums[index:]) + done + (0 if spilled else activation_bytes)
         solving = max(solving, held + working)
-    running = source + forward + activation_bytes + batch  # the output pass, and layers without GPTQ
+    outputs = sum(_output_bytes(t, tuple(local[t.local].shape)) for t in targets)
+    running = source + forward + outputs + activation_bytes + batch  # the output pass, layers without GPTQ
     return max(calibrating, solving, running)
