@@ -753,14 +753,12 @@ class Quantizer:
             bar.set_postfix_str("solving")
             dequantized = dict(local)
             schemes: dict[str, Scheme] = {}
-            for target in targets:  # each source stack is dropped once decoded: room for the next solve
-                weight = local.pop(target.local)
+            for target in targets:  # each source stack goes before its decoded copy comes
+                del dequantized[target.local]
                 dequantized[target.local] = self._quantize_target(
-                    target, weight, stats, prefix, report, out, schemes, bar
+                    target, local, stats, prefix, report, out, schemes, bar
                 )
-                if stats is not None:  # this target's statistics are spent
-                    stats.accumulators.pop(target.local, None)
-            stats = local = weight = None  # the statistics and source weights: room for the forward pass
+            stats = local = None  # the statistics and source weights: room for the forward pass
             if spill:
                 hidden.extend(stored())  # type: ignore[misc]
             bar.set_postfix_str("running")
@@ -800,7 +798,7 @@ class Quantizer:
     def _quantize_target(
         self,
         target: Target,
-        weight: torch.Tensor,
+        local: dict[str, torch.Tensor],
         stats: LayerStatistics | None,
         prefix: str,
         report: LayerReport,
@@ -810,7 +808,12 @@ class Quantizer:
     ) -> torch.Tensor:
         """Solve one target, put its output modules in ``out`` (replacing its source tensors) and their
         schemes in ``schemes``, and advance ``bar`` by its Linear modules; returns its decoded weight for
-        the layer's forward pass."""
+        the layer's forward pass.
+
+        The target's source stack is taken out of ``local``, and it and the target's statistics are let go
+        once solved, before the decoded copy is made: at Qwen3-235B-A22B's width the source gate/up stack
+        is 3.2 GB and its held sums 8.6 GB."""
+        weight = local.pop(target.local)
         per_expert = target.modules // weight.shape[0] if target.kind != "dense" else 1
         shown = 0
 
@@ -829,20 +832,24 @@ class Quantizer:
             solved,
         )
         bar.update(target.modules - shown)  # what other ranks solved, a dense target, an RTN stack
+        dtype = weight.dtype
+        del weight
+        if stats is not None:  # this target's statistics are spent
+            stats.accumulators.pop(target.local, None)
         if target.kind == "gate_up" and counts:
             report.tokens_per_expert = counts
             report.starved_experts = [e for e, c in enumerate(counts) if c < self.options.min_tokens]
         if self.fmt.layout == "fused":  # one stacked entry per projection, runtime names
             name = prefix + target.local.removesuffix(".weight")
-            modules = [QuantizedModule(name, qw, target.scheme, weight.dtype)]
+            modules = [QuantizedModule(name, qw, target.scheme, dtype)]
         else:
-            modules = output_modules(self.family, prefix, target, qw, weight.dtype)
+            modules = output_modules(self.family, prefix, target, qw, dtype)
         for module in modules:
             out.pop(module.name, None)  # stacked experts are stored without a ".weight" suffix
             out.pop(module.name + ".weight", None)
             out.update({n: t.cpu() for n, t in self.fmt.tensors(module).items()})
             schemes[module.name] = target.scheme
-        return _dequantized(qw, weight.dtype)
+        return _dequantized(qw, dtype)
 
     def _calibrate(
         self, module: nn.Module, hidden: list[torch.Tensor], stats: LayerStatistics, keep_residual: bool
