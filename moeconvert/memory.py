@@ -45,7 +45,9 @@ def available_bytes(device: torch.device) -> int:
 def memory_budget_bytes(device: torch.device) -> int:
     """All the memory this process may hold on ``device``: what it holds now and what is still free."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
-    import psutil
+        held = torch.cuda.memory_reserved(device)
+    else:
+        import psutil
 
-    return psutil.virtual_memory().available + psutil.Process().memory_info().rss
+        held = psutil.Process().memory_info().rss
+    return held + available_bytes(device)

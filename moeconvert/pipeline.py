@@ -398,7 +398,7 @@ def solve(
         experts_per_chunk
         if experts_per_chunk is not None
         else auto_experts_per_chunk(
-            weight.shape[-1], weight.shape[-2], weight.device, replayed_sums=acc if replayed else None
+            weight.shape[-1], weight.shape[-2], weight.device, replayed_sums=acc.dtype if replayed else None
         )
     )
     if replayed:
@@ -492,16 +492,16 @@ def auto_experts_per_chunk(
     in_features: int,
     out_features: int,
     device: torch.device,
-    replayed_sums: ReplayedAccumulator | None = None,
+    replayed_sums: torch.dtype | None = None,
 ) -> int:
     """How many experts' GPTQ problems fit in half the free memory at once (sizes as measured by
     scripts/bench_quantize.py); a layer whose experts do not all fit is finalized and solved in chunks,
-    with the same result. With ``replayed_sums`` each chunk's running sums are formed for it, too."""
+    with the same result. With ``replayed_sums`` (their dtype) each chunk's running sums are formed for it, too."""
     shared = solve_working_bytes(in_features, out_features, 0)
     per_expert = solve_working_bytes(in_features, out_features, 1) - shared
     if replayed_sums is not None:
-        shared += replay_buffer_bytes(in_features, replayed_sums.dtype)
-        per_expert += replay_bytes_per_expert(in_features, replayed_sums.dtype)
+        shared += replay_buffer_bytes(in_features, replayed_sums)
+        per_expert += replay_bytes_per_expert(in_features, replayed_sums)
     return max(1, int((available_bytes(device) * 0.5 - shared) // per_expert))
 
 

@@ -104,8 +104,8 @@ class HessianAccumulator:
                 ``[T, E]``. ``None`` sends every token to every expert (a dense Linear, or "calibrate all
                 experts").
         """
-        x = self._rows(x)
-        mask = self._routing_mask(routing, x.shape[0], x.device)
+        x = _as_rows(x, self.in_features)
+        mask = _routing_mask(routing, x.shape[0], self.num_experts, x.device)
         pairs = mask.t().nonzero()  # (expert, token), sorted by expert then token
         per_expert = torch.bincount(pairs[:, 0], minlength=self.num_experts).tolist()
         gathered = x.index_select(0, pairs[:, 1])
@@ -116,7 +116,7 @@ class HessianAccumulator:
         """Add the rows one expert received (e.g. its own ``act(gate) * up`` for ``down_proj``)."""
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"expert {expert} out of range for {self.num_experts} experts")
-        self._push(expert, self._rows(x))
+        self._push(expert, _as_rows(x, self.in_features))
 
     def add_per_expert(self, xs: Sequence[Tensor]) -> None:
         """Add one batch of rows per expert, ``xs[e]`` of shape ``[T_e, in]`` (``T_e`` may be 0)."""
@@ -183,33 +183,6 @@ class HessianAccumulator:
         return hessians, self.counts
 
     # -- internals -------------------------------------------------------------------------------------
-
-    def _rows(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
-        return x.reshape(-1, self.in_features)
-
-    def _routing_mask(self, routing: Tensor | None, tokens: int, device: torch.device) -> Tensor:
-        """Boolean ``[T, E]``: token t goes to expert e."""
-        if routing is None:
-            return torch.ones(tokens, self.num_experts, dtype=torch.bool, device=device)
-        routing = routing.to(device)
-        if routing.dtype == torch.bool:
-            mask = routing.reshape(-1, routing.shape[-1])
-            if mask.shape != (tokens, self.num_experts):
-                raise ValueError(
-                    f"routing mask must be [{tokens}, {self.num_experts}], got {tuple(mask.shape)}"
-                )
-            return mask
-        if routing.is_floating_point() or routing.is_complex():
-            raise ValueError("routing must be integer expert indices [T, k] or a boolean mask [T, E]")
-        index = routing.reshape(-1, routing.shape[-1]).long()
-        if index.shape[0] != tokens:
-            raise ValueError(f"routing has {index.shape[0]} rows for {tokens} tokens")
-        if index.numel() and (index.min() < 0 or index.max() >= self.num_experts):
-            raise ValueError(f"expert indices must be in [0, {self.num_experts})")
-        mask = torch.zeros(tokens, self.num_experts, dtype=torch.bool, device=device)
-        return mask.scatter_(1, index, True)
 
     def _push(self, expert: int, rows: Tensor) -> None:
         """Buffer an expert's rows; turn every full chunk into a product, in arrival order."""
@@ -304,8 +277,8 @@ class ReplayedAccumulator:
         dtype: torch.dtype = torch.float64,
         experts_per_replay: int = 1,
     ) -> None:
-        self._like = HessianAccumulator(in_features, num_experts, chunk_size=chunk_size, dtype=dtype)
         self.in_features, self.num_experts, self.dtype = in_features, num_experts, dtype
+        self.chunk_size = chunk_size
         self.experts_per_replay = max(1, experts_per_replay)  # experts summed at once by :meth:`iter_sums`
         self._batches: list[tuple[Tensor, Tensor]] = []  # (rows [T, in], routing mask [T, E])
         self._counts = torch.zeros(num_experts, dtype=torch.int64)
@@ -322,16 +295,14 @@ class ReplayedAccumulator:
 
     def add(self, x: Tensor, routing: Tensor | None = None) -> None:
         """As :meth:`HessianAccumulator.add`: keep a batch of inputs and which experts each row goes to."""
-        x = self._like._rows(x)
-        mask = self._like._routing_mask(routing, x.shape[0], x.device)
+        x = _as_rows(x, self.in_features)
+        mask = _routing_mask(routing, x.shape[0], self.num_experts, x.device)
         self._batches.append((x, mask))
         self._counts += mask.sum(dim=0).cpu()
 
     def accumulator(self, experts: range) -> HessianAccumulator:
         """A :class:`HessianAccumulator` of ``experts`` alone, fed every kept batch in order."""
-        acc = HessianAccumulator(
-            self.in_features, len(experts), chunk_size=self._like.chunk_size, dtype=self.dtype
-        )
+        acc = HessianAccumulator(self.in_features, len(experts), chunk_size=self.chunk_size, dtype=self.dtype)
         for x, mask in self._batches:
             acc.add(x.float(), mask[:, experts.start : experts.stop])
         return acc
@@ -354,6 +325,34 @@ class ReplayedAccumulator:
         experts = range(self.num_experts) if experts is None else experts
         hessians, _ = self.accumulator(experts).finalize_with(min_tokens, layer_mean, dtype=dtype)
         return hessians, self.counts
+
+
+def _as_rows(x: Tensor, in_features: int) -> Tensor:
+    """``x`` as ``[T, in]`` rows, checked to have ``in_features`` features."""
+    if x.shape[-1] != in_features:
+        raise ValueError(f"expected inputs with {in_features} features, got shape {tuple(x.shape)}")
+    return x.reshape(-1, in_features)
+
+
+def _routing_mask(routing: Tensor | None, tokens: int, num_experts: int, device: torch.device) -> Tensor:
+    """Boolean ``[T, E]``: token t goes to expert e."""
+    if routing is None:
+        return torch.ones(tokens, num_experts, dtype=torch.bool, device=device)
+    routing = routing.to(device)
+    if routing.dtype == torch.bool:
+        mask = routing.reshape(-1, routing.shape[-1])
+        if mask.shape != (tokens, num_experts):
+            raise ValueError(f"routing mask must be [{tokens}, {num_experts}], got {tuple(mask.shape)}")
+        return mask
+    if routing.is_floating_point() or routing.is_complex():
+        raise ValueError("routing must be integer expert indices [T, k] or a boolean mask [T, E]")
+    index = routing.reshape(-1, routing.shape[-1]).long()
+    if index.shape[0] != tokens:
+        raise ValueError(f"routing has {index.shape[0]} rows for {tokens} tokens")
+    if index.numel() and (index.min() < 0 or index.max() >= num_experts):
+        raise ValueError(f"expert indices must be in [0, {num_experts})")
+    mask = torch.zeros(tokens, num_experts, dtype=torch.bool, device=device)
+    return mask.scatter_(1, index, True)
 
 
 def _normalize(
