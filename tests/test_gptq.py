@@ -118,8 +118,12 @@ def scheme_id(s: Scheme) -> str:
     return f"{s.label}-{order}{'-static' if s.static_groups else ''}-b{s.block_size}"
 
 
+@pytest.mark.parametrize("cholesky_block", [24, gptq.CHOLESKY_BLOCK], ids=["blocked", "one-block"])
 @pytest.mark.parametrize("scheme", SCHEMES, ids=scheme_id)
-def test_batched_equals_per_expert_reference(scheme: Scheme) -> None:
+def test_batched_equals_per_expert_reference(
+    scheme: Scheme, cholesky_block: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gptq, "CHOLESKY_BLOCK", cholesky_block)  # 96 columns: 4 blocks, or 1
     W, H = expert_stack()
     got = gptq_quantize(W, H, scheme, compute_dtype=torch.float64)
     for expert in range(W.shape[0]):
@@ -283,6 +287,30 @@ def test_failed_cholesky_retries_with_more_damping_for_that_expert_only() -> Non
     assert torch.equal(got.codes[:2], healthy.codes)
     retried = gptq_quantize(W[2], H[2], replace(scheme, damp=0.1))
     assert torch.equal(got.codes[2], retried.codes)
+
+
+@pytest.mark.parametrize("columns", [200, 64, 1])
+def test_blocked_factor_is_the_reversed_cholesky(columns: int) -> None:
+    """``W^T W = A`` with ``W`` lower: the order-reversed Cholesky factor, block by block from the end
+    (200 columns: three blocks of 64 and a last one of 8)."""
+    gen = torch.Generator().manual_seed(9)
+    x = correlated_inputs(3 * 2 * columns, columns, gen).double().reshape(3, 2 * columns, columns)
+    A = x.mT @ x + 0.1 * torch.eye(columns, dtype=x.dtype)
+    W = A.clone()
+    info = gptq._lower_factor_(W)
+    assert torch.equal(info, torch.zeros(3, dtype=torch.int32))
+    assert torch.equal(W, W.tril())
+    torch.testing.assert_close(W.mT @ W, A, rtol=1e-10, atol=1e-10 * A.abs().max().item())
+    reversed_cholesky = torch.linalg.cholesky(A.flip(-2, -1)).flip(-2, -1).mT  # unique up to signs: none here
+    torch.testing.assert_close(W, reversed_cholesky, rtol=1e-8, atol=1e-8 * W.abs().max().item())
+
+
+def test_blocked_factor_reports_a_failure_in_any_block() -> None:
+    A = torch.eye(200, dtype=torch.float64).repeat(3, 1, 1)
+    A[1, 3, 3] = -1.0  # in the first block, the last one factored
+    A[2, 190, 190] = -1.0  # in the last block, the first one factored
+    info = gptq._lower_factor_(A)
+    assert info[0] == 0 and info[1] != 0 and info[2] != 0
 
 
 def test_hopeless_hessian_falls_back_to_round_to_nearest() -> None:

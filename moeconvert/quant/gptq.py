@@ -44,6 +44,9 @@ SUB_BLOCK = 16  # columns inside a block that feed each other one by one; the re
 # fresh pages, and a page fault costs about 0.5 ms per MB on the benchmark machine, more than most
 # steps spend computing on it. A column loop's block of this size also stays in that machine's L3.
 WORKSPACE_BYTES = 16 << 20
+# Block of the Hessian factorization (:func:`_lower_factor_`): 64 was fastest at 512-1408 columns, and
+# within noise of 128 at 2048, on the benchmark machine.
+CHOLESKY_BLOCK = 64
 
 
 def gptq_quantize(
@@ -388,27 +391,24 @@ def _feedback_factor(
     (``V = U^-1`` upper).
 
     ``H`` is taken in the solve's column order (``perm``, if given) with dead inputs' ``H_jj`` set to 1,
-    and ``lambda = damp * mean_diagonal`` (the mean of that diagonal). ``V^T = J L^T J`` for the
-    Cholesky factor ``L`` of ``J H J``.
+    and ``lambda = damp * mean_diagonal`` (the mean of that diagonal). ``W = V^T`` is factored directly
+    (:func:`_lower_factor`); then ``G[b, b] = W[b, b]^-1`` and ``G[b, :b] = W[b, b]^-1 W[b, :b]``.
 
     An expert whose factorization fails in floating point is redone with ten times the damping (the
     others keep theirs); one that never succeeds gets ``G = I``, i.e. no error feedback:
-    round-to-nearest. Experts go a few at a time through buffers allocated once.
+    round-to-nearest. Experts go a few at a time through a buffer allocated once.
     """
     experts, n = H.shape[0], H.shape[-1]
     G = torch.empty(experts, n, n, dtype=dtype, device=H.device)
     step = min(experts, max(1, WORKSPACE_BYTES // (n * n * G.element_size())))
-    A, damped, L = (torch.empty(step, n, n, dtype=dtype, device=H.device) for _ in range(3))
+    A, rows = (torch.empty(step, n, n, dtype=dtype, device=H.device) for _ in range(2))
     identity = torch.eye(block, dtype=dtype, device=H.device)
     for start in range(0, experts, step):
         chunk = slice(start, start + step)
         factor, k = G[chunk], G[chunk].shape[0]
-        order = None if perm is None else perm[chunk].flip(-1)
-        _reversed_hessian(H[chunk], order, out=A[:k], scratch=(damped[:k], L[:k]))
-        # Column-major views (A is symmetric): the layout LAPACK factors in, so torch copies no more.
-        _damped_cholesky(A[:k].mT, mean_diagonal[chunk], damp, damped=damped[:k].mT, out=L[:k].mT)
-        _reverse(L[:k], out=factor)  # L[:k] holds L^T, and J L^T J = V^T
-        for i1 in range(0, n, block):  # V^T[b, b] -> U[b, b]^T, then V^T[b, :b] -> U[b, b]^T V^T[b, :b]
+        _permuted_hessian(H[chunk], None if perm is None else perm[chunk], out=A[:k], scratch=rows[:k])
+        _damped_factor(A[:k], mean_diagonal[chunk], damp, out=factor)
+        for i1 in range(0, n, block):  # W[b, b] -> W[b, b]^-1, then W[b, :b] -> W[b, b]^-1 W[b, :b]
             i2 = min(i1 + block, n)
             diagonal_block = factor[:, i1:i2, i1:i2]
             inverse = torch.linalg.solve_triangular(
@@ -419,47 +419,29 @@ def _feedback_factor(
     return G
 
 
-def _reversed_hessian(
-    H: Tensor, order: Tensor | None, *, out: Tensor, scratch: tuple[Tensor, Tensor]
-) -> None:
-    """``out = J P H P^T J`` in ``out``'s dtype, with a zero diagonal entry (a dead input) set to 1.
-
-    ``P`` is the solve's column order and ``J`` the reversal; ``order`` is the two together (None: the
-    reversal alone). Permuted columns are taken as permuted rows of the transpose (``H`` is
-    symmetric), which is fast. ``scratch`` are two buffers like ``out`` (free at this point), so that
-    no Hessian-sized temporary is allocated (Mixtral-8x7B's down Hessian is 0.8 GB).
-    """
-    if order is None:
-        _reverse(H, out=out)
+def _permuted_hessian(H: Tensor, perm: Tensor | None, *, out: Tensor, scratch: Tensor) -> None:
+    """``out = P H P^T`` (``H`` in the solve's column order) in ``out``'s dtype, with a zero diagonal
+    entry (a dead input) set to 1. ``scratch`` is a buffer like ``out``, so that no Hessian-sized
+    temporary is allocated (Mixtral-8x7B's down Hessian is 0.8 GB)."""
+    if perm is None:
+        out.copy_(H)
     else:
-        rows, transposed = scratch
         for expert in range(H.shape[0]):
-            torch.index_select(H[expert].to(out.dtype), 0, order[expert], out=rows[expert])  # J P H
-            transposed[expert].copy_(rows[expert].mT)  # (J P H)^T = H P^T J
-            torch.index_select(transposed[expert], 0, order[expert], out=out[expert])  # its rows
+            torch.index_select(H[expert].to(out.dtype), 0, perm[expert], out=scratch[expert])  # rows
+            torch.index_select(scratch[expert], 1, perm[expert], out=out[expert])  # then columns
     diagonal = out.diagonal(dim1=-2, dim2=-1)
     diagonal.add_((diagonal == 0).to(out.dtype))
 
 
-def _reverse(x: Tensor, *, out: Tensor) -> None:
-    """``out = J x J`` (``x.flip(-2, -1)``) in ``out``'s dtype, a few rows at a time: a whole flipped copy
-    would be a large temporary."""
-    n = x.shape[-1]
-    step = max(1, WORKSPACE_BYTES // 16 // (x.shape[0] * n * x.element_size()))
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        out[:, start:stop] = x[:, n - stop : n - start].flip(-2, -1)
-
-
-def _damped_cholesky(A: Tensor, mean_diagonal: Tensor, damp: float, *, damped: Tensor, out: Tensor) -> None:
-    """``out = L`` with ``L L^T = A + lambda I`` per expert, raising ``lambda`` for the experts where that
-    fails; ``damped`` is a buffer like ``A``, which is left as it is.
+def _damped_factor(A: Tensor, mean_diagonal: Tensor, damp: float, *, out: Tensor) -> None:
+    """``out = W`` with ``W^T W = A + lambda I`` per expert (``W`` lower), raising ``lambda`` for the
+    experts where that fails; ``A`` is left as it is.
 
     Every expert still failing at a given try has had the same damping sequence, so one fraction serves
     them all, and a retried expert gets exactly what a first try with that damping would give.
     """
     fraction = damp
-    ok = _try_cholesky(A, fraction * mean_diagonal, damped=damped, out=out)
+    ok = _try_factor(A, fraction * mean_diagonal, out=out)
     for _ in range(MAX_DAMPING_TRIES - 1):
         failed = (~ok).nonzero().flatten().tolist()
         if not failed:
@@ -467,13 +449,45 @@ def _damped_cholesky(A: Tensor, mean_diagonal: Tensor, damp: float, *, damped: T
         fraction = max(10 * fraction, 0.01)
         for e in failed:
             one = slice(e, e + 1)
-            ok[one] = _try_cholesky(A[one], fraction * mean_diagonal[one], damped=damped[one], out=out[one])
+            ok[one] = _try_factor(A[one], fraction * mean_diagonal[one], out=out[one])
     out[~ok] = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
 
 
-def _try_cholesky(A: Tensor, damping: Tensor, *, damped: Tensor, out: Tensor) -> Tensor:
+def _try_factor(A: Tensor, damping: Tensor, *, out: Tensor) -> Tensor:
     """One attempt; which experts succeeded."""
-    damped.copy_(A).diagonal(dim1=-2, dim2=-1).add_(damping[:, None])
-    info = torch.empty(A.shape[0], dtype=torch.int32, device=A.device)
-    torch.linalg.cholesky_ex(damped, out=(out, info))
+    out.copy_(A).diagonal(dim1=-2, dim2=-1).add_(damping[:, None])
+    info = _lower_factor_(out)
     return (info == 0) & out.sum(dim=(-2, -1)).isfinite()  # NaN and Inf reach the sum
+
+
+def _lower_factor_(A: Tensor) -> Tensor:
+    """Overwrite each symmetric ``A[e]`` with the lower ``W`` of ``W^T W = A[e]``; returns LAPACK-style
+    ``info`` per expert (0: success).
+
+    ``W^T W`` rather than the usual ``L L^T``: ``W = V^T`` for the upper ``V`` with ``V V^T = A``,
+    which is what GPTQ's feedback is made of (see the module docstring), with no reversal of ``A``
+    before or after. Blocked, from the last block row up, so that nearly all of the ``n^3 / 3`` flops
+    are matmuls: each block row is reduced by the rows below it (one batched matmul), its diagonal block
+    is factored by LAPACK (small), and the rest of the row solved by that block's inverse (a matmul).
+    One LAPACK Cholesky of the whole matrix ran at a quarter of the matmul rate on the benchmark
+    machine; this runs 1.4-2.8x faster, with the same backward error (docs/PERFORMANCE.md, "GPTQ per
+    layer").
+    """
+    experts, n = A.shape[0], A.shape[-1]
+    block = CHOLESKY_BLOCK if n >= 2 * CHOLESKY_BLOCK else max(n, 1)
+    info = torch.zeros(experts, dtype=torch.int32, device=A.device)
+    identity = torch.eye(block, dtype=A.dtype, device=A.device)
+    for j in reversed(range(0, n, block)):
+        je = min(j + block, n)
+        if je < n:  # what the rows below contribute: S = A[J, :je] - W[je:, J]^T W[je:, :je]
+            A[:, j:je, :je].baddbmm_(A[:, je:, j:je].mT, A[:, je:, :je], alpha=-1)
+        diagonal_block = A[:, j:je, j:je]
+        # S[J, J] = W_JJ^T W_JJ with W_JJ lower: reversed, that is an upper Cholesky factorization.
+        upper, block_info = torch.linalg.cholesky_ex(diagonal_block.flip(-2, -1), upper=True)
+        info = torch.where(info == 0, block_info, info)
+        diagonal_block.copy_(upper.flip(-2, -1))
+        if j:  # W[J, :j] = W_JJ^-T S[J, :j]
+            inverse = torch.linalg.solve_triangular(diagonal_block, identity[: je - j, : je - j], upper=False)
+            A[:, j:je, :j] = inverse.mT @ A[:, j:je, :j]
+    A.tril_()
+    return info
