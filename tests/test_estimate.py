@@ -42,7 +42,9 @@ def test_replayed_statistics_take_the_gate_up_sums_off_the_peak(tmp_path: Path) 
     """A layer whose memory beyond torch's own is its gate/up sums (32 experts over a width of 1024,
     0.27 GB of float64 sums): replayed, the run peaks lower by most of those sums, and the estimate
     sees it. On a layer this small the fixed cost is most of the peak and the estimate errs high
-    (every expert's rows waiting for a full chunk, which 64 rows per expert never fill)."""
+    (every expert's rows waiting for a full chunk, which 64 rows per expert never fill). A replayed
+    chunk of 8 experts holds a quarter of the sums again, and VmHWM varies by ~10 MB from run to run:
+    the measured drop is 0.58-0.68 of the sums, so half is asked."""
     source = build_tiny_model(
         "mixtral", tmp_path / "src", dtype=torch.bfloat16, hidden_size=1024, intermediate_size=128,
         num_hidden_layers=1, num_local_experts=32, num_attention_heads=8, num_key_value_heads=2, vocab_size=512,
@@ -55,7 +57,7 @@ def test_replayed_statistics_take_the_gate_up_sums_off_the_peak(tmp_path: Path) 
         estimates[mode] = plan.sizes["peak_memory_bytes"]
         peaks[mode] = measured_peak(source, tmp_path / mode, mode, experts_per_chunk=8)
         assert 0.8 < estimates[mode] / peaks[mode] < 1.5, (mode, estimates[mode], peaks[mode])
-    assert peaks["held"] - peaks["replayed"] > 0.6 * gate_up_sums, peaks
+    assert peaks["held"] - peaks["replayed"] > 0.5 * gate_up_sums, peaks
     assert estimates["held"] - estimates["replayed"] > 0.6 * gate_up_sums, estimates
 
 

@@ -133,7 +133,9 @@ def _quantize_stack(
     diagonal = H.diagonal(dim1=-2, dim2=-1).to(dtype)
     dead = diagonal == 0  # inputs never seen in calibration: weight column to 0, H_jj to 1
     diagonal = diagonal + dead.to(dtype)
-    Wt = _transposed(w, dtype).masked_fill_(dead[:, :, None], 0)
+    Wt = _transposed(w, dtype)
+    if dead.any():
+        Wt.masked_fill_(dead[:, :, None], 0)
     static = _static_qparams(Wt, scheme, scale_dtype) if scheme.static_groups else None
     perm = _act_order(diagonal) if scheme.act_order else None
     if perm is not None:
@@ -144,7 +146,6 @@ def _quantize_stack(
     if perm is None:
         return codes, scale, zero, None
     position = _inverse_permutation(perm)
-    codes = codes.gather(-1, position[:, None, :].expand_as(codes))
     if static is not None:  # groups kept their natural columns: plain layout, no group index
         return codes, scale, zero, None
     g_idx = (position // scheme.effective_group_size(Wt.shape[1])).to(torch.int32)
@@ -171,12 +172,15 @@ def _transposed(w: Tensor, dtype: torch.dtype) -> Tensor:
     """``w[E, out, in]`` as ``Wt[E, in, out]`` in ``dtype``: the solver's working copy, a column a row.
 
     One expert at a time, as a 2D copy from a transposed view: torch tiles those, and a batched one
-    is several times slower.
+    is several times slower. The dtype conversion goes through one buffer, not a fresh temporary per
+    expert.
     """
     experts, rows, columns = w.shape
     Wt = torch.empty(experts, columns, rows, dtype=dtype, device=w.device)
+    converted = None if w.dtype == dtype else torch.empty(rows, columns, dtype=dtype, device=w.device)
     for expert in range(experts):
-        Wt[expert].copy_(w[expert].to(dtype).mT)
+        source = w[expert] if converted is None else converted.copy_(w[expert])
+        Wt[expert].copy_(source.mT)
     return Wt
 
 
@@ -201,8 +205,8 @@ def _solve(
     from there: then column ``c`` of expert ``e`` uses the group of its natural column ``perm[e, c]``.
 
     Experts go in chunks whose ``[chunk, block, out]`` block stays in cache; each expert's arithmetic is
-    the same whatever the chunk, so the result does not depend on it. Returns ``codes [E, out, in]``,
-    ``scales`` and ``zeros [E, out, n_groups]``.
+    the same whatever the chunk, so the result does not depend on it. Returns ``codes [E, out, in]``
+    with columns back in their natural order, ``scales`` and ``zeros [E, out, n_groups]``.
     """
     experts, columns, rows = Wt.shape
     codes = torch.empty(experts, rows, columns, dtype=torch.uint8, device=Wt.device)
@@ -210,6 +214,8 @@ def _solve(
     zeros = torch.empty(experts, rows, scheme.groups(columns), dtype=torch.int32, device=Wt.device)
     step = min(experts, max(1, WORKSPACE_BYTES // (block * rows * Wt.element_size())))
     codes_t = torch.empty(step, columns, rows, dtype=torch.uint8, device=Wt.device)
+    position = None if perm is None else _inverse_permutation(perm)
+    natural = None if perm is None else torch.empty(columns, rows, dtype=torch.uint8, device=Wt.device)
     for start in range(0, experts, step):
         chunk = slice(start, start + step)
         k = codes[chunk].shape[0]
@@ -223,8 +229,13 @@ def _solve(
         _solve_chunk(
             Wt[chunk], G[chunk], block, codes_t[:k], scales[chunk], zeros[chunk], scheme, scale_dtype, fixed
         )
-        for expert in range(k):  # 2D transposes: torch tiles those
-            codes[start + expert].copy_(codes_t[expert].mT)
+        for expert in range(
+            k
+        ):  # back in natural column order, by rows; then 2D transposes: torch tiles those
+            solved = codes_t[expert]
+            if position is not None:
+                solved = torch.index_select(solved, 0, position[start + expert], out=natural)
+            codes[start + expert].copy_(solved.mT)
     return codes, scales, zeros
 
 
@@ -367,9 +378,10 @@ def _act_order(diagonal: Tensor) -> Tensor:
 
 
 def _permute_rows(Wt: Tensor, perm: Tensor) -> Tensor:
-    """``Wt[e, perm[e]]`` for every expert, in place (one expert's temporary at a time)."""
+    """``Wt[e, perm[e]]`` for every expert, in place, through one expert-sized buffer."""
+    rows = torch.empty_like(Wt[0])
     for expert in range(Wt.shape[0]):
-        Wt[expert] = Wt[expert].index_select(0, perm[expert])
+        Wt[expert].copy_(torch.index_select(Wt[expert], 0, perm[expert], out=rows))
     return Wt
 
 
@@ -470,8 +482,8 @@ def _lower_factor_(A: Tensor) -> Tensor:
     are matmuls: each block row is reduced by the rows below it (one batched matmul), its diagonal block
     is factored by LAPACK (small), and the rest of the row solved by that block's inverse (a matmul).
     One LAPACK Cholesky of the whole matrix ran at a quarter of the matmul rate on the benchmark
-    machine; this runs 1.4-2.8x faster, with the same backward error (docs/PERFORMANCE.md, "GPTQ per
-    layer").
+    machine; this runs 1.6-2.5x faster (512 to 4096 columns), with the same backward error
+    (docs/PERFORMANCE.md, "Blocked factorization").
     """
     experts, n = A.shape[0], A.shape[-1]
     block = CHOLESKY_BLOCK if n >= 2 * CHOLESKY_BLOCK else max(n, 1)
