@@ -474,6 +474,27 @@ def test_starved_experts_borrow_layer_statistics() -> None:
     )
 
 
+def test_finalize_is_the_plain_expression_bit_for_bit() -> None:
+    """``sym(2 (S_e + m_e S_all / n_all) / (n_e + m_e))`` written out, against ``finalize`` at a width of
+    several symmetrization tiles and a ragged last one."""
+    features = 300
+    x, routing = routed_inputs(tokens=400, columns=features, experts=3)
+    routing[routing == 2] = 0
+    routing[0, 1] = 2  # expert 2: one token, topped up from the layer
+    accumulator = HessianAccumulator(features, 3, chunk_size=64)
+    accumulator.add(x, routing)
+    sums = accumulator.sums()  # the running sums themselves: made asymmetric, as a matmul may leave them
+    sums[:, 5, 290] += torch.tensor([0.5, -0.25, 3.0], dtype=sums.dtype)
+    H, counts = accumulator.finalize(min_tokens=64)
+    layer_mean = (sums[0] + sums[1] + sums[2]) / counts.sum().item()
+    for expert in range(3):
+        rows = int(counts[expert])
+        pseudo = max(64 - rows, 0)
+        plain = (layer_mean * pseudo + sums[expert]) * (2.0 / (rows + pseudo))
+        assert torch.equal(H[expert], ((plain + plain.T) / 2).float()), expert
+    assert counts[2] == 1
+
+
 def test_zero_token_expert_is_well_posed_even_without_min_tokens() -> None:
     x, routing = routed_inputs(experts=3)
     routing[routing == 2] = 0
