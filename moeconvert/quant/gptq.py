@@ -44,9 +44,11 @@ SUB_BLOCK = 16  # columns inside a block that feed each other one by one; the re
 # fresh pages, and a page fault costs about 0.5 ms per MB on the benchmark machine, more than most
 # steps spend computing on it. A column loop's block of this size also stays in that machine's L3.
 WORKSPACE_BYTES = 16 << 20
-# Block of the Hessian factorization (:func:`_lower_factor_`): 64 was fastest at 512-1408 columns, and
-# within noise of 128 at 2048, on the benchmark machine.
+# Block of the Hessian factorization (:func:`_lower_factor_`): about a sixteenth of the columns, within
+# these bounds. On the benchmark machine 64 was fastest at 512-1408 columns, 64 and 128 alike at 2048,
+# and 256 at 4096-14336, where 64 makes the factorization memory-bound (slower than LAPACK at 14336).
 CHOLESKY_BLOCK = 64
+CHOLESKY_BLOCK_MAX = 256
 
 
 def gptq_quantize(
@@ -486,7 +488,8 @@ def _lower_factor_(A: Tensor) -> Tensor:
     (docs/PERFORMANCE.md, "Blocked factorization").
     """
     experts, n = A.shape[0], A.shape[-1]
-    block = CHOLESKY_BLOCK if n >= 2 * CHOLESKY_BLOCK else max(n, 1)
+    block = min(max(n // 16 // CHOLESKY_BLOCK * CHOLESKY_BLOCK, CHOLESKY_BLOCK), CHOLESKY_BLOCK_MAX)
+    block = block if n >= 2 * block else max(n, 1)
     info = torch.zeros(experts, dtype=torch.int32, device=A.device)
     identity = torch.eye(block, dtype=A.dtype, device=A.device)
     for j in reversed(range(0, n, block)):
