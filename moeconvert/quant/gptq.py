@@ -484,7 +484,7 @@ def _lower_factor_(A: Tensor) -> Tensor:
     are matmuls: each block row is reduced by the rows below it (one batched matmul), its diagonal block
     is factored by LAPACK (small), and the rest of the row solved by that block's inverse (a matmul).
     One LAPACK Cholesky of the whole matrix ran at a quarter of the matmul rate on the benchmark
-    machine; this runs 1.6-2.5x faster (512 to 4096 columns), with the same backward error
+    machine; this runs 1.6-2.3x faster (768 to 14336 columns), with the same backward error
     (docs/PERFORMANCE.md, "Blocked factorization").
     """
     experts, n = A.shape[0], A.shape[-1]
