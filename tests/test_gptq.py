@@ -179,8 +179,8 @@ def test_single_weight_and_expert_chunks_match_the_stack() -> None:
 
 
 def test_internal_pieces_do_not_change_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The solver goes through experts (and the factor through rows) in pieces sized by
-    ``WORKSPACE_BYTES``; pieces of one expert and one row change no bit of the float32 result."""
+    """The solver and the factorization go through experts in pieces sized by ``WORKSPACE_BYTES`` (on
+    a CPU); pieces of one expert change no bit of the float32 result."""
     W, H = expert_stack(experts=5)
     schemes = [
         Scheme(bits=4, group_size=32, block_size=64),

@@ -44,6 +44,9 @@ SUB_BLOCK = 16  # columns inside a block that feed each other one by one; the re
 # fresh pages, and a page fault costs about 0.5 ms per MB on the benchmark machine, more than most
 # steps spend computing on it. A column loop's block of this size also stays in that machine's L3.
 WORKSPACE_BYTES = 16 << 20
+# On a GPU every op is a kernel launch, and the column loop makes a dozen per column for each piece of
+# experts: larger pieces, fewer launches (Qwen3-30B-A3B's 128 gate/up experts: 2 pieces, not 7).
+DEVICE_WORKSPACE_BYTES = 64 << 20
 # Block of the Hessian factorization (:func:`_lower_factor_`): about a sixteenth of the columns, within
 # these bounds. On the benchmark machine 64 was fastest at 512-1408 columns, 64 and 128 alike at 2048,
 # and 256 at 4096-14336, where 64 makes the factorization memory-bound (slower than LAPACK at 14336).
@@ -214,7 +217,7 @@ def _solve(
     codes = torch.empty(experts, rows, columns, dtype=torch.uint8, device=Wt.device)
     scales = torch.empty(experts, rows, scheme.groups(columns), dtype=torch.float32, device=Wt.device)
     zeros = torch.empty(experts, rows, scheme.groups(columns), dtype=torch.int32, device=Wt.device)
-    step = min(experts, max(1, WORKSPACE_BYTES // (block * rows * Wt.element_size())))
+    step = min(experts, max(1, _workspace_bytes(Wt.device) // (block * rows * Wt.element_size())))
     codes_t = torch.empty(step, columns, rows, dtype=torch.uint8, device=Wt.device)
     position = None if perm is None else _inverse_permutation(perm)
     natural = None if perm is None else torch.empty(columns, rows, dtype=torch.uint8, device=Wt.device)
@@ -239,6 +242,10 @@ def _solve(
                 solved = torch.index_select(solved, 0, position[start + expert], out=natural)
             codes[start + expert].copy_(solved.mT)
     return codes, scales, zeros
+
+
+def _workspace_bytes(device: torch.device) -> int:
+    return WORKSPACE_BYTES if device.type == "cpu" else DEVICE_WORKSPACE_BYTES
 
 
 def _column_groups(
@@ -414,7 +421,7 @@ def _feedback_factor(
     """
     experts, n = H.shape[0], H.shape[-1]
     G = torch.empty(experts, n, n, dtype=dtype, device=H.device)
-    step = min(experts, max(1, WORKSPACE_BYTES // (n * n * G.element_size())))
+    step = min(experts, max(1, _workspace_bytes(H.device) // (n * n * G.element_size())))
     A, rows = (torch.empty(step, n, n, dtype=dtype, device=H.device) for _ in range(2))
     identity = torch.eye(block, dtype=dtype, device=H.device)
     for start in range(0, experts, step):
