@@ -413,7 +413,7 @@ def _feedback_factor(
 
     ``H`` is taken in the solve's column order (``perm``, if given) with dead inputs' ``H_jj`` set to 1,
     and ``lambda = damp * mean_diagonal`` (the mean of that diagonal). ``W = V^T`` is factored directly
-    (:func:`_lower_factor`); then ``G[b, b] = W[b, b]^-1`` and ``G[b, :b] = W[b, b]^-1 W[b, :b]``.
+    (:func:`_lower_factor_`); then ``G[b, b] = W[b, b]^-1`` and ``G[b, :b] = W[b, b]^-1 W[b, :b]``.
 
     An expert whose factorization fails in floating point is redone with ten times the damping (the
     others keep theirs); one that never succeeds gets ``G = I``, i.e. no error feedback:
