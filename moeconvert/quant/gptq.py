@@ -234,9 +234,8 @@ def _solve(
         _solve_chunk(
             Wt[chunk], G[chunk], block, codes_t[:k], scales[chunk], zeros[chunk], scheme, scale_dtype, fixed
         )
-        for expert in range(
-            k
-        ):  # back in natural column order, by rows; then 2D transposes: torch tiles those
+        # Back in natural column order (by rows), then transposed: 2D transposes, which torch tiles.
+        for expert in range(k):
             solved = codes_t[expert]
             if position is not None:
                 solved = torch.index_select(solved, 0, position[start + expert], out=natural)
