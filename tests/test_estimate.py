@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from moeconvert.pipeline import QuantizeOptions, quantize
+import moeconvert.pipeline
+from moeconvert.estimate import solve_working_bytes
+from moeconvert.pipeline import CPU_CHUNK_BYTES, QuantizeOptions, auto_experts_per_chunk, quantize
 from moeconvert.tiny import build_tiny_model
 
 RUN = """
@@ -70,3 +73,17 @@ def measured_peak(source: Path, output: Path, expert_statistics: str, experts_pe
         check=True,
     )
     return int(run.stdout.split()[-1]) * 1024
+
+
+def test_cpu_chunks_of_held_sums_stop_at_a_gigabyte(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a machine with 64 GB free, Qwen3-30B-A3B's gate/up experts (2048 -> 1536) go 21 at a time on a
+    CPU with their sums held (a larger chunk is no faster there), as many as half the memory allows when
+    each chunk's sums are replayed (a larger chunk saves sweeps), and on a GPU."""
+    monkeypatch.setattr(moeconvert.pipeline, "available_bytes", lambda device: 64 << 30)
+    per_expert = solve_working_bytes(2048, 1536, 1) - solve_working_bytes(2048, 1536, 0)
+    cpu = torch.device("cpu")
+    held = auto_experts_per_chunk(2048, 1536, cpu)
+    assert held == CPU_CHUNK_BYTES // per_expert == 21
+    assert auto_experts_per_chunk(2048, 1536, cpu, replayed_sums=torch.float64) > 4 * held
+    assert auto_experts_per_chunk(2048, 1536, torch.device("meta")) > 4 * held
+    assert auto_experts_per_chunk(14336, 4096, cpu) == 1  # Mixtral's down: one expert is past the cap
