@@ -14,7 +14,8 @@ the experts' inputs and routing in their place until its gate/up target is solve
 chunk of experts while it is.
 
 Plus the allocator's slack and the fixed cost of torch and transformers. This is what the run needs, not
-all it may take: with memory to spare it solves several experts at once (up to half the free memory).
+all it may take: with memory to spare it solves several experts at once (up to half the free memory;
+on a CPU with held sums, up to ``CPU_CHUNK_BYTES`` of solver memory).
 docs/PERFORMANCE.md compares the estimate with measured peaks.
 """
 
