@@ -180,7 +180,7 @@ def test_single_weight_and_expert_chunks_match_the_stack() -> None:
 
 def test_internal_pieces_do_not_change_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
     """The solver and the factorization go through experts in pieces sized by ``WORKSPACE_BYTES`` (on
-    a CPU); pieces of one expert change no bit of the float32 result."""
+    a CPU, more with more threads); pieces of one expert change no bit of the float32 result."""
     W, H = expert_stack(experts=5)
     schemes = [
         Scheme(bits=4, group_size=32, block_size=64),
@@ -189,7 +189,8 @@ def test_internal_pieces_do_not_change_the_result(monkeypatch: pytest.MonkeyPatc
     for scheme in schemes:
         whole = gptq_quantize(W.float(), H.float(), scheme)
         with monkeypatch.context() as patch:
-            patch.setattr(gptq, "WORKSPACE_BYTES", 4096)
+            for name in ("WORKSPACE_BYTES", "WORKSPACE_BYTES_PER_THREAD", "MAX_WORKSPACE_BYTES"):
+                patch.setattr(gptq, name, 4096)
             pieces = gptq_quantize(W.float(), H.float(), scheme)
         assert torch.equal(pieces.codes, whole.codes) and torch.equal(pieces.scale, whole.scale)
         assert torch.equal(pieces.zero, whole.zero)

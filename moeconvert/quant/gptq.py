@@ -47,6 +47,12 @@ WORKSPACE_BYTES = 16 << 20
 # On a GPU every op is a kernel launch, and the column loop makes a dozen per column for each piece of
 # experts: larger pieces, fewer launches (Qwen3-30B-A3B's 128 gate/up experts: 2 pieces, not 7).
 DEVICE_WORKSPACE_BYTES = 64 << 20
+# With several CPU threads, the column loop's pieces grow with them: torch splits an elementwise op
+# among threads only in grains of 32768 elements, and a 16 MB piece makes each per-column op one grain,
+# so the second thread sat idle. Two grains per thread: the column loop 1.15-1.3x faster on 2 threads
+# (docs/PERFORMANCE.md); capped, since the loop holds two pieces.
+WORKSPACE_BYTES_PER_THREAD = 32 << 20
+MAX_WORKSPACE_BYTES = 256 << 20
 # Block of the Hessian factorization (:func:`_lower_factor_`): about a sixteenth of the columns, within
 # these bounds. On the benchmark machine 64 was fastest at 512-1408 columns, 64 and 128 alike at 2048,
 # and 256 at 4096-14336, where 64 makes the factorization memory-bound (slower than LAPACK at 14336).
@@ -217,7 +223,8 @@ def _solve(
     codes = torch.empty(experts, rows, columns, dtype=torch.uint8, device=Wt.device)
     scales = torch.empty(experts, rows, scheme.groups(columns), dtype=torch.float32, device=Wt.device)
     zeros = torch.empty(experts, rows, scheme.groups(columns), dtype=torch.int32, device=Wt.device)
-    step = min(experts, max(1, _workspace_bytes(Wt.device) // (block * rows * Wt.element_size())))
+    piece = _column_workspace_bytes(Wt.device)
+    step = min(experts, max(1, piece // (block * rows * Wt.element_size())))
     codes_t = torch.empty(step, columns, rows, dtype=torch.uint8, device=Wt.device)
     position = None if perm is None else _inverse_permutation(perm)
     natural = None if perm is None else torch.empty(columns, rows, dtype=torch.uint8, device=Wt.device)
@@ -245,6 +252,15 @@ def _solve(
 
 def _workspace_bytes(device: torch.device) -> int:
     return WORKSPACE_BYTES if device.type == "cpu" else DEVICE_WORKSPACE_BYTES
+
+
+def _column_workspace_bytes(device: torch.device) -> int:
+    """The column loop's piece: :func:`_workspace_bytes`, or on a CPU with several threads enough that
+    each per-column op gives every thread work."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        return _workspace_bytes(device)
+    return min(WORKSPACE_BYTES_PER_THREAD * threads, MAX_WORKSPACE_BYTES)
 
 
 def _column_groups(
@@ -285,17 +301,21 @@ def _solve_chunk(
         static_scales, static_zeros, column_groups = static
         scales.copy_(static_scales.mT)
         zeros.copy_(static_zeros.mT.to(torch.int32))
-        every = torch.arange(experts, device=Rt.device)
+        # each column's row of the [experts * groups, rows] tables: its expert's, its natural group's
+        table_rows = torch.arange(experts, device=Rt.device)[:, None] * static_scales.shape[1] + column_groups
     for i1 in range(0, columns, block):
         i2 = min(i1 + block, columns)
         current = torch.baddbmm(Rt[:, i1:i2], G[:, i1:i2, :i1], Rt[:, :i1], out=Ct[:, : i2 - i1])
         U_block = G[:, i1:i2, i1:i2]  # U[block, block], transposed
         for j1 in range(0, i2 - i1, sub):
             j2 = min(j1 + sub, i2 - i1)
+            if static is not None:  # the sub-block's scales and zeros, [experts, columns, rows]
+                sub_scales, sub_zeros = _static_rows(
+                    static_scales, static_zeros, table_rows[:, i1 + j1 : i1 + j2]
+                )
             for c in range(j1, j2):
                 if static is not None:
-                    natural = column_groups[:, i1 + c]
-                    scale, zero = static_scales[every, natural], static_zeros[every, natural]
+                    scale, zero = sub_scales[:, c - j1], sub_zeros[:, c - j1]
                 elif (i1 + c) % group == 0:  # a group of all columns is entered before any feedback
                     group_now = current[:, c : c + group] if i1 + c else Rt[:, :group]
                     scale, zero = _group_qparams(group_now, scheme, scale_dtype)
@@ -307,6 +327,18 @@ def _solve_chunk(
                 )
             if j2 < i2 - i1:  # the sub-block's errors into the rest of the block
                 current[:, j2:].baddbmm_(U_block[:, j2:, j1:j2], Et[:, j1:j2], alpha=-1)
+
+
+def _static_rows(scales: Tensor, zeros: Tensor, table_rows: Tensor) -> tuple[Tensor, Tensor]:
+    """The static scales and zeros ``[E, groups, rows]`` of a run of columns, ``[E, columns, rows]``.
+
+    One ``index_select`` of table rows per tensor for all the columns: per-column advanced indexing
+    costs about three times as much, and the solver's innermost loop pays for it every column.
+    """
+    experts, columns, rows = table_rows.shape[0], table_rows.shape[1], scales.shape[-1]
+    flat = table_rows.reshape(-1)
+    picked = (t.reshape(-1, rows).index_select(0, flat).view(experts, columns, rows) for t in (scales, zeros))
+    return next(picked), next(picked)
 
 
 def _quantize_column(
