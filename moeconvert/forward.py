@@ -54,6 +54,17 @@ def _is_nonpersistent(module: nn.Module, name: str) -> bool:
     return leaf in owner._non_persistent_buffers_set
 
 
+def experts_implementation(device: torch.device) -> str:
+    """transformers' implementation of routed experts for a forward pass on ``device``.
+
+    Its default, ``grouped_mm``, is one kernel for all experts on a GPU; on a CPU that kernel is slower
+    than ``eager``, one matmul per expert that has tokens, which runs at the machine's matmul rate
+    (1.1-2x faster per MoE block at Qwen3-30B-A3B's and smaller widths, float32 and bf16, measured with
+    transformers 5.24 and torch 2.13; docs/PERFORMANCE.md).
+    """
+    return "eager" if device.type == "cpu" else "grouped_mm"
+
+
 class LayerwiseModel:
     """A causal LM whose layers are loaded on demand.
 
@@ -69,6 +80,7 @@ class LayerwiseModel:
         self.device = torch.device(device)
         self.dtype = dtype
         config._attn_implementation = "sdpa"
+        config._experts_implementation = experts_implementation(self.device)
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         self.model.eval()
