@@ -231,8 +231,8 @@ class HessianAccumulator:
         torch.mm(chunk.t(), chunk, out=product)
         if self._written[expert]:
             sums[expert] += widened.copy_(product)
-        else:  # the first product writes the sums (0 + x, the same bits as adding it to zeros)
-            torch.add(widened.copy_(product), 0.0, out=sums[expert])
+        else:  # the first product is the sums: copied in, widened on the way, one pass instead of two
+            sums[expert].copy_(product)
             self._written[expert] = True
 
     def _sums_or_zeros(self, device: torch.device | None = None) -> Tensor:
