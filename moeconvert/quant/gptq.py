@@ -335,10 +335,12 @@ def _static_rows(scales: Tensor, zeros: Tensor, table_rows: Tensor) -> tuple[Ten
     One ``index_select`` of table rows per tensor for all the columns: per-column advanced indexing
     costs about three times as much, and the solver's innermost loop pays for it every column.
     """
-    experts, columns, rows = table_rows.shape[0], table_rows.shape[1], scales.shape[-1]
-    flat = table_rows.reshape(-1)
-    picked = (t.reshape(-1, rows).index_select(0, flat).view(experts, columns, rows) for t in (scales, zeros))
-    return next(picked), next(picked)
+    flat, shape = table_rows.reshape(-1), (*table_rows.shape, scales.shape[-1])
+
+    def pick(table: Tensor) -> Tensor:
+        return table.reshape(-1, shape[-1]).index_select(0, flat).view(shape)
+
+    return pick(scales), pick(zeros)
 
 
 def _quantize_column(
