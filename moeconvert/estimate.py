@@ -39,11 +39,11 @@ ALLOCATOR_SLACK = 1.1
 
 
 def solve_working_bytes(in_features: int, out_features: int, experts: int) -> int:
-    """The solver's memory for ``experts`` problems at once: per expert its finalized Hessian and factor
-    (float32), its float32 working weights and codes; shared, the finalize buffer (float64) and the
-    factorization's three buffers (sizes as measured by scripts/bench_quantize.py)."""
+    """The solver's memory for ``experts`` problems at once: per expert its finalized Hessian (float32,
+    which the factor then overwrites), its float32 working weights and codes; shared, the finalize buffer
+    (float64) and the factorization's three buffers (sizes as measured by scripts/bench_quantize.py)."""
     hessian = in_features * in_features * 4
-    return experts * (2 * hessian + 5 * in_features * out_features) + 5 * hessian
+    return experts * (hessian + 5 * in_features * out_features) + 5 * hessian
 
 
 def replay_bytes_per_expert(in_features: int, dtype: torch.dtype) -> int:

@@ -407,19 +407,27 @@ def solve(
         w, mine = weight.float(), None
         if acc is not None:
             hessian = acc.finalize(min_tokens)[0][0].to(w.device)
-            mine = gptq_quantize(w, hessian, target.scheme, scale_dtype=scale_dtype)
+            mine = gptq_quantize(w, hessian, target.scheme, scale_dtype=scale_dtype, overwrite_hessian=True)
         return _from_owner(mine, w, target.scheme), []
     assert acc is not None
     layer_mean = _layer_mean(acc, min_tokens)
     owned = weight[stats.owned.start : stats.owned.stop]
-    parts = []
+    parts, buffer = [], None
     for start in range(0, owned.shape[0], chunk):  # one chunk's Hessians and weights at a time
         experts = range(start, min(start + chunk, owned.shape[0]))
-        hessians, _ = acc.finalize_with(min_tokens, layer_mean, experts=experts)
+        # one Hessian buffer for every chunk, and the solver's factors in it: no fresh memory per chunk
+        out = None if buffer is None else buffer[: len(experts)]
+        hessians, _ = acc.finalize_with(min_tokens, layer_mean, experts=experts, out=out)
+        buffer = hessians if buffer is None else buffer
         part = owned[experts.start : experts.stop]  # the solver takes its float32 copy an expert at a time
-        parts.append(gptq_quantize(part, hessians.to(part.device), target.scheme, scale_dtype=scale_dtype))
+        parts.append(
+            gptq_quantize(
+                part, hessians.to(part.device), target.scheme, scale_dtype=scale_dtype, overwrite_hessian=True
+            )
+        )
         solved(len(experts))
         del hessians, part
+    del buffer
     return _gathered(_concat(parts)), all_gather_cat(acc.counts).tolist()
 
 

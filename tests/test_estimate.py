@@ -47,7 +47,9 @@ def test_replayed_statistics_take_the_gate_up_sums_off_the_peak(tmp_path: Path) 
     sees it. On a layer this small the fixed cost is most of the peak and the estimate errs high
     (every expert's rows waiting for a full chunk, which 64 rows per expert never fill). A replayed
     chunk of 8 experts holds a quarter of the sums again, and VmHWM varies by ~10 MB from run to run:
-    the measured drop is 0.58-0.68 of the sums, so half is asked."""
+    the measured drop is 0.47-0.48 of the sums, so 0.4 is asked (it was 0.58-0.68 until the solver's
+    factors took the Hessians' memory, which lowered the held run's peak, in its solve, by 32 MB; the
+    replayed run peaks elsewhere)."""
     source = build_tiny_model(
         "mixtral", tmp_path / "src", dtype=torch.bfloat16, hidden_size=1024, intermediate_size=128,
         num_hidden_layers=1, num_local_experts=32, num_attention_heads=8, num_key_value_heads=2, vocab_size=512,
@@ -60,7 +62,7 @@ def test_replayed_statistics_take_the_gate_up_sums_off_the_peak(tmp_path: Path) 
         estimates[mode] = plan.sizes["peak_memory_bytes"]
         peaks[mode] = measured_peak(source, tmp_path / mode, mode, experts_per_chunk=8)
         assert 0.8 < estimates[mode] / peaks[mode] < 1.5, (mode, estimates[mode], peaks[mode])
-    assert peaks["held"] - peaks["replayed"] > 0.5 * gate_up_sums, peaks
+    assert peaks["held"] - peaks["replayed"] > 0.4 * gate_up_sums, peaks
     assert estimates["held"] - estimates["replayed"] > 0.6 * gate_up_sums, estimates
 
 
@@ -76,14 +78,14 @@ def measured_peak(source: Path, output: Path, expert_statistics: str, experts_pe
 
 
 def test_cpu_chunks_of_held_sums_stop_at_a_gigabyte(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a machine with 64 GB free, Qwen3-30B-A3B's gate/up experts (2048 -> 1536) go 21 at a time on a
+    """On a machine with 64 GB free, Qwen3-30B-A3B's gate/up experts (2048 -> 1536) go 33 at a time on a
     CPU with their sums held (a larger chunk is no faster there), as many as half the memory allows when
     each chunk's sums are replayed (a larger chunk saves sweeps), and on a GPU."""
     monkeypatch.setattr(moeconvert.pipeline, "available_bytes", lambda device: 64 << 30)
     per_expert = solve_working_bytes(2048, 1536, 1) - solve_working_bytes(2048, 1536, 0)
     cpu = torch.device("cpu")
     held = auto_experts_per_chunk(2048, 1536, cpu)
-    assert held == CPU_CHUNK_BYTES // per_expert == 21
+    assert held == CPU_CHUNK_BYTES // per_expert == 33
     assert auto_experts_per_chunk(2048, 1536, cpu, replayed_sums=torch.float64) > 4 * held
     assert auto_experts_per_chunk(2048, 1536, torch.device("meta")) > 4 * held
     assert auto_experts_per_chunk(14336, 4096, cpu) == 1  # Mixtral's down: one expert is past the cap

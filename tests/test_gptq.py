@@ -198,6 +198,22 @@ def test_internal_pieces_do_not_change_the_result(monkeypatch: pytest.MonkeyPatc
         assert whole.g_idx is None or torch.equal(pieces.g_idx, whole.g_idx)
 
 
+def test_hessian_is_kept_unless_it_may_be_overwritten() -> None:
+    """By default the caller's Hessians come back as they went in; with ``overwrite_hessian`` the
+    solver keeps its factor in their memory, with the very same result."""
+    W, H = expert_stack(experts=3)
+    H = H.float()
+    kept = H.clone()
+    for scheme in (Scheme(bits=4, group_size=32, block_size=32), Scheme(bits=4, act_order=False)):
+        plain = gptq_quantize(W.float(), H, scheme, max_experts_per_chunk=2)
+        assert torch.equal(H, kept)
+        scratch = H.clone()
+        reused = gptq_quantize(W.float(), scratch, scheme, max_experts_per_chunk=2, overwrite_hessian=True)
+        assert not torch.equal(scratch, kept)  # the factor took its place
+        assert torch.equal(reused.codes, plain.codes) and torch.equal(reused.scale, plain.scale)
+        assert torch.equal(reused.zero, plain.zero)
+
+
 def test_deterministic() -> None:
     W, H = expert_stack()
     scheme = Scheme(bits=4, group_size=32, act_order=True, static_groups=False, block_size=64)

@@ -68,6 +68,7 @@ def gptq_quantize(
     max_experts_per_chunk: int | None = None,
     compute_dtype: torch.dtype = torch.float32,
     scale_dtype: torch.dtype | None = None,
+    overwrite_hessian: bool = False,
 ) -> QuantizedWeight:
     """Quantize stacked expert weights with GPTQ.
 
@@ -75,7 +76,7 @@ def gptq_quantize(
         w: weights ``[E, out, in]``, or ``[out, in]`` for a single Linear.
         H: Hessians ``[E, in, in]`` (``[in, in]`` with a 2D ``w``), e.g. from
             :meth:`HessianAccumulator.finalize`; symmetric (one triangle is read). Moved to ``w``'s
-            device; not modified.
+            device; not modified unless ``overwrite_hessian``.
         scheme: bits, group size, symmetry, damping, block size, act-order.
         max_experts_per_chunk: solve at most this many experts at a time, to bound memory. Besides the
             inputs, the solve holds two buffers per expert of a chunk: the factor (``in * in``
@@ -84,6 +85,9 @@ def gptq_quantize(
         compute_dtype: dtype of the solve; float32 as in the reference, float64 for tighter numerics.
         scale_dtype: the dtype scales will be stored in (fp16 for GPTQ files); rounding decisions are
             then made against exactly the stored scale (see :func:`compute_qparams`).
+        overwrite_hessian: let the solver keep its factor in ``H``'s memory when ``H`` is already on
+            ``w``'s device in ``compute_dtype`` (``H`` is garbage afterwards): one Hessian-sized buffer
+            per expert fewer, and no fresh memory to fault in for it.
 
     Raises:
         ValueError: on mismatched shapes, or NaN/Inf in ``w`` or ``H``.
@@ -106,7 +110,14 @@ def gptq_quantize(
         raise ValueError("weight or Hessian contains NaN or Inf; it cannot be quantized")
     step = w.shape[0] if max_experts_per_chunk is None else max(1, max_experts_per_chunk)
     parts = [
-        _quantize_stack(w[start : start + step], H[start : start + step], scheme, compute_dtype, scale_dtype)
+        _quantize_stack(
+            w[start : start + step],
+            H[start : start + step],
+            scheme,
+            compute_dtype,
+            scale_dtype,
+            overwrite_hessian,
+        )
         for start in range(0, w.shape[0], step)
     ]
     codes, scale, zero, g_idx = (_cat(items) for items in zip(*parts, strict=True))
@@ -137,11 +148,19 @@ def _all_finite(t: Tensor) -> bool:
 
 
 def _quantize_stack(
-    w: Tensor, H: Tensor, scheme: Scheme, dtype: torch.dtype, scale_dtype: torch.dtype | None
+    w: Tensor,
+    H: Tensor,
+    scheme: Scheme,
+    dtype: torch.dtype,
+    scale_dtype: torch.dtype | None,
+    overwrite_hessian: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """GPTQ for one chunk of experts: drop dead inputs, order the columns, factor, solve, undo the order."""
-    H = H.to(device=w.device)
-    diagonal = H.diagonal(dim1=-2, dim2=-1).to(dtype)
+    moved = H.to(device=w.device)
+    # a copy made here (another device) is the solver's own, whatever the caller asked
+    reuse = (overwrite_hessian or moved is not H) and moved.dtype == dtype
+    H = moved
+    diagonal = H.diagonal(dim1=-2, dim2=-1).to(dtype, copy=True)
     dead = diagonal == 0  # inputs never seen in calibration: weight column to 0, H_jj to 1
     diagonal = diagonal + dead.to(dtype)
     Wt = _transposed(w, dtype)
@@ -152,7 +171,7 @@ def _quantize_stack(
     if perm is not None:
         Wt, diagonal = _permute_rows(Wt, perm), diagonal.gather(-1, perm)
     block = _block_size(scheme.block_size, scheme.effective_group_size(Wt.shape[1]), Wt.shape[1])
-    G = _feedback_factor(H, perm, diagonal.mean(-1), scheme.damp, block, dtype)
+    G = _feedback_factor(H, perm, diagonal.mean(-1), scheme.damp, block, dtype, out=H if reuse else None)
     codes, scale, zero = _solve(Wt, G, block, scheme, scale_dtype, static, perm)
     if perm is None:
         return codes, scale, zero, None
@@ -437,7 +456,13 @@ def _inverse_permutation(perm: Tensor) -> Tensor:
 
 
 def _feedback_factor(
-    H: Tensor, perm: Tensor | None, mean_diagonal: Tensor, damp: float, block: int, dtype: torch.dtype
+    H: Tensor,
+    perm: Tensor | None,
+    mean_diagonal: Tensor,
+    damp: float,
+    block: int,
+    dtype: torch.dtype,
+    out: Tensor | None = None,
 ) -> Tensor:
     """What the column loop needs of ``U``, the upper Cholesky factor of ``(H + lambda I)^-1``, as a
     lower ``G`` (transposed, so that the solver reads rows): for each block ``b`` of ``block`` columns,
@@ -450,10 +475,12 @@ def _feedback_factor(
 
     An expert whose factorization fails in floating point is redone with ten times the damping (the
     others keep theirs); one that never succeeds gets ``G = I``, i.e. no error feedback:
-    round-to-nearest. Experts go a few at a time through a buffer allocated once.
+    round-to-nearest. Experts go a few at a time through a buffer allocated once. ``out`` (``H`` itself
+    may be given) receives ``G``: each piece of experts is copied out of ``H`` before its factor is
+    written.
     """
     experts, n = H.shape[0], H.shape[-1]
-    G = torch.empty(experts, n, n, dtype=dtype, device=H.device)
+    G = torch.empty(experts, n, n, dtype=dtype, device=H.device) if out is None else out
     step = min(experts, max(1, _workspace_bytes(H.device) // (n * n * G.element_size())))
     A, rows = (torch.empty(step, n, n, dtype=dtype, device=H.device) for _ in range(2))
     identity = torch.eye(block, dtype=dtype, device=H.device)

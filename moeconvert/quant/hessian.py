@@ -162,17 +162,24 @@ class HessianAccumulator:
         *,
         dtype: torch.dtype = torch.float32,
         experts: range | None = None,
+        out: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """:meth:`finalize` with the layer-wide ``S_all / n_all`` given: for an accumulator that holds only
         some of a layer's experts (expert-parallel runs sum it across ranks, in expert order). With
         ``experts``, only those Hessians are returned, so a caller solving a few experts at a time holds
-        one chunk of them (Mixtral-8x7B's eight 14336² down Hessians are 6.6 GB in float32)."""
+        one chunk of them (Mixtral-8x7B's eight 14336² down Hessians are 6.6 GB in float32); ``out``
+        (``[len(experts), in, in]`` of ``dtype``) takes them, so chunk after chunk reuses one buffer."""
         if min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {min_tokens}")
         self._flush_all()
         sums = self._sums_or_zeros()
         experts = range(self.num_experts) if experts is None else experts
-        hessians = torch.empty((len(experts), *sums.shape[1:]), dtype=dtype, device=sums.device)
+        shape = (len(experts), *sums.shape[1:])
+        hessians = torch.empty(shape, dtype=dtype, device=sums.device) if out is None else out
+        if hessians.shape != shape or hessians.dtype != dtype:
+            raise ValueError(
+                f"out must be {dtype} {list(shape)}, got {hessians.dtype} {list(hessians.shape)}"
+            )
         work = torch.empty(sums.shape[1:], dtype=sums.dtype, device=sums.device)
         for slot, expert in enumerate(experts):
             rows = self._counts[expert]
@@ -321,10 +328,11 @@ class ReplayedAccumulator:
         *,
         dtype: torch.dtype = torch.float32,
         experts: range | None = None,
+        out: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """As :meth:`HessianAccumulator.finalize_with`; the sums of ``experts`` are formed here."""
         experts = range(self.num_experts) if experts is None else experts
-        hessians, _ = self.accumulator(experts).finalize_with(min_tokens, layer_mean, dtype=dtype)
+        hessians, _ = self.accumulator(experts).finalize_with(min_tokens, layer_mean, dtype=dtype, out=out)
         return hessians, self.counts
 
 
