@@ -158,7 +158,7 @@ def _quantize_stack(
     """GPTQ for one chunk of experts: drop dead inputs, order the columns, factor, solve, undo the order."""
     moved = H.to(device=w.device)
     # a copy made here (another device) is the solver's own, whatever the caller asked
-    reuse = (overwrite_hessian or moved is not H) and moved.dtype == dtype
+    reuse = (overwrite_hessian or moved is not H) and moved.dtype == dtype and moved.is_contiguous()
     H = moved
     diagonal = H.diagonal(dim1=-2, dim2=-1).to(dtype, copy=True)
     dead = diagonal == 0  # inputs never seen in calibration: weight column to 0, H_jj to 1
