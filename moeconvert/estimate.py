@@ -40,8 +40,11 @@ ALLOCATOR_SLACK = 1.1
 
 def solve_working_bytes(in_features: int, out_features: int, experts: int) -> int:
     """The solver's memory for ``experts`` problems at once: per expert its finalized Hessian (float32,
-    which the factor then overwrites), its float32 working weights and codes; shared, the finalize buffer
-    (float64) and the factorization's three buffers (sizes as measured by scripts/bench_quantize.py)."""
+    which the factor then overwrites), its float32 working weights and codes; shared, five Hessian-sized
+    buffers: the factorization's two, and what the finalize buffer (float64) used to take. ``finalize``
+    no longer has that buffer, but the term is kept: the column loop's pieces and the allocator's
+    leftovers are not itemized, and measured peaks still come out above the estimate in some runs
+    (docs/PERFORMANCE.md, "Estimating the peak before a run")."""
     hessian = in_features * in_features * 4
     return experts * (hessian + 5 * in_features * out_features) + 5 * hessian
 
