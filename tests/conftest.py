@@ -55,16 +55,19 @@ def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_model(folder: Path) -> torch.nn.Module:
+def load_model(folder: Path, experts_implementation: str | None = None) -> torch.nn.Module:
     """Load with transformers, then give every parameter fresh memory.
 
     Tensors mapped from a file sit at whatever alignment the file gives them, and some CPU kernels
     take a different (equally valid) path for unaligned data, which can move a logit by one ulp.
-    Fresh allocations make logit comparisons about values, not addresses.
+    Fresh allocations make logit comparisons about values, not addresses. ``experts_implementation``:
+    transformers' routed-experts kernel (its default otherwise); ``eager`` and ``grouped_mm`` sum in
+    different orders on some CPUs (one ulp apart on an AMD EPYC, equal on an Intel Xeon).
     """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    kwargs = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
     with torch.no_grad():
         for param in model.parameters():
             param.data = param.data.clone()
