@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .quant.hessian import CHUNK_ROWS, sums_dtype
+from .quant.hessian import CHUNK_ROWS, SUMS_DTYPE
 
 if TYPE_CHECKING:
     from .pipeline import Target
@@ -39,14 +39,13 @@ ALLOCATOR_SLACK = 1.1
 
 
 def solve_working_bytes(in_features: int, out_features: int, experts: int) -> int:
-    """The solver's memory for ``experts`` problems at once: per expert its finalized Hessian (float32,
-    which the factor then overwrites), its float32 working weights and codes; shared, five Hessian-sized
-    buffers: the factorization's two, and what the finalize buffer (float64) used to take. ``finalize``
-    no longer has that buffer, but the term is kept: the column loop's pieces and the allocator's
-    leftovers are not itemized, and measured peaks still come out above the estimate in some runs
-    (docs/PERFORMANCE.md, "Estimating the peak before a run")."""
+    """The solver's memory for ``experts`` problems at once, besides their Hessians (finalized in their
+    sums' memory, which the factors then overwrite): per expert its float32 working weights and codes;
+    shared, three Hessian-sized buffers: the factorization's two, and one for what is not itemized (the
+    column loop's pieces, the allocator's leftovers; docs/PERFORMANCE.md, "Estimating the peak before a
+    run")."""
     hessian = in_features * in_features * 4
-    return experts * (hessian + 5 * in_features * out_features) + 5 * hessian
+    return experts * 5 * in_features * out_features + 3 * hessian
 
 
 def replay_bytes_per_expert(in_features: int, dtype: torch.dtype) -> int:
@@ -55,19 +54,24 @@ def replay_bytes_per_expert(in_features: int, dtype: torch.dtype) -> int:
 
 
 def replay_buffer_bytes(in_features: int, dtype: torch.dtype) -> int:
-    """A replayed chunk's product buffers: one float32 product, and its float64 widening."""
+    """A replayed chunk's product buffers: one float32 product, and its widening for float64 sums."""
     return in_features * in_features * (4 if dtype == torch.float32 else 12)
 
 
-def _accumulating_bytes(target: Target, shape: tuple[int, ...]) -> int:
-    """What a target's accumulator holds besides its sums while rows come in: its product buffers (one
-    ``in x in`` float32 product, widened to float64 unless the sums are float32) and each expert's
-    rows waiting for a full chunk."""
+def _accumulating_bytes(target: Target, shape: tuple[int, ...], routed_rows: int | None) -> int:
+    """What a target's accumulator holds besides its sums while rows come in: its product buffer (one
+    ``in x in`` float32 product) and each expert's rows waiting for a full chunk, at most a chunk per
+    expert and at most every routed row (``routed_rows``, when known; 64 rows per expert never fill
+    one)."""
     in_features = shape[-1]
     experts = 1 if target.kind == "dense" else shape[0]
-    wide = sums_dtype(in_features, experts) == torch.float64 or target.kind == "dense"
-    product = in_features * in_features * (12 if wide else 4)
-    return product + experts * CHUNK_ROWS * in_features * 4
+    waiting = experts * CHUNK_ROWS if routed_rows is None else min(experts * CHUNK_ROWS, routed_rows)
+    return replay_buffer_bytes(in_features, SUMS_DTYPE) + waiting * in_features * 4
+
+
+def _hessian_bytes(in_features: int) -> int:
+    """One expert's (or one dense Linear's) running sums, or its finalized Hessian."""
+    return in_features * in_features * (torch.finfo(SUMS_DTYPE).bits // 8)
 
 
 _SAME_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
@@ -89,13 +93,8 @@ def _own_accumulator(target: Target, targets: list[Target]) -> bool:
 
 
 def _sums_bytes(target: Target, shape: tuple[int, ...]) -> int:
-    """Running Hessian sums of one GPTQ target: float64 per expert, float32 for very wide stacks."""
-    in_features = shape[-1]
-    if target.kind == "dense":
-        return in_features * in_features * 8
-    experts = shape[0]
-    width = torch.finfo(sums_dtype(in_features, experts)).bits // 8
-    return experts * in_features * in_features * width
+    """Running Hessian sums of one GPTQ target: one per expert, or one for a dense Linear."""
+    return (1 if target.kind == "dense" else shape[0]) * _hessian_bytes(shape[-1])
 
 
 def layer_peak_bytes(
@@ -108,11 +107,14 @@ def layer_peak_bytes(
     hidden_size: int,
     forward_bytes: int,
     replayed: bool = False,
+    routed_rows: int | None = None,
 ) -> int:
     """Peak memory of one layer's quantize step (without the fixed cost); ``local`` holds the layer's
     tensors (meta tensors will do), named as the targets name them. ``activation_bytes`` is 0 for a run
     without calibration (round-to-nearest only), which has no forward pass. ``replayed``: the gate/up
-    sums are formed a chunk of experts at a time from the kept inputs (the module docstring)."""
+    sums are formed a chunk of experts at a time from the kept inputs (the module docstring).
+    ``routed_rows``: the rows the routed experts receive in all (calibration tokens times top-k), if
+    known."""
     targets = list(targets)
     source = sum(t.numel() * t.element_size() for t in local.values())
     if not activation_bytes:  # each target in float32, its codes and its decoded copy, one at a time
@@ -125,7 +127,9 @@ def layer_peak_bytes(
     owners = [t for t in gptq if _own_accumulator(t, gptq)]
     replaying = {t.local for t in gptq if replayed and t.kind == "gate_up"}
     accumulating = sum(
-        _accumulating_bytes(t, tuple(local[t.local].shape)) for t in owners if t.local not in replaying
+        _accumulating_bytes(t, tuple(local[t.local].shape), None if t.kind == "dense" else routed_rows)
+        for t in owners
+        if t.local not in replaying
     )
     kept_inputs = {  # the replayed stack's inputs (the layer's activations again) and routing masks
         t.local: activation_bytes
@@ -139,12 +143,11 @@ def layer_peak_bytes(
     for index, target in enumerate(gptq):  # in the pipeline's order; a solved target's sums are freed
         shape = tuple(local[target.local].shape)
         in_features, out_features = shape[-1], shape[-2]
-        one_sums = in_features * in_features * torch.finfo(sums_dtype(in_features, shape[0])).bits // 8
-        prior = 0 if target.kind == "dense" else one_sums
-        working = solve_working_bytes(in_features, out_features, 1) + prior
+        # a stack's layer-wide prior; a dense Linear's finalized Hessian (q, k and v share their sums)
+        working = solve_working_bytes(in_features, out_features, 1) + _hessian_bytes(in_features)
         if target.local in replaying:
-            dtype = sums_dtype(in_features, shape[0])
-            working += replay_bytes_per_expert(in_features, dtype) + replay_buffer_bytes(in_features, dtype)
+            working += replay_bytes_per_expert(in_features, SUMS_DTYPE)
+            working += replay_buffer_bytes(in_features, SUMS_DTYPE)
         done = sum(_output_bytes(t, tuple(local[t.local].shape)) for t in gptq[:index])
         held = source + sum(sums[index:]) + done + (0 if spilled else activation_bytes)
         solving = max(solving, held + working)

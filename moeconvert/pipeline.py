@@ -52,7 +52,7 @@ from .memory import available_bytes, memory_budget_bytes, release_freed_memory
 from .progress import progress_bar
 from .quant.calibration import calibration_tokens, tokens_digest
 from .quant.gptq import gptq_quantize
-from .quant.hessian import HessianAccumulator, ReplayedAccumulator, sums_dtype
+from .quant.hessian import HessianAccumulator, ReplayedAccumulator
 from .quant.rtn import QuantizedWeight, rtn_quantize
 from .quant.scheme import Scheme
 from .quant.targets import Rule, TargetPolicy
@@ -245,12 +245,8 @@ class LayerStatistics:
             self.owned = ranks.experts(count)
             width = experts.down_proj.shape[2]
             gate_up = ReplayedAccumulator if replay_gate_up else HessianAccumulator
-            self.accumulators[FUSED_GATE_UP] = gate_up(
-                hidden, len(self.owned), dtype=sums_dtype(hidden, count)
-            )
-            self.accumulators[FUSED_DOWN] = HessianAccumulator(
-                width, len(self.owned), dtype=sums_dtype(width, count)
-            )
+            self.accumulators[FUSED_GATE_UP] = gate_up(hidden, len(self.owned))
+            self.accumulators[FUSED_DOWN] = HessianAccumulator(width, len(self.owned))
 
     @contextmanager
     def hooks(self) -> Iterator[None]:
@@ -412,13 +408,11 @@ def solve(
     assert acc is not None
     layer_mean = _layer_mean(acc, min_tokens)
     owned = weight[stats.owned.start : stats.owned.stop]
-    parts, buffer = [], None
+    parts = []
     for start in range(0, owned.shape[0], chunk):  # one chunk's Hessians and weights at a time
         experts = range(start, min(start + chunk, owned.shape[0]))
-        # one Hessian buffer for every chunk, and the solver's factors in it: no fresh memory per chunk
-        out = None if buffer is None else buffer[: len(experts)]
-        hessians, _ = acc.finalize_with(min_tokens, layer_mean, experts=experts, out=out)
-        buffer = hessians if buffer is None else buffer
+        # the Hessians in their sums' memory, and the solver's factors over them: no fresh memory
+        hessians, _ = acc.finalize_with(min_tokens, layer_mean, experts=experts, in_place=True)
         part = owned[experts.start : experts.stop]  # the solver takes its float32 copy an expert at a time
         parts.append(
             gptq_quantize(
@@ -427,7 +421,6 @@ def solve(
         )
         solved(len(experts))
         del hessians, part
-    del buffer
     return _gathered(_concat(parts)), all_gather_cat(acc.counts).tolist()
 
 
@@ -672,6 +665,7 @@ class Quantizer:
         forward_bytes = torch.finfo(self._forward_dtype()).bits // 8
         tokens = self.options.samples * self.options.seq_len if self.needs_calibration else 0
         activations = tokens * self.config.hidden_size * forward_bytes // self.ranks.world
+        reach = None if self.options.calibrate_all_experts else self.family.top_k(self.config)
         return layer_peak_bytes(
             targets,
             local,
@@ -681,6 +675,7 @@ class Quantizer:
             hidden_size=self.config.hidden_size,
             forward_bytes=forward_bytes,
             replayed=replayed,
+            routed_rows=None if reach is None else tokens * reach,
         )
 
     def replayed_layers(self, plan: dict[int, list[Target]]) -> int:

@@ -16,6 +16,11 @@ sums (128 x 4096^2 floats, 8.6 GB) are larger than its bf16 experts (4.8 GB): th
 the sums held and with them replayed from the kept inputs, then a real run with them replayed (bf16
 forward passes), in a fresh process, with its peak RSS.
 
+Many experts (`--qwen3-30b-layer`): one decoder layer at Qwen3-30B-A3B's widths (hidden 2048, 128
+experts of 768, top-8, 32 heads of 128, 4 KV heads; vocabulary cut to 32000), quantized with default
+options in a fresh process, for each checkout given by `--checkout` (default: this one) in turn and
+`--repeat` rounds, alternating: the same layer and tokens, so two versions of the code compare in one run.
+
 Prints a table and writes JSON.
 
     python scripts/bench_memory.py --hidden 1024 --out bench_results/memory.json
@@ -23,11 +28,14 @@ Prints a table and writes JSON.
     python scripts/bench_memory.py --activations --samples 128 --out bench_results/memory-activations.json
     python scripts/bench_memory.py --qwen3-235b-layer --samples 4 --seq-len 512 --forward-dtype checkpoint \
         [--experts-per-chunk 1] --out bench_results/memory-qwen3-235b.json
+    python scripts/bench_memory.py --qwen3-30b-layer --samples 4 --seq-len 512 --checkout . ../before \
+        --repeat 2 --out bench_results/memory-qwen3-30b.json
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import shutil
@@ -72,8 +80,12 @@ def run_step(
     spill_bytes: int | None = None,
     statistics: str = "auto",
     experts_per_chunk: int | None = None,
+    checkout: Path | None = None,
 ) -> dict:
+    """Run one step in a fresh process; ``checkout``: a source tree whose ``moeconvert`` it imports."""
     env = {"TQDM_DISABLE": "1", "PATH": "", "OMP_NUM_THREADS": "2"}
+    if checkout is not None:
+        env["PYTHONPATH"] = str(checkout.resolve())
     if spill_bytes is not None:
         env["BENCH_SPILL_BYTES"] = str(spill_bytes)
     if experts_per_chunk is not None:
@@ -112,6 +124,17 @@ def main() -> None:
         help="one layer at Qwen3-235B-A22B widths, statistics replayed",
     )
     parser.add_argument(
+        "--qwen3-30b-layer", action="store_true", help="one layer at Qwen3-30B-A3B widths, default options"
+    )
+    parser.add_argument(
+        "--checkout",
+        type=Path,
+        nargs="+",
+        default=[Path(__file__).resolve().parent.parent],
+        help="source trees to measure, in turn (--qwen3-30b-layer)",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="rounds over the checkouts (--qwen3-30b-layer)")
+    parser.add_argument(
         "--activations",
         action="store_true",
         help="one layer, many calibration tokens: peak with the activations kept vs spilled during the solve",
@@ -137,6 +160,9 @@ def main() -> None:
         return
     if args.qwen3_235b_layer:
         qwen3_235b_layer(args)
+        return
+    if args.qwen3_30b_layer:
+        qwen3_30b_layer(args)
         return
 
     import torch
@@ -234,7 +260,7 @@ def mixtral_layer(args: argparse.Namespace) -> None:
         quant = run_step("quantize", src, work / "q", args.samples, args.seq_len, args.forward_dtype)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    down_sums = 8 * 14336 * 14336 * 4  # float32 running sums (moeconvert.quant.hessian.sums_dtype)
+    down_sums = 8 * 14336 * 14336 * 4  # float32 running sums (moeconvert.quant.hessian.SUMS_DTYPE)
     result = {
         **one_layer_run(args, total, experts),
         "samples": args.samples,
@@ -282,7 +308,7 @@ def qwen3_235b_layer(args: argparse.Namespace) -> None:
         quant = run_step("quantize", src, work / "q", **sizes, statistics="replayed", experts_per_chunk=chunk)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    gate_up_sums = 128 * 4096 * 4096 * 4  # float32 running sums (moeconvert.quant.hessian.sums_dtype)
+    gate_up_sums = 128 * 4096 * 4096 * 4  # float32 running sums (moeconvert.quant.hessian.SUMS_DTYPE)
     result = {
         **one_layer_run(args, total, experts),
         "forward_dtype": args.forward_dtype,
@@ -302,6 +328,45 @@ def qwen3_235b_layer(args: argparse.Namespace) -> None:
         f"{estimates['held'] / gb:>13.2f}{estimates['replayed'] / gb:>17.2f}{quant['peak_rss'] / gb:>9.2f}"
         f"{result['memory_total'] / gb:>11.2f}{quant['seconds']:>7.0f}"
     )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def qwen3_30b_layer(args: argparse.Namespace) -> None:
+    """One Qwen3-30B-A3B-width layer quantized by each checkout in turn, ``--repeat`` rounds."""
+    import torch
+
+    from moeconvert.checkpoint import ShardedReader
+    from moeconvert.tiny import build_tiny_model
+
+    work = Path(tempfile.mkdtemp(prefix="bench_memory_qwen3_30b_"))
+    runs = []
+    try:
+        src = build_tiny_model(
+            "qwen3_moe", work / "src", dtype=torch.bfloat16, hidden_size=2048, moe_intermediate_size=768,
+            intermediate_size=6144, num_hidden_layers=1, num_experts=128, num_experts_per_tok=8,
+            num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=32000,
+        )  # fmt: skip
+        with ShardedReader(src) as reader:
+            total = reader.total_bytes
+            experts = sum(m.nbytes for n, m in reader.metas.items() if ".experts." in n)
+        for round_ in range(args.repeat):
+            for checkout in args.checkout:
+                out = work / "q"
+                run = run_step("quantize", src, out, args.samples, args.seq_len, checkout=checkout)
+                digest = hashlib.sha256((out / "SHA256SUMS").read_bytes()).hexdigest()[:16]
+                runs.append({"round": round_, "checkout": str(checkout), **run, "output": digest})
+                shutil.rmtree(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {**one_layer_run(args, total, experts), "runs": runs}
+    gb = 1e9
+    print(f"model {total / gb:.2f} GB, experts {experts / gb:.2f} GB, {result['calibration_tokens']} tokens")
+    print(f"{'round':>5}  {'checkout':<40}{'peak GB':>9}{'s':>8}  output (SHA256SUMS digest)")
+    for r in runs:
+        print(
+            f"{r['round']:>5}  {r['checkout']:<40}{r['peak_rss'] / gb:>9.2f}{r['seconds']:>8.1f}  {r['output']}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -90,24 +90,24 @@ def preset_cost(p: Preset, tokens: int, chunk: int | None = None) -> dict[str, f
     """FLOPs of every phase and the bytes the pipeline holds at its peak, for one layer.
 
     ``chunk`` is ``--max-experts-per-chunk``: it bounds only the solver's working set, not the
-    accumulators' float64 sums or the finalized Hessians, which are per layer.
+    accumulators' float32 sums, in which the Hessians are finalized, which are per layer.
     """
     rows = tokens * p.top_k  # routed (token, expert) pairs; each is one row for gate_up and for down
     h, i, e = p.hidden, p.intermediate, p.experts
     gate_up, down = solve_flops(2 * i, h), solve_flops(h, i)
     weights_bf16 = e * 3 * i * h * 2
-    sums_fp64 = e * (h * h + i * i) * 8  # both accumulators live until the layer is done, as in the pipeline
+    sums = e * (h * h + i * i) * 4  # both accumulators live until the layer is done, as in the pipeline
 
     def solve_bytes(out: int, inp: int) -> int:
-        # The finalized float32 H, the float32 weights and the solver's transposed copy of them, its
-        # factor (one H-sized float32 buffer per expert in a chunk), and the uint8 codes.
-        return e * inp * inp * 4 + 2 * e * out * inp * 4 + min(chunk or e, e) * inp * inp * 4 + e * out * inp
+        # The float32 weights and the solver's transposed copy of them, its factor (one H-sized float32
+        # buffer per expert in a chunk; the benchmark keeps the Hessians for its loop), and the codes.
+        return 2 * e * out * inp * 4 + min(chunk or e, e) * inp * inp * 4 + e * out * inp
 
     return {
         "hessian": 2.0 * rows * (h * h + i * i),
         "forward": 2.0 * rows * h * 2 * i,
         "solve": e * (sum(gate_up.values()) + sum(down.values())),
-        "peak_bytes": weights_bf16 + sums_fp64 + max(solve_bytes(2 * i, h), solve_bytes(h, i)),
+        "peak_bytes": weights_bf16 + sums + max(solve_bytes(2 * i, h), solve_bytes(h, i)),
     }
 
 
@@ -370,8 +370,10 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
         out, inp = weight.shape[1], weight.shape[2]
         cost = solve_flops(out, inp)
         with rec.phase("hessian: finalize", target):
-            hessians, _ = acc.finalize(min_tokens)
+            hessians, _ = acc.finalize(min_tokens, in_place=True)  # as the pipeline does
         w = weight.float()  # the pipeline solves in float32 from the bf16 checkpoint
+        loop_experts = min(cfg["loop_experts"] or p.experts, p.experts)
+        loop_hessians = hessians[:loop_experts].clone()  # the batched solve writes its factors over its own
 
         parts: dict[str, list[float]] = {}
         solve_cost = sum(cost.values())
@@ -379,7 +381,15 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
             timed_solver_parts(parts),
             rec.phase("solve: batched", target, p.experts * solve_cost) as batched_row,
         ):
-            batched = gptq_quantize(w, hessians, scheme, max_experts_per_chunk=chunk, scale_dtype=scale_dtype)
+            batched = gptq_quantize(
+                w,
+                hessians,
+                scheme,
+                max_experts_per_chunk=chunk,
+                scale_dtype=scale_dtype,
+                overwrite_hessian=True,
+            )
+        del hessians
         for part in ("prepare", "columns"):
             if part in parts:
                 rec.rows.append(
@@ -397,14 +407,14 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
             )
         del packed
 
-        loop_experts = min(cfg["loop_experts"] or p.experts, p.experts)
         loop_parts: dict[str, list[float]] = {}
         with (
             timed_solver_parts(loop_parts),
             rec.phase("solve: loop over experts", target, loop_experts * solve_cost) as loop_row,
         ):
             looped = [
-                gptq_quantize(w[e], hessians[e], scheme, scale_dtype=scale_dtype) for e in range(loop_experts)
+                gptq_quantize(w[e], loop_hessians[e], scheme, scale_dtype=scale_dtype, overwrite_hessian=True)
+                for e in range(loop_experts)
             ]
         loop_row["experts_timed"] = loop_experts
         for part in ("prepare", "columns"):
@@ -428,7 +438,7 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
             "speedup_batched_vs_loop_cpu": loop_cpu / batched_row["cpu_seconds"],
             "codes_differing_from_loop": differ / (loop_experts * out * inp),
         }
-        del looped, batched, hessians, w
+        del looped, batched, loop_hessians, w
     del acc_gate_up, acc_down
 
     matmul_end = matmul_gflops()

@@ -101,7 +101,14 @@ def gptq_quantize(
         Without act-order groups are contiguous and ``g_idx`` is None.
     """
     if w.dim() == 2:
-        q = gptq_quantize(w[None], H[None], scheme, compute_dtype=compute_dtype, scale_dtype=scale_dtype)
+        q = gptq_quantize(
+            w[None],
+            H[None],
+            scheme,
+            compute_dtype=compute_dtype,
+            scale_dtype=scale_dtype,
+            overwrite_hessian=overwrite_hessian,
+        )
         g_idx = None if q.g_idx is None else q.g_idx[0]
         return replace(q, codes=q.codes[0], scale=q.scale[0], zero=q.zero[0], g_idx=g_idx)
     if w.dim() != 3 or H.shape != (w.shape[0], w.shape[2], w.shape[2]):

@@ -9,12 +9,17 @@ Determinism. Rows are buffered per expert and turned into products only in fixed
 ``chunk_size`` rows, in token order, and the chunk products are added one by one in that order. The
 chunking therefore depends only on the sequence of rows each expert receives, not on how the caller
 split tokens into batches, so the sums are bit-identical however the calibration set is batched (on
-CPU, with a fixed thread count). Each chunk product is a float32 matmul (short sums, fast, accurate to
-~1e-7 relative) added into a float64 running sum: millions of float32 additions would drift with the
-token count and the chunking, float64 does not, at twice the memory of the sums. Where float64 sums of
-one stack would pass ``FLOAT64_SUMS_BYTES`` (Mixtral-8x7B's eight 14336-wide down projections: 13 GB),
-:func:`sums_dtype` picks float32: a few hundred chunk products per expert drift by ~1e-5 relative, far
-below GPTQ's 1% damping, and the rule depends on shapes alone, so every machine sums alike.
+CPU, with a fixed thread count).
+
+Precision. Each chunk product is a float32 matmul, and the running sums are float32 too, as in the
+reference: an expert's first product is written straight into its sums, each later one added. The sums
+add one product per 512 rows, so even a dense Linear over 128 x 2048 calibration tokens adds only 512
+of them; measured against float64 sums of the same products, 512 additions leave 3e-7 relative error
+(Frobenius) and at most 2e-5 of the mean diagonal on any entry, 600 times below GPTQ's 1% damping, and
+under the float32 solve's own rounding. Float64 sums would double the largest buffers of a layer (4.3 GB
+for Qwen3-30B-A3B's gate/up experts) and need a widening pass per product; on the benchmark machine,
+where fresh memory costs 0.25-0.9 s per GiB to touch, that made the products 2.5-5x slower
+(docs/PERFORMANCE.md). ``dtype=torch.float64`` is still accepted, for reference checks.
 
 Starved experts. A router may send an expert few or no calibration tokens. ``finalize`` fills the
 deficit with pseudo-tokens drawn from the layer-wide statistics (the pool of every row any expert
@@ -45,16 +50,9 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-FLOAT64_SUMS_BYTES = 4 << 30
+SUMS_DTYPE = torch.float32  # of the running sums; see "Precision" above
 CHUNK_ROWS = 512  # rows per chunk product: the unit of deterministic summation
 SYMMETRIZE_TILE = 256  # fastest of 64-512 at 768-4096 columns on the benchmark machine
-
-
-def sums_dtype(in_features: int, num_experts: int = 1) -> torch.dtype:
-    """dtype of the running sums of a stack of ``num_experts`` (the whole layer's count, so that an
-    expert-parallel rank sums as one process would): float64 unless that would pass FLOAT64_SUMS_BYTES."""
-    float64_bytes = num_experts * in_features * in_features * 8
-    return torch.float64 if float64_bytes <= FLOAT64_SUMS_BYTES else torch.float32
 
 
 class HessianAccumulator:
@@ -64,7 +62,7 @@ class HessianAccumulator:
         in_features: input width of the Linear.
         num_experts: experts in the stack; 1 for a dense Linear.
         chunk_size: rows per product; the unit of deterministic summation.
-        dtype: dtype of the running sums (float64 by default, see the module docstring).
+        dtype: dtype of the running sums (float32, see the module docstring's "Precision").
         device: where the sums live; by default the device of the first input.
     """
 
@@ -74,7 +72,7 @@ class HessianAccumulator:
         num_experts: int = 1,
         *,
         chunk_size: int = CHUNK_ROWS,
-        dtype: torch.dtype = torch.float64,
+        dtype: torch.dtype = SUMS_DTYPE,
         device: torch.device | str | None = None,
     ) -> None:
         if in_features <= 0 or num_experts <= 0 or chunk_size <= 0:
@@ -87,6 +85,7 @@ class HessianAccumulator:
         self._sums: Tensor | None = None
         self._product: tuple[Tensor, Tensor] | None = None  # float32 and widened x^T x, see _add_product
         self._written = [False] * num_experts  # whether an expert's sums hold anything yet
+        self._spent = [False] * num_experts  # whether an expert's sums were finalized in place
         self._counts = [0] * num_experts
         self._pending: list[list[Tensor]] = [[] for _ in range(num_experts)]
         self._pending_rows = [0] * num_experts
@@ -134,21 +133,27 @@ class HessianAccumulator:
         layer_mean = self._layer_mean()
         return None if layer_mean is None else 2.0 * layer_mean
 
-    def finalize(self, min_tokens: int, *, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    def finalize(
+        self, min_tokens: int, *, dtype: torch.dtype = torch.float32, in_place: bool = False
+    ) -> tuple[Tensor, Tensor]:
         """Normalized, well-posed Hessians for every expert.
 
         Args:
             min_tokens: experts with fewer rows are topped up with layer-wide pseudo-rows (module docstring).
             dtype: dtype of the returned Hessians.
+            in_place: write them over the running sums (of ``dtype``) and return those: no new memory (2.1
+                GB for Qwen3-30B-A3B's gate/up experts, fresh pages that cost more to touch than the
+                normalization itself). The sums are spent: this accumulator gives nothing more.
 
         Returns:
             ``(H, counts)``: symmetric ``H[E, in, in]`` without NaN, and the true row counts int64 ``[E]``.
         """
-        return self.finalize_with(min_tokens, self._layer_mean(), dtype=dtype)
+        return self.finalize_with(min_tokens, self._layer_mean(), dtype=dtype, in_place=in_place)
 
     def sums(self) -> Tensor:
         """The running sums ``S_e`` ``[E, in, in]`` with every buffered row included (once all rows are in)."""
         self._flush_all()
+        self._check_unspent(range(self.num_experts))
         return self._sums_or_zeros()
 
     def iter_sums(self) -> Iterator[Tensor]:
@@ -163,18 +168,27 @@ class HessianAccumulator:
         dtype: torch.dtype = torch.float32,
         experts: range | None = None,
         out: Tensor | None = None,
+        in_place: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """:meth:`finalize` with the layer-wide ``S_all / n_all`` given: for an accumulator that holds only
         some of a layer's experts (expert-parallel runs sum it across ranks, in expert order). With
-        ``experts``, only those Hessians are returned, so a caller solving a few experts at a time holds
-        one chunk of them (Mixtral-8x7B's eight 14336² down Hessians are 6.6 GB in float32); ``out``
-        (``[len(experts), in, in]`` of ``dtype``) takes them, so chunk after chunk reuses one buffer."""
+        ``experts`` (a range with step 1), only those Hessians are returned, so a caller solving a few
+        experts at a time holds one chunk of them (Mixtral-8x7B's eight 14336² down Hessians are 6.6 GB
+        in float32); ``out`` (``[len(experts), in, in]`` of ``dtype``) takes them, or with ``in_place``
+        those experts' own sums do (they are spent, see :meth:`finalize`)."""
         if min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {min_tokens}")
         self._flush_all()
         sums = self._sums_or_zeros()
         experts = range(self.num_experts) if experts is None else experts
+        self._check_unspent(experts)
         shape = (len(experts), *sums.shape[1:])
+        if in_place:
+            if out is not None or experts.step != 1 or dtype != sums.dtype:
+                raise ValueError(f"in_place needs no out, a range of step 1 and dtype {sums.dtype}")
+            out = sums[experts.start : experts.stop]
+            for expert in experts:
+                self._spent[expert] = True
         hessians = torch.empty(shape, dtype=dtype, device=sums.device) if out is None else out
         if hessians.shape != shape or hessians.dtype != dtype:
             raise ValueError(
@@ -197,6 +211,7 @@ class HessianAccumulator:
         """Buffer an expert's rows; turn every full chunk into a product, in arrival order."""
         if rows.shape[0] == 0:
             return
+        self._check_unspent(range(expert, expert + 1))
         self._counts[expert] += rows.shape[0]
         self._pending[expert].append(rows)
         self._pending_rows[expert] += rows.shape[0]
@@ -227,11 +242,17 @@ class HessianAccumulator:
                 self._written[expert] = True
 
     def _add_product(self, expert: int, chunk: Tensor) -> None:
-        """``S_e += x^T x`` for one chunk: a float32 product, widened, added. Both go through buffers kept
-        for the accumulator's life; fresh ``in x in`` temporaries per product cost more in page faults
-        than the product itself, and the buffers change no bit of the sum."""
+        """``S_e += x^T x`` for one chunk, a float32 product. An expert's first product is written
+        straight into its float32 sums; later ones go through a product buffer kept for the
+        accumulator's life (and, for float64 sums, a widening one): fresh ``in x in`` temporaries per
+        product cost more in page faults than the product itself, and the buffers change no bit of the
+        sum."""
         sums = self._sums_or_zeros(chunk.device)
         chunk = chunk.to(device=sums.device, dtype=torch.float32)
+        if not self._written[expert] and sums.dtype == torch.float32:
+            torch.mm(chunk.t(), chunk, out=sums[expert])
+            self._written[expert] = True
+            return
         if self._product is None:
             product = torch.empty(sums.shape[1:], dtype=torch.float32, device=sums.device)
             self._product = (product, product if sums.dtype == torch.float32 else torch.empty_like(sums[0]))
@@ -239,14 +260,14 @@ class HessianAccumulator:
         torch.mm(chunk.t(), chunk, out=product)
         if self._written[expert]:
             sums[expert] += widened.copy_(product)
-        else:  # the first product is the sums: copied in, widened on the way, one pass instead of two
+        else:  # float64 sums: the first product copied in, widened on the way, one pass instead of two
             sums[expert].copy_(product)
             self._written[expert] = True
 
     def _sums_or_zeros(self, device: torch.device | None = None) -> Tensor:
         """The running sums ``[E, in, in]``, allocated on first use but not zeroed: an expert's are
         written by its first product, or zeroed by :meth:`_flush_all` if it has none, so each page is
-        touched once (a layer's float64 sums are GBs, and first touches cost more than the products)."""
+        touched once (a layer's sums are GBs, and first touches cost more than the products)."""
         if self._sums is None:
             where = self._device or device or torch.device("cpu")
             shape = (self.num_experts, self.in_features, self.in_features)
@@ -259,11 +280,17 @@ class HessianAccumulator:
         total = sum(self._counts)
         if total == 0:
             return None
+        self._check_unspent(range(self.num_experts))
         sums = self._sums_or_zeros()
         pooled = sums[0].clone()
         for expert in range(1, self.num_experts):
             pooled += sums[expert]
         return pooled / total
+
+    def _check_unspent(self, experts: range) -> None:
+        spent = [e for e in experts if self._spent[e]]
+        if spent:
+            raise RuntimeError(f"the sums of experts {spent} were finalized in place; they are gone")
 
 
 class ReplayedAccumulator:
@@ -283,7 +310,7 @@ class ReplayedAccumulator:
         num_experts: int,
         *,
         chunk_size: int = CHUNK_ROWS,
-        dtype: torch.dtype = torch.float64,
+        dtype: torch.dtype = SUMS_DTYPE,
         experts_per_replay: int = 1,
     ) -> None:
         self.in_features, self.num_experts, self.dtype = in_features, num_experts, dtype
@@ -330,10 +357,14 @@ class ReplayedAccumulator:
         dtype: torch.dtype = torch.float32,
         experts: range | None = None,
         out: Tensor | None = None,
+        in_place: bool = False,
     ) -> tuple[Tensor, Tensor]:
-        """As :meth:`HessianAccumulator.finalize_with`; the sums of ``experts`` are formed here."""
+        """As :meth:`HessianAccumulator.finalize_with`; the sums of ``experts`` are formed here (and with
+        ``in_place`` become the Hessians; the kept inputs stay, so they can be formed again)."""
         experts = range(self.num_experts) if experts is None else experts
-        hessians, _ = self.accumulator(experts).finalize_with(min_tokens, layer_mean, dtype=dtype, out=out)
+        hessians, _ = self.accumulator(experts).finalize_with(
+            min_tokens, layer_mean, dtype=dtype, out=out, in_place=in_place
+        )
         return hessians, self.counts
 
 
