@@ -19,7 +19,8 @@ forward passes), in a fresh process, with its peak RSS.
 Many experts (`--qwen3-30b-layer`): one decoder layer at Qwen3-30B-A3B's widths (hidden 2048, 128
 experts of 768, top-8, 32 heads of 128, 4 KV heads; vocabulary cut to 32000), quantized with default
 options in a fresh process, for each checkout given by `--checkout` (default: this one) in turn and
-`--repeat` rounds, alternating: the same layer and tokens, so two versions of the code compare in one run.
+`--repeat` rounds, alternating: the same layer and tokens, so two versions of the code compare in one run
+(with a digest of the weights each wrote).
 
 Prints a table and writes JSON.
 
@@ -82,7 +83,8 @@ def run_step(
     experts_per_chunk: int | None = None,
     checkout: Path | None = None,
 ) -> dict:
-    """Run one step in a fresh process; ``checkout``: a source tree whose ``moeconvert`` it imports."""
+    """Run one step in a fresh process; ``checkout``: a source tree whose ``moeconvert`` it imports (it
+    runs there: ``python -c`` puts its working directory first on the path)."""
     env = {"TQDM_DISABLE": "1", "PATH": "", "OMP_NUM_THREADS": "2"}
     if checkout is not None:
         env["PYTHONPATH"] = str(checkout.resolve())
@@ -107,6 +109,7 @@ def run_step(
         capture_output=True,
         text=True,
         env=env,
+        cwd=None if checkout is None else checkout.resolve(),
     )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -354,7 +357,10 @@ def qwen3_30b_layer(args: argparse.Namespace) -> None:
             for checkout in args.checkout:
                 out = work / "q"
                 run = run_step("quantize", src, out, args.samples, args.seq_len, checkout=checkout)
-                digest = hashlib.sha256((out / "SHA256SUMS").read_bytes()).hexdigest()[:16]
+                weights = [
+                    line for line in (out / "SHA256SUMS").read_text().splitlines() if "safetensors" in line
+                ]
+                digest = hashlib.sha256("\n".join(weights).encode()).hexdigest()[:16]  # the card has timings
                 runs.append({"round": round_, "checkout": str(checkout), **run, "output": digest})
                 shutil.rmtree(out)
     finally:
@@ -362,7 +368,7 @@ def qwen3_30b_layer(args: argparse.Namespace) -> None:
     result = {**one_layer_run(args, total, experts), "runs": runs}
     gb = 1e9
     print(f"model {total / gb:.2f} GB, experts {experts / gb:.2f} GB, {result['calibration_tokens']} tokens")
-    print(f"{'round':>5}  {'checkout':<40}{'peak GB':>9}{'s':>8}  output (SHA256SUMS digest)")
+    print(f"{'round':>5}  {'checkout':<40}{'peak GB':>9}{'s':>8}  weights (digest of their SHA-256s)")
     for r in runs:
         print(
             f"{r['round']:>5}  {r['checkout']:<40}{r['peak_rss'] / gb:>9.2f}{r['seconds']:>8.1f}  {r['output']}"
