@@ -243,23 +243,29 @@ def one_layer_run(args: argparse.Namespace, model_bytes: int, expert_bytes: int)
     }
 
 
-def mixtral_layer(args: argparse.Namespace) -> None:
-    """One Mixtral-8x7B-width layer: build it, quantize it in a fresh process, report the peak."""
+def one_layer_model(work: Path, family: str, **config: int) -> tuple[Path, int, int]:
+    """A one-layer bf16 model of ``family`` with ``config`` in ``work/src``: its folder, its bytes, and the
+    bytes of its routed experts."""
     import torch
 
     from moeconvert.checkpoint import ShardedReader
     from moeconvert.tiny import build_tiny_model
 
+    src = build_tiny_model(family, work / "src", dtype=torch.bfloat16, num_hidden_layers=1, **config)
+    with ShardedReader(src) as reader:
+        total = reader.total_bytes
+        experts = sum(m.nbytes for n, m in reader.metas.items() if ".experts." in n)
+    return src, total, experts
+
+
+def mixtral_layer(args: argparse.Namespace) -> None:
+    """One Mixtral-8x7B-width layer: build it, quantize it in a fresh process, report the peak."""
     work = Path(tempfile.mkdtemp(prefix="bench_memory_mixtral_"))
     try:
-        src = build_tiny_model(
-            "mixtral", work / "src", dtype=torch.bfloat16, hidden_size=4096, intermediate_size=14336,
-            num_hidden_layers=1, num_local_experts=8, num_experts_per_tok=2, num_attention_heads=32,
-            num_key_value_heads=8, vocab_size=32000,
+        src, total, experts = one_layer_model(
+            work, "mixtral", hidden_size=4096, intermediate_size=14336, num_local_experts=8,
+            num_experts_per_tok=2, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
         )  # fmt: skip
-        with ShardedReader(src) as reader:
-            total = reader.total_bytes
-            experts = sum(m.nbytes for n, m in reader.metas.items() if ".experts." in n)
         quant = run_step("quantize", src, work / "q", args.samples, args.seq_len, args.forward_dtype)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -287,21 +293,13 @@ def mixtral_layer(args: argparse.Namespace) -> None:
 def qwen3_235b_layer(args: argparse.Namespace) -> None:
     """One Qwen3-235B-A22B-width layer: build it, estimate its peak with the gate/up sums held and
     replayed, quantize it with them replayed in a fresh process, report the peak."""
-    import torch
-
-    from moeconvert.checkpoint import ShardedReader
-    from moeconvert.tiny import build_tiny_model
-
     work = Path(tempfile.mkdtemp(prefix="bench_memory_qwen3_235b_"))
     try:
-        src = build_tiny_model(
-            "qwen3_moe", work / "src", dtype=torch.bfloat16, hidden_size=4096, moe_intermediate_size=1536,
-            intermediate_size=12288, num_hidden_layers=1, num_experts=128, num_experts_per_tok=8,
-            num_attention_heads=64, num_key_value_heads=4, head_dim=128, vocab_size=32000,
+        src, total, experts = one_layer_model(
+            work, "qwen3_moe", hidden_size=4096, moe_intermediate_size=1536, intermediate_size=12288,
+            num_experts=128, num_experts_per_tok=8, num_attention_heads=64, num_key_value_heads=4,
+            head_dim=128, vocab_size=32000,
         )  # fmt: skip
-        with ShardedReader(src) as reader:
-            total = reader.total_bytes
-            experts = sum(m.nbytes for n, m in reader.metas.items() if ".experts." in n)
         sizes = {"samples": args.samples, "seq_len": args.seq_len, "forward": args.forward_dtype}
         estimates = {
             mode: run_step("estimate", src, work / "q", **sizes, statistics=mode)["peak_memory_bytes"]
@@ -337,22 +335,14 @@ def qwen3_235b_layer(args: argparse.Namespace) -> None:
 
 def qwen3_30b_layer(args: argparse.Namespace) -> None:
     """One Qwen3-30B-A3B-width layer quantized by each checkout in turn, ``--repeat`` rounds."""
-    import torch
-
-    from moeconvert.checkpoint import ShardedReader
-    from moeconvert.tiny import build_tiny_model
-
     work = Path(tempfile.mkdtemp(prefix="bench_memory_qwen3_30b_"))
     runs = []
     try:
-        src = build_tiny_model(
-            "qwen3_moe", work / "src", dtype=torch.bfloat16, hidden_size=2048, moe_intermediate_size=768,
-            intermediate_size=6144, num_hidden_layers=1, num_experts=128, num_experts_per_tok=8,
-            num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=32000,
+        src, total, experts = one_layer_model(
+            work, "qwen3_moe", hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144,
+            num_experts=128, num_experts_per_tok=8, num_attention_heads=32, num_key_value_heads=4,
+            head_dim=128, vocab_size=32000,
         )  # fmt: skip
-        with ShardedReader(src) as reader:
-            total = reader.total_bytes
-            experts = sum(m.nbytes for n, m in reader.metas.items() if ".experts." in n)
         for round_ in range(args.repeat):
             for checkout in args.checkout:
                 out = work / "q"
