@@ -38,7 +38,7 @@ from .estimate import (
     ALLOCATOR_SLACK,
     FIXED_BYTES,
     layer_peak_bytes,
-    replay_buffer_bytes,
+    product_buffer_bytes,
     replay_bytes_per_expert,
     solve_working_bytes,
 )
@@ -510,7 +510,7 @@ def auto_experts_per_chunk(
     per_expert = solve_working_bytes(in_features, out_features, 1) - shared
     budget = available_bytes(device) * 0.5
     if replayed_sums is not None:
-        shared += replay_buffer_bytes(in_features, replayed_sums)
+        shared += product_buffer_bytes(in_features, replayed_sums)
         per_expert += replay_bytes_per_expert(in_features, replayed_sums)
     elif device.type == "cpu":
         budget = min(budget, shared + CPU_CHUNK_BYTES)
