@@ -99,8 +99,9 @@ def preset_cost(p: Preset, tokens: int, chunk: int | None = None) -> dict[str, f
     sums = e * (h * h + i * i) * 4  # both accumulators live until the layer is done, as in the pipeline
 
     def solve_bytes(out: int, inp: int) -> int:
-        # The float32 weights and the solver's transposed copy of them, its factor (one H-sized float32
-        # buffer per expert in a chunk; the benchmark keeps the Hessians for its loop), and the codes.
+        # The float32 weights and the solver's transposed copy of them, one H-sized float32 buffer per
+        # expert in a chunk, and the codes. The factor is now written over the Hessians (in the sums), so
+        # the H-sized term errs high; it is kept so that '--width-scale auto' picks what it picked before.
         return 2 * e * out * inp * 4 + min(chunk or e, e) * inp * inp * 4 + e * out * inp
 
     return {
