@@ -68,7 +68,7 @@ def copy(sync):
             os.close(fd)
 
 def prime_page_cache(size):
-    # Write and delete a scratch file as large as the output: the step then writes into just-freed
+    # Write and delete a scratch file as large as the source: the step then writes into just-freed
     # page-cache pages, as every step does (see "Page-cache supply" in the module docstring).
     scratch, block = dst.parent / (dst.name + ".prime"), memoryview(bytearray(1 << 20))
     with open(scratch, "wb", buffering=0) as f:
