@@ -8,6 +8,7 @@ where a rounding flip between the two summation orders is vanishingly unlikely.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 import pytest
@@ -180,17 +181,24 @@ def test_single_weight_and_expert_chunks_match_the_stack() -> None:
 
 def test_internal_pieces_do_not_change_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
     """The solver and the factorization go through experts in pieces sized by ``WORKSPACE_BYTES`` (on
-    a CPU, more with more threads); pieces of one expert change no bit of the float32 result."""
+    a CPU, more with more threads), and wide experts (``SOLO_ROWS``) one at a time; pieces of one
+    expert change no bit of the float32 result."""
     W, H = expert_stack(experts=5)
     schemes = [
         Scheme(bits=4, group_size=32, block_size=64),
         Scheme(bits=4, act_order=True, static_groups=False, block_size=32),
     ]
-    for scheme in schemes:
+    small_workspace = {
+        "WORKSPACE_BYTES": 4096,
+        "WORKSPACE_BYTES_PER_THREAD": 4096,
+        "MAX_WORKSPACE_BYTES": 4096,
+    }
+    for scheme, patched in itertools.product(schemes, [small_workspace, {"SOLO_ROWS": W.shape[1]}]):
         whole = gptq_quantize(W.float(), H.float(), scheme)
         with monkeypatch.context() as patch:
-            for name in ("WORKSPACE_BYTES", "WORKSPACE_BYTES_PER_THREAD", "MAX_WORKSPACE_BYTES"):
-                patch.setattr(gptq, name, 4096)
+            for name, value in patched.items():
+                patch.setattr(gptq, name, value)
+            assert gptq._experts_per_piece(W.shape[0], 64, W.shape[1], W) == 1
             pieces = gptq_quantize(W.float(), H.float(), scheme)
         assert torch.equal(pieces.codes, whole.codes) and torch.equal(pieces.scale, whole.scale)
         assert torch.equal(pieces.zero, whole.zero)

@@ -53,6 +53,11 @@ DEVICE_WORKSPACE_BYTES = 64 << 20
 # (docs/PERFORMANCE.md); capped, since the loop holds two pieces.
 WORKSPACE_BYTES_PER_THREAD = 32 << 20
 MAX_WORKSPACE_BYTES = 256 << 20
+# On a CPU, an expert with this many output rows (Mixtral's gate/up: 28672, 14336 at half width) is a
+# column-loop piece by itself: its column is already work enough for one op, and pieces of several such
+# experts made the loop 6-23% slower, on one thread and on two (docs/PERFORMANCE.md, "One wide expert
+# per piece"). Narrower experts (DeepSeek's 2816 and Qwen3's 1536 rows) still gain from pieces.
+SOLO_ROWS = 8192
 # Block of the Hessian factorization (:func:`_lower_factor_`): about a sixteenth of the columns, within
 # these bounds. On the benchmark machine 64 was fastest at 512-1408 columns, 64 and 128 alike at 2048,
 # and 256 at 4096-14336, where 64 makes the factorization memory-bound (slower than LAPACK at 14336).
@@ -263,8 +268,7 @@ def _solve(
     codes = torch.empty(experts, rows, columns, dtype=torch.uint8, device=Wt.device)
     scales = torch.empty(experts, rows, scheme.groups(columns), dtype=torch.float32, device=Wt.device)
     zeros = torch.empty(experts, rows, scheme.groups(columns), dtype=torch.int32, device=Wt.device)
-    piece = _column_workspace_bytes(Wt.device)
-    step = min(experts, max(1, piece // (block * rows * Wt.element_size())))
+    step = _experts_per_piece(experts, block, rows, Wt)
     codes_t = torch.empty(step, columns, rows, dtype=torch.uint8, device=Wt.device)
     position = None if perm is None else _inverse_permutation(perm)
     natural = None if perm is None else torch.empty(columns, rows, dtype=torch.uint8, device=Wt.device)
@@ -292,6 +296,15 @@ def _solve(
 
 def _workspace_bytes(device: torch.device) -> int:
     return WORKSPACE_BYTES if device.type == "cpu" else DEVICE_WORKSPACE_BYTES
+
+
+def _experts_per_piece(experts: int, block: int, rows: int, Wt: Tensor) -> int:
+    """How many experts the column loop takes at once: as many as the workspace holds blocks of, but
+    on a CPU one at a time when each has at least ``SOLO_ROWS`` rows."""
+    if Wt.device.type == "cpu" and rows >= SOLO_ROWS:
+        return 1
+    piece = _column_workspace_bytes(Wt.device)
+    return min(experts, max(1, piece // (block * rows * Wt.element_size())))
 
 
 def _column_workspace_bytes(device: torch.device) -> int:
