@@ -54,9 +54,9 @@ DEVICE_WORKSPACE_BYTES = 64 << 20
 WORKSPACE_BYTES_PER_THREAD = 32 << 20
 MAX_WORKSPACE_BYTES = 256 << 20
 # On a CPU, an expert with this many output rows (Mixtral's gate/up: 28672, 14336 at half width) is a
-# column-loop piece by itself: its column is already work enough for one op, and pieces of several such
-# experts made the loop 6-23% slower, on one thread and on two (docs/PERFORMANCE.md, "One wide expert
-# per piece"). Narrower experts (DeepSeek's 2816 and Qwen3's 1536 rows) still gain from pieces.
+# column-loop piece by itself: pieces of several such experts made the loop 6-23% slower, on one thread
+# and on two (docs/PERFORMANCE.md, "One wide expert per piece"). Narrower experts (DeepSeek's 2816 and
+# Qwen3's 1536 rows) still gain from pieces.
 SOLO_ROWS = 8192
 # Block of the Hessian factorization (:func:`_lower_factor_`): about a sixteenth of the columns, within
 # these bounds. On the benchmark machine 64 was fastest at 512-1408 columns, 64 and 128 alike at 2048,
