@@ -6,7 +6,7 @@ corpus, seed 0) and hands the same ids to every tool, each quantizing GPTQ W4 g1
 process: moeconvert in this environment, each peer in its own virtual environment under
 ``~/.cache/moeconvert-bench/<peer>`` (created on first use: CPU torch first, then the peer at a pinned
 version; the peers are never dependencies of moeconvert). Per tool: wall and CPU time of the whole
-process, the quantize call alone, peak RSS (the child's ru_maxrss from wait4), and the quality of its
+process, the quantize call alone, peak RSS (the driver's own VmHWM), and the quality of its
 output as measured by ``moeconvert.verify`` against the original: KL(original || quantized), top-1 and
 perplexity, on held-out text (the Python documentation topics shipped with the interpreter, which the
 model never saw) and on windows of the training corpus (seed 1). A tool that cannot be installed, fails,
@@ -105,7 +105,20 @@ PEERS = {
 
 # ------------------------------------------------------------------------------------------------ drivers
 # Each runs in a fresh process: argv = source, output, calibration JSON, threads. It prints a line
-# "BENCH_RESULT {json}" with "version" and "quantize_seconds" (from the model load to the written output).
+# "BENCH_RESULT {json}" with "version", "quantize_seconds" (from the model load to the written output) and
+# "peak_rss" (PEAK_RSS below).
+
+# The process's own high-water mark, not wait4's ru_maxrss: a child spawned by a large parent starts with
+# the parent's resident set on its account (vfork shares the parent's memory until exec, and exec keeps
+# the larger mark), so wait4 reported this script's own 1.5-1.9 GB for every tool. VmHWM starts afresh at
+# exec; the ru_maxrss of the driver's own children (worker processes) is bounded by the driver's mark at
+# their spawn, so the larger of the two is the largest process of the run.
+PEAK_RSS = r"""
+import resource
+def peak_rss():
+    own = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    return max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * 1024
+"""
 
 MOECONVERT_DRIVER = r"""
 import json, sys, time
@@ -125,7 +138,8 @@ report = moeconvert.quantize(
 seconds = time.perf_counter() - t
 if report.calibration["tokens_sha256"] != calib["sha256"]:
     sys.exit("moeconvert sampled other calibration tokens than the ones handed to the peers")
-print("BENCH_RESULT", json.dumps({"version": moeconvert.__version__, "quantize_seconds": seconds}))
+print("BENCH_RESULT", json.dumps({"version": moeconvert.__version__, "quantize_seconds": seconds,
+                                     "peak_rss": peak_rss()}))
 """
 
 LLMCOMPRESSOR_DRIVER = r"""
@@ -150,7 +164,8 @@ oneshot(model=model, dataset=dataset, recipe=recipe, max_seq_length=len(ids[0]),
         num_calibration_samples=len(ids))
 model.save_pretrained(out, save_compressed=True)
 seconds = time.perf_counter() - t
-print("BENCH_RESULT", json.dumps({"version": llmcompressor.__version__, "quantize_seconds": seconds}))
+print("BENCH_RESULT", json.dumps({"version": llmcompressor.__version__, "quantize_seconds": seconds,
+                                     "peak_rss": peak_rss()}))
 """
 
 GPTQMODEL_DRIVER = r"""
@@ -168,16 +183,17 @@ rows = [{"input_ids": torch.tensor([row]), "attention_mask": torch.ones(1, len(r
 model.quantize(rows, batch_size=1)
 model.save(out)
 seconds = time.perf_counter() - t
-print("BENCH_RESULT", json.dumps({"version": gptqmodel.__version__, "quantize_seconds": seconds}))
+print("BENCH_RESULT", json.dumps({"version": gptqmodel.__version__, "quantize_seconds": seconds,
+                                     "peak_rss": peak_rss()}))
 """
 
 DRIVERS = {
-    "moeconvert": "ALL_EXPERTS, FORWARD = False, 'float32'\n" + MOECONVERT_DRIVER,
-    "moeconvert-all-experts": "ALL_EXPERTS, FORWARD = True, 'float32'\n" + MOECONVERT_DRIVER,
-    "moeconvert-bf16-forward": "ALL_EXPERTS, FORWARD = False, 'checkpoint'\n" + MOECONVERT_DRIVER,
-    "llm-compressor": "OPTIONS = {}\n" + LLMCOMPRESSOR_DRIVER,
-    "llm-compressor-no-actorder": "OPTIONS = {'actorder': None}\n" + LLMCOMPRESSOR_DRIVER,
-    "gptqmodel": GPTQMODEL_DRIVER,
+    "moeconvert": "ALL_EXPERTS, FORWARD = False, 'float32'\n" + PEAK_RSS + MOECONVERT_DRIVER,
+    "moeconvert-all-experts": "ALL_EXPERTS, FORWARD = True, 'float32'\n" + PEAK_RSS + MOECONVERT_DRIVER,
+    "moeconvert-bf16-forward": "ALL_EXPERTS, FORWARD = False, 'checkpoint'\n" + PEAK_RSS + MOECONVERT_DRIVER,
+    "llm-compressor": "OPTIONS = {}\n" + PEAK_RSS + LLMCOMPRESSOR_DRIVER,
+    "llm-compressor-no-actorder": "OPTIONS = {'actorder': None}\n" + PEAK_RSS + LLMCOMPRESSOR_DRIVER,
+    "gptqmodel": PEAK_RSS + GPTQMODEL_DRIVER,
 }
 
 
@@ -256,7 +272,7 @@ class Run:
     wall_seconds: float | None = None  # the whole process: imports, load, calibration, solve, save
     quantize_seconds: float | None = None  # from the model load to the written output
     cpu_seconds: float | None = None  # user + system time of the process: less sensitive to other users
-    peak_rss: int | None = None  # bytes, the process's high-water mark (and its children's)
+    peak_rss: int | None = None  # bytes, the driver's high-water mark (or its largest child's)
     load_before: float | None = None  # 1-minute load average when it started (other users of the cores)
     load_after: float | None = None  # and when it ended (its own threads included)
     output_bytes: int | None = None
@@ -264,6 +280,21 @@ class Run:
     held_out: dict[str, Any] = field(default_factory=dict)
     corpus: dict[str, Any] = field(default_factory=dict)
     layers: list[dict[str, Any]] = field(default_factory=list)  # moeconvert's own per-layer report
+
+
+# What each tool's driver imports: imported once, untimed, before its run.
+WARM_UP = {"moeconvert": "moeconvert", "llm-compressor": "llmcompressor", "gptqmodel": "gptqmodel"}
+
+
+def warm_up(python: Path, tool: str, env: dict[str, str]) -> None:
+    """Import the tool and the model's transformers classes once in its environment, untimed.
+
+    A run right after its environment was created is a cold start: bytecode compiled, libraries read
+    from disk. GPTQModel's first run after install took 68.5 s here, its next ones 40.1-40.8 s (50.2 s
+    with its bytecode deleted). One import brings each tool to the state of a user's second run."""
+    package = WARM_UP[next(name for name in WARM_UP if tool.startswith(name))]
+    code = f"import {package}, transformers.models.qwen3_moe.modeling_qwen3_moe"
+    subprocess.run([str(python), "-c", code], env=env, capture_output=True, check=False)
 
 
 def run_tool(
@@ -277,7 +308,7 @@ def run_tool(
     log_path: Path,
     timeout: float,
 ) -> Run:
-    """Quantize SRC into OUT with TOOL's driver in a fresh process; wall time and peak RSS from wait4.
+    """Quantize SRC into OUT with TOOL's driver in a fresh process; wall and CPU time from wait4.
 
     A driver still running after ``timeout`` seconds is killed and reported as failed."""
     run = Run(tool)
@@ -298,6 +329,7 @@ def run_tool(
         "PYTHONUNBUFFERED": "1",
         **env,
     }
+    warm_up(python, tool, child_env)
     run.load_before = os.getloadavg()[0]
     started = time.perf_counter()
     with log_path.open("w") as log:
@@ -313,7 +345,6 @@ def run_tool(
         proc.returncode = os.waitstatus_to_exitcode(status)
     run.wall_seconds = time.perf_counter() - started
     run.load_after = os.getloadavg()[0]
-    run.peak_rss = usage.ru_maxrss * 1024
     run.cpu_seconds = usage.ru_utime + usage.ru_stime
     found = re.findall(r"BENCH_RESULT (\{[^{}]*\})", log_path.read_text(errors="replace"))
     if proc.returncode != 0 or not found:
@@ -325,6 +356,7 @@ def run_tool(
         return run
     result = json.loads(found[-1])
     run.version, run.quantize_seconds = result["version"], result["quantize_seconds"]
+    run.peak_rss = result["peak_rss"]
     run.output_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     quant = json.loads((out / "config.json").read_text()).get("quantization_config") or {}
     run.checkpoint_format = "/".join(
