@@ -14,15 +14,12 @@ is computes that attention once, not twice.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
-
-from .memory import reused_heap
 
 
 class _Caught(Exception):
@@ -143,20 +140,17 @@ class LayerwiseModel:
     def layer(self, index: int, tensors: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
         """Decoder layer ``index`` with real weights while the block runs; back to meta after.
 
-        ``tensors`` are named relative to the layer (``self_attn.q_proj.weight``...), fused layout. On a
-        CPU the block's freed memory is reused, not faulted in again (:func:`~moeconvert.memory.reused_heap`).
+        ``tensors`` are named relative to the layer (``self_attn.q_proj.weight``...), fused layout.
         """
         module = self.backbone.layers[index]
-        with reused_heap() if self.device.type == "cpu" else contextlib.nullcontext():
-            state = {
-                n: t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
-                for n, t in tensors.items()
-            }
-            _materialise(module, state, self.device)
-            try:
-                yield module
-            finally:
-                self.backbone.layers[index] = module.to("meta")
+        state = {
+            n: t.to(self.device, self.dtype if t.is_floating_point() else t.dtype) for n, t in tensors.items()
+        }
+        _materialise(module, state, self.device)
+        try:
+            yield module
+        finally:
+            self.backbone.layers[index] = module.to("meta")
 
     def run_layer(self, module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

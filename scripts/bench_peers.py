@@ -290,7 +290,7 @@ def warm_up(python: Path, tool: str, env: dict[str, str]) -> None:
     """Import the tool and the model's transformers classes once in its environment, untimed.
 
     A run right after its environment was created is a cold start: bytecode compiled, libraries read
-    from disk. GPTQModel's first run after install took 68.5 s here, its next ones 40.1-40.8 s (50.2 s
+    from disk. GPTQModel's first run after install took 68.5 s here, its next ones 38.6-40.8 s (50.2 s
     with its bytecode deleted). One import brings each tool to the state of a user's second run."""
     package = WARM_UP[next(name for name in WARM_UP if tool.startswith(name))]
     code = f"import {package}, transformers.models.qwen3_moe.modeling_qwen3_moe"
