@@ -110,9 +110,9 @@ PEERS = {
 
 # The process's own high-water mark, not wait4's ru_maxrss: a child spawned by a large parent starts with
 # the parent's resident set on its account (vfork shares the parent's memory until exec, and exec keeps
-# the larger mark), so wait4 reported this script's own 1.5-1.9 GB for any tool that peaked lower. VmHWM starts afresh at
-# exec; the ru_maxrss of the driver's own children (worker processes) is bounded by the driver's mark at
-# their spawn, so the larger of the two is the largest process of the run.
+# the larger mark), so wait4 reported this script's own 1.5-1.9 GB for any tool that peaked lower.
+# VmHWM starts afresh at exec; the ru_maxrss of the driver's own children (worker processes) is bounded
+# by the driver's mark at their spawn, so the larger of the two is the largest process of the run.
 PEAK_RSS = r"""
 import resource
 def peak_rss():
