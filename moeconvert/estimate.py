@@ -53,21 +53,14 @@ def replay_bytes_per_expert(in_features: int, dtype: torch.dtype) -> int:
     return in_features * in_features * (torch.finfo(dtype).bits // 8) + CHUNK_ROWS * in_features * 4
 
 
-def product_buffer_bytes(in_features: int, dtype: torch.dtype) -> int:
-    """An accumulator's product buffers (a held stack's, or a replayed chunk's): one float32 product,
-    and its widening for float64 sums."""
-    return in_features * in_features * (4 if dtype == torch.float32 else 12)
-
-
 def _accumulating_bytes(target: Target, shape: tuple[int, ...], routed_rows: int | None) -> int:
-    """What a target's accumulator holds besides its sums while rows come in: its product buffer (one
-    ``in x in`` float32 product) and each expert's rows waiting for a full chunk, at most a chunk per
-    expert and at most every routed row (``routed_rows``, when known; 64 rows per expert never fill
-    one)."""
+    """What a target's accumulator holds besides its sums while rows come in: each expert's rows waiting
+    for a full chunk, at most a chunk per expert and at most every routed row (``routed_rows``, when
+    known; 64 rows per expert never fill one). Chunk products go straight into the sums."""
     in_features = shape[-1]
     experts = 1 if target.kind == "dense" else shape[0]
     waiting = experts * CHUNK_ROWS if routed_rows is None else min(experts * CHUNK_ROWS, routed_rows)
-    return product_buffer_bytes(in_features, SUMS_DTYPE) + waiting * in_features * 4
+    return waiting * in_features * 4
 
 
 def _hessian_bytes(in_features: int) -> int:
@@ -148,7 +141,6 @@ def layer_peak_bytes(
         working = solve_working_bytes(in_features, out_features, 1) + _hessian_bytes(in_features)
         if target.local in replaying:
             working += replay_bytes_per_expert(in_features, SUMS_DTYPE)
-            working += product_buffer_bytes(in_features, SUMS_DTYPE)
         done = sum(_output_bytes(t, tuple(local[t.local].shape)) for t in gptq[:index])
         held = source + sum(sums[index:]) + done + (0 if spilled else activation_bytes)
         solving = max(solving, held + working)

@@ -38,7 +38,6 @@ from .estimate import (
     ALLOCATOR_SLACK,
     FIXED_BYTES,
     layer_peak_bytes,
-    product_buffer_bytes,
     replay_bytes_per_expert,
     solve_working_bytes,
 )
@@ -432,7 +431,7 @@ def _layer_mean(acc: HessianAccumulator | ReplayedAccumulator, min_tokens: int) 
     total = int(counts.sum())
     if total == 0 or int(counts.min()) >= max(min_tokens, 1):
         return None
-    like, terms = _peeked(acc.iter_sums())
+    like, terms = _peeked(acc.iter_sums(upper_only=True))  # all that finalize_with reads of it
     pooled = ordered_sum(terms, like=like)
     return None if pooled is None else pooled.div_(total)
 
@@ -510,7 +509,6 @@ def auto_experts_per_chunk(
     per_expert = solve_working_bytes(in_features, out_features, 1) - shared
     budget = available_bytes(device) * 0.5
     if replayed_sums is not None:
-        shared += product_buffer_bytes(in_features, replayed_sums)
         per_expert += replay_bytes_per_expert(in_features, replayed_sums)
     elif device.type == "cpu":
         budget = min(budget, shared + CPU_CHUNK_BYTES)

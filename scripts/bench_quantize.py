@@ -86,6 +86,17 @@ def solve_flops(out: int, inp: int, block: int = 128) -> dict[str, float]:
     return {"prepare": inp**3 / 3 + block * inp**2, "columns": float(out) * inp**2}
 
 
+def hessian_flops(rows: int, inp: int) -> float:
+    """FLOPs of the Hessian products over ``rows`` rows of width ``inp``, as the accumulator executes them:
+    only the upper block triangle of ``x^T x``, one matmul per band of ``SYMMETRIZE_TILE`` rows from its
+    diagonal block on (:mod:`moeconvert.quant.hessian`, "Half the products"); ``2 * rows * inp^2`` for
+    the whole product."""
+    from moeconvert.quant.hessian import SYMMETRIZE_TILE
+
+    bands = range(0, inp, SYMMETRIZE_TILE)
+    return sum(2.0 * rows * min(SYMMETRIZE_TILE, inp - start) * (inp - start) for start in bands)
+
+
 def preset_cost(p: Preset, tokens: int, chunk: int | None = None) -> dict[str, float]:
     """FLOPs of every phase and the bytes the pipeline holds at its peak, for one layer.
 
@@ -105,7 +116,7 @@ def preset_cost(p: Preset, tokens: int, chunk: int | None = None) -> dict[str, f
         return 2 * e * out * inp * 4 + min(chunk or e, e) * inp * inp * 4 + e * out * inp
 
     return {
-        "hessian": 2.0 * rows * (h * h + i * i),
+        "hessian": hessian_flops(rows, h) + hessian_flops(rows, i),
         "forward": 2.0 * rows * h * 2 * i,
         "solve": e * (sum(gate_up.values()) + sum(down.values())),
         "peak_bytes": weights_bf16 + sums + max(solve_bytes(2 * i, h), solve_bytes(h, i)),
@@ -348,7 +359,7 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
     counts = mask.sum(0)
     rows = int(counts.sum())
     batches = list(zip(x.split(cfg["batch_tokens"]), mask.split(cfg["batch_tokens"]), strict=True))
-    with rec.phase("hessian: x x^T", "gate_up", 2.0 * rows * p.hidden**2):
+    with rec.phase("hessian: x x^T", "gate_up", hessian_flops(rows, p.hidden)):
         for xb, mb in batches:
             acc_gate_up.add(xb.float(), mb)
         flush_buffered_rows(acc_gate_up)
@@ -360,7 +371,7 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
                 gate, up = F.linear(xb[mb[:, e]], gate_up_w[e]).chunk(2, dim=-1)
                 per_expert.append((F.silu(gate) * up).float())
             down_inputs.append(per_expert)
-    with rec.phase("hessian: x x^T", "down", 2.0 * rows * p.intermediate**2):
+    with rec.phase("hessian: x x^T", "down", hessian_flops(rows, p.intermediate)):
         for per_expert in down_inputs:
             acc_down.add_per_expert(per_expert)
         flush_buffered_rows(acc_down)

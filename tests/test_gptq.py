@@ -17,7 +17,7 @@ import torch
 from moeconvert.pipeline import _layer_mean
 from moeconvert.quant import gptq
 from moeconvert.quant.gptq import gptq_quantize
-from moeconvert.quant.hessian import HessianAccumulator, ReplayedAccumulator
+from moeconvert.quant.hessian import SYMMETRIZE_TILE, HessianAccumulator, ReplayedAccumulator
 from moeconvert.quant.rtn import compute_qparams, dequantize, quantize_codes, rtn_quantize
 from moeconvert.quant.scheme import Scheme
 
@@ -537,23 +537,52 @@ def test_starved_experts_borrow_layer_statistics() -> None:
 
 def test_finalize_is_the_plain_expression_bit_for_bit() -> None:
     """``sym(2 (S_e + m_e S_all / n_all) / (n_e + m_e))`` written out, against ``finalize`` at a width of
-    several symmetrization tiles and a ragged last one."""
+    several symmetrization tiles and a ragged last one: ``sym`` takes the tiles above the diagonal as
+    they are and mirrors them, and makes each diagonal tile ``d`` into ``(d + d^T) / 2``."""
     features = 300
     x, routing = routed_inputs(tokens=400, columns=features, experts=3)
     routing[routing == 2] = 0
     routing[0, 1] = 2  # expert 2: one token, topped up from the layer
     accumulator = HessianAccumulator(features, 3, chunk_size=64)
     accumulator.add(x, routing)
-    sums = accumulator.sums()  # the running sums themselves: made asymmetric, as a matmul may leave them
-    sums[:, 5, 290] += torch.tensor([0.5, -0.25, 3.0], dtype=sums.dtype)
+    sums = accumulator.sums()  # the running sums themselves, made asymmetric in both kinds of tile
+    sums[:, 5, 290] += torch.tensor([0.5, -0.25, 3.0], dtype=sums.dtype)  # above the diagonal tiles
+    sums[:, 7, 3] += torch.tensor([0.5, -0.25, 3.0], dtype=sums.dtype)  # in a diagonal tile
+    sums[:, 290, 5] = float("nan")  # below them: never read
     H, counts = accumulator.finalize(min_tokens=64)
     layer_mean = (sums[0] + sums[1] + sums[2]) / counts.sum().item()
+    tile = torch.arange(features) // SYMMETRIZE_TILE
+    above, below = tile[:, None] < tile[None, :], tile[:, None] > tile[None, :]
     for expert in range(3):
         rows = int(counts[expert])
         pseudo = max(64 - rows, 0)
         plain = (layer_mean * pseudo + sums[expert]) * (2.0 / (rows + pseudo))
-        assert torch.equal(H[expert], ((plain + plain.T) / 2).float()), expert
+        expected = torch.where(above, plain, torch.where(below, plain.T, (plain + plain.T) / 2))
+        assert torch.equal(H[expert], expected.float()), expert
+        assert H[expert, 5, 290] == H[expert, 290, 5] and H[expert, 7, 3] == H[expert, 3, 7]
     assert counts[2] == 1
+
+
+def test_sums_hold_the_whole_product_once_mirrored() -> None:
+    """Each chunk product forms only the upper block triangle of its sums: the lower one comes from it in
+    :meth:`sums`, never from what fresh memory held, and finalize never reads it."""
+    features = 2 * SYMMETRIZE_TILE + 40
+    x, routing = routed_inputs(tokens=300, columns=features, experts=2)
+
+    def accumulated(fill: float) -> HessianAccumulator:
+        accumulator = HessianAccumulator(features, 2, chunk_size=64)
+        accumulator._sums = torch.full((2, features, features), fill)  # what its memory held before
+        accumulator.add(x, routing)
+        return accumulator
+
+    H, _ = accumulated(float("nan")).finalize(min_tokens=0)
+    assert torch.equal(H, accumulated(0.0).finalize(min_tokens=0)[0])
+    assert torch.isfinite(H).all() and torch.equal(H, H.mT)
+    sums = accumulated(float("nan")).sums()
+    for expert in range(2):
+        rows = x[(routing == expert).any(-1)].double()
+        exact = rows.T @ rows
+        torch.testing.assert_close(sums[expert].double(), exact, rtol=0, atol=1e-6 * exact.abs().max().item())
 
 
 def test_zero_token_expert_is_well_posed_even_without_min_tokens() -> None:

@@ -11,6 +11,14 @@ chunking therefore depends only on the sequence of rows each expert receives, no
 split tokens into batches, so the sums are bit-identical however the calibration set is batched (on
 CPU, with a fixed thread count).
 
+Half the products. ``x x^T`` is symmetric, so each chunk product forms only its upper block triangle:
+for each band of ``SYMMETRIZE_TILE`` rows, one matmul from the band's diagonal block on, added straight
+into the sums (``addmm_``, no product buffer). With 4-8 bands that is 56-62% of a full product's flops,
+and it ran in 0.57-0.77 of its time on the benchmark machine (docs/PERFORMANCE.md, "Hessian sums: the
+upper block triangle"). The sums' lower block triangle is never written; :meth:`finalize` reads the upper
+tiles alone and writes each with its transpose, and :meth:`~HessianAccumulator.sums` copies the upper
+over the lower before handing the sums out.
+
 Precision. Each chunk product is a float32 matmul, and the running sums are float32 too, as in the
 reference: an expert's first product is written straight into its sums, each later one added. The sums
 add one product per 512 rows, so even a dense Linear over 128 x 2048 calibration tokens adds only 512
@@ -19,7 +27,8 @@ of them; measured against float64 sums of the same products, 512 additions leave
 under the float32 solve's own rounding. Float64 sums would double the largest buffers of a layer (4.3 GB
 for Qwen3-30B-A3B's gate/up experts) and need a widening pass per product; on the benchmark machine,
 where fresh memory costs 0.25-0.9 s per GiB to touch, that made the products 2.5-5x slower
-(docs/PERFORMANCE.md). ``dtype=torch.float64`` is still accepted, for reference checks.
+(docs/PERFORMANCE.md). ``dtype=torch.float64`` is still accepted, for reference checks: its chunk
+products are float64 too.
 
 Starved experts. A router may send an expert few or no calibration tokens. ``finalize`` fills the
 deficit with pseudo-tokens drawn from the layer-wide statistics (the pool of every row any expert
@@ -52,7 +61,9 @@ from torch import Tensor
 
 SUMS_DTYPE = torch.float32  # of the running sums; see "Precision" above
 CHUNK_ROWS = 512  # rows per chunk product: the unit of deterministic summation
-SYMMETRIZE_TILE = 256  # fastest of 64-512 at 768-4096 columns on the benchmark machine
+# Tile of finalize's symmetrization, and band of rows of each chunk product ("Half the products"):
+# fastest of 64-512 at 768-4096 columns on the benchmark machine, for both.
+SYMMETRIZE_TILE = 256
 
 
 class HessianAccumulator:
@@ -83,7 +94,6 @@ class HessianAccumulator:
         self.dtype = dtype
         self._device = None if device is None else torch.device(device)
         self._sums: Tensor | None = None
-        self._product: tuple[Tensor, Tensor] | None = None  # float32 and widened x^T x, see _add_product
         self._written = [False] * num_experts  # whether an expert's sums hold anything yet
         self._spent = [False] * num_experts  # whether an expert's sums were finalized in place
         self._counts = [0] * num_experts
@@ -131,7 +141,7 @@ class HessianAccumulator:
         Like :meth:`finalize` it sums the partial last chunks, so call it once the rows are all in.
         """
         layer_mean = self._layer_mean()
-        return None if layer_mean is None else 2.0 * layer_mean
+        return None if layer_mean is None else _mirror_upper(2.0 * layer_mean)
 
     def finalize(
         self, min_tokens: int, *, dtype: torch.dtype = torch.float32, in_place: bool = False
@@ -150,15 +160,23 @@ class HessianAccumulator:
         """
         return self.finalize_with(min_tokens, self._layer_mean(), dtype=dtype, in_place=in_place)
 
-    def sums(self) -> Tensor:
-        """The running sums ``S_e`` ``[E, in, in]`` with every buffered row included (once all rows are in)."""
+    def sums(self, *, upper_only: bool = False) -> Tensor:
+        """The running sums ``S_e`` ``[E, in, in]`` with every buffered row included (once all rows are in).
+
+        Their lower block triangle is first copied from the upper one (module docstring, "Half the
+        products"); with ``upper_only`` it is left as it is, meaningless, for a caller that only hands the
+        sums to :meth:`finalize_with` as a ``layer_mean`` (which reads the upper tiles alone)."""
         self._flush_all()
         self._check_unspent(range(self.num_experts))
-        return self._sums_or_zeros()
+        sums = self._sums_or_zeros()
+        if not upper_only:
+            for expert in range(self.num_experts):
+                _mirror_upper(sums[expert])
+        return sums
 
-    def iter_sums(self) -> Iterator[Tensor]:
+    def iter_sums(self, *, upper_only: bool = False) -> Iterator[Tensor]:
         """Each expert's running sums ``S_e`` in expert order (see :class:`ReplayedAccumulator`)."""
-        return iter(self.sums())
+        return iter(self.sums(upper_only=upper_only))
 
     def finalize_with(
         self,
@@ -195,7 +213,7 @@ class HessianAccumulator:
                 f"out must be {dtype} {list(shape)}, got {hessians.dtype} {list(hessians.shape)}"
             )
         tile = min(SYMMETRIZE_TILE, self.in_features)
-        scratch = torch.empty(3, tile, tile, dtype=sums.dtype, device=sums.device)
+        scratch = torch.empty(2, tile, tile, dtype=sums.dtype, device=sums.device)
         for slot, expert in enumerate(experts):
             rows = self._counts[expert]
             pseudo_rows = _pseudo_rows(rows, min_tokens) if layer_mean is not None else 0
@@ -231,38 +249,22 @@ class HessianAccumulator:
 
     def _flush_all(self) -> None:
         """Sum the partial last chunks, and zero the sums of experts without rows. Later rows start new
-        chunks, so finalize once, at the end. The product buffers go too (at Mixtral-8x7B's down width
-        they are 0.8 GB); later rows would allocate them again."""
+        chunks, so finalize once, at the end."""
         for expert in range(self.num_experts):
             self._flush(expert, whole_chunks_only=False)
-        self._product = None
         for expert, written in enumerate(self._written):
             if not written:
                 self._sums_or_zeros()[expert].zero_()
                 self._written[expert] = True
 
     def _add_product(self, expert: int, chunk: Tensor) -> None:
-        """``S_e += x^T x`` for one chunk, a float32 product. An expert's first product is written
-        straight into its float32 sums; later ones go through a product buffer kept for the
-        accumulator's life (and, for float64 sums, a widening one): fresh ``in x in`` temporaries per
-        product cost more in page faults than the product itself, and the buffers change no bit of the
-        sum."""
+        """``S_e += x^T x`` for one chunk, on the sums' upper block triangle ("Half the products"), in the
+        sums' dtype. An expert's first product is written straight into its sums (they are not zeroed
+        first: fresh memory touched twice costs more than the product), later ones added to them."""
         sums = self._sums_or_zeros(chunk.device)
-        chunk = chunk.to(device=sums.device, dtype=torch.float32)
-        if not self._written[expert] and sums.dtype == torch.float32:
-            torch.mm(chunk.t(), chunk, out=sums[expert])
-            self._written[expert] = True
-            return
-        if self._product is None:
-            product = torch.empty(sums.shape[1:], dtype=torch.float32, device=sums.device)
-            self._product = (product, product if sums.dtype == torch.float32 else torch.empty_like(sums[0]))
-        product, widened = self._product
-        torch.mm(chunk.t(), chunk, out=product)
-        if self._written[expert]:
-            sums[expert] += widened.copy_(product)
-        else:  # float64 sums: the first product copied in, widened on the way, one pass instead of two
-            sums[expert].copy_(product)
-            self._written[expert] = True
+        chunk = chunk.to(device=sums.device, dtype=sums.dtype)
+        _add_upper_product(sums[expert], chunk, overwrite=not self._written[expert])
+        self._written[expert] = True
 
     def _sums_or_zeros(self, device: torch.device | None = None) -> Tensor:
         """The running sums ``[E, in, in]``, allocated on first use but not zeroed: an expert's are
@@ -343,11 +345,12 @@ class ReplayedAccumulator:
             acc.add(x.float(), mask[:, experts.start : experts.stop])
         return acc
 
-    def iter_sums(self) -> Iterator[Tensor]:
-        """Each expert's sums ``S_e`` in expert order, ``experts_per_replay`` experts' sums held at a time."""
+    def iter_sums(self, *, upper_only: bool = False) -> Iterator[Tensor]:
+        """Each expert's sums ``S_e`` in expert order, ``experts_per_replay`` experts' sums held at a time
+        (``upper_only`` as in :meth:`HessianAccumulator.sums`)."""
         for start in range(0, self.num_experts, self.experts_per_replay):
             experts = range(start, min(start + self.experts_per_replay, self.num_experts))
-            yield from self.accumulator(experts).sums()
+            yield from self.accumulator(experts).sums(upper_only=upper_only)
 
     def finalize_with(
         self,
@@ -396,31 +399,50 @@ def _routing_mask(routing: Tensor | None, tokens: int, num_experts: int, device:
     return mask.scatter_(1, index, True)
 
 
+def _add_upper_product(out: Tensor, x: Tensor, *, overwrite: bool) -> None:
+    """``out += x^T x`` (``out = x^T x`` with ``overwrite``) on ``out``'s upper block triangle: each band of
+    ``SYMMETRIZE_TILE`` rows from its diagonal block on, one matmul per band; the rest of ``out`` is not
+    touched. With ``beta=0`` a matmul ignores what ``out`` held, NaN included."""
+    columns = x.shape[1]
+    for start in range(0, columns, SYMMETRIZE_TILE):
+        stop = min(start + SYMMETRIZE_TILE, columns)
+        out[start:stop, start:].addmm_(x[:, start:stop].mT, x[:, start:], beta=0 if overwrite else 1)
+
+
+def _mirror_upper(matrix: Tensor) -> Tensor:
+    """Copy ``matrix``'s upper block triangle (tiles of ``SYMMETRIZE_TILE``) over its lower one, in place;
+    the diagonal tiles stay as they are. Returns ``matrix``."""
+    columns = matrix.shape[0]
+    for i in range(0, columns, SYMMETRIZE_TILE):
+        for j in range(i + SYMMETRIZE_TILE, columns, SYMMETRIZE_TILE):
+            band, other = slice(i, i + SYMMETRIZE_TILE), slice(j, j + SYMMETRIZE_TILE)
+            matrix[other, band] = matrix[band, other].mT
+    return matrix
+
+
 def _normalize(
     sums: Tensor, layer_mean: Tensor | None, pseudo_rows: int, rows: int, *, out: Tensor, scratch: Tensor
 ) -> None:
-    """``out = sym(2 * (S_e + m_e * S_all / n_all) / (n_e + m_e))``, ``sym(h) = (h + h^T) / 2``: exactly
-    symmetric, whatever the matmul did.
+    """``out = sym(2 * (S_e + m_e * S_all / n_all) / (n_e + m_e))`` from the upper block triangle of the
+    sums and of ``layer_mean`` (module docstring, "Half the products"): exactly symmetric, whatever the
+    matmuls did.
 
-    One pass over a pair of mirrored square tiles at a time: both are scaled in ``scratch`` (three
-    tiles of the sums' dtype, in cache), their half sum is written to ``out`` at the tile and,
-    transposed, at its mirror. The same operations in the same order per element as the plain
-    expression, so the same bits (``a + b == b + a`` and ``x * 0.5 == x / 2`` exactly), for one read of
-    the sums and one write of ``out``, with no ``in x in`` buffer (a whole-matrix pass through one moved
-    about four times the bytes: 20-35% slower for an expert without pseudo-rows, docs/PERFORMANCE.md).
+    ``sym`` takes each tile above the diagonal as it is, written to ``out`` at the tile and, transposed,
+    at its mirror, and a diagonal tile ``d`` as ``(d + d^T) / 2``. One tile at a time, scaled in
+    ``scratch`` (two tiles of the sums' dtype, in cache): one read of half the sums and one write of
+    ``out``, with no ``in x in`` buffer (a whole-matrix pass through one moved about four times the
+    bytes: 20-35% slower for an expert without pseudo-rows, docs/PERFORMANCE.md).
     """
     scale = 2.0 / (rows + pseudo_rows)
     n, size = sums.shape[0], SYMMETRIZE_TILE
     for i in range(0, n, size):
         for j in range(i, n, size):
             tile = _scaled_tile(sums, layer_mean, pseudo_rows, scale, (i, j), scratch[0])
-            mirror = (
-                tile if i == j else _scaled_tile(sums, layer_mean, pseudo_rows, scale, (j, i), scratch[1])
-            )
-            half_sum = torch.add(tile, mirror.mT, out=scratch[2, : tile.shape[0], : tile.shape[1]]).mul_(0.5)
-            out[i : i + size, j : j + size] = half_sum
+            if i == j:
+                tile = torch.add(tile, tile.mT, out=scratch[1, : tile.shape[0], : tile.shape[1]]).mul_(0.5)
+            out[i : i + size, j : j + size] = tile
             if i != j:
-                out[j : j + size, i : i + size] = half_sum.mT
+                out[j : j + size, i : i + size] = tile.mT
 
 
 def _scaled_tile(
