@@ -65,6 +65,22 @@ def experts_implementation(device: torch.device) -> str:
     return "eager" if device.type == "cpu" else "grouped_mm"
 
 
+def on_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` on ``device``, a floating tensor converted to ``dtype`` (others keep theirs), with the
+    narrower of the two dtypes on the bus.
+
+    torch converts a host-to-GPU copy that also changes the dtype on the host, before the transfer:
+    ``t.to("cuda", torch.float32)`` of a bf16 layer widens it with the CPU and sends twice its bytes.
+    Moved first, the layer crosses in bf16 and the GPU widens it. On a CPU this is the one conversion
+    it always was, with the same bits.
+    """
+    if not t.is_floating_point() or t.dtype == dtype:
+        return t.to(device)
+    if dtype.itemsize > t.dtype.itemsize:
+        return t.to(device).to(dtype)
+    return t.to(dtype).to(device)
+
+
 class LayerwiseModel:
     """A causal LM whose layers are loaded on demand.
 
@@ -104,7 +120,7 @@ class LayerwiseModel:
             module = self.model.get_submodule(module_name)
             prefix = module_name + "."
             state = {
-                n[len(prefix) :]: t.to(self.device, self.dtype)
+                n[len(prefix) :]: on_device(t, self.device, self.dtype)
                 for n, t in top.items()
                 if n.startswith(prefix)
             }
@@ -143,9 +159,7 @@ class LayerwiseModel:
         ``tensors`` are named relative to the layer (``self_attn.q_proj.weight``...), fused layout.
         """
         module = self.backbone.layers[index]
-        state = {
-            n: t.to(self.device, self.dtype if t.is_floating_point() else t.dtype) for n, t in tensors.items()
-        }
+        state = {n: on_device(t, self.device, self.dtype) for n, t in tensors.items()}
         _materialise(module, state, self.device)
         try:
             yield module

@@ -10,7 +10,7 @@ from conftest import FAMILIES, load_model
 
 from moeconvert.checkpoint import ShardedReader
 from moeconvert.families import family_for, load_config
-from moeconvert.forward import LayerwiseModel, experts_implementation
+from moeconvert.forward import LayerwiseModel, experts_implementation, on_device
 from moeconvert.relayout import fuse_layer
 from moeconvert.source import read_config
 
@@ -60,3 +60,29 @@ def test_layer_finishes_from_its_residual_stream(family: str, tiny_models: dict[
             assert len(captured) == 1 and not torch.equal(captured[0], hidden)
             assert torch.equal(streamed.run_mlp_half(layer, captured[0]), whole)
         hidden = whole
+
+
+def _devices() -> list[str]:
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_weights_reach_the_device_in_the_requested_dtype_with_the_same_bits(device: str) -> None:
+    """Layers go to the forward pass's device moved before they are widened (and narrowed before they
+    are moved): the values are those of a plain conversion, whichever side converts."""
+    gen = torch.Generator().manual_seed(0)
+    bf16 = (torch.randn(64, 48, generator=gen) * 3).to(torch.bfloat16)
+    fp32 = torch.randn(64, 48, generator=gen) / 7
+    index = torch.arange(48, dtype=torch.int32)
+    target = torch.device(device)
+    for source, dtype in [
+        (bf16, torch.float32),
+        (fp32, torch.bfloat16),
+        (fp32, torch.float16),
+        (index, torch.float32),
+    ]:
+        moved = on_device(source, target, dtype)
+        expected = source.to(dtype) if source.is_floating_point() else source
+        assert moved.device.type == target.type and moved.dtype == expected.dtype
+        assert torch.equal(moved.cpu(), expected)
+    assert on_device(fp32, torch.device("cpu"), torch.float32) is fp32  # nothing to do: no copy
