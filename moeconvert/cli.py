@@ -1,6 +1,9 @@
 """The ``moeconvert`` command line: parse, call the library, print, exit.
 
 Errors the user can fix print one line on stderr and exit 2 (1 for a failed check, 130 on Ctrl-C).
+
+Each command imports the library (torch, transformers) when it runs, not before: ``--help``, ``--version``
+and a mistyped option answer at once instead of after seconds of imports.
 """
 
 from __future__ import annotations
@@ -11,15 +14,16 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from . import __version__
 from .errors import MoeConvertError
-from .inspection import ModelSummary, inspect_model
 from .recipe import Recipe, load_recipe
-from .relayout import fuse, unfuse
+
+if TYPE_CHECKING:
+    from .inspection import ModelSummary
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -96,6 +100,8 @@ def inspect_cmd(
     model: str, revision: str | None, token: str | None, as_json: bool, report: Path | None
 ) -> None:
     """Family, experts, total vs active parameters and the memory floor (reads headers only)."""
+    from .inspection import inspect_model
+
     summary = inspect_model(model, revision, token)
     _emit_report(summary.to_dict(), as_json, report, lambda: _summary_table(summary))
 
@@ -128,7 +134,9 @@ def _summary_table(s: ModelSummary) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def _relayout_command(name: str, func: Callable[..., Path], doc: str) -> None:
+def _relayout_command(name: str, doc: str) -> None:
+    """``fuse`` or ``unfuse``: the function of that name in :mod:`moeconvert.relayout`."""
+
     @main.command(name, help=doc)
     @click.argument("model")
     @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output folder.")
@@ -140,16 +148,18 @@ def _relayout_command(name: str, func: Callable[..., Path], doc: str) -> None:
     def command(
         model: str, output: Path, revision: str | None, token: str | None, max_shard_size: str, force: bool
     ) -> None:
+        from . import relayout
+
+        func = getattr(relayout, name)
         path = func(model, output, revision=revision, token=token, max_shard_size=max_shard_size, force=force)
         click.echo(f"wrote {path}")
 
 
 _relayout_command(
     "fuse",
-    fuse,
     "Re-lay every MoE layer's experts into stacked tensors (transformers 5 layout), losslessly.",
 )
-_relayout_command("unfuse", unfuse, "Restore per-expert tensors and original names from a fused checkpoint.")
+_relayout_command("unfuse", "Restore per-expert tensors and original names from a fused checkpoint.")
 
 
 @main.command("quantize")
@@ -299,6 +309,7 @@ def quantize_cmd(
     force: bool,
 ) -> None:
     """Quantize MODEL per expert (GPTQ with routed calibration, or round-to-nearest)."""
+    from .inspection import inspect_model
     from .pipeline import QuantizeOptions, quantize
 
     recipe = load_recipe(recipe_path) if recipe_path else Recipe()
