@@ -17,6 +17,7 @@ import math
 import re
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,10 @@ class _Side:
     def top(self) -> dict[str, torch.Tensor]:
         return self.decode(self.reader.get_many(self.groups.get(None, [])))
 
+    def prefetch(self, index: int) -> None:
+        """Start reading layer ``index`` off disk (a hint to the OS; see ShardedReader.prefetch)."""
+        self.reader.prefetch(self.groups[index])
+
     def layer(self, index: int) -> dict[str, torch.Tensor]:
         """Layer ``index`` in runtime names (fused experts), dequantized, relative to the layer."""
         prefix = f"model.layers.{index}."
@@ -258,10 +263,15 @@ def verify(
     b.streamed.load_top(b.top())
     hidden_a = [a.streamed.embed(t) for t in batches]
     hidden_b = [b.streamed.embed(t) for t in batches]
-    for index in progress_bar(range(a.config.num_hidden_layers), unit="layer", desc="verify", show=progress):
-        hidden_a, hidden_b, parity = _compare_layer(a, b, index, hidden_a, hidden_b, kind == "lossless")
-        report.layers.append(parity)
-        release_freed_memory()
+    layers = a.config.num_hidden_layers
+    with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetcher:
+        for index in progress_bar(range(layers), unit="layer", desc="verify", show=progress):
+            if index + 1 < layers:  # both models' next layer comes off disk while this one runs
+                prefetcher.submit(a.prefetch, index + 1)
+                prefetcher.submit(b.prefetch, index + 1)
+            hidden_a, hidden_b, parity = _compare_layer(a, b, index, hidden_a, hidden_b, kind == "lossless")
+            report.layers.append(parity)
+            release_freed_memory()
     _logit_metrics(report, a, b, batches, hidden_a, hidden_b)
     _judge(report)
     report.seconds = time.perf_counter() - started
