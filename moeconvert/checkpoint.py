@@ -8,7 +8,6 @@ so tensor bytes can be appended to the open shard as each layer is computed and 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import mmap
@@ -28,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import CorruptCheckpointError, MoeConvertError, OutputExistsError
 from .safetensors_header import DTYPE_SIZES, MAX_HEADER_BYTES, TensorMeta, read_header
+from .shard_digest import GrowingFileDigest, hash_workers
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -400,7 +400,7 @@ class Concatenated:
         return torch.cat([p.reshape(-1) for p in self.parts]).view(self.shape)
 
 
-CHUNK_BYTES = 16 << 20  # unit of work handed from the writes to the hashing thread
+CHUNK_BYTES = 16 << 20  # bytes between reports of progress to a shard's hashing thread
 # Size of one write() call. From 2 MiB up, Linux fills the page cache with 2 MiB folios, taken from
 # whole free 2 MiB blocks; on a VM whose balloon reports free memory to the host, those blocks fault
 # back in at ~0.4 GB/s (2 GB written in 2 MiB calls: 10.5 s; in 1 MiB calls: 1.0 s, on our CI VM).
@@ -413,10 +413,11 @@ class ShardedWriter:
     Call :meth:`write_group` once per group, in plan order; each shard's header is written when its
     first group arrives and the file is closed after its last. :meth:`finish` writes the index.
 
-    The copy into the file, the sha256 of what is written (for the manifest, so shards are never read
-    again) and each shard's fsync are the three costs of writing, and each has its own thread: hashing
-    runs beside the writes (hashlib and file writes release the GIL), and a closed shard is fsynced
-    while the next one is written. :meth:`finish` returns only when every shard is hashed and on disk.
+    The copy into the file, the sha256 of what is written (for the manifest) and each shard's fsync
+    are the three costs of writing, and none waits for another: each shard is hashed on a thread of
+    its own that reads it back from the page cache right behind the writes (so shards are hashed on as
+    many cores as are free, see :mod:`.shard_digest`), and a closed shard is fsynced while the next one
+    is written. :meth:`finish` returns only when every shard is hashed and on disk.
     """
 
     def __init__(self, folder: Path, groups: Sequence[Sequence[PlannedTensor]], max_shard_size: int) -> None:
@@ -427,17 +428,17 @@ class ShardedWriter:
         self.shard_of_group = {g: s for s, members in enumerate(self.shards) for g in members}
         self._next_group = 0
         self._file: BinaryIO | None = None
-        self._digest: hashlib._Hash | None = None
-        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")  # one worker: updates stay in order
+        self._digest: GrowingFileDigest | None = None  # of the open shard
+        self._hasher = ThreadPoolExecutor(hash_workers(len(self.shards)), thread_name_prefix="sha256")
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="fsync")
-        self._hashing: list[Future[None]] = []
-        self._closing: dict[str, Future[str]] = {}  # shard -> its sha256, once fsynced and closed
+        self._hashing: dict[str, Future[str]] = {}  # shard -> its sha256
+        self._closing: list[Future[None]] = []  # each shard's fsync and close
         self.digests: dict[str, str] = {}  # sha256 of each shard, complete after finish()
 
     def write_group(self, index: int, tensors: dict[str, torch.Tensor | Concatenated]) -> int:
         """Append one group's tensors; they must match the plan exactly. Returns bytes written.
 
-        The tensors are no longer referenced when this returns (their bytes are written and hashed)."""
+        The tensors are no longer referenced when this returns (their bytes are in the page cache)."""
         if index != self._next_group:
             raise RuntimeError(f"groups must be written in order: expected {self._next_group}, got {index}")
         plan = self.groups[index]
@@ -455,7 +456,6 @@ class ShardedWriter:
                 )
             for chunk in _chunks(tensor):
                 written += self._write_bytes(chunk)
-        self._wait_for_hashing()
         if self.shards[shard][-1] == index:
             self._close_shard(shard)
         self._next_group += 1
@@ -475,32 +475,33 @@ class ShardedWriter:
                 offset += planned.nbytes
         header = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()
         header += b" " * (-len(header) % 8)  # keep tensor data 8-byte aligned
-        self._file = (self.folder / self.names[shard]).open("wb")
-        self._digest = hashlib.sha256()  # hashed as written: the manifest need not read shards again
+        path = self.folder / self.names[shard]
+        self._file = path.open("wb")
+        self._digest = GrowingFileDigest(path)  # hashed behind the writes: the manifest reads no shard again
+        self._hashing[self.names[shard]] = self._hasher.submit(self._digest.run)
         self._write_bytes(len(header).to_bytes(8, "little") + header)
 
     def _write_bytes(self, data: bytes | memoryview) -> int:
         assert self._file is not None and self._digest is not None
-        self._hashing.append(self._hasher.submit(self._digest.update, data))
         view = memoryview(data)
         for start in range(0, len(view), WRITE_BYTES):
             self._file.write(view[start : start + WRITE_BYTES])
+        self._file.flush()  # the hashing thread reads the file through its own descriptor
+        self._digest.advance(self._file.tell())
         return len(data)
-
-    def _wait_for_hashing(self) -> None:
-        """Let hashing catch up at each group's end, so no group's memory outlives its write_group."""
-        for future in self._hashing:
-            future.result()
-        self._hashing.clear()
 
     def _close_shard(self, shard: int) -> None:
         assert self._file is not None and self._digest is not None
         self._file.flush()
-        self._closing[self.names[shard]] = self._syncer.submit(_sync_and_close, self._file, self._digest)
+        self._digest.close()
+        self._closing.append(self._syncer.submit(_sync_and_close, self._file))
         self._file = self._digest = None
 
     def abort(self) -> None:
         """Close the open shard and wait for the worker threads (after an error; harmless after success)."""
+        if self._digest is not None:
+            self._digest.close()  # its thread hashes what was written and ends
+            self._digest = None
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -513,8 +514,9 @@ class ShardedWriter:
         if self._next_group != len(self.groups):
             raise RuntimeError("finish() called before every group was written")
         self.abort()
-        for name, closing in self._closing.items():
-            self.digests[name] = closing.result()
+        for closing in self._closing:
+            closing.result()
+        self.digests = {name: hashing.result() for name, hashing in self._hashing.items()}
         if len(self.names) <= 1:
             return
         weight_map = {
@@ -525,13 +527,12 @@ class ShardedWriter:
         (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _sync_and_close(file: BinaryIO, digest: hashlib._Hash) -> str:
+def _sync_and_close(file: BinaryIO) -> None:
     """On the fsync thread: the shard is complete on disk before the folder is renamed into place."""
     try:
         os.fsync(file.fileno())
     finally:
         file.close()
-    return digest.hexdigest()
 
 
 def _chunks(tensor: torch.Tensor | Concatenated) -> Iterator[memoryview]:

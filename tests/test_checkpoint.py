@@ -135,7 +135,7 @@ def _write(folder: Path, groups: list[dict], cap: int = 200) -> ShardedWriter:
 
 
 def test_writer_digests_are_the_shards_sha256(tmp_path: Path) -> None:
-    """The manifest takes each shard's sha256 from the writer, hashed on a worker thread as written."""
+    """The manifest takes each shard's sha256 from the writer, read back behind the writes."""
     writer = _write(tmp_path, _groups())
     assert sorted(writer.digests) == sorted(writer.names)
     assert all(writer.digests[n] == file_sha256(tmp_path / n) for n in writer.names)

@@ -1,0 +1,67 @@
+"""SHA-256 of a shard read back behind its writer, on threads of their own."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeconvert import checkpoint, shard_digest
+from moeconvert.checkpoint import ShardedWriter, plan_group
+from moeconvert.manifest import file_sha256
+from moeconvert.shard_digest import GrowingFileDigest
+
+
+def _write_in_pieces(path: Path, data: bytes, pieces: list[int], digest: GrowingFileDigest) -> None:
+    """Append ``data`` in pieces of the given sizes, reporting each to ``digest`` once it is written."""
+    with path.open("wb") as file:
+        start = 0
+        for size in pieces:
+            file.write(data[start : start + size])
+            file.flush()
+            start += size
+            digest.advance(file.tell())
+    digest.close()
+
+
+@pytest.mark.parametrize("map_bytes", [5000, 4096, 1 << 20])  # unaligned, aligned, larger than the file
+def test_digest_of_a_growing_file_is_its_sha256(tmp_path: Path, monkeypatch, map_bytes: int) -> None:
+    """Mappings must start on page boundaries while the hashed ranges need not: every byte once, in order."""
+    monkeypatch.setattr(shard_digest, "MAP_BYTES", map_bytes)
+    data = os.urandom(70_001)
+    path = tmp_path / "shard"
+    path.touch()
+    digest = GrowingFileDigest(path)
+    with ThreadPoolExecutor(1) as pool:
+        hashed = pool.submit(digest.run)
+        _write_in_pieces(path, data, [8, 3, 12_345, 4096, 1, 40_000, 13_555], digest)
+        assert hashed.result(timeout=30) == hashlib.sha256(data).hexdigest()
+
+
+def test_digest_covers_only_what_was_reported(tmp_path: Path) -> None:
+    """Bytes the writer has not reported (still in its buffer, or past a failure) are not read."""
+    path = tmp_path / "shard"
+    path.write_bytes(b"x" * 10_000)
+    digest = GrowingFileDigest(path)
+    digest.advance(6_000)
+    digest.close()
+    assert digest.run() == hashlib.sha256(b"x" * 6_000).hexdigest()
+
+
+def test_writer_with_more_shards_than_hashing_threads(tmp_path: Path, monkeypatch) -> None:
+    """Shards waiting for a hashing thread are hashed later from disk; the writer never waits on them."""
+    monkeypatch.setattr(checkpoint, "hash_workers", lambda shards: 1)
+    gen = torch.Generator().manual_seed(3)
+    groups = [{f"model.layers.{i}.w": torch.randn(64, 33, generator=gen)} for i in range(7)]
+    writer = ShardedWriter(tmp_path, [plan_group(g) for g in groups], max_shard_size=9_000)
+    assert len(writer.names) == 7
+    for index, group in enumerate(groups):
+        writer.write_group(index, group)
+    writer.finish()
+    assert writer.digests == {name: file_sha256(tmp_path / name) for name in writer.names}
+    assert not [t for t in threading.enumerate() if t.name.startswith(("sha256", "fsync"))]
