@@ -75,14 +75,25 @@ class GrowingFileDigest:
 
 
 def _hash_range(digest: hashlib._Hash, fd: int, start: int, end: int) -> int:
-    """Feed bytes ``start:end`` of the file to ``digest`` through a mapping; returns ``end``."""
+    """Feed bytes ``start:end`` of the file to ``digest`` through a mapping (read, where the file
+    system cannot map files); returns ``end``."""
     if end <= start:
         return start
     base = start - start % mmap.ALLOCATIONGRANULARITY  # a mapping must start on this boundary
-    with (
-        mmap.mmap(fd, end - base, offset=base, access=mmap.ACCESS_READ) as mapped,
-        memoryview(mapped) as whole,
-        whole[start - base :] as wanted,
-    ):
+    try:
+        mapped = mmap.mmap(fd, end - base, offset=base, access=mmap.ACCESS_READ)
+    except OSError:
+        return _read_range(digest, fd, start, end)
+    with mapped, memoryview(mapped) as whole, whole[start - base :] as wanted:
         digest.update(wanted)  # releases the GIL while it hashes
+    return end
+
+
+def _read_range(digest: hashlib._Hash, fd: int, start: int, end: int) -> int:
+    while start < end:
+        data = os.pread(fd, end - start, start)
+        if not data:
+            raise OSError(f"file ended at byte {start}, {end - start} bytes before what was written")
+        digest.update(data)
+        start += len(data)
     return end

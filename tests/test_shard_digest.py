@@ -43,6 +43,23 @@ def test_digest_of_a_growing_file_is_its_sha256(tmp_path: Path, monkeypatch, map
         assert hashed.result(timeout=30) == hashlib.sha256(data).hexdigest()
 
 
+def test_digest_reads_where_files_cannot_be_mapped(tmp_path: Path, monkeypatch) -> None:
+    """Some file systems (network and FUSE mounts) refuse mmap: the same digest from plain reads."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(shard_digest.mmap, "mmap", refuse)
+    monkeypatch.setattr(shard_digest, "MAP_BYTES", 5000)
+    data = os.urandom(23_456)
+    path = tmp_path / "shard"
+    path.write_bytes(data)
+    digest = GrowingFileDigest(path)
+    digest.advance(len(data))
+    digest.close()
+    assert digest.run() == hashlib.sha256(data).hexdigest()
+
+
 def test_digest_covers_only_what_was_reported(tmp_path: Path) -> None:
     """Bytes the writer has not reported (still in its buffer, or past a failure) are not read."""
     path = tmp_path / "shard"
