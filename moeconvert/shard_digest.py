@@ -90,6 +90,7 @@ def _hash_range(digest: hashlib._Hash, fd: int, start: int, end: int) -> int:
 
 
 def _read_range(digest: hashlib._Hash, fd: int, start: int, end: int) -> int:
+    """The same as :func:`_hash_range` through ``pread`` (a copy per read, for unmappable files)."""
     while start < end:
         data = os.pread(fd, end - start, start)
         if not data:
