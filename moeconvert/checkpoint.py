@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import CorruptCheckpointError, MoeConvertError, OutputExistsError
 from .safetensors_header import DTYPE_SIZES, MAX_HEADER_BYTES, TensorMeta, read_header
-from .shard_digest import GrowingFileDigest, hash_workers
+from .shard_digest import GrowingFileDigest, HashBacklog, hash_workers
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -416,8 +416,8 @@ class ShardedWriter:
     The copy into the file, the sha256 of what is written (for the manifest) and each shard's fsync
     are the three costs of writing, and none waits for another: each shard is hashed on a thread of
     its own that reads it back from the page cache right behind the writes (so shards are hashed on as
-    many cores as are free, see :mod:`.shard_digest`), and a closed shard is fsynced while the next one
-    is written. :meth:`finish` returns only when every shard is hashed and on disk.
+    many cores as are free, see :mod:`.shard_digest`; the writer waits only if more than
+    ``MAX_UNHASHED_BYTES`` await their hash), and a closed shard is fsynced while the next one is written. :meth:`finish` returns only when every shard is hashed and on disk.
     """
 
     def __init__(self, folder: Path, groups: Sequence[Sequence[PlannedTensor]], max_shard_size: int) -> None:
@@ -432,6 +432,7 @@ class ShardedWriter:
         self._hasher = ThreadPoolExecutor(hash_workers(len(self.shards)), thread_name_prefix="sha256")
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="fsync")
         self._hashing: dict[str, Future[str]] = {}  # shard -> its sha256
+        self.backlog = HashBacklog()  # written bytes not yet hashed: the writer waits past its limit
         self._closing: list[Future[None]] = []  # each shard's fsync and close
         self.digests: dict[str, str] = {}  # sha256 of each shard, complete after finish()
 
@@ -477,13 +478,15 @@ class ShardedWriter:
         header += b" " * (-len(header) % 8)  # keep tensor data 8-byte aligned
         path = self.folder / self.names[shard]
         self._file = path.open("wb")
-        self._digest = GrowingFileDigest(path)  # hashed behind the writes: the manifest reads no shard again
+        # hashed behind the writes: the manifest reads no shard again
+        self._digest = GrowingFileDigest(path, self.backlog)
         self._hashing[self.names[shard]] = self._hasher.submit(self._digest.run)
         self._write_bytes(len(header).to_bytes(8, "little") + header)
 
     def _write_bytes(self, data: bytes | memoryview) -> int:
         assert self._file is not None and self._digest is not None
         view = memoryview(data)
+        self.backlog.wait_for_room()
         for start in range(0, len(view), WRITE_BYTES):
             self._file.write(view[start : start + WRITE_BYTES])
         self._file.flush()  # the hashing thread reads the file through its own descriptor

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -82,3 +83,56 @@ def test_writer_with_more_shards_than_hashing_threads(tmp_path: Path, monkeypatc
     writer.finish()
     assert writer.digests == {name: file_sha256(tmp_path / name) for name in writer.names}
     assert not [t for t in threading.enumerate() if t.name.startswith(("sha256", "fsync"))]
+
+
+def test_writer_waits_while_too_much_awaits_its_hash(tmp_path: Path) -> None:
+    """Past the backlog's limit the writer waits for the hashing thread, and only until it catches up."""
+    path = tmp_path / "shard"
+    path.write_bytes(b"y" * 150)
+    backlog = shard_digest.HashBacklog(limit=100)
+    digest = GrowingFileDigest(path, backlog)
+    digest.advance(150)
+    assert backlog.pending == 150
+    waiter = threading.Thread(target=backlog.wait_for_room)
+    waiter.start()
+    waiter.join(timeout=0.3)
+    assert waiter.is_alive()  # nothing hashes yet, so the writer may not go on
+    digest.close()
+    assert digest.run() == hashlib.sha256(b"y" * 150).hexdigest()
+    waiter.join(timeout=30)
+    assert not waiter.is_alive() and backlog.pending == 0
+
+
+def test_failed_hash_leaves_no_backlog(tmp_path: Path) -> None:
+    """A hashing thread that fails (here: its file is gone) must not leave the writer waiting forever."""
+    backlog = shard_digest.HashBacklog(limit=100)
+    digest = GrowingFileDigest(tmp_path / "missing", backlog)
+    digest.advance(500)
+    with pytest.raises(FileNotFoundError):
+        digest.run()
+    digest.advance(800)  # the writer goes on until it learns of the failure at finish()
+    assert backlog.pending == 0
+
+
+def test_writer_backlog_stays_bounded_behind_slow_hashing(tmp_path: Path, monkeypatch) -> None:
+    """With hashing slower than writing, no more than the limit plus one write awaits its hash."""
+    slow_range = shard_digest._hash_range
+
+    def slowly(*args: object) -> int:
+        time.sleep(0.02)
+        return slow_range(*args)
+
+    monkeypatch.setattr(shard_digest, "_hash_range", slowly)
+    monkeypatch.setattr(shard_digest, "MAP_BYTES", 4096)
+    monkeypatch.setattr(shard_digest, "MAX_UNHASHED_BYTES", 2_000)
+    monkeypatch.setattr(checkpoint, "hash_workers", lambda shards: 1)
+    gen = torch.Generator().manual_seed(4)
+    groups = [{f"model.layers.{i}.w": torch.randn(64, 33, generator=gen)} for i in range(7)]
+    writer = ShardedWriter(tmp_path, [plan_group(g) for g in groups], max_shard_size=9_000)
+    for index, group in enumerate(groups):
+        writer.write_group(index, group)
+    writer.finish()
+    largest_write = 64 * 33 * 4
+    assert 2_000 < writer.backlog.peak <= 2_000 + largest_write
+    assert writer.backlog.pending == 0
+    assert writer.digests == {name: file_sha256(tmp_path / name) for name in writer.names}
