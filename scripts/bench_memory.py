@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -64,10 +65,12 @@ if step in ("quantize", "estimate"):
     if step == "estimate":
         print(json.dumps(report.sizes))
         sys.exit()
+    extra = {"device": report.device, "layer_seconds": [layer.seconds for layer in report.layers]}
 else:
-    moeconvert.verify(source, out, samples=samples, seq_len=seq_len, progress=False)
+    report = moeconvert.verify(source, out, samples=samples, seq_len=seq_len, progress=False)
+    extra = {"device": str(getattr(report, "device", ""))}
 hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]
-print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": int(hwm) * 1024}))
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": int(hwm) * 1024, **extra}))
 """
 
 
@@ -85,7 +88,8 @@ def run_step(
 ) -> dict:
     """Run one step in a fresh process; ``checkout``: a source tree whose ``moeconvert`` it imports (it
     runs there: ``python -c`` puts its working directory first on the path)."""
-    env = {"TQDM_DISABLE": "1", "PATH": "", "OMP_NUM_THREADS": "2"}
+    # two threads, as on the 2-core machine of docs/PERFORMANCE.md, unless OMP_NUM_THREADS says otherwise
+    env = {"TQDM_DISABLE": "1", "PATH": "", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     if checkout is not None:
         env["PYTHONPATH"] = str(checkout.resolve())
     if spill_bytes is not None:
@@ -358,10 +362,15 @@ def qwen3_30b_layer(args: argparse.Namespace) -> None:
     result = {**one_layer_run(args, total, experts), "runs": runs}
     gb = 1e9
     print(f"model {total / gb:.2f} GB, experts {experts / gb:.2f} GB, {result['calibration_tokens']} tokens")
-    print(f"{'round':>5}  {'checkout':<40}{'peak GB':>9}{'s':>8}  weights (digest of their SHA-256s)")
+    print(
+        f"{'round':>5}  {'checkout':<40}{'device':>8}{'peak GB':>9}{'s':>8}{'layer s':>9}"
+        "  weights (digest of their SHA-256s)"
+    )
     for r in runs:
+        layer = sum(r.get("layer_seconds", []))
         print(
-            f"{r['round']:>5}  {r['checkout']:<40}{r['peak_rss'] / gb:>9.2f}{r['seconds']:>8.1f}  {r['output']}"
+            f"{r['round']:>5}  {r['checkout']:<40}{r.get('device', '?'):>8}{r['peak_rss'] / gb:>9.2f}"
+            f"{r['seconds']:>8.1f}{layer:>9.1f}  {r['output']}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
