@@ -14,6 +14,7 @@ steps=${*:-layer e2e tests presets}
 mkdir -p "$results"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # this checkout, installed or not
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 status=0
 
@@ -41,10 +42,15 @@ for s in $steps; do
     e2e)  # the same width through `quantize` itself: read, calibrate, solve, pack, write, on CUDA
         step e2e_qwen3_layer ${E2E_LIMIT:-120} $py scripts/bench_memory.py --qwen3-30b-layer \
             --samples 128 --seq-len 2048 --out "$results/e2e-qwen3-layer-cuda.json" ;;
-    tests)  # in parallel where pytest-xdist is installed
-        workers=()
-        $py -c 'import xdist' 2>/dev/null && workers=(-n "${TEST_WORKERS:-8}")
-        step tests ${TESTS_LIMIT:-180} $py -m pytest -q -p no:cacheprovider "${workers[@]}" -rfE ;;
+    tests)  # in parallel where pytest-xdist is installed, the cores shared out among the workers;
+        # -v names each result as it comes, so a run cut short by its limit still says what failed
+        workers=() threads=$OMP_NUM_THREADS
+        if $py -c 'import xdist' 2>/dev/null; then
+            n=${TEST_WORKERS:-$(( $(nproc) > 1 ? $(nproc) - 1 : 1 ))}
+            workers=(-n "$n") threads=$(( $(nproc) / n > 0 ? $(nproc) / n : 1 ))
+        fi
+        OMP_NUM_THREADS=$threads step tests ${TESTS_LIMIT:-300} $py -m pytest -v -p no:cacheprovider \
+            "${workers[@]}" -rfE --tb=short ;;
     presets)
         step bench_quantize_others ${PRESETS_LIMIT:-150} $py scripts/bench_quantize.py --device cuda \
             --preset mixtral --loop-experts 8 --out "$results/quantize-mixtral-cuda.json" \
