@@ -343,6 +343,10 @@ def quantize_cmd(
     if dry_run:
         summary = inspect_model(model, revision, token)
     if nproc_per_node > 1:
+        from .distributed import check_gpus
+        from .pipeline import resolve_device
+
+        check_gpus(resolve_device(device), nproc_per_node)
         _relaunch_with_torchrun(nproc_per_node)
     result = quantize(
         model, scheme, output=output, rules=recipe.rules, options=options, revision=revision, token=token, force=force, dry_run=dry_run,

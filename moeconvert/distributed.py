@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import BadInputError
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -68,12 +70,24 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def check_gpus(device: torch.device, ranks: int) -> None:
+    """One GPU per rank on CUDA: refuse a job of more ranks on this machine than it has GPUs, before any
+    rank starts (past the last GPU a rank would die in torch on an 'invalid device ordinal')."""
+    gpus = torch.cuda.device_count() if device.type == "cuda" else ranks
+    if ranks > gpus:
+        raise BadInputError(
+            f"{ranks} ranks on CUDA need {ranks} GPUs (one each), but torch sees {gpus}; "
+            "pass --device cpu to run the ranks on the CPU (gloo), or fewer ranks"
+        )
+
+
 def init(device: torch.device) -> Ranks:
     """Join the job described by torchrun's environment: gloo on CPU, NCCL on CUDA (one GPU per rank,
     ``LOCAL_RANK``). A no-op when not launched with several processes."""
     if not launched_by_torchrun() or (dist.is_available() and dist.is_initialized()):
         return current()
     if device.type == "cuda":
+        check_gpus(device, int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl")
     else:

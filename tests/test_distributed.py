@@ -14,7 +14,9 @@ import torch
 from moeconvert.distributed import Ranks, ordered_sum
 
 # Several calibration batches, so that both ranks forward some; act-order exercises the gathered g_idx.
+# The CPU, gloo ranks, also where a GPU is present ("auto" would take it, and one GPU holds one rank).
 ARGS = ["--group-size", "32", "--samples", "16", "--seq-len", "64", "--batch-tokens", "192", "--no-verify"]
+ARGS += ["--device", "cpu"]
 ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}  # torchrun also gives each rank 1 thread
 
 
@@ -69,7 +71,8 @@ def test_two_gloo_ranks_write_the_single_process_bytes(
 
 def test_more_ranks_than_batches_is_refused(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "moeconvert", "quantize", str(tiny_models["mixtral"]), "-o", str(tmp_path / "o"),
-           "--group-size", "32", "--samples", "2", "--seq-len", "64", "--no-verify", "--nproc-per-node", "2"]  # fmt: skip
+           "--group-size", "32", "--samples", "2", "--seq-len", "64", "--no-verify", "--device", "cpu",
+           "--nproc-per-node", "2"]  # fmt: skip
     result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode != 0
     assert "1 calibration batches cannot keep 2 ranks busy" in result.stderr
@@ -143,3 +146,17 @@ def test_killed_two_rank_job_resumes_to_the_same_bytes(tiny_models: dict[str, Pa
     assert resumed.returncode == 0 and "3 of 4 layers already done" in resumed.stderr, resumed.stderr
     one, two = manifest(tmp_path / "one" / "out"), manifest(out)
     assert {name for name in one if one[name] != two[name]} == {"quantization_report.json"}
+
+
+def test_more_cuda_ranks_than_gpus_is_refused_before_they_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ranks on a one-GPU machine: a one-line refusal naming the way out, not rank 1 dying in torch
+    on an invalid device ordinal (as it did on a one-GPU H200 with ``--device auto``). The GPU count is
+    patched: the check is arithmetic on it, and CI has no GPU."""
+    from moeconvert.distributed import check_gpus
+    from moeconvert.errors import BadInputError
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(BadInputError, match="2 ranks on CUDA need 2 GPUs .* torch sees 1; pass --device cpu"):
+        check_gpus(torch.device("cuda"), 2)
+    check_gpus(torch.device("cuda"), 1)
+    check_gpus(torch.device("cpu"), 8)  # gloo ranks share the CPU

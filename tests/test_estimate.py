@@ -18,7 +18,7 @@ RUN = """
 import sys
 from moeconvert.pipeline import QuantizeOptions, quantize
 options = QuantizeOptions(
-    samples=8, seq_len=128, experts_per_chunk=int(sys.argv[4]), expert_statistics=sys.argv[3]
+    samples=8, seq_len=128, experts_per_chunk=int(sys.argv[4]), expert_statistics=sys.argv[3], device="cpu"
 )
 quantize(sys.argv[1], output=sys.argv[2], options=options, verify=False, progress=False)
 print(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
@@ -32,7 +32,7 @@ def test_estimate_is_near_the_measured_peak(tmp_path: Path) -> None:
         "mixtral", tmp_path / "src", dtype=torch.bfloat16, hidden_size=128, intermediate_size=4096,
         num_hidden_layers=1, num_local_experts=8, num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
     )  # fmt: skip
-    options = QuantizeOptions(samples=8, seq_len=128, experts_per_chunk=1)
+    options = QuantizeOptions(samples=8, seq_len=128, experts_per_chunk=1, device="cpu")  # host memory
     plan = quantize(str(source), output=tmp_path / "out", options=options, dry_run=True, progress=False)
     estimate = plan.sizes["peak_memory_bytes"]
     measured = measured_peak(source, tmp_path / "out", "held", experts_per_chunk=1)
@@ -54,7 +54,9 @@ def test_replayed_statistics_take_the_gate_up_sums_off_the_peak(tmp_path: Path) 
     gate_up_sums = 64 * 1024 * 1024 * 4
     peaks, estimates = {}, {}
     for mode in ("held", "replayed"):
-        options = QuantizeOptions(samples=8, seq_len=128, experts_per_chunk=8, expert_statistics=mode)
+        options = QuantizeOptions(
+            samples=8, seq_len=128, experts_per_chunk=8, expert_statistics=mode, device="cpu"
+        )
         plan = quantize(str(source), output=tmp_path / mode, options=options, dry_run=True, progress=False)
         estimates[mode] = plan.sizes["peak_memory_bytes"]
         peaks[mode] = measured_peak(source, tmp_path / mode, mode, experts_per_chunk=8)

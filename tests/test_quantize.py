@@ -124,9 +124,10 @@ def test_gptq_objective_below_rtn(family: str, trained_models: dict[str, Path]) 
     runner, targets, local, stats = _layer_statistics(trained_models[family], W4, layer)
     for target in targets:
         accumulator = stats.accumulators[target.local]
-        hessian, counts = accumulator.finalize(0)
+        hessian, counts = accumulator.finalize(0)  # on the run's device: the GPU where there is one
+        hessian, counts = hessian.cpu(), counts.cpu()
         weight = local[target.local].float()
-        gptq = solve(target, local[target.local], stats, FAST.min_tokens, runner.fmt)[0].dequantize()
+        gptq = solve(target, local[target.local], stats, FAST.min_tokens, runner.fmt)[0].dequantize().cpu()
         rtn = rtn_quantize(weight, W4).dequantize()
         if weight.dim() == 2:
             weight, gptq, rtn = weight[None], gptq[None], rtn[None]
