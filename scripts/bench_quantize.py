@@ -322,7 +322,7 @@ def timed_solver_parts(totals: dict[str, list[float]], device: Any = "cpu") -> I
 def flush_buffered_rows(acc: Any) -> None:
     """Turn the rows an accumulator still buffers into products now, so they count as accumulation.
 
-    The accumulator multiplies rows in fixed 512-row chunks and leaves each expert's partial last chunk
+    The accumulator multiplies rows in fixed chunks (512 rows by default) and leaves each expert's partial last chunk
     for ``finalize``; with a few hundred rows per expert that is all of them, and without this the
     ``x x^T`` work would be timed as part of ``finalize``. Its internal flush is the same call
     ``finalize`` makes first, so the total is unchanged; if it was renamed nothing is moved.
@@ -384,7 +384,7 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from moeconvert.quant.gptq import gptq_quantize
-    from moeconvert.quant.hessian import HessianAccumulator
+    from moeconvert.quant.hessian import CHUNK_ROWS, HessianAccumulator
     from moeconvert.quant.packing import pack_compressed
     from moeconvert.quant.scheme import Scheme
 
@@ -405,8 +405,9 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
     print(f"{cfg['name']}: H {p.hidden}, I {p.intermediate}, E {p.experts}, {tokens} tokens", file=sys.stderr)
 
     # Hessians, the way the pipeline's experts hook gathers them, in batches of calibration tokens.
-    acc_gate_up = HessianAccumulator(p.hidden, p.experts)
-    acc_down = HessianAccumulator(p.intermediate, p.experts)
+    chunk_rows = cfg.get("hessian_chunk_rows") or CHUNK_ROWS
+    acc_gate_up = HessianAccumulator(p.hidden, p.experts, chunk_size=chunk_rows)
+    acc_down = HessianAccumulator(p.intermediate, p.experts, chunk_size=chunk_rows)
     mask = torch.zeros(tokens, p.experts, dtype=torch.bool, device=device).scatter_(1, index, True)
     counts = mask.sum(0)
     rows = int(counts.sum())
@@ -530,6 +531,7 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
         "min_tokens": min_tokens,
         "scheme": scheme.label,
         "max_experts_per_chunk": chunk,
+        "hessian_chunk_rows": chunk_rows,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "matmul_size": matmul_size(device),
@@ -634,7 +636,8 @@ def print_preset(r: dict[str, Any]) -> None:
         f"\n{r['name']}: {width}, {p['experts']} experts, top-{p['top_k']}; {r['tokens']} tokens "
         f"= {r['routed_rows']} routed rows, per expert {counts['min']}/{counts['median']:g}/{counts['max']} "
         f"(min/median/max), {counts['below_min_tokens']} below min_tokens {r['min_tokens']}; "
-        f"{r['scheme']}, bf16 scales, experts per chunk {r['max_experts_per_chunk'] or 'all'}"
+        f"{r['scheme']}, bf16 scales, experts per chunk {r['max_experts_per_chunk'] or 'all'}, "
+        f"Hessian chunks of {r.get('hessian_chunk_rows', 512)} rows"
     )
     if r["width_scale"] != 1.0:
         print(f"widths x{r['width_scale']:g}: {r['width_reason']}")
@@ -778,6 +781,12 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--min-tokens", type=int, default=128, help="the pipeline's starved-expert threshold")
     parser.add_argument("--batch-tokens", type=int, default=8192, help="tokens per calibration batch")
+    parser.add_argument(
+        "--hessian-chunk-rows",
+        type=int,
+        help="rows per Hessian chunk product (default: the pipeline's CHUNK_ROWS); on a GPU, where 512-row "
+        "chunks make many small launches, larger ones trade pending-row memory for fewer of them",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench_results/quantize.json"))
     parser.add_argument(
@@ -829,6 +838,7 @@ def main() -> None:
             "group_size": args.group_size,
             "min_tokens": args.min_tokens,
             "batch_tokens": args.batch_tokens,
+            "hessian_chunk_rows": args.hessian_chunk_rows,
             "seed": args.seed,
             "threads": args.threads,
             "device": args.device,

@@ -5,7 +5,8 @@
 # CUDA present (its "auto" devices then pick the GPU). Each step has its own time limit and a failing
 # step does not stop the others; logs and JSON go to the results folder.
 #
-#   bash scripts/gpu_check.sh [results-folder] [steps...]   # steps: layer e2e tests presets (default: all)
+#   bash scripts/gpu_check.sh [results-folder] [steps...]
+# steps: layer e2e tests presets (the default), and chunks (Hessian chunk sizes)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 results=${1:-bench_results/cuda}
@@ -51,6 +52,12 @@ for s in $steps; do
         fi
         OMP_NUM_THREADS=$threads step tests ${TESTS_LIMIT:-300} $py -m pytest -v -p no:cacheprovider \
             "${workers[@]}" -rfE --tb=short ;;
+    chunks)  # the Hessian products at larger chunks than the pipeline's 512 rows (not a default step)
+        for rows in 2048 8192; do
+            step bench_quantize_chunks_$rows ${LAYER_LIMIT:-100} $py scripts/bench_quantize.py --device cuda \
+                --preset qwen3-30b-a3b --loop-experts 2 --hessian-chunk-rows $rows \
+                --out "$results/quantize-qwen3-cuda-chunks-$rows.json" --write-dir /tmp/moeconvert-bench
+        done ;;
     presets)
         step bench_quantize_others ${PRESETS_LIMIT:-150} $py scripts/bench_quantize.py --device cuda \
             --preset mixtral --loop-experts 8 --out "$results/quantize-mixtral-cuda.json" \
