@@ -45,12 +45,12 @@ for s in $steps; do
             --samples 128 --seq-len 2048 --out "$results/e2e-qwen3-layer-cuda.json" ;;
     tests)  # in parallel where pytest-xdist is installed, the cores shared out among the workers;
         # -v names each result as it comes, so a run cut short by its limit still says what failed
-        workers=() threads=$OMP_NUM_THREADS
+        workers=() threads=$OMP_NUM_THREADS limit=1500  # about 11 minutes on 2 cores, one process
         if $py -c 'import xdist' 2>/dev/null; then
             n=${TEST_WORKERS:-$(( $(nproc) > 1 ? $(nproc) - 1 : 1 ))}
-            workers=(-n "$n") threads=$(( $(nproc) / n > 0 ? $(nproc) / n : 1 ))
+            workers=(-n "$n") threads=$(( $(nproc) / n > 0 ? $(nproc) / n : 1 )) limit=300
         fi
-        OMP_NUM_THREADS=$threads step tests ${TESTS_LIMIT:-300} $py -m pytest -v -p no:cacheprovider \
+        OMP_NUM_THREADS=$threads step tests ${TESTS_LIMIT:-$limit} $py -m pytest -v -p no:cacheprovider \
             "${workers[@]}" -rfE --tb=short ;;
     chunks)  # the Hessian products at larger chunks than the pipeline's 512 rows (not a default step)
         for rows in 2048 8192; do
