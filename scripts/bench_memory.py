@@ -70,6 +70,9 @@ else:
     report = moeconvert.verify(source, out, samples=samples, seq_len=seq_len, progress=False)
     extra = {"device": str(getattr(report, "device", ""))}
 hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]
+import torch
+if torch.cuda.is_initialized():
+    extra["peak_gpu"] = torch.cuda.max_memory_allocated()
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": int(hwm) * 1024, **extra}))
 """
 
@@ -363,13 +366,14 @@ def qwen3_30b_layer(args: argparse.Namespace) -> None:
     gb = 1e9
     print(f"model {total / gb:.2f} GB, experts {experts / gb:.2f} GB, {result['calibration_tokens']} tokens")
     print(
-        f"{'round':>5}  {'checkout':<40}{'device':>8}{'peak GB':>9}{'s':>8}{'layer s':>9}"
+        f"{'round':>5}  {'checkout':<40}{'device':>8}{'peak GB':>9}{'GPU GB':>8}{'s':>8}{'layer s':>9}"
         "  weights (digest of their SHA-256s)"
     )
     for r in runs:
         layer = sum(r.get("layer_seconds", []))
         print(
             f"{r['round']:>5}  {r['checkout']:<40}{r.get('device', '?'):>8}{r['peak_rss'] / gb:>9.2f}"
+            f"{r['peak_gpu'] / gb if 'peak_gpu' in r else float('nan'):>8.2f}"
             f"{r['seconds']:>8.1f}{layer:>9.1f}  {r['output']}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
