@@ -654,17 +654,21 @@ def print_preset(r: dict[str, Any]) -> None:
         f"a += b: {r['stream_gbs']:.0f} GB/s; threads {r['threads']} of {r['cpu_count']} CPUs; RSS after imports "
         f"{r['rss_imports_bytes'] / 1e9:.2f} GB, with inputs {r['rss_inputs_bytes'] / 1e9:.2f} GB"
     )
+    on_gpu = r.get("peak_device_bytes") is not None
+    gpu_width = 8 if on_gpu else 0  # a column of peak GPU memory on CUDA only
     print(
         f"{'phase':<30}{'target':<9}{'seconds':>9}{'cpu s':>8}{'GFLOP':>8}{'GFLOP/s':>9}{'x matmul':>10}"
-        f"{'(cpu)':>7}{'peak RSS GB':>13}{'other cores':>13}"
+        f"{'(cpu)':>7}{'peak RSS GB':>13}{'GPU GB' if on_gpu else '':>{gpu_width}}{'other cores':>13}"
     )
     for row in r["phases"]:
         gflop = None if row["flops"] is None else row["flops"] / 1e9
         rss = None if row["peak_rss_bytes"] is None else row["peak_rss_bytes"] / 1e9
+        device_peak = row.get("peak_device_bytes")
+        gpu_gb = _fmt(None if device_peak is None else device_peak / 1e9, ".2f") if on_gpu else ""
         print(
             f"{row['phase']:<30}{row['target']:<9}{row['seconds']:>9.2f}{row['cpu_seconds']:>8.2f}"
             f"{_fmt(gflop, '.0f'):>8}{_fmt(row['gflops'], '.1f'):>9}{_fmt(row['of_matmul'], '.2f'):>10}"
-            f"{_fmt(row['of_matmul_cpu'], '.2f'):>7}{_fmt(rss, '.2f'):>13}"
+            f"{_fmt(row['of_matmul_cpu'], '.2f'):>7}{_fmt(rss, '.2f'):>13}{gpu_gb:>{gpu_width}}"
             f"{_fmt(row['other_cores'], '.2f'):>13}{' *' if contended(row, r) else ''}"
         )
     if any(contended(row, r) for row in r["phases"]):
