@@ -151,11 +151,6 @@ def vm_hwm() -> int:
         return int(next(line for line in status if line.startswith("VmHWM")).split()[1]) * 1024
 
 
-def mem_available() -> int:
-    with open("/proc/meminfo") as meminfo:
-        return int(next(line for line in meminfo if line.startswith("MemAvailable")).split()[1]) * 1024
-
-
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -569,8 +564,9 @@ def choose_scale(
     """The width scale for a preset: the one asked for, or with ``auto`` the largest that fits.
 
     ``auto`` halves widths until the layer's estimated peak memory fits in 95% of ``memory_free`` (the
-    host's available memory, or the GPU's free memory) and the estimated run time fits in the budget: Hessians, the batched solve and the loop baseline,
-    at a third of the matmul rate (a lower bound of what the phases reach on a CPU).
+    host's available memory, or the GPU's free memory: :func:`moeconvert.memory.available_bytes`) and
+    the estimated run time fits in the budget: Hessians, the batched solve and the loop baseline, at a
+    third of the matmul rate (a lower bound of what the phases reach on a CPU).
     """
     loop_share = min(loop_experts or p.experts, p.experts) / p.experts
     rate = gflops / 3 * 1e9
@@ -595,15 +591,6 @@ def choose_scale(
         f"({memory / 1e9:.0f} GB usable here) and ~{full['solve'] / 1e12:.0f} TFLOP of solve, "
         f"~{seconds / 60:.0f} min with the baseline here (budget {budget_s:.0f} s)"
     )
-
-
-def free_memory(device: Any) -> int:
-    """Bytes a preset may take on ``device``: the host's available memory, or the GPU's free memory."""
-    import torch
-
-    if torch.device(device).type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return mem_available()
 
 
 def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -808,6 +795,8 @@ def main() -> None:
 
     import torch
 
+    from moeconvert.memory import available_bytes
+
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -825,7 +814,7 @@ def main() -> None:
             args.budget_s,
             args.loop_experts,
             args.max_experts_per_chunk,
-            free_memory(device),
+            available_bytes(device),
         )
         if scale != 1.0:
             print(f"{name}: widths x{scale:g} ({why})", file=sys.stderr)
