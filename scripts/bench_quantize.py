@@ -317,10 +317,10 @@ def timed_solver_parts(totals: dict[str, list[float]], device: Any = "cpu") -> I
 def flush_buffered_rows(acc: Any) -> None:
     """Turn the rows an accumulator still buffers into products now, so they count as accumulation.
 
-    The accumulator multiplies rows in fixed chunks (512 rows by default) and leaves each expert's partial last chunk
-    for ``finalize``; with a few hundred rows per expert that is all of them, and without this the
-    ``x x^T`` work would be timed as part of ``finalize``. Its internal flush is the same call
-    ``finalize`` makes first, so the total is unchanged; if it was renamed nothing is moved.
+    The accumulator multiplies rows in fixed chunks (512 rows by default) and leaves each expert's
+    partial last chunk for ``finalize``; with a few hundred rows per expert that is all of them, and
+    without this the ``x x^T`` work would be timed as part of ``finalize``. Its internal flush is the
+    same call ``finalize`` makes first, so the total is unchanged; if it was renamed nothing is moved.
     """
     flush = getattr(acc, "_flush_all", None)
     if flush is not None:
