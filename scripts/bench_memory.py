@@ -48,6 +48,7 @@ from pathlib import Path
 
 STEP = r"""
 import json, os, sys, time
+import torch
 import moeconvert
 import moeconvert.pipeline
 from moeconvert.pipeline import QuantizeOptions
@@ -68,9 +69,8 @@ if step in ("quantize", "estimate"):
     extra = {"device": report.device, "layer_seconds": [layer.seconds for layer in report.layers]}
 else:
     report = moeconvert.verify(source, out, samples=samples, seq_len=seq_len, progress=False)
-    extra = {"device": str(getattr(report, "device", ""))}
+    extra = {"device": report.device}
 hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]
-import torch
 if torch.cuda.is_initialized():
     extra["peak_gpu"] = torch.cuda.max_memory_allocated()
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": int(hwm) * 1024, **extra}))

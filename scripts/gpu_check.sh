@@ -59,7 +59,7 @@ for s in $steps; do
                 --out "$results/quantize-qwen3-cuda-chunks-$rows.json" --write-dir /tmp/moeconvert-bench
         done ;;
     presets)
-        step bench_quantize_others ${PRESETS_LIMIT:-150} $py scripts/bench_quantize.py --device cuda \
+        step bench_quantize_mixtral ${PRESETS_LIMIT:-150} $py scripts/bench_quantize.py --device cuda \
             --preset mixtral --loop-experts 8 --out "$results/quantize-mixtral-cuda.json" \
             --write-dir /tmp/moeconvert-bench
         step bench_quantize_deepseek ${PRESETS_LIMIT:-150} $py scripts/bench_quantize.py --device cuda \
