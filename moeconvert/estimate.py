@@ -2,10 +2,12 @@
 
 The peak is the layer that needs most, at one of two points of its work:
 
-- **calibrating**: the layer's source tensors, the layer again in the forward dtype, the running Hessian
-  sums of its GPTQ targets, the calibration activations and one batch's temporaries;
+- **calibrating**: the layer's source tensors, the layer again in the forward dtype (less the routed
+  experts' down projection, which a statistics pass never reads), the running Hessian sums of its GPTQ
+  targets, the calibration activations and one batch's temporaries;
 - **solving** a target, one expert at a time at least: the source tensors, the sums of the targets not
-  yet solved, the packed outputs of those solved, that target's layer-wide prior, the solver's buffers
+  yet solved, the packed outputs and the codes of those solved, that target's layer-wide prior, the
+  solver's buffers
   (:func:`solve_working_bytes`, the budget ``auto_experts_per_chunk`` also uses), and the activations
   when they stay in memory (below ``SPILL_BYTES``).
 
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .families.base import FUSED_DOWN
 from .quant.hessian import CHUNK_ROWS, SUMS_DTYPE
 
 if TYPE_CHECKING:
@@ -78,6 +81,17 @@ def _output_bytes(target: Target, shape: tuple[int, ...]) -> int:
     return weights * target.scheme.bits // 8 + groups * 8
 
 
+def _solved_bytes(target: Target, shape: tuple[int, ...]) -> int:
+    """A solved target until the layer's output pass: its output tensors, and its codes (a byte per
+    weight, a float32 scale and an int32 zero point per group), which that pass decodes."""
+    in_features, weights = shape[-1], math.prod(shape)
+    return (
+        _output_bytes(target, shape)
+        + weights
+        + weights // in_features * target.scheme.groups(in_features) * 8
+    )
+
+
 def _own_accumulator(target: Target, targets: list[Target]) -> bool:
     """False for a projection that takes its sibling's very input (k and v after q, up after gate) and
     so shares its accumulator (``LayerStatistics._shares_input``)."""
@@ -115,6 +129,8 @@ def layer_peak_bytes(
         return source + max((local[t.local].numel() * 9 for t in targets), default=0)
     gptq = sorted((t for t in targets if t.scheme.method == "gptq"), key=lambda t: t.local)
     forward = sum(t.numel() * forward_bytes for t in local.values() if t.is_floating_point())
+    hooked = any(t.kind in ("gate_up", "down") for t in gptq) and FUSED_DOWN in local
+    unread = local[FUSED_DOWN].numel() * forward_bytes if hooked else 0  # not in a statistics pass
     sums = [_sums_bytes(t, tuple(local[t.local].shape)) for t in gptq]
     widest = max((local[t.local].shape[-2] for t in gptq), default=hidden_size)
     batch = batch_tokens * (4 * hidden_size + widest) * forward_bytes
@@ -132,7 +148,9 @@ def layer_peak_bytes(
         if t.local in replaying
     }
     sums = [kept_inputs.get(t.local, size) if t in owners else 0 for size, t in zip(sums, gptq, strict=True)]
-    calibrating = source + forward + sum(sums) + accumulating + activation_bytes + batch if gptq else 0
+    calibrating = (
+        source + forward - unread + sum(sums) + accumulating + activation_bytes + batch if gptq else 0
+    )
     solving = 0
     for index, target in enumerate(gptq):  # in the pipeline's order; a solved target's sums are freed
         shape = tuple(local[target.local].shape)
@@ -141,7 +159,7 @@ def layer_peak_bytes(
         working = solve_working_bytes(in_features, out_features, 1) + _hessian_bytes(in_features)
         if target.local in replaying:
             working += replay_bytes_per_expert(in_features, SUMS_DTYPE)
-        done = sum(_output_bytes(t, tuple(local[t.local].shape)) for t in gptq[:index])
+        done = sum(_solved_bytes(t, tuple(local[t.local].shape)) for t in gptq[:index])
         held = source + sum(sums[index:]) + done + (0 if spilled else activation_bytes)
         solving = max(solving, held + working)
     outputs = sum(_output_bytes(t, tuple(local[t.local].shape)) for t in targets)

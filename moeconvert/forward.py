@@ -14,7 +14,7 @@ is computes that attention once, not twice.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -38,11 +38,14 @@ class _Catcher(nn.Module):
         raise _Caught
 
 
-def _materialise(module: nn.Module, state: dict[str, torch.Tensor], device: torch.device) -> None:
-    """Give a meta module real storage from ``state``; non-persistent buffers are recomputed by caller."""
+def _materialise(
+    module: nn.Module, state: dict[str, torch.Tensor], device: torch.device, unread: Collection[str] = ()
+) -> None:
+    """Give a meta module real storage from ``state``; non-persistent buffers are recomputed by caller.
+    Names in ``unread`` keep the uninitialised storage they get here (on a CPU, memory never touched)."""
     module.to_empty(device=device)
     missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
-    if unexpected or [m for m in missing if not _is_nonpersistent(module, m)]:
+    if unexpected or [m for m in missing if m not in unread and not _is_nonpersistent(module, m)]:
         raise RuntimeError(
             f"layer weights do not fit the model definition: missing {missing}, unexpected {unexpected}"
         )
@@ -153,14 +156,18 @@ class LayerwiseModel:
         return self._kwargs[key]
 
     @contextmanager
-    def layer(self, index: int, tensors: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
+    def layer(
+        self, index: int, tensors: dict[str, torch.Tensor], unread: Collection[str] = ()
+    ) -> Iterator[nn.Module]:
         """Decoder layer ``index`` with real weights while the block runs; back to meta after.
 
         ``tensors`` are named relative to the layer (``self_attn.q_proj.weight``...), fused layout.
+        ``unread`` names tensors the caller's passes never read (a statistics pass's routed down
+        projection): they are neither moved nor converted, and their storage is left uninitialised.
         """
         module = self.backbone.layers[index]
-        state = {n: on_device(t, self.device, self.dtype) for n, t in tensors.items()}
-        _materialise(module, state, self.device)
+        state = {n: on_device(t, self.device, self.dtype) for n, t in tensors.items() if n not in unread}
+        _materialise(module, state, self.device, unread)
         try:
             yield module
         finally:

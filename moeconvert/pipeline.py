@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -247,12 +247,29 @@ class LayerStatistics:
             self.accumulators[FUSED_GATE_UP] = gate_up(hidden, len(self.owned))
             self.accumulators[FUSED_DOWN] = HessianAccumulator(width, len(self.owned))
 
+    skips_routed_forward: ClassVar[bool] = True  # see :meth:`hooks`; off only to compare against
+
+    @classmethod
+    def unread(cls, targets: list[Target]) -> tuple[str, ...]:
+        """Layer tensors a statistics pass never reads, so it need not fill or widen them: the routed
+        experts' down projection. Their hook computes ``act(gate) * up`` itself, and the experts' own
+        forward pass is skipped (:meth:`hooks`): at Mixtral-8x7B's width that is 1.9 GB of float32
+        weights a calibration pass no longer holds."""
+        hooked = any(t.kind in ("gate_up", "down") and t.scheme.method == "gptq" for t in targets)
+        return (FUSED_DOWN,) if hooked and cls.skips_routed_forward else ()
+
     @contextmanager
     def hooks(self) -> Iterator[None]:
+        """The statistics hooks, while the block runs. The routed experts' forward pass is replaced by
+        zeros meanwhile: their hook has already taken all their statistics, and nothing later in the
+        layer adds any from their output (DeepSeek's shared experts, which run after them, read the
+        layer's input), so computing it would be thrown away with the pass's output."""
         handles = []
         for key, module in self.modules.items():
             if key == "experts":
                 handles.append(module.register_forward_pre_hook(self._experts_hook, with_kwargs=True))
+                if self.skips_routed_forward:  # an instance attribute: nn.Module calls it, hooks first
+                    module.forward = _no_routed_output
             else:
                 handles.append(module.register_forward_pre_hook(self._dense_hook(key)))
         try:
@@ -260,6 +277,9 @@ class LayerStatistics:
         finally:
             for handle in handles:
                 handle.remove()
+            experts = self.modules.get("experts")
+            if experts is not None and "forward" in vars(experts):
+                del experts.forward
 
     @contextmanager
     def one_pass(self) -> Iterator[None]:
@@ -354,6 +374,11 @@ class LayerStatistics:
                 continue
             gate, up = F.linear(rows, experts.gate_up_proj[expert]).chunk(2, dim=-1)
             self.accumulators[FUSED_DOWN].add_expert(local, (experts.act_fn(gate) * up).float())
+
+
+def _no_routed_output(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """What the routed experts add to a statistics pass's output, which is thrown away: nothing."""
+    return torch.zeros_like(hidden_states)
 
 
 def _same(a: Any, b: tuple[torch.Tensor, ...]) -> bool:
@@ -515,12 +540,18 @@ def auto_experts_per_chunk(
     return max(1, int((budget - shared) // per_expert))
 
 
-def _dequantized(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
-    """``qw`` decoded to ``dtype`` on the CPU, one expert at a time: a whole stack decoded in float32
-    first would be twice the stack (7.5 GB for Mixtral-8x7B's gate_up)."""
+def _dequantized(
+    qw: QuantizedWeight, dtype: torch.dtype, forward_dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``qw`` decoded for a forward pass: rounded to ``dtype`` (the source's, so the next layer sees the
+    weights a loader of the output sees), held in ``forward_dtype`` on ``device``, one expert at a time.
+
+    Decoded straight into the pass's buffer, a stack is built once: not decoded in ``dtype`` on the host
+    and then converted (and, on a GPU, carried to the host and back) for the pass, nor decoded whole in
+    float32 first, which would be twice the stack (7.5 GB for Mixtral-8x7B's gate_up)."""
+    out = torch.empty(qw.codes.shape, dtype=forward_dtype, device=device)
     if qw.codes.dim() == 2:
-        return qw.dequantize().to(dtype).cpu()
-    out = torch.empty(qw.codes.shape, dtype=dtype)
+        return out.copy_(qw.dequantize().to(dtype))
     for expert in range(qw.codes.shape[0]):
         out[expert] = _expert(qw, expert).dequantize().to(dtype)
     return out
@@ -763,11 +794,12 @@ class Quantizer:
                 hidden.clear()
             release_freed_memory()  # the pass's temporaries: the solves, where memory peaks, come next
             bar.set_postfix_str("solving")
-            dequantized = dict(local)
+            target_names = {t.local for t in targets}
+            kept = {n: t for n, t in local.items() if n not in target_names}
+            solved: dict[str, tuple[QuantizedWeight, torch.dtype]] = {}  # decoded for the output pass
             schemes: dict[str, Scheme] = {}
-            for target in targets:  # each source stack goes before its decoded copy comes
-                del dequantized[target.local]
-                dequantized[target.local] = self._quantize_target(
+            for target in targets:  # each source stack goes as it is solved
+                solved[target.local] = self._quantize_target(
                     target, local, stats, prefix, report, out, schemes, bar
                 )
             stats = local = None  # the statistics and source weights: room for the forward pass
@@ -775,7 +807,8 @@ class Quantizer:
                 hidden.extend(stored())  # type: ignore[misc]
             bar.set_postfix_str("running")
             if hidden:  # true-sequential: the next layer sees what the quantized layer computes
-                with self.streamed.layer(layer, dequantized) as module:
+                weights = kept | self._decoded(solved)
+                with self.streamed.layer(layer, weights) as module:
                     for index, kept in enumerate(after_attention):  # in place: each batch's input goes
                         run = self.streamed.run_mlp_half if kept else self.streamed.run_layer  # as its
                         hidden[index] = run(module, hidden[index])  # output comes, not all at the end
@@ -794,7 +827,7 @@ class Quantizer:
         batches of ``hidden`` the pass left at the residual stream (see :meth:`_calibrate`)."""
         if not hidden or not any(t.scheme.method == "gptq" for t in targets):
             return None, [False] * len(hidden)
-        with self.streamed.layer(layer, local) as module:
+        with self.streamed.layer(layer, local, unread=LayerStatistics.unread(targets)) as module:
             stats = LayerStatistics(
                 module,
                 targets,
@@ -817,14 +850,15 @@ class Quantizer:
         out: dict[str, torch.Tensor],
         schemes: dict[str, Scheme],
         bar: tqdm,
-    ) -> torch.Tensor:
+    ) -> tuple[QuantizedWeight, torch.dtype]:
         """Solve one target, put its output modules in ``out`` (replacing its source tensors) and their
-        schemes in ``schemes``, and advance ``bar`` by its Linear modules; returns its decoded weight for
-        the layer's forward pass.
+        schemes in ``schemes``, and advance ``bar`` by its Linear modules; returns its codes and the
+        source dtype, which :meth:`_decoded` makes the weight of the layer's output pass from.
 
         The target's source stack is taken out of ``local``, and it and the target's statistics are let go
-        once solved, before the decoded copy is made: at Qwen3-235B-A22B's width the source gate/up stack
-        is 3.2 GB and its held sums 8.6 GB."""
+        once solved: at Qwen3-235B-A22B's width the source gate/up stack is 3.2 GB and its held sums
+        8.6 GB. Its codes (a byte per weight) wait for the output pass, not a decoded copy (two bytes in
+        bf16, four in float32)."""
         weight = local.pop(target.local)
         per_expert = target.modules // weight.shape[0] if target.kind != "dense" else 1
         shown = 0
@@ -861,7 +895,17 @@ class Quantizer:
             out.pop(module.name + ".weight", None)
             out.update({n: t.cpu() for n, t in self.fmt.tensors(module).items()})
             schemes[module.name] = target.scheme
-        return _dequantized(qw, dtype)
+        return qw, dtype
+
+    def _decoded(self, solved: dict[str, tuple[QuantizedWeight, torch.dtype]]) -> dict[str, torch.Tensor]:
+        """The solved targets' weights for the output pass, decoded one at a time (each one's codes go as
+        its weights come) straight into the forward dtype on the device (:func:`_dequantized`)."""
+        weights = {}
+        while solved:
+            name = next(iter(solved))
+            qw, dtype = solved.pop(name)
+            weights[name] = _dequantized(qw, dtype, self.streamed.dtype, self.device)
+        return weights
 
     def _calibrate(
         self, module: nn.Module, hidden: list[torch.Tensor], stats: LayerStatistics, keep_residual: bool

@@ -19,6 +19,7 @@ from conftest import (
     run_cli,
     token_kl,
 )
+from transformers import AutoModelForCausalLM
 
 from moeconvert.distributed import Ranks
 from moeconvert.errors import BadInputError
@@ -367,6 +368,32 @@ def test_output_pass_reuses_the_calibration_attention(
         finished.clear()
     assert (tmp_path / "reused" / "model.safetensors").read_bytes() == (
         tmp_path / "whole" / "model.safetensors"
+    ).read_bytes()
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "mixtral"])
+def test_statistics_passes_skip_the_routed_experts(
+    family: str, trained_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A statistics pass takes nothing from the routed experts' own forward pass, which DeepSeek (its
+    shared experts run after the routed ones) would otherwise run in full: it is skipped, and their
+    down projection is never filled. The routed experts then run only in the output passes, and the
+    output is the same bytes as with them run and filled in every pass."""
+    source = str(trained_models[family])
+    config = load_config(read_config(Path(source)))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    moe = [layer.mlp.experts for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+    ran = count_calls(monkeypatch, type(moe[0]), "forward")
+    batches = -(-FAST.samples // max(1, FAST.batch_tokens // FAST.seq_len))
+    for path in ("skipped", "run"):
+        monkeypatch.setattr(LayerStatistics, "skips_routed_forward", path == "skipped")
+        quantize(source, W4, output=tmp_path / path, options=FAST, verify=False, progress=False)
+        passes = 1 if path == "skipped" or family == "mixtral" else 2  # Mixtral's stop at the experts
+        assert len(ran) == passes * batches * len(moe), (path, len(ran))
+        ran.clear()
+    assert (tmp_path / "skipped" / "model.safetensors").read_bytes() == (
+        tmp_path / "run" / "model.safetensors"
     ).read_bytes()
 
 
