@@ -20,7 +20,8 @@ Many experts (`--qwen3-30b-layer`): one decoder layer at Qwen3-30B-A3B's widths 
 experts of 768, top-8, 32 heads of 128, 4 KV heads; vocabulary cut to 32000), quantized with default
 options in a fresh process, for each checkout given by `--checkout` (default: this one) in turn and
 `--repeat` rounds, alternating: the same layer and tokens, so two versions of the code compare in one run
-(with a digest of the weights each wrote).
+(with a digest of the weights each wrote). `--deepseek-v2-lite-layer` does the same at DeepSeek-V2-Lite's
+widths (hidden 2048, 64 experts of 1408, top-6, 2 shared experts, latent attention).
 
 Prints a table and writes JSON.
 
@@ -137,13 +138,20 @@ def main() -> None:
         "--qwen3-30b-layer", action="store_true", help="one layer at Qwen3-30B-A3B widths, default options"
     )
     parser.add_argument(
+        "--deepseek-v2-lite-layer",
+        action="store_true",
+        help="one layer at DeepSeek-V2-Lite widths (shared experts), default options",
+    )
+    parser.add_argument(
         "--checkout",
         type=Path,
         nargs="+",
         default=[Path(__file__).resolve().parent.parent],
-        help="source trees to measure, in turn (--qwen3-30b-layer)",
+        help="source trees to measure, in turn (--qwen3-30b-layer, --deepseek-v2-lite-layer)",
     )
-    parser.add_argument("--repeat", type=int, default=1, help="rounds over the checkouts (--qwen3-30b-layer)")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="rounds over the checkouts (--qwen3-30b-layer, ...)"
+    )
     parser.add_argument(
         "--activations",
         action="store_true",
@@ -172,7 +180,10 @@ def main() -> None:
         qwen3_235b_layer(args)
         return
     if args.qwen3_30b_layer:
-        qwen3_30b_layer(args)
+        compared_layer(args, "qwen3-30b")
+        return
+    if args.deepseek_v2_lite_layer:
+        compared_layer(args, "deepseek-v2-lite")
         return
 
     import torch
@@ -340,16 +351,35 @@ def qwen3_235b_layer(args: argparse.Namespace) -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def qwen3_30b_layer(args: argparse.Namespace) -> None:
-    """One Qwen3-30B-A3B-width layer quantized by each checkout in turn, ``--repeat`` rounds."""
-    work = Path(tempfile.mkdtemp(prefix="bench_memory_qwen3_30b_"))
+# One decoder layer of each model, as ``compared_layer`` builds it: family and config overrides.
+COMPARED_LAYERS = {
+    "qwen3-30b": (
+        "qwen3_moe",
+        dict(
+            hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144, num_experts=128,
+            num_experts_per_tok=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+            vocab_size=32000,
+        ),
+    ),  # DeepSeek-V2-Lite: its shared experts run after the routed ones; multi-head latent attention
+    "deepseek-v2-lite": (
+        "deepseek_v2",
+        dict(
+            hidden_size=2048, moe_intermediate_size=1408, intermediate_size=10944, n_routed_experts=64,
+            n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=0, num_attention_heads=16,
+            num_key_value_heads=16, kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128,
+            qk_rope_head_dim=64, v_head_dim=128, vocab_size=32000,
+        ),
+    ),
+}  # fmt: skip
+
+
+def compared_layer(args: argparse.Namespace, name: str) -> None:
+    """One layer of ``COMPARED_LAYERS[name]`` quantized by each checkout in turn, ``--repeat`` rounds."""
+    work = Path(tempfile.mkdtemp(prefix=f"bench_memory_{name}_"))
     runs = []
+    family, config = COMPARED_LAYERS[name]
     try:
-        src, total, experts = one_layer_model(
-            work, "qwen3_moe", hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144,
-            num_experts=128, num_experts_per_tok=8, num_attention_heads=32, num_key_value_heads=4,
-            head_dim=128, vocab_size=32000,
-        )  # fmt: skip
+        src, total, experts = one_layer_model(work, family, **config)
         for round_ in range(args.repeat):
             for checkout in args.checkout:
                 out = work / "q"
