@@ -795,7 +795,7 @@ class Quantizer:
             release_freed_memory()  # the pass's temporaries: the solves, where memory peaks, come next
             bar.set_postfix_str("solving")
             target_names = {t.local for t in targets}
-            kept = {n: t for n, t in local.items() if n not in target_names}
+            unquantized = {n: t for n, t in local.items() if n not in target_names}
             solved: dict[str, tuple[QuantizedWeight, torch.dtype]] = {}  # decoded for the output pass
             schemes: dict[str, Scheme] = {}
             for target in targets:  # each source stack goes as it is solved
@@ -807,7 +807,7 @@ class Quantizer:
                 hidden.extend(stored())  # type: ignore[misc]
             bar.set_postfix_str("running")
             if hidden:  # true-sequential: the next layer sees what the quantized layer computes
-                weights = kept | self._decoded(solved)
+                weights = unquantized | self._decoded(solved)
                 with self.streamed.layer(layer, weights) as module:
                     for index, kept in enumerate(after_attention):  # in place: each batch's input goes
                         run = self.streamed.run_mlp_half if kept else self.streamed.run_layer  # as its
@@ -901,8 +901,7 @@ class Quantizer:
         """The solved targets' weights for the output pass, decoded one at a time (each one's codes go as
         its weights come) straight into the forward dtype on the device (:func:`_dequantized`)."""
         weights = {}
-        while solved:
-            name = next(iter(solved))
+        for name in list(solved):
             qw, dtype = solved.pop(name)
             weights[name] = _dequantized(qw, dtype, self.streamed.dtype, self.device)
         return weights
@@ -1128,7 +1127,7 @@ def _run(
                     parts.write(index, tensors)
                 done.groups_done, done.layers = index + 1, [asdict(r) for r in report.layers]
                 done.schemes = {name: asdict(scheme) for name, scheme in all_schemes.items()}
-                state.record(done, hidden)
+                hidden = state.record(done, hidden)  # on a CPU: mapped from the record
                 del tensors
                 release_freed_memory()
                 _pause_for_tests(index)

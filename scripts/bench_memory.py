@@ -20,7 +20,8 @@ Many experts (`--qwen3-30b-layer`): one decoder layer at Qwen3-30B-A3B's widths 
 experts of 768, top-8, 32 heads of 128, 4 KV heads; vocabulary cut to 32000), quantized with default
 options in a fresh process, for each checkout given by `--checkout` (default: this one) in turn and
 `--repeat` rounds, alternating: the same layer and tokens, so two versions of the code compare in one run
-(with a digest of the weights each wrote). `--deepseek-v2-lite-layer` does the same at DeepSeek-V2-Lite's
+(with a digest of the weights each wrote, and the peak of anonymous memory, sampled, beside the peak RSS,
+which also counts mapped file pages the OS may drop). `--deepseek-v2-lite-layer` does the same at DeepSeek-V2-Lite's
 widths (hidden 2048, 64 experts of 1408, top-6, 2 shared experts, latent attention).
 
 Prints a table and writes JSON.
@@ -48,11 +49,18 @@ import tempfile
 from pathlib import Path
 
 STEP = r"""
-import json, os, sys, time
+import json, os, sys, threading, time
 import torch
 import moeconvert
 import moeconvert.pipeline
 from moeconvert.pipeline import QuantizeOptions
+peak_anon = [0]  # the kernel keeps no high-water mark of anonymous memory alone: sampled every 10 ms
+def sample_anon():
+    while True:
+        anon = next(l for l in open("/proc/self/status") if l.startswith("RssAnon")).split()[1]
+        peak_anon[0] = max(peak_anon[0], int(anon) * 1024)
+        time.sleep(0.01)
+threading.Thread(target=sample_anon, daemon=True).start()
 if "BENCH_SPILL_BYTES" in os.environ:
     moeconvert.pipeline.SPILL_BYTES = int(os.environ["BENCH_SPILL_BYTES"])
 step, source, out, samples, seq_len, forward, statistics = sys.argv[1:8]
@@ -74,6 +82,7 @@ else:
 hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]
 if torch.cuda.is_initialized():
     extra["peak_gpu"] = torch.cuda.max_memory_allocated()
+extra["peak_anon"] = peak_anon[0]
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": int(hwm) * 1024, **extra}))
 """
 
@@ -396,13 +405,14 @@ def compared_layer(args: argparse.Namespace, name: str) -> None:
     gb = 1e9
     print(f"model {total / gb:.2f} GB, experts {experts / gb:.2f} GB, {result['calibration_tokens']} tokens")
     print(
-        f"{'round':>5}  {'checkout':<40}{'device':>8}{'peak GB':>9}{'GPU GB':>8}{'s':>8}{'layer s':>9}"
-        "  weights (digest of their SHA-256s)"
+        f"{'round':>5}  {'checkout':<40}{'device':>8}{'peak GB':>9}{'anon GB':>9}{'GPU GB':>8}{'s':>8}"
+        f"{'layer s':>9}  weights (digest of their SHA-256s)"
     )
     for r in runs:
         layer = sum(r.get("layer_seconds", []))
         print(
             f"{r['round']:>5}  {r['checkout']:<40}{r.get('device', '?'):>8}{r['peak_rss'] / gb:>9.2f}"
+            f"{r.get('peak_anon', float('nan')) / gb:>9.2f}"
             f"{r['peak_gpu'] / gb if 'peak_gpu' in r else float('nan'):>8.2f}"
             f"{r['seconds']:>8.1f}{layer:>9.1f}  {r['output']}"
         )

@@ -12,7 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import run_cli
+
+from moeconvert.resume import Progress, RunState
 
 ARGS = ["--bits", "4", "--group-size", "32", "--samples", "8", "--seq-len", "64", "--no-verify"]
 ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
@@ -92,6 +95,24 @@ def test_killed_run_resumes_to_identical_output(
     assert "3 of 4 layers already done" in resumed.stderr
     assert not partial.exists() and not (out / ".resume").exists() and not (out / ".parts").exists()
     assert_same_output(out, reference)
+
+
+def test_hidden_states_go_on_from_the_record(tmp_path: Path) -> None:
+    """On a CPU the hidden states carried to the next layer are the record's own mapped pages, which
+    the OS may drop under memory pressure and read back, bit for bit what was recorded."""
+    state = RunState(tmp_path, {"seed": 0})
+    state.start()
+    hidden = [torch.randn(2, 8, 16), torch.randn(1, 8, 16, dtype=torch.float64).to(torch.bfloat16)]
+    carried = state.record(Progress(groups_done=1), hidden)
+    assert [(t.dtype, t.shape) for t in carried] == [(t.dtype, t.shape) for t in hidden]
+    assert all(torch.equal(a, b) for a, b in zip(carried, hidden, strict=True))
+    spans = [
+        [int(address, 16) for address in line.split()[0].split("-")]
+        for line in Path("/proc/self/maps").read_text().splitlines()
+        if line.endswith(str(state.hidden_path))
+    ]
+    assert spans and all(any(lo <= t.data_ptr() < hi for lo, hi in spans) for t in carried)
+    assert state.record(Progress(groups_done=2), []) == []
 
 
 def test_other_settings_on_a_partial_output_are_refused(
