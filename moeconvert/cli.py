@@ -447,6 +447,7 @@ def _estimates(summary: ModelSummary, scheme: Any, sizes: dict[str, int]) -> dic
         "output_bytes": summary.weight_bytes[label],
         "download_bytes": summary.disk_bytes["download"],
         "peak_memory_bytes": sizes["peak_memory_bytes"],  # see moeconvert.estimate
+        "activation_bytes": sizes.get("activation_bytes", 0),  # calibration hidden states, in the peak
         "replayed_layers": sizes.get("replayed_layers", 0),  # layers whose gate/up sums are replayed
     }
 
@@ -465,6 +466,11 @@ def _quantize_table(data: dict[str, Any], dry_run: bool) -> str:
             f"needs    {_gb(e['output_bytes'])} output, {_gb(e['download_bytes'])} download, "
             f"~{_gb(e['peak_memory_bytes'])} memory at the peak (the widest layer's solve or calibration)"
         )
+        if e.get("activation_bytes") and data.get("device") == "cpu":
+            lines.append(
+                f"memory   {_gb(e['activation_bytes'])} of that is calibration activations, mapped from disk: "
+                "where memory is short the OS pages them out, and the run goes on"
+            )
         if e.get("replayed_layers"):
             lines.append(
                 f"memory   gate/up statistics replayed from the kept inputs in {e['replayed_layers']} layers "

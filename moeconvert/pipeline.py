@@ -690,10 +690,16 @@ class Quantizer:
             peak = max(peak, self._layer_peak_bytes(targets, local, replayed=replayed))
         return FIXED_BYTES + int(ALLOCATOR_SLACK * peak)
 
+    def activation_bytes(self) -> int:
+        """This rank's calibration hidden states in the forward dtype (0 without calibration)."""
+        forward_bytes = torch.finfo(self._forward_dtype()).bits // 8
+        tokens = self.options.samples * self.options.seq_len if self.needs_calibration else 0
+        return tokens * self.config.hidden_size * forward_bytes // self.ranks.world
+
     def _layer_peak_bytes(self, targets: list[Target], local: dict[str, torch.Tensor], replayed: bool) -> int:
         forward_bytes = torch.finfo(self._forward_dtype()).bits // 8
         tokens = self.options.samples * self.options.seq_len if self.needs_calibration else 0
-        activations = tokens * self.config.hidden_size * forward_bytes // self.ranks.world
+        activations = self.activation_bytes()
         reach = None if self.options.calibrate_all_experts else self.family.top_k(self.config)
         return layer_peak_bytes(
             targets,
@@ -1003,6 +1009,7 @@ def quantize(
         if dry_run:
             report.quantized_modules = sum(t.modules for targets in plan.values() for t in targets)
             report.sizes["peak_memory_bytes"] = runner.peak_memory_bytes(plan)
+            report.sizes["activation_bytes"] = runner.activation_bytes()
             report.sizes["replayed_layers"] = runner.replayed_layers(plan)
             return report
         with _resumable_stops(Path(output)):

@@ -100,7 +100,7 @@ class RunState:
         if self.ranks.writes:
             _write_atomic(self.folder / "progress.json", _dump(progress.__dict__))
         if hidden and hidden[0].device.type == "cpu":
-            return self.hidden(hidden[0].device)
+            return self._read_hidden(hidden[0].device)
         return hidden
 
     def discard(self) -> None:
@@ -108,11 +108,12 @@ class RunState:
         shutil.rmtree(self.folder)
 
     def hidden(self, device: torch.device) -> list[torch.Tensor]:
-        """The recorded hidden states, batch by batch; on a CPU, views of the file's private mapping."""
-        path = self.hidden_path
-        if not path.exists():
-            return []
-        tensors = load_file(path)
+        """The recorded hidden states, batch by batch (none without a record), to resume a run or to
+        bring them back after a layer's solves; on a CPU, views of the file's private mapping."""
+        return self._read_hidden(device) if self.hidden_path.exists() else []
+
+    def _read_hidden(self, device: torch.device) -> list[torch.Tensor]:
+        tensors = load_file(self.hidden_path)
         return [tensors[name].to(device) for name in sorted(tensors)]
 
     def _read_json(self, name: str) -> dict[str, Any] | None:

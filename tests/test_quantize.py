@@ -257,6 +257,10 @@ def test_cli_quantize(trained_models: dict[str, Path], tmp_path: Path) -> None:
     data = json.loads(plan.stdout)
     assert data["quantized_modules"] == 3 * (8 * 3 + 4) and data["estimates"]["output_bytes"] > 0
     assert data["estimates"]["replayed_layers"] == 0  # the sums of a tiny model fit anywhere
+    defaults, hidden = QuantizeOptions(), load_config(read_config(Path(source))).hidden_size
+    assert data["estimates"]["activation_bytes"] == defaults.samples * defaults.seq_len * hidden * 4
+    on_cpu = run_cli("quantize", source, "--dry-run", "--group-size", "32", "--device", "cpu", cwd=tmp_path)
+    assert "calibration activations, mapped from disk" in on_cpu.stdout, on_cpu.stdout
     replayed = run_cli(
         "quantize", source, "--dry-run", "--group-size", "32", "--expert-statistics", "replayed", cwd=tmp_path
     )
