@@ -21,7 +21,8 @@ experts of 768, top-8, 32 heads of 128, 4 KV heads; vocabulary cut to 32000), qu
 options in a fresh process, for each checkout given by `--checkout` (default: this one) in turn and
 `--repeat` rounds, alternating: the same layer and tokens, so two versions of the code compare in one run
 (with a digest of the weights each wrote, and the peak of anonymous memory, sampled, beside the peak RSS,
-which also counts mapped file pages the OS may drop). `--deepseek-v2-lite-layer` does the same at DeepSeek-V2-Lite's
+which also counts mapped file pages the OS may drop; with `--memory-limit` each run is held to that
+many bytes by a memory cgroup, and a run the kernel kills is reported). `--deepseek-v2-lite-layer` does the same at DeepSeek-V2-Lite's
 widths (hidden 2048, 64 experts of 1408, top-6, 2 shared experts, latent attention).
 
 Prints a table and writes JSON.
@@ -33,6 +34,8 @@ Prints a table and writes JSON.
         [--experts-per-chunk 1] --out bench_results/memory-qwen3-235b.json
     python scripts/bench_memory.py --qwen3-30b-layer --samples 4 --seq-len 512 --checkout . ../before \
         --repeat 2 --out bench_results/memory-qwen3-30b.json
+    sudo python scripts/bench_memory.py --qwen3-30b-layer --samples 32 --seq-len 2048 --checkout . ../before \
+        --memory-limit 9.75e9 --out bench_results/memory-qwen3-30b-limited.json
 """
 
 from __future__ import annotations
@@ -98,9 +101,11 @@ def run_step(
     statistics: str = "auto",
     experts_per_chunk: int | None = None,
     checkout: Path | None = None,
+    cgroup: Path | None = None,
 ) -> dict:
     """Run one step in a fresh process; ``checkout``: a source tree whose ``moeconvert`` it imports (it
-    runs there: ``python -c`` puts its working directory first on the path)."""
+    runs there: ``python -c`` puts its working directory first on the path); ``cgroup``: a memory
+    cgroup the process joins before it starts (see ``memory_cgroup``)."""
     # two threads, as on the 2-core machine of docs/PERFORMANCE.md, unless OMP_NUM_THREADS says otherwise
     env = {"TQDM_DISABLE": "1", "PATH": "", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     if checkout is not None:
@@ -127,8 +132,20 @@ def run_step(
         text=True,
         env=env,
         cwd=None if checkout is None else checkout.resolve(),
+        preexec_fn=None if cgroup is None else lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid())),
     )
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def memory_cgroup(limit: int) -> Path:
+    """A fresh memory cgroup that holds its processes to ``limit`` bytes, anonymous memory and page
+    cache together (cgroup v2's ``memory.max``, or v1's ``memory.limit_in_bytes``; needs root). Under
+    it the kernel reclaims clean file pages and kills a process whose anonymous memory alone passes."""
+    v2, v1 = Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/memory")
+    root, knob = (v2, "memory.max") if (v2 / "cgroup.controllers").exists() else (v1, "memory.limit_in_bytes")
+    group = Path(tempfile.mkdtemp(prefix="bench_memory_", dir=root))
+    (group / knob).write_text(str(limit))
+    return group
 
 
 def main() -> None:
@@ -160,6 +177,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--repeat", type=int, default=1, help="rounds over the checkouts (--qwen3-30b-layer, ...)"
+    )
+    parser.add_argument(
+        "--memory-limit",
+        help="bytes (e.g. 9.75e9): each run in a memory cgroup of this size, as root (--qwen3-30b-layer, ...)",
     )
     parser.add_argument(
         "--activations",
@@ -387,12 +408,22 @@ def compared_layer(args: argparse.Namespace, name: str) -> None:
     work = Path(tempfile.mkdtemp(prefix=f"bench_memory_{name}_"))
     runs = []
     family, config = COMPARED_LAYERS[name]
+    cgroup = None if args.memory_limit is None else memory_cgroup(int(float(args.memory_limit)))
     try:
         src, total, experts = one_layer_model(work, family, **config)
         for round_ in range(args.repeat):
             for checkout in args.checkout:
                 out = work / "q"
-                run = run_step("quantize", src, out, args.samples, args.seq_len, checkout=checkout)
+                try:
+                    run = run_step(
+                        "quantize", src, out, args.samples, args.seq_len, checkout=checkout, cgroup=cgroup
+                    )
+                except subprocess.CalledProcessError as err:
+                    if cgroup is None:
+                        raise
+                    runs.append({"round": round_, "checkout": str(checkout), "exit": err.returncode})
+                    shutil.rmtree(out, ignore_errors=True)
+                    continue
                 weights = [
                     line for line in (out / "SHA256SUMS").read_text().splitlines() if "safetensors" in line
                 ]
@@ -401,14 +432,22 @@ def compared_layer(args: argparse.Namespace, name: str) -> None:
                 shutil.rmtree(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result = {**one_layer_run(args, total, experts), "runs": runs}
+        if cgroup is not None:
+            cgroup.rmdir()
+    result = {**one_layer_run(args, total, experts), "memory_limit": args.memory_limit, "runs": runs}
     gb = 1e9
     print(f"model {total / gb:.2f} GB, experts {experts / gb:.2f} GB, {result['calibration_tokens']} tokens")
     print(
         f"{'round':>5}  {'checkout':<40}{'device':>8}{'peak GB':>9}{'anon GB':>9}{'GPU GB':>8}{'s':>8}"
         f"{'layer s':>9}  weights (digest of their SHA-256s)"
     )
+    if cgroup is not None:
+        print(f"each run in a memory cgroup of {float(args.memory_limit) / gb:.2f} GB")
     for r in runs:
+        if "exit" in r:
+            end = "killed by the kernel (out of memory)" if r["exit"] == -9 else f"exited {r['exit']}"
+            print(f"{r['round']:>5}  {r['checkout']:<40}  {end}")
+            continue
         layer = sum(r.get("layer_seconds", []))
         print(
             f"{r['round']:>5}  {r['checkout']:<40}{r.get('device', '?'):>8}{r['peak_rss'] / gb:>9.2f}"
