@@ -23,7 +23,8 @@ options in a fresh process, for each checkout given by `--checkout` (default: th
 (with a digest of the weights each wrote, and the peak of anonymous memory, sampled, beside the peak RSS,
 which also counts mapped file pages the OS may drop; with `--memory-limit` each run is held to that
 many bytes by a memory cgroup, and a run the kernel kills is reported). `--deepseek-v2-lite-layer` does the same at DeepSeek-V2-Lite's
-widths (hidden 2048, 64 experts of 1408, top-6, 2 shared experts, latent attention).
+widths (hidden 2048, 64 experts of 1408, top-6, 2 shared experts, latent attention), and
+`--mixtral-1024-layer` at the width of `--activations`, where many tokens cost little compute.
 
 Prints a table and writes JSON.
 
@@ -169,6 +170,11 @@ def main() -> None:
         help="one layer at DeepSeek-V2-Lite widths (shared experts), default options",
     )
     parser.add_argument(
+        "--mixtral-1024-layer",
+        action="store_true",
+        help="one Mixtral-style layer of hidden 1024 (the width of --activations), default options",
+    )
+    parser.add_argument(
         "--checkout",
         type=Path,
         nargs="+",
@@ -214,6 +220,9 @@ def main() -> None:
         return
     if args.deepseek_v2_lite_layer:
         compared_layer(args, "deepseek-v2-lite")
+        return
+    if args.mixtral_1024_layer:
+        compared_layer(args, "mixtral-1024")
         return
 
     import torch
@@ -398,6 +407,14 @@ COMPARED_LAYERS = {
             n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=0, num_attention_heads=16,
             num_key_value_heads=16, kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128,
             qk_rope_head_dim=64, v_head_dim=128, vocab_size=32000,
+        ),
+    ),
+    # the width of --activations: many calibration tokens cost little compute, so activations weigh
+    "mixtral-1024": (
+        "mixtral",
+        dict(
+            hidden_size=1024, intermediate_size=3584, num_local_experts=8, num_attention_heads=16,
+            num_key_value_heads=4, vocab_size=32000,
         ),
     ),
 }  # fmt: skip
