@@ -100,6 +100,24 @@ def _own_accumulator(target: Target, targets: list[Target]) -> bool:
     return sibling is None or not any(t.local == f"{parent}.{sibling}.weight" for t in targets)
 
 
+def _solve_rows(target: Target, gptq: list[Target], local: dict[str, torch.Tensor]) -> int:
+    """Rows of the solve that ``target`` starts: a dense Linear is solved with the siblings that share its
+    sums, as one stack (``LayerStatistics.solve_groups``), at the first of them in the pipeline's order;
+    the others of its group start none."""
+    if target.kind != "dense":
+        return local[target.local].shape[-2]
+    group = [t for t in gptq if t.kind == "dense" and _input_owner(t, gptq) == _input_owner(target, gptq)]
+    return sum(local[t.local].shape[-2] for t in group) if group[0] is target else 0
+
+
+def _input_owner(target: Target, targets: list[Target]) -> str:
+    """The target whose accumulator ``target`` adds to: its sibling of the same input, or itself."""
+    if _own_accumulator(target, targets):
+        return target.local
+    parent, _, leaf = target.local.removesuffix(".weight").rpartition(".")
+    return f"{parent}.{_SAME_INPUT[leaf]}.weight"
+
+
 def _sums_bytes(target: Target, shape: tuple[int, ...]) -> int:
     """Running Hessian sums of one GPTQ target: one per expert, or one for a dense Linear."""
     return (1 if target.kind == "dense" else shape[0]) * _hessian_bytes(shape[-1])
@@ -154,7 +172,9 @@ def layer_peak_bytes(
     solving = 0
     for index, target in enumerate(gptq):  # in the pipeline's order; a solved target's sums are freed
         shape = tuple(local[target.local].shape)
-        in_features, out_features = shape[-1], shape[-2]
+        in_features, out_features = shape[-1], _solve_rows(target, gptq, local)
+        if not out_features:  # solved with the first of its group
+            continue
         # a stack's layer-wide prior; a dense Linear's finalized Hessian (q, k and v share their sums)
         working = solve_working_bytes(in_features, out_features, 1) + _hessian_bytes(in_features)
         if target.local in replaying:

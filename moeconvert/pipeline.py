@@ -247,6 +247,26 @@ class LayerStatistics:
             self.accumulators[FUSED_GATE_UP] = gate_up(hidden, len(self.owned))
             self.accumulators[FUSED_DOWN] = HessianAccumulator(width, len(self.owned))
 
+    shares_solves: ClassVar[bool] = True  # see :meth:`solve_groups`; off only to compare against
+
+    def solve_groups(self, targets: list[Target], local: dict[str, torch.Tensor]) -> list[list[Target]]:
+        """The layer's targets in solve order, grouped where one solve serves several.
+
+        Dense GPTQ targets that share one accumulator (q, k and v read the very same input, as do a
+        dense MLP's gate and up: :meth:`_shares_input`) have one Hessian; with one scheme and one dtype
+        they are solved as one stack of their rows: one factorization and one column loop, not one
+        each. GPTQ treats rows independently given the Hessian (the solver's ops are elementwise along
+        them, or matmuls in which they are the independent dimension), so each target gets the codes
+        its own solve gives: the same bytes (``tests/test_quantize.py``). A group takes the place of
+        its first member."""
+        groups: dict[tuple[int, Scheme, torch.dtype] | int, list[Target]] = {}
+        for index, target in enumerate(targets):
+            acc = self.accumulators.get(target.local)
+            shared = self.shares_solves and acc is not None and target.kind == "dense"
+            key = (id(acc), target.scheme, local[target.local].dtype) if shared else index
+            groups.setdefault(key, []).append(target)
+        return list(groups.values())
+
     skips_routed_forward: ClassVar[bool] = True  # see :meth:`hooks`; off only to compare against
 
     @classmethod
@@ -804,10 +824,9 @@ class Quantizer:
             unquantized = {n: t for n, t in local.items() if n not in target_names}
             solved: dict[str, tuple[QuantizedWeight, torch.dtype]] = {}  # decoded for the output pass
             schemes: dict[str, Scheme] = {}
-            for target in targets:  # each source stack goes as it is solved
-                solved[target.local] = self._quantize_target(
-                    target, local, stats, prefix, report, out, schemes, bar
-                )
+            groups = stats.solve_groups(targets, local) if stats else [[t] for t in targets]
+            for group in groups:  # each source stack goes as it is solved
+                solved |= self._quantize_targets(group, local, stats, prefix, report, out, schemes, bar)
             stats = local = None  # the statistics and source weights: room for the forward pass
             if spill:
                 hidden.extend(stored())  # type: ignore[misc]
@@ -846,9 +865,9 @@ class Quantizer:
             with stats.hooks():
                 return stats, self._calibrate(module, hidden, stats, keep_residual=keep)
 
-    def _quantize_target(
+    def _quantize_targets(
         self,
-        target: Target,
+        group: list[Target],
         local: dict[str, torch.Tensor],
         stats: LayerStatistics | None,
         prefix: str,
@@ -856,17 +875,21 @@ class Quantizer:
         out: dict[str, torch.Tensor],
         schemes: dict[str, Scheme],
         bar: tqdm,
-    ) -> tuple[QuantizedWeight, torch.dtype]:
-        """Solve one target, put its output modules in ``out`` (replacing its source tensors) and their
-        schemes in ``schemes``, and advance ``bar`` by its Linear modules; returns its codes and the
+    ) -> dict[str, tuple[QuantizedWeight, torch.dtype]]:
+        """Solve one target, or a group of dense ones that :func:`solve_groups` lets share a solve, as one
+        stack of rows; put their output modules in ``out`` (replacing their source tensors) and their
+        schemes in ``schemes``, and advance ``bar`` by their Linear modules. Returns each one's codes and
         source dtype, which :meth:`_decoded` makes the weight of the layer's output pass from.
 
-        The target's source stack is taken out of ``local``, and it and the target's statistics are let go
-        once solved: at Qwen3-235B-A22B's width the source gate/up stack is 3.2 GB and its held sums
-        8.6 GB. Its codes (a byte per weight) wait for the output pass, not a decoded copy (two bytes in
-        bf16, four in float32)."""
-        weight = local.pop(target.local)
-        per_expert = target.modules // weight.shape[0] if target.kind != "dense" else 1
+        The source stacks are taken out of ``local``, and they and their statistics are let go once
+        solved: at Qwen3-235B-A22B's width the source gate/up stack is 3.2 GB and its held sums 8.6 GB.
+        Their codes (a byte per weight) wait for the output pass, not a decoded copy (two bytes in bf16,
+        four in float32)."""
+        first = group[0]
+        weights = [local.pop(t.local) for t in group]
+        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+        per_expert = first.modules // weight.shape[0] if first.kind != "dense" else 1
+        total = sum(t.modules for t in group)
         shown = 0
 
         def solved(experts: int) -> None:
@@ -875,7 +898,7 @@ class Quantizer:
             shown += experts * per_expert
 
         qw, counts = solve(
-            target,
+            first,
             weight.to(self.device),
             stats,
             self.options.min_tokens,
@@ -883,14 +906,34 @@ class Quantizer:
             self.options.experts_per_chunk,
             solved,
         )
-        bar.update(target.modules - shown)  # what other ranks solved, a dense target, an RTN stack
+        bar.update(total - shown)  # what other ranks solved, a dense target, an RTN stack
         dtype = weight.dtype
         del weight
-        if stats is not None:  # this target's statistics are spent
-            stats.accumulators.pop(target.local, None)
-        if target.kind == "gate_up" and counts:
+        if stats is not None:  # these targets' statistics are spent
+            for target in group:
+                stats.accumulators.pop(target.local, None)
+        if first.kind == "gate_up" and counts:
             report.tokens_per_expert = counts
             report.starved_experts = [e for e, c in enumerate(counts) if c < self.options.min_tokens]
+        codes = {}
+        start = 0
+        for target, source in zip(group, weights, strict=True):
+            rows = source.shape[0]
+            codes[target.local] = (qw if len(group) == 1 else _rows(qw, slice(start, start + rows)), dtype)
+            start += rows
+            self._store(target, codes[target.local][0], dtype, prefix, out, schemes)
+        return codes
+
+    def _store(
+        self,
+        target: Target,
+        qw: QuantizedWeight,
+        dtype: torch.dtype,
+        prefix: str,
+        out: dict[str, torch.Tensor],
+        schemes: dict[str, Scheme],
+    ) -> None:
+        """A solved target's output modules into ``out``, in place of its source tensors."""
         if self.fmt.layout == "fused":  # one stacked entry per projection, runtime names
             name = prefix + target.local.removesuffix(".weight")
             modules = [QuantizedModule(name, qw, target.scheme, dtype)]
@@ -901,7 +944,6 @@ class Quantizer:
             out.pop(module.name + ".weight", None)
             out.update({n: t.cpu() for n, t in self.fmt.tensors(module).items()})
             schemes[module.name] = target.scheme
-        return qw, dtype
 
     def _decoded(self, solved: dict[str, tuple[QuantizedWeight, torch.dtype]]) -> dict[str, torch.Tensor]:
         """The solved targets' weights for the output pass, decoded one at a time (each one's codes go as

@@ -21,6 +21,7 @@ from conftest import (
 )
 from transformers import AutoModelForCausalLM
 
+from moeconvert import pipeline
 from moeconvert.distributed import Ranks
 from moeconvert.errors import BadInputError
 from moeconvert.families import family_for, load_config
@@ -398,6 +399,32 @@ def test_statistics_passes_skip_the_routed_experts(
         ran.clear()
     assert (tmp_path / "skipped" / "model.safetensors").read_bytes() == (
         tmp_path / "run" / "model.safetensors"
+    ).read_bytes()
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v2"])
+def test_targets_of_one_hessian_are_solved_as_one(
+    family: str, trained_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dense targets that share an accumulator (q, k and v; a shared expert's gate and up) are solved
+    as one stack of rows: one solve per group, with the same bytes out as one solve each."""
+    source = trained_models[family]
+    _, targets, local, stats = _layer_statistics(source, W4, 0)
+    groups = stats.solve_groups(targets, local)
+    shared = [g for g in groups if len(g) > 1]
+    assert shared and all(len({id(stats.accumulators[t.local]) for t in g}) == 1 for g in shared)
+    assert sorted(t.local for g in groups for t in g) == sorted(t.local for t in targets)
+    solves = count_calls(monkeypatch, pipeline, "gptq_quantize")
+    sizes = {}
+    for mode in ("grouped", "apart"):
+        monkeypatch.setattr(LayerStatistics, "shares_solves", mode == "grouped")
+        quantize(str(source), W4, output=tmp_path / mode, options=FAST, verify=False, progress=False)
+        sizes[mode] = len(solves)
+        solves.clear()
+    layers = load_config(read_config(source)).num_hidden_layers
+    assert sizes["apart"] - sizes["grouped"] == layers * sum(len(g) - 1 for g in shared)
+    assert (tmp_path / "grouped" / "model.safetensors").read_bytes() == (
+        tmp_path / "apart" / "model.safetensors"
     ).read_bytes()
 
 
