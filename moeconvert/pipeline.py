@@ -710,15 +710,19 @@ class Quantizer:
             peak = max(peak, self._layer_peak_bytes(targets, local, replayed=replayed))
         return FIXED_BYTES + int(ALLOCATOR_SLACK * peak)
 
+    @property
+    def calibration_tokens(self) -> int:
+        """Tokens of the whole calibration set (0 for a run without calibration)."""
+        return self.options.samples * self.options.seq_len if self.needs_calibration else 0
+
     def activation_bytes(self) -> int:
         """This rank's calibration hidden states in the forward dtype (0 without calibration)."""
         forward_bytes = torch.finfo(self._forward_dtype()).bits // 8
-        tokens = self.options.samples * self.options.seq_len if self.needs_calibration else 0
-        return tokens * self.config.hidden_size * forward_bytes // self.ranks.world
+        return self.calibration_tokens * self.config.hidden_size * forward_bytes // self.ranks.world
 
     def _layer_peak_bytes(self, targets: list[Target], local: dict[str, torch.Tensor], replayed: bool) -> int:
         forward_bytes = torch.finfo(self._forward_dtype()).bits // 8
-        tokens = self.options.samples * self.options.seq_len if self.needs_calibration else 0
+        tokens = self.calibration_tokens
         activations = self.activation_bytes()
         reach = None if self.options.calibrate_all_experts else self.family.top_k(self.config)
         return layer_peak_bytes(
