@@ -51,7 +51,7 @@ from .memory import available_bytes, memory_budget_bytes, release_freed_memory
 from .progress import progress_bar
 from .quant.calibration import calibration_tokens, tokens_digest
 from .quant.gptq import gptq_quantize
-from .quant.hessian import HessianAccumulator, ReplayedAccumulator
+from .quant.hessian import HessianAccumulator, ReplayedAccumulator, routed_rows
 from .quant.rtn import QuantizedWeight, rtn_quantize
 from .quant.scheme import Scheme
 from .quant.targets import Rule, TargetPolicy
@@ -386,10 +386,14 @@ class LayerStatistics:
         x, mask = tensors
         experts = self.modules["experts"]
         mask = mask[:, self.owned.start : self.owned.stop]
-        gate_up = self.accumulators[FUSED_GATE_UP]  # a replayed one keeps the rows as they are
-        gate_up.add(x if isinstance(gate_up, ReplayedAccumulator) else x.float(), mask)
+        gate_up = self.accumulators[FUSED_GATE_UP]
+        received = routed_rows(x, mask)  # one gather serves both projections' statistics
+        if isinstance(gate_up, ReplayedAccumulator):  # it keeps the layer's rows as they are
+            gate_up.add(x, mask)
+        else:
+            gate_up.add_per_expert([rows.float() for rows in received])
         for local, expert in enumerate(self.owned):
-            rows = x[mask[:, local]]
+            rows = received[local]
             if rows.shape[0] == 0:
                 continue
             gate, up = F.linear(rows, experts.gate_up_proj[expert]).chunk(2, dim=-1)

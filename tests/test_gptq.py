@@ -488,6 +488,27 @@ def test_dense_linear_takes_every_token() -> None:
     torch.testing.assert_close(H[0].double(), hessian_of(x), rtol=1e-5, atol=1e-3)
 
 
+def test_waiting_rows_do_not_hold_their_batch() -> None:
+    """An expert that receives a few rows per batch waits many batches for a full chunk: what it holds
+    meanwhile is its own rows, not the batch they were gathered from (that would keep every batch of
+    the calibration set in memory), and its sums are the same as from one batch of all the rows."""
+    tokens, width = 256, 64
+    acc, whole = HessianAccumulator(width, 3, chunk_size=128), HessianAccumulator(width, 3, chunk_size=128)
+    xs, routes = [], []
+    for batch in range(8):
+        x = torch.randn(tokens, width, generator=torch.Generator().manual_seed(batch))
+        route = torch.zeros(tokens, 2, dtype=torch.long)
+        route[:, 1] = 1
+        route[:3, 1] = 2  # expert 2: three rows per batch, a full chunk only after many batches
+        acc.add(x, route)
+        xs.append(x)
+        routes.append(route)
+        held = sum(piece.untyped_storage().nbytes() for piece in acc._pending[2])
+        assert held == 3 * (batch + 1) * width * 4
+    whole.add(torch.cat(xs), torch.cat(routes))
+    assert torch.equal(acc.finalize(0)[0], whole.finalize(0)[0])
+
+
 def test_accumulation_is_deterministic_and_independent_of_batching() -> None:
     x, routing = routed_inputs()
 

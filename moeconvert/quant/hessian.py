@@ -116,10 +116,7 @@ class HessianAccumulator:
         """
         x = _as_rows(x, self.in_features)
         mask = _routing_mask(routing, x.shape[0], self.num_experts, x.device)
-        pairs = mask.t().nonzero()  # (expert, token), sorted by expert then token
-        per_expert = torch.bincount(pairs[:, 0], minlength=self.num_experts).tolist()
-        gathered = x.index_select(0, pairs[:, 1])
-        for expert, rows in enumerate(gathered.split(per_expert)):
+        for expert, rows in enumerate(routed_rows(x, mask)):
             self._push(expert, rows)
 
     def add_expert(self, expert: int, x: Tensor) -> None:
@@ -226,7 +223,12 @@ class HessianAccumulator:
     # -- internals -------------------------------------------------------------------------------------
 
     def _push(self, expert: int, rows: Tensor) -> None:
-        """Buffer an expert's rows; turn every full chunk into a product, in arrival order."""
+        """Buffer an expert's rows; turn every full chunk into a product, in arrival order.
+
+        Rows left waiting are held as a copy of their own when they are a view of something larger (one
+        gather of a batch's routed rows serves every expert): a view would keep the whole batch alive,
+        and an expert that receives a few rows per batch would keep every batch of the calibration set
+        (Qwen3-30B-A3B: 512 MB each, 32 batches at 128 x 2048 tokens)."""
         if rows.shape[0] == 0:
             return
         self._check_unspent(range(expert, expert + 1))
@@ -235,11 +237,14 @@ class HessianAccumulator:
         self._pending_rows[expert] += rows.shape[0]
         if self._pending_rows[expert] >= self.chunk_size:
             self._flush(expert, whole_chunks_only=True)
+        elif rows.untyped_storage().nbytes() > rows.nbytes:
+            self._pending[expert][-1] = rows.clone()
 
     def _flush(self, expert: int, whole_chunks_only: bool) -> None:
         if self._pending_rows[expert] == 0:
             return
-        rows = torch.cat(self._pending[expert])
+        pending = self._pending[expert]
+        rows = pending[0] if len(pending) == 1 else torch.cat(pending)  # one piece: no copy of it
         full = rows.shape[0] - rows.shape[0] % self.chunk_size if whole_chunks_only else rows.shape[0]
         for start in range(0, full, self.chunk_size):
             self._add_product(expert, rows[start : start + self.chunk_size])
@@ -376,6 +381,14 @@ def _as_rows(x: Tensor, in_features: int) -> Tensor:
     if x.shape[-1] != in_features:
         raise ValueError(f"expected inputs with {in_features} features, got shape {tuple(x.shape)}")
     return x.reshape(-1, in_features)
+
+
+def routed_rows(x: Tensor, mask: Tensor) -> list[Tensor]:
+    """The rows of ``x [T, in]`` that each expert receives under ``mask [T, E]``, in token order: views
+    of one gather, sorted by expert."""
+    pairs = mask.t().nonzero()  # (expert, token), sorted by expert then token
+    per_expert = torch.bincount(pairs[:, 0], minlength=mask.shape[1]).tolist()
+    return list(x.index_select(0, pairs[:, 1]).split(per_expert))
 
 
 def _routing_mask(routing: Tensor | None, tokens: int, num_experts: int, device: torch.device) -> Tensor:
