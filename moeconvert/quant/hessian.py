@@ -115,6 +115,10 @@ class HessianAccumulator:
                 experts").
         """
         x = _as_rows(x, self.in_features)
+        if routing is None:  # every row to every expert, in order: nothing to gather
+            for expert in range(self.num_experts):
+                self._push(expert, x)
+            return
         mask = _routing_mask(routing, x.shape[0], self.num_experts, x.device)
         for expert, rows in enumerate(routed_rows(x, mask)):
             self._push(expert, rows)
@@ -225,10 +229,11 @@ class HessianAccumulator:
     def _push(self, expert: int, rows: Tensor) -> None:
         """Buffer an expert's rows; turn every full chunk into a product, in arrival order.
 
-        Rows left waiting are held as a copy of their own when they are a view of something larger (one
-        gather of a batch's routed rows serves every expert): a view would keep the whole batch alive,
-        and an expert that receives a few rows per batch would keep every batch of the calibration set
-        (Qwen3-30B-A3B: 512 MB each, 32 batches at 128 x 2048 tokens)."""
+        Rows left waiting are held as a copy of their own, fewer than a chunk: they are often a view of
+        something larger (one gather of a batch's routed rows serves every expert, a dense Linear's rows
+        are its input), which would stay alive with them, and an expert that receives a few rows per
+        batch would keep every batch of the calibration set (Qwen3-30B-A3B: 512 MB each, 32 batches at
+        128 x 2048 tokens)."""
         if rows.shape[0] == 0:
             return
         self._check_unspent(range(expert, expert + 1))
@@ -237,7 +242,7 @@ class HessianAccumulator:
         self._pending_rows[expert] += rows.shape[0]
         if self._pending_rows[expert] >= self.chunk_size:
             self._flush(expert, whole_chunks_only=True)
-        elif rows.untyped_storage().nbytes() > rows.nbytes:
+        else:
             self._pending[expert][-1] = rows.clone()
 
     def _flush(self, expert: int, whole_chunks_only: bool) -> None:
