@@ -71,7 +71,13 @@ def _hessian_bytes(in_features: int) -> int:
     return in_features * in_features * (torch.finfo(SUMS_DTYPE).bits // 8)
 
 
-_SAME_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+# a projection -> the siblings, in the order tried, whose very input it takes (and whose hook fires first)
+_SAME_INPUT = {
+    "k_proj": ("q_proj",),
+    "v_proj": ("q_proj",),
+    "up_proj": ("gate_proj",),
+    "kv_a_proj_with_mqa": ("q_a_proj", "q_proj"),  # latent attention, with and without a query LoRA
+}
 
 
 def _output_bytes(target: Target, shape: tuple[int, ...]) -> int:
@@ -95,9 +101,7 @@ def _solved_bytes(target: Target, shape: tuple[int, ...]) -> int:
 def _own_accumulator(target: Target, targets: list[Target]) -> bool:
     """False for a projection that takes its sibling's very input (k and v after q, up after gate) and
     so shares its accumulator (``LayerStatistics._shares_input``)."""
-    parent, _, leaf = target.local.removesuffix(".weight").rpartition(".")
-    sibling = _SAME_INPUT.get(leaf)
-    return sibling is None or not any(t.local == f"{parent}.{sibling}.weight" for t in targets)
+    return _input_owner(target, targets) == target.local
 
 
 def _solve_rows(target: Target, gptq: list[Target], local: dict[str, torch.Tensor]) -> int:
@@ -112,10 +116,10 @@ def _solve_rows(target: Target, gptq: list[Target], local: dict[str, torch.Tenso
 
 def _input_owner(target: Target, targets: list[Target]) -> str:
     """The target whose accumulator ``target`` adds to: its sibling of the same input, or itself."""
-    if _own_accumulator(target, targets):
-        return target.local
     parent, _, leaf = target.local.removesuffix(".weight").rpartition(".")
-    return f"{parent}.{_SAME_INPUT[leaf]}.weight"
+    names = {t.local for t in targets}
+    siblings = (f"{parent}.{sibling}.weight" for sibling in _SAME_INPUT.get(leaf, ()))
+    return next((name for name in siblings if name in names), target.local)
 
 
 def _sums_bytes(target: Target, shape: tuple[int, ...]) -> int:

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM
 from moeconvert import pipeline
 from moeconvert.distributed import Ranks
 from moeconvert.errors import BadInputError
+from moeconvert.estimate import _input_owner
 from moeconvert.families import family_for, load_config
 from moeconvert.forward import LayerwiseModel
 from moeconvert.pipeline import LayerStatistics, QuantizeOptions, Quantizer, quantize, solve
@@ -402,18 +403,23 @@ def test_statistics_passes_skip_the_routed_experts(
     ).read_bytes()
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v2"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v2", "deepseek_v3"])
 def test_targets_of_one_hessian_are_solved_as_one(
     family: str, trained_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Dense targets that share an accumulator (q, k and v; a shared expert's gate and up) are solved
-    as one stack of rows: one solve per group, with the same bytes out as one solve each."""
+    """Dense targets that share an accumulator (q, k and v; a shared expert's gate and up; latent
+    attention's query and kv_a projections) are solved as one stack of rows: one solve per group, with
+    the same bytes out as one solve each. The peak estimate groups them the same way, by name."""
     source = trained_models[family]
     _, targets, local, stats = _layer_statistics(source, W4, 0)
     groups = stats.solve_groups(targets, local)
     shared = [g for g in groups if len(g) > 1]
     assert shared and all(len({id(stats.accumulators[t.local]) for t in g}) == 1 for g in shared)
     assert sorted(t.local for g in groups for t in g) == sorted(t.local for t in targets)
+    by_name: dict[str, list[str]] = {}
+    for target in (t for t in targets if t.kind == "dense"):
+        by_name.setdefault(_input_owner(target, targets), []).append(target.local)
+    assert sorted(by_name.values()) == sorted([t.local for t in g] for g in groups if g[0].kind == "dense")
     solves = count_calls(monkeypatch, pipeline, "gptq_quantize")
     sizes = {}
     for mode in ("grouped", "apart"):
