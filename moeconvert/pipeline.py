@@ -387,13 +387,14 @@ class LayerStatistics:
         experts = self.modules["experts"]
         mask = mask[:, self.owned.start : self.owned.stop]
         gate_up = self.accumulators[FUSED_GATE_UP]
-        received = routed_rows(x, mask)  # one gather serves both projections' statistics
-        if isinstance(gate_up, ReplayedAccumulator):  # it keeps the layer's rows as they are
+        replayed = isinstance(gate_up, ReplayedAccumulator)
+        if replayed:  # it keeps the layer's rows as they are
             gate_up.add(x, mask)
-        else:
-            gate_up.add_per_expert([rows.float() for rows in received])
+        received = routed_rows(x, mask)  # one gather serves both projections' statistics
         for local, expert in enumerate(self.owned):
             rows = received[local]
+            if not replayed:  # widened one expert at a time, not the whole gather at once
+                gate_up.add_expert(local, rows.float())
             if rows.shape[0] == 0:
                 continue
             gate, up = F.linear(rows, experts.gate_up_proj[expert]).chunk(2, dim=-1)
@@ -884,7 +885,7 @@ class Quantizer:
         schemes: dict[str, Scheme],
         bar: tqdm,
     ) -> dict[str, tuple[QuantizedWeight, torch.dtype]]:
-        """Solve one target, or a group of dense ones that :func:`solve_groups` lets share a solve, as one
+        """Solve one target, or a group of dense ones that :meth:`LayerStatistics.solve_groups` lets share a solve, as one
         stack of rows; put their output modules in ``out`` (replacing their source tensors) and their
         schemes in ``schemes``, and advance ``bar`` by their Linear modules. Returns each one's codes and
         source dtype, which :meth:`_decoded` makes the weight of the layer's output pass from.
