@@ -29,6 +29,13 @@ the solve several times slower than a single thread on the 2-core machine of doc
 
     python scripts/bench_quantize.py --preset all --threads 1 --loop-experts 16
 
+With ``--count-operators`` both solves run once more, untimed, on copies of their inputs taken before
+the timed runs, counting the ATen operators they issue (views included); the run also measures what
+issuing one small operator costs here. The share of each timed solve that is Python and dispatch, not
+arithmetic, is estimated as operators x cost per operator over the solve's time. The issue's proxy for
+that share on a CPU, "the per-expert loop >= 3x slower than the batched solve", also moves with how
+much arithmetic each expert has; this is the share itself. The copies raise such a run's peak RSS.
+
 With ``--device cuda`` the same steps run on the GPU: inputs are drawn there, every phase starts and ends
 with a synchronize, the reference rate is the GPU's own float32 matmul (TF32 off, as the pipeline leaves
 it), peak GPU memory is reported beside the host's RSS, and the default calibration is the full
@@ -239,6 +246,48 @@ def stream_gbs(device: Any = "cpu", elements: int = 1 << 26, repeats: int = 3) -
     return 3 * elements * 4 / best / 1e9
 
 
+def operator_counter() -> Any:
+    """A dispatch mode that counts the ATen operators run inside it (``.count``): every operator the
+    solver issues, a view as much as a matmul, each one a trip through Python and torch's dispatcher."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OperatorCount(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    return OperatorCount()
+
+
+def operator_seconds(device: Any = "cpu", steps: int = 20_000, repeats: int = 3) -> float:
+    """Best-of seconds per operator of a Python loop shaped like the solver's per-column steps (index a
+    column of two stacks, update one in place) on tensors too small to compute anything: Python, the
+    views, argument parsing, dispatch, and on a GPU the launch."""
+    import torch
+
+    x, y = torch.zeros(2, 16, 1, device=device), torch.ones(2, 16, 1, device=device)
+
+    def step(i: int) -> None:
+        x[:, i % 16].sub_(y[:, i % 16])
+
+    with operator_counter() as counter:
+        step(0)
+    per_step = counter.count  # two column views and the update
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        for i in range(steps):
+            step(i)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times) / (steps * per_step)
+
+
 # --------------------------------------------------------------------------------------------- worker
 
 
@@ -392,6 +441,7 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(cfg["threads"])
     rss_imports = vm_hwm()
     matmul_start, stream = matmul_gflops(device), stream_gbs(device)
+    operator_cost = operator_seconds(device) if cfg.get("count_operators") else None
 
     x, index = calibration(p, tokens, cfg["seed"], device)
     gate_up_w, down_w = expert_weights(p, cfg["seed"], device)
@@ -437,6 +487,8 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
 
         parts: dict[str, list[float]] = {}
         solve_cost = sum(cost.values())
+        count = cfg.get("count_operators")
+        spare = (hessians.clone(), loop_hessians.clone()) if count else None  # for the counted runs
         with (
             timed_solver_parts(parts, device),
             rec.phase("solve: batched", target, p.experts * solve_cost) as batched_row,
@@ -498,6 +550,28 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
             "speedup_batched_vs_loop_cpu": loop_cpu / batched_row["cpu_seconds"],
             "codes_differing_from_loop": differ / (loop_experts * out * inp),
         }
+        if spare is not None:
+            with operator_counter() as counted_batched:
+                gptq_quantize(
+                    w,
+                    spare[0],
+                    scheme,
+                    max_experts_per_chunk=chunk,
+                    scale_dtype=scale_dtype,
+                    overwrite_hessian=True,
+                )
+            with operator_counter() as counted_loop:
+                for e in range(loop_experts):
+                    gptq_quantize(w[e], spare[1][e], scheme, scale_dtype=scale_dtype, overwrite_hessian=True)
+            batched_ops, loop_ops = counted_batched.count, counted_loop.count
+            summary[target] |= {
+                "operators_batched": batched_ops,
+                "operators_loop": loop_ops,
+                "operators_loop_experts": loop_experts,
+                "dispatch_share_batched": min(1.0, batched_ops * operator_cost / batched_row["seconds"]),
+                "dispatch_share_loop": min(1.0, loop_ops * operator_cost / loop_row["seconds"]),
+            }
+            del spare
         del looped, batched, loop_hessians, w
     del acc_gate_up, acc_down
 
@@ -539,6 +613,7 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
         "matmul_cpu_gflops_end": matmul_end[1],
         "matmul_cpu_gflops_reference": reference_cpu,
         "stream_gbs": stream,
+        "operator_seconds": operator_cost,
         "rss_imports_bytes": rss_imports,
         "rss_inputs_bytes": rss_inputs,
         "peak_rss_bytes": vm_hwm(),
@@ -670,6 +745,14 @@ def print_preset(r: dict[str, Any]) -> None:
             f"by CPU time){note}; "
             f"codes differing from the loop: {s['codes_differing_from_loop']:.2e}"
         )
+        if "operators_batched" in s:
+            print(
+                f"  operators issued: batched {s['operators_batched']:,} "
+                f"({s['operators_batched'] / r['preset']['experts']:,.0f} per expert), loop "
+                f"{s['operators_loop']:,} ({s['operators_loop'] / s['operators_loop_experts']:,.0f} per expert); "
+                f"at {r['operator_seconds'] * 1e6:.1f} us each, Python and dispatch are "
+                f"{s['dispatch_share_batched']:.1%} of the batched solve, {s['dispatch_share_loop']:.1%} of the loop"
+            )
 
 
 def rate_of(
@@ -778,6 +861,12 @@ def main() -> None:
         help="rows per Hessian chunk product (default: the pipeline's CHUNK_ROWS); on a GPU, where 512-row "
         "chunks make many small launches, larger ones trade pending-row memory for fewer of them",
     )
+    parser.add_argument(
+        "--count-operators",
+        action="store_true",
+        help="count the solves' operators (in untimed runs on copies of their inputs) and estimate the "
+        "share of the timed solves that is Python and dispatch",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench_results/quantize.json"))
     parser.add_argument(
@@ -836,6 +925,7 @@ def main() -> None:
             "threads": args.threads,
             "device": args.device,
             "write_dir": str(args.write_dir),
+            "count_operators": args.count_operators,
         }
         result = run_worker(cfg) | {"width_reason": why}
         result["summary"] = summarize(result)
