@@ -885,9 +885,9 @@ class Quantizer:
         schemes: dict[str, Scheme],
         bar: tqdm,
     ) -> dict[str, tuple[QuantizedWeight, torch.dtype]]:
-        """Solve one target, or a group of dense ones that :meth:`LayerStatistics.solve_groups` lets share a solve, as one
-        stack of rows; put their output modules in ``out`` (replacing their source tensors) and their
-        schemes in ``schemes``, and advance ``bar`` by their Linear modules. Returns each one's codes and
+        """Solve one target, or as one stack of rows a group of dense ones that share a solve
+        (:meth:`LayerStatistics.solve_groups`); put their output modules in ``out`` (replacing their
+        source tensors) and their schemes in ``schemes``, and advance ``bar`` by their Linear modules. Returns each one's codes and
         source dtype, which :meth:`_decoded` makes the weight of the layer's output pass from.
 
         The source stacks are taken out of ``local``, and they and their statistics are let go once
