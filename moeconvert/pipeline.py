@@ -315,7 +315,7 @@ class LayerStatistics:
             if self._shares_input(key, args[0]):
                 self._fired(key)
             else:
-                self._seen(key, (args[0].detach().reshape(-1, args[0].shape[-1]).float(),))
+                self._seen(key, (args[0].detach().reshape(-1, args[0].shape[-1]),))
 
         return hook
 
@@ -391,14 +391,14 @@ class LayerStatistics:
         if replayed:  # it keeps the layer's rows as they are
             gate_up.add(x, mask)
         received = routed_rows(x, mask)  # one gather serves both projections' statistics
-        for local, expert in enumerate(self.owned):
+        for local, expert in enumerate(self.owned):  # rows in the forward dtype: see hessian's "Precision"
             rows = received[local]
-            if not replayed:  # widened one expert at a time, not the whole gather at once
-                gate_up.add_expert(local, rows.float())
+            if not replayed:
+                gate_up.add_expert(local, rows)
             if rows.shape[0] == 0:
                 continue
             gate, up = F.linear(rows, experts.gate_up_proj[expert]).chunk(2, dim=-1)
-            self.accumulators[FUSED_DOWN].add_expert(local, (experts.act_fn(gate) * up).float())
+            self.accumulators[FUSED_DOWN].add_expert(local, experts.act_fn(gate) * up)
 
 
 def _no_routed_output(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

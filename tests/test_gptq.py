@@ -459,7 +459,7 @@ def test_replayed_sums_are_the_held_sums_bit_for_bit(dtype: torch.dtype) -> None
     held = HessianAccumulator(48, 7, chunk_size=64)
     replayed = ReplayedAccumulator(48, 7, chunk_size=64, experts_per_replay=3)
     for rows, experts in zip(x.split([100, 333, 1, 466]), routing.split([100, 333, 1, 466]), strict=True):
-        held.add(rows.float(), experts)
+        held.add(rows, experts)
         replayed.add(rows, experts)
     assert replayed.stored_bytes == x.nbytes + 900 * 7
     assert torch.equal(replayed.counts, held.counts) and replayed.counts[6] == 0
@@ -477,6 +477,26 @@ def test_replayed_sums_are_the_held_sums_bit_for_bit(dtype: torch.dtype) -> None
         assert torch.equal(replayed.finalize_with(400, prior, experts=experts)[0], expected)
         in_place = replayed.finalize_with(400, prior, experts=experts, in_place=True)[0]
         assert torch.equal(in_place, expected)  # and the kept inputs can form them again
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_sums_are_float32_products_of_the_rows_as_they_arrive(dtype: torch.dtype) -> None:
+    """bf16 rows are multiplied on the CPU's bf16 units where it has them, float32 rows in float32: either
+    way the sums are those of the rows' own values to float32 accuracy (a bf16 rounding of float32 rows
+    would be 1000x off), over several bands of columns, and float32 matmuls after are full float32."""
+    gen = torch.Generator().manual_seed(3)
+    x = correlated_inputs(1536, 640, gen).to(dtype)
+    precision = torch.backends.mkldnn.matmul.fp32_precision
+    accumulator = HessianAccumulator(640, 2, chunk_size=512)
+    accumulator.add(x, torch.tensor([[0, 1]]).expand(1536, 2))
+    sums = accumulator.sums()
+    assert torch.backends.mkldnn.matmul.fp32_precision == precision
+    reference = x.double().T @ x.double()
+    error = (sums.double() - reference).abs().max() / reference.diagonal().mean()
+    assert error < 1e-5  # float32 products: 3e-7-5e-7 here; rows rounded to bf16: 5e-4
+    assert torch.equal(sums[0], sums[1])
+    a, b = torch.randn(64, 640, generator=gen), torch.randn(640, 64, generator=gen)
+    assert ((a @ b).double() - a.double() @ b.double()).abs().max() < 1e-4
 
 
 def test_dense_linear_takes_every_token() -> None:
