@@ -483,12 +483,13 @@ def test_replayed_sums_are_the_held_sums_bit_for_bit(dtype: torch.dtype) -> None
 def test_sums_are_float32_products_of_the_rows_as_they_arrive(dtype: torch.dtype) -> None:
     """bf16 rows are multiplied on the CPU's bf16 units where it has them, float32 rows in float32: either
     way the sums are those of the rows' own values to float32 accuracy (a bf16 rounding of float32 rows
-    would be 1000x off), over several bands of columns, and float32 matmuls after are full float32."""
+    would be 1000x off), over several bands of columns and a partial last chunk (padded with zero rows
+    on the bf16 units), and float32 matmuls after are full float32."""
     gen = torch.Generator().manual_seed(3)
-    x = correlated_inputs(1536, 640, gen).to(dtype)
+    x = correlated_inputs(1573, 640, gen).to(dtype)
     precision = torch.backends.mkldnn.matmul.fp32_precision
     accumulator = HessianAccumulator(640, 2, chunk_size=512)
-    accumulator.add(x, torch.tensor([[0, 1]]).expand(1536, 2))
+    accumulator.add(x, torch.tensor([[0, 1]]).expand(1573, 2))
     sums = accumulator.sums()
     assert torch.backends.mkldnn.matmul.fp32_precision == precision
     reference = x.double().T @ x.double()

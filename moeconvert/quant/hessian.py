@@ -25,15 +25,16 @@ arrive in bfloat16 (a forward pass in a bf16 checkpoint's own dtype) are multipl
 dot-product units where it has them (AVX512-BF16, AMX), with float32 accumulation and float32 results:
 every product of two bf16 numbers is exact in float32, so this is the float32 product of the same values
 summed in another order, at 2-4x the float32 rate (docs/PERFORMANCE.md, "Hessian products on bf16
-units"). Rows of any other dtype are widened to float32 first and multiplied in float32. The sums
-add one product per 512 rows, so even a dense Linear over 128 x 2048 calibration tokens adds only 512
-of them; measured against float64 sums of the same products, 512 additions leave 3e-7 relative error
-(Frobenius) and at most 2e-5 of the mean diagonal on any entry, 600 times below GPTQ's 1% damping, and
-under the float32 solve's own rounding. Float64 sums would double the largest buffers of a layer (4.3 GB
-for Qwen3-30B-A3B's gate/up experts) and need a widening pass per product; on the benchmark machine,
-where fresh memory costs 0.25-0.9 s per GiB to touch, that made the products 2.5-5x slower
-(docs/PERFORMANCE.md). ``dtype=torch.float64`` is still accepted, for reference checks: its chunk
-products are float64 too.
+units"). A partial chunk goes there padded with zero rows to a multiple of 64 (exact zeros added),
+since oneDNN compiles a kernel per shape, at twenty times the cost of running it. Rows of any other
+dtype are widened to float32 first and multiplied in float32. The sums add one product per 512 rows, so
+even a dense Linear over 128 x 2048 calibration tokens adds only 512 of them; measured against float64
+sums of the same products, 512 additions leave 3e-7 relative error (Frobenius) and at most 2e-5 of the
+mean diagonal on any entry, 600 times below GPTQ's 1% damping, and under the float32 solve's own
+rounding. Float64 sums would double the largest buffers of a layer (4.3 GB for Qwen3-30B-A3B's gate/up
+experts) and need a widening pass per product; on the benchmark machine, where fresh memory costs
+0.25-0.9 s per GiB to touch, that made the products 2.5-5x slower (docs/PERFORMANCE.md).
+``dtype=torch.float64`` is still accepted, for reference checks: its chunk products are float64 too.
 
 Starved experts. A router may send an expert few or no calibration tokens. ``finalize`` fills the
 deficit with pseudo-tokens drawn from the layer-wide statistics (the pool of every row any expert
@@ -71,6 +72,10 @@ CHUNK_ROWS = 512  # rows per chunk product: the unit of deterministic summation
 # Tile of finalize's symmetrization, and band of rows of each chunk product ("Half the products"):
 # fastest of 64-512 at 768-4096 columns on the benchmark machine, for both.
 SYMMETRIZE_TILE = 256
+# Partial chunks on the CPU's bf16 units are padded with zero rows to a multiple of this: oneDNN compiles
+# a kernel for each new shape (20 ms a product at 2048 columns against 1 ms to run it), and the tails of
+# a layer's experts would otherwise bring up to CHUNK_ROWS shapes per width ("Precision").
+BF16_UNITS_ROW_MULTIPLE = 64
 
 
 class HessianAccumulator:
@@ -281,6 +286,8 @@ class HessianAccumulator:
         product), later ones added to them."""
         sums = self._sums_or_zeros(chunk.device)
         on_bf16_units = _exact_on_bf16_units(chunk, sums)  # asked before the rows are widened
+        if on_bf16_units:
+            chunk = _padded_rows(chunk, BF16_UNITS_ROW_MULTIPLE)
         chunk = chunk.to(device=sums.device, dtype=sums.dtype)
         with _float32_matmuls_on_bf16_units() if on_bf16_units else nullcontext():
             _add_upper_product(sums[expert], chunk, overwrite=not self._written[expert])
@@ -436,6 +443,15 @@ def _exact_on_bf16_units(rows: Tensor, sums: Tensor) -> bool:
         and sums.device.type == "cpu"
         and cpu_has_bf16_units()
     )
+
+
+def _padded_rows(rows: Tensor, multiple: int) -> Tensor:
+    """``rows`` with zero rows appended up to a multiple of ``multiple``: they add exact zeros to
+    ``x^T x``, and the product's shape comes from a small set."""
+    missing = -rows.shape[0] % multiple
+    if missing == 0:
+        return rows
+    return torch.cat([rows, rows.new_zeros(missing, rows.shape[1])])
 
 
 @functools.cache
