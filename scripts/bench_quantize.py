@@ -5,7 +5,9 @@ calibration hidden states routed by a random top-k router go through the same st
 pipeline takes for one layer, each timed on its own:
 
 * Hessians: ``gate_up`` statistics of the routed tokens, the per-expert ``act(gate) * up`` forward that
-  ``down`` sees, ``down`` statistics, and ``finalize`` (normalization and the starved-expert prior);
+  ``down`` sees, ``down`` statistics, and ``finalize`` (normalization and the starved-expert prior). The
+  rows reach the accumulator as the pipeline's ``--forward-dtype`` hands them over: widened to float32
+  (``float32``, its default) or in bf16 (``checkpoint``), which a CPU with bf16 units multiplies there;
 * solve: :func:`gptq_quantize` of the whole stack (float32 weights, bf16 scales, as the pipeline does),
   split into its factorization and its column loop, against the baseline measured in the same run, a
   Python loop calling it on one expert at a time;
@@ -457,9 +459,10 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
     counts = mask.sum(0)
     rows = int(counts.sum())
     batches = list(zip(x.split(cfg["batch_tokens"]), mask.split(cfg["batch_tokens"]), strict=True))
+    rows_dtype = torch.bfloat16 if cfg.get("forward_dtype") == "checkpoint" else torch.float32
     with rec.phase("hessian: x x^T", "gate_up", hessian_flops(rows, p.hidden)):
         for xb, mb in batches:
-            acc_gate_up.add(xb.float(), mb)
+            acc_gate_up.add(xb.to(rows_dtype), mb)
         flush_buffered_rows(acc_gate_up)
     down_inputs = []
     with rec.phase("forward: act(gate)*up (bf16)", "down", 2.0 * rows * p.hidden * 2 * p.intermediate):
@@ -467,7 +470,7 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
             per_expert = []
             for e in range(p.experts):
                 gate, up = F.linear(xb[mb[:, e]], gate_up_w[e]).chunk(2, dim=-1)
-                per_expert.append((F.silu(gate) * up).float())
+                per_expert.append((F.silu(gate) * up).to(rows_dtype))
             down_inputs.append(per_expert)
     with rec.phase("hessian: x x^T", "down", hessian_flops(rows, p.intermediate)):
         for per_expert in down_inputs:
@@ -601,6 +604,7 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
         "scheme": scheme.label,
         "max_experts_per_chunk": chunk,
         "hessian_chunk_rows": chunk_rows,
+        "hessian_rows_dtype": str(rows_dtype).removeprefix("torch."),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "matmul_size": matmul_size(device),
@@ -699,7 +703,7 @@ def print_preset(r: dict[str, Any]) -> None:
         f"= {r['routed_rows']} routed rows, per expert {counts['min']}/{counts['median']:g}/{counts['max']} "
         f"(min/median/max), {counts['below_min_tokens']} below min_tokens {r['min_tokens']}; "
         f"{r['scheme']}, bf16 scales, experts per chunk {r['max_experts_per_chunk'] or 'all'}, "
-        f"Hessian chunks of {r.get('hessian_chunk_rows', 512)} rows"
+        f"Hessian chunks of {r.get('hessian_chunk_rows', 512)} rows in {r.get('hessian_rows_dtype', 'float32')}"
     )
     if r["width_scale"] != 1.0:
         print(f"widths x{r['width_scale']:g}: {r['width_reason']}")
@@ -856,6 +860,13 @@ def main() -> None:
     parser.add_argument("--min-tokens", type=int, default=128, help="the pipeline's starved-expert threshold")
     parser.add_argument("--batch-tokens", type=int, default=8192, help="tokens per calibration batch")
     parser.add_argument(
+        "--forward-dtype",
+        choices=["float32", "checkpoint"],
+        default="float32",
+        help="the pipeline's option of that name: the dtype the Hessian rows arrive in (float32, or the "
+        "checkpoint's bf16)",
+    )
+    parser.add_argument(
         "--hessian-chunk-rows",
         type=int,
         help="rows per Hessian chunk product (default: the pipeline's CHUNK_ROWS); on a GPU, where 512-row "
@@ -920,6 +931,7 @@ def main() -> None:
             "group_size": args.group_size,
             "min_tokens": args.min_tokens,
             "batch_tokens": args.batch_tokens,
+            "forward_dtype": args.forward_dtype,
             "hessian_chunk_rows": args.hessian_chunk_rows,
             "seed": args.seed,
             "threads": args.threads,
