@@ -51,7 +51,7 @@ from .memory import available_bytes, memory_budget_bytes, release_freed_memory
 from .progress import progress_bar
 from .quant.calibration import calibration_tokens, tokens_digest
 from .quant.gptq import gptq_quantize
-from .quant.hessian import HessianAccumulator, ReplayedAccumulator, routed_rows
+from .quant.hessian import HessianAccumulator, ReplayedAccumulator, routed_rows, rows_for_bf16_units
 from .quant.rtn import QuantizedWeight, rtn_quantize
 from .quant.scheme import Scheme
 from .quant.targets import Rule, TargetPolicy
@@ -397,8 +397,9 @@ class LayerStatistics:
                 gate_up.add_expert(local, rows)
             if rows.shape[0] == 0:
                 continue
-            gate, up = F.linear(rows, experts.gate_up_proj[expert]).chunk(2, dim=-1)
-            self.accumulators[FUSED_DOWN].add_expert(local, experts.act_fn(gate) * up)
+            gate, up = F.linear(rows_for_bf16_units(rows), experts.gate_up_proj[expert]).chunk(2, dim=-1)
+            down_rows = (experts.act_fn(gate) * up)[: rows.shape[0]]
+            self.accumulators[FUSED_DOWN].add_expert(local, down_rows)
 
 
 def _no_routed_output(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

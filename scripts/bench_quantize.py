@@ -430,7 +430,7 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from moeconvert.quant.gptq import gptq_quantize
-    from moeconvert.quant.hessian import CHUNK_ROWS, HessianAccumulator
+    from moeconvert.quant.hessian import CHUNK_ROWS, HessianAccumulator, rows_for_bf16_units
     from moeconvert.quant.packing import pack_compressed
     from moeconvert.quant.scheme import Scheme
 
@@ -469,8 +469,9 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
         for xb, mb in batches:
             per_expert = []
             for e in range(p.experts):
-                gate, up = F.linear(xb[mb[:, e]], gate_up_w[e]).chunk(2, dim=-1)
-                per_expert.append((F.silu(gate) * up).to(rows_dtype))
+                rows = xb[mb[:, e]]
+                gate, up = F.linear(rows_for_bf16_units(rows), gate_up_w[e]).chunk(2, dim=-1)
+                per_expert.append((F.silu(gate) * up)[: rows.shape[0]].to(rows_dtype))
             down_inputs.append(per_expert)
     with rec.phase("hessian: x x^T", "down", hessian_flops(rows, p.intermediate)):
         for per_expert in down_inputs:

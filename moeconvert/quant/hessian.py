@@ -445,6 +445,16 @@ def _exact_on_bf16_units(rows: Tensor, sums: Tensor) -> bool:
     )
 
 
+def rows_for_bf16_units(rows: Tensor) -> Tensor:
+    """``rows`` as a matmul on the CPU's bf16 units takes them best: bf16 rows on a CPU that has the units
+    padded with zero rows to a multiple of ``BF16_UNITS_ROW_MULTIPLE`` (oneDNN compiles a kernel for each
+    new shape, and routed experts receive every row count), other rows as they are. The caller keeps the
+    first ``rows.shape[0]`` rows of the product."""
+    if rows.dtype != torch.bfloat16 or rows.device.type != "cpu" or not cpu_has_bf16_units():
+        return rows
+    return _padded_rows(rows, BF16_UNITS_ROW_MULTIPLE)
+
+
 def _padded_rows(rows: Tensor, multiple: int) -> Tensor:
     """``rows`` with zero rows appended up to a multiple of ``multiple``: they add exact zeros to
     ``x^T x``, and the product's shape comes from a small set."""
