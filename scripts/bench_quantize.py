@@ -469,9 +469,9 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
         for xb, mb in batches:
             per_expert = []
             for e in range(p.experts):
-                rows = xb[mb[:, e]]
-                gate, up = F.linear(rows_for_bf16_units(rows), gate_up_w[e]).chunk(2, dim=-1)
-                per_expert.append((F.silu(gate) * up)[: rows.shape[0]].to(rows_dtype))
+                expert_rows = xb[mb[:, e]]
+                gate, up = F.linear(rows_for_bf16_units(expert_rows), gate_up_w[e]).chunk(2, dim=-1)
+                per_expert.append((F.silu(gate) * up)[: expert_rows.shape[0]].to(rows_dtype))
             down_inputs.append(per_expert)
     with rec.phase("hessian: x x^T", "down", hessian_flops(rows, p.intermediate)):
         for per_expert in down_inputs:
