@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from .errors import CorruptCheckpointError, MoeConvertError, OutputExistsError
 from .safetensors_header import DTYPE_SIZES, MAX_HEADER_BYTES, TensorMeta, read_header
 from .shard_digest import GrowingFileDigest, HashBacklog, hash_workers
+from .writeback import WritebackBehind
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -417,7 +418,9 @@ class ShardedWriter:
     are the three costs of writing, and none waits for another: each shard is hashed on a thread of
     its own that reads it back from the page cache right behind the writes (so shards are hashed on as
     many cores as are free, see :mod:`.shard_digest`; the writer waits only if more than
-    ``MAX_UNHASHED_BYTES`` await their hash), and a closed shard is fsynced while the next one is written. :meth:`finish` returns only when every shard is hashed and on disk.
+    ``MAX_UNHASHED_BYTES`` await their hash), its writeback to disk is started behind the writes too
+    (:mod:`.writeback`), and a closed shard is fsynced while the next one is written. :meth:`finish`
+    returns only when every shard is hashed and on disk.
     """
 
     def __init__(self, folder: Path, groups: Sequence[Sequence[PlannedTensor]], max_shard_size: int) -> None:
@@ -429,6 +432,7 @@ class ShardedWriter:
         self._next_group = 0
         self._file: BinaryIO | None = None
         self._digest: GrowingFileDigest | None = None  # of the open shard
+        self._writeback: WritebackBehind | None = None  # of the open shard
         self._hasher = ThreadPoolExecutor(hash_workers(len(self.shards)), thread_name_prefix="sha256")
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="fsync")
         self._hashing: dict[str, Future[str]] = {}  # shard -> its sha256
@@ -478,19 +482,21 @@ class ShardedWriter:
         header += b" " * (-len(header) % 8)  # keep tensor data 8-byte aligned
         path = self.folder / self.names[shard]
         self._file = path.open("wb")
+        self._writeback = WritebackBehind(self._file.fileno())
         # hashed behind the writes: the manifest reads no shard again
         self._digest = GrowingFileDigest(path, self.backlog)
         self._hashing[self.names[shard]] = self._hasher.submit(self._digest.run)
         self._write_bytes(len(header).to_bytes(8, "little") + header)
 
     def _write_bytes(self, data: bytes | memoryview) -> int:
-        assert self._file is not None and self._digest is not None
+        assert self._file is not None and self._digest is not None and self._writeback is not None
         view = memoryview(data)
         self.backlog.wait_for_room()
         for start in range(0, len(view), WRITE_BYTES):
             self._file.write(view[start : start + WRITE_BYTES])
         self._file.flush()  # the hashing thread reads the file through its own descriptor
         self._digest.advance(self._file.tell())
+        self._writeback.written(self._file.tell())
         return len(data)
 
     def _close_shard(self, shard: int) -> None:
@@ -498,7 +504,7 @@ class ShardedWriter:
         self._file.flush()
         self._digest.close()
         self._closing.append(self._syncer.submit(_sync_and_close, self._file))
-        self._file = self._digest = None
+        self._file = self._digest = self._writeback = None
 
     def abort(self) -> None:
         """Close the open shard and wait for the worker threads (after an error; harmless after success)."""
@@ -507,7 +513,7 @@ class ShardedWriter:
             self._digest = None
         if self._file is not None:
             self._file.close()
-            self._file = None
+            self._file = self._writeback = None
         self._hasher.shutdown()
         self._syncer.shutdown()
 

@@ -1,11 +1,13 @@
 """Benchmark fuse/unfuse throughput against a plain copy of the same shards, and their peak memory.
 
 Builds a synthetic Mixtral-style checkpoint (random bf16 weights, transformers' own classes; about
-2.1 GB by default), then times, in rounds, four steps on it, each in a fresh process:
+2.1 GB by default), then times, in rounds, five steps on it, each in a fresh process:
 
 - ``copy``: ``shutil.copyfile`` of every shard (what the disk and page cache allow);
-- ``copy+fsync``: the same, each shard fsynced after its copy: the durable I/O limit, since fuse and
-  unfuse fsync every shard before the output folder is renamed into place;
+- ``copy+fsync``: the same, each shard fsynced after its copy: the durable I/O limit of a plain copy,
+  since fuse and unfuse fsync every shard before the output folder is renamed into place;
+- ``copy+wb``: each shard copied in 1 MiB writes with its writeback started behind them, as fuse and
+  unfuse write (``moeconvert.writeback``), then fsynced: the durable limit of that way of writing;
 - ``fuse`` and ``unfuse`` (of fuse's output), with ``max_shard_size="1GB"``.
 
 Each step first imports torch and transformers and builds transformers' model class on the meta
@@ -76,6 +78,17 @@ def prime_page_cache(size):
             f.write(block)
     scratch.unlink()
 
+def copy_with_writeback():
+    from moeconvert.writeback import WritebackBehind
+    dst.mkdir()
+    for path in sorted(src.glob("*.safetensors")):
+        with open(path, "rb", buffering=0) as source, open(dst / path.name, "wb", buffering=0) as out:
+            behind, end = WritebackBehind(out.fileno()), 0
+            while chunk := source.read(1 << 20):
+                end += out.write(chunk)
+                behind.written(end)
+            os.fsync(out.fileno())
+
 setup = time.perf_counter()
 moeconvert.relayout.model_shapes(load_config(read_config(src)))  # transformers' modeling import
 setup = time.perf_counter() - setup
@@ -86,6 +99,8 @@ start_rss = status("VmRSS")
 t = time.perf_counter()
 if step in ("copy", "copy+fsync"):
     copy(step == "copy+fsync")
+elif step == "copy+wb":
+    copy_with_writeback()
 else:
     getattr(moeconvert, step)(str(src), str(dst), max_shard_size="1GB")
 seconds = time.perf_counter() - t
@@ -93,7 +108,7 @@ print(json.dumps({"seconds": seconds, "setup_seconds": setup, "start_rss": start
                   "peak_rss": status("VmHWM")}))
 """
 
-STEPS = ("copy", "copy+fsync", "fuse", "unfuse")
+STEPS = ("copy", "copy+fsync", "copy+wb", "fuse", "unfuse")
 
 
 def run_step(step: str, src: Path, dst: Path) -> dict:
