@@ -56,6 +56,15 @@ def replay_bytes_per_expert(in_features: int, dtype: torch.dtype) -> int:
     return in_features * in_features * (torch.finfo(dtype).bits // 8) + CHUNK_ROWS * in_features * 4
 
 
+def statistics_unread(targets: Iterable[Target]) -> tuple[str, ...]:
+    """Layer tensors a statistics pass never reads: the routed experts' down projection, once any GPTQ
+    target is among the routed experts. Their hook computes ``act(gate) * up`` itself and their own
+    forward pass is skipped (``LayerStatistics.hooks``), so the pass neither fills nor widens it; the
+    pipeline and this estimate both take the rule from here."""
+    hooked = any(t.kind in ("gate_up", "down") and t.scheme.method == "gptq" for t in targets)
+    return (FUSED_DOWN,) if hooked else ()
+
+
 def _accumulating_bytes(target: Target, shape: tuple[int, ...], routed_rows: int | None) -> int:
     """What a target's accumulator holds besides its sums while rows come in: each expert's rows waiting
     for a full chunk, at most a chunk per expert and at most every routed row (``routed_rows``, when
@@ -151,8 +160,7 @@ def layer_peak_bytes(
         return source + max((local[t.local].numel() * 9 for t in targets), default=0)
     gptq = sorted((t for t in targets if t.scheme.method == "gptq"), key=lambda t: t.local)
     forward = sum(t.numel() * forward_bytes for t in local.values() if t.is_floating_point())
-    hooked = any(t.kind in ("gate_up", "down") for t in gptq) and FUSED_DOWN in local
-    unread = local[FUSED_DOWN].numel() * forward_bytes if hooked else 0  # not in a statistics pass
+    unread = sum(local[name].numel() * forward_bytes for name in statistics_unread(gptq) if name in local)
     sums = [_sums_bytes(t, tuple(local[t.local].shape)) for t in gptq]
     widest = max((local[t.local].shape[-2] for t in gptq), default=hidden_size)
     batch = batch_tokens * (4 * hidden_size + widest) * forward_bytes

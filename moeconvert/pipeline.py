@@ -40,6 +40,7 @@ from .estimate import (
     layer_peak_bytes,
     replay_bytes_per_expert,
     solve_working_bytes,
+    statistics_unread,
 )
 from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
 from .formats import QuantFormat, get_format
@@ -275,8 +276,7 @@ class LayerStatistics:
         experts' down projection. Their hook computes ``act(gate) * up`` itself, and the experts' own
         forward pass is skipped (:meth:`hooks`): at Mixtral-8x7B's width that is 1.9 GB of float32
         weights a calibration pass no longer holds."""
-        hooked = any(t.kind in ("gate_up", "down") and t.scheme.method == "gptq" for t in targets)
-        return (FUSED_DOWN,) if hooked and cls.skips_routed_forward else ()
+        return statistics_unread(targets) if cls.skips_routed_forward else ()
 
     @contextmanager
     def hooks(self) -> Iterator[None]:
