@@ -117,6 +117,8 @@ def run_step(step: str, src: Path, dst: Path) -> dict:
         "PATH": "",
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+        # huge pages for torch's tensors, as the command line sets them (moeconvert/cli.py)
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1"),
     }
     out = subprocess.run(
         [sys.executable, "-c", STEP, step, str(src), str(dst)],

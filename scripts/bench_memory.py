@@ -109,6 +109,8 @@ def run_step(
     cgroup the process joins before it starts (see ``memory_cgroup``)."""
     # two threads, as on the 2-core machine of docs/PERFORMANCE.md, unless OMP_NUM_THREADS says otherwise
     env = {"TQDM_DISABLE": "1", "PATH": "", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    # huge pages for torch's tensors, as the command line sets them (moeconvert/cli.py)
+    env["THP_MEM_ALLOC_ENABLE"] = os.environ.get("THP_MEM_ALLOC_ENABLE", "1")
     if checkout is not None:
         env["PYTHONPATH"] = str(checkout.resolve())
     if spill_bytes is not None:

@@ -71,6 +71,9 @@ MOECONVERT_SETTINGS = (
 
 # Diagnostic variants, not in the default --tools: each changes one setting in which the tools differ.
 DIAGNOSTIC = {"moeconvert-all-experts", "moeconvert-bf16-forward", "llm-compressor-no-actorder"}
+# moeconvert's runs get what its command line sets for itself (moeconvert/cli.py): torch's tensors on
+# huge pages. The peers run with their libraries' own settings.
+OWN_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
 OWN_VARIANTS = {
     "moeconvert-bf16-forward": "as moeconvert, but forward_dtype='checkpoint': calibration forward passes in "
     "the model's bf16, as the peers run them",
@@ -560,7 +563,7 @@ def main() -> None:
         if tool in runs and runs[tool].status == "install failed":
             continue
         python = pythons[tool] if tool in PEERS else Path(sys.executable)
-        env = PEERS[tool].env if tool in PEERS else {}
+        env = PEERS[tool].env if tool in PEERS else OWN_ENV
         print(f"[{tool}] quantizing ...", file=log, flush=True)
         run = run_tool(
             python,

@@ -679,7 +679,8 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         check=True,
         stdout=subprocess.PIPE,
         text=True,
-        env=os.environ | {"TQDM_DISABLE": "1"},
+        # huge pages for torch's tensors, as the command line sets them (moeconvert/cli.py)
+        env={"THP_MEM_ALLOC_ENABLE": "1"} | os.environ | {"TQDM_DISABLE": "1"},
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 

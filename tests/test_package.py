@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import moeconvert
 
 
@@ -45,3 +47,42 @@ def test_help_imports_neither_torch_nor_transformers() -> None:
         "print(sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules))"
     )
     assert loaded == "[]"
+
+
+def _thp_mode() -> str | None:
+    """The kernel's transparent huge page mode (``always``, ``madvise`` or ``never``), None if unknown."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _huge_page_kib_after_a_command(env_value: str | None) -> int:
+    """In a fresh process: run a command as the console script does, then touch a 64 MiB tensor and
+    return how much of the process's anonymous memory is on huge pages (KiB)."""
+    code = (
+        "import os, sys\n"
+        f"if {env_value!r} is not None: os.environ['THP_MEM_ALLOC_ENABLE'] = {env_value!r}\n"
+        "from moeconvert.cli import main\n"
+        "try:\n"
+        "    main(['check', '/nonexistent-output'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "import torch\n"
+        "x = torch.ones(64 << 18)\n"
+        "with open('/proc/self/smaps_rollup') as f:\n"
+        "    print(next(int(line.split()[1]) for line in f if line.startswith('AnonHugePages:')))\n"
+    )
+    return int(_python(code))
+
+
+def test_commands_put_large_tensors_on_huge_pages() -> None:
+    """The command line turns on torch's huge-page allocation before any command allocates (first
+    touches of fresh memory are a large share of a layer's time), and a user's "0" keeps it off."""
+    mode = _thp_mode()
+    if mode not in ("always", "madvise"):
+        pytest.skip(f"transparent huge pages are {mode or 'unavailable'} on this machine")
+    assert _huge_page_kib_after_a_command(None) >= 32 << 10
+    if mode == "madvise":  # only asked-for regions get huge pages: the user's "0" is heard
+        assert _huge_page_kib_after_a_command("0") == 0
