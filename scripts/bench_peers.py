@@ -70,15 +70,23 @@ MOECONVERT_SETTINGS = (
 )
 
 # Diagnostic variants, not in the default --tools: each changes one setting in which the tools differ.
-DIAGNOSTIC = {"moeconvert-all-experts", "moeconvert-bf16-forward", "llm-compressor-no-actorder"}
+DIAGNOSTIC = {
+    "moeconvert-all-experts",
+    "moeconvert-bf16-forward",
+    "moeconvert-4k-pages",
+    "llm-compressor-no-actorder",
+}
 # moeconvert's runs get what its command line sets for itself (moeconvert/cli.py): torch's tensors on
 # huge pages. The peers run with their libraries' own settings.
 OWN_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
+OWN_VARIANT_ENV = {"moeconvert-4k-pages": {"THP_MEM_ALLOC_ENABLE": "0"}}
 OWN_VARIANTS = {
     "moeconvert-bf16-forward": "as moeconvert, but forward_dtype='checkpoint': calibration forward passes in "
     "the model's bf16, as the peers run them",
     "moeconvert-all-experts": "as moeconvert, but calibrate_all_experts=True: every expert on every token, "
     "as llm-compressor does by default",
+    "moeconvert-4k-pages": "as moeconvert, but THP_MEM_ALLOC_ENABLE=0: torch's tensors on 4 KiB pages, as "
+    "before the command line turned huge pages on",
 }
 
 PEERS = {
@@ -194,6 +202,7 @@ DRIVERS = {
     "moeconvert": "ALL_EXPERTS, FORWARD = False, 'float32'\n" + PEAK_RSS + MOECONVERT_DRIVER,
     "moeconvert-all-experts": "ALL_EXPERTS, FORWARD = True, 'float32'\n" + PEAK_RSS + MOECONVERT_DRIVER,
     "moeconvert-bf16-forward": "ALL_EXPERTS, FORWARD = False, 'checkpoint'\n" + PEAK_RSS + MOECONVERT_DRIVER,
+    "moeconvert-4k-pages": "ALL_EXPERTS, FORWARD = False, 'float32'\n" + PEAK_RSS + MOECONVERT_DRIVER,
     "llm-compressor": "OPTIONS = {}\n" + PEAK_RSS + LLMCOMPRESSOR_DRIVER,
     "llm-compressor-no-actorder": "OPTIONS = {'actorder': None}\n" + PEAK_RSS + LLMCOMPRESSOR_DRIVER,
     "gptqmodel": PEAK_RSS + GPTQMODEL_DRIVER,
@@ -563,7 +572,7 @@ def main() -> None:
         if tool in runs and runs[tool].status == "install failed":
             continue
         python = pythons[tool] if tool in PEERS else Path(sys.executable)
-        env = PEERS[tool].env if tool in PEERS else OWN_ENV
+        env = PEERS[tool].env if tool in PEERS else OWN_VARIANT_ENV.get(tool, OWN_ENV)
         print(f"[{tool}] quantizing ...", file=log, flush=True)
         run = run_tool(
             python,
