@@ -31,7 +31,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 # torch puts CPU tensors of 2 MB and more on transparent huge pages when this is "1", read once, at its
 # first allocation. Every layer's passes allocate GBs of fresh memory (sums, working weights, codes,
 # activations), and first touches of 4 KiB pages cost 0.35 s per GiB on a 2-core guest, 2 MiB ones
-# 0.07-0.1 s: quantize and verify ran 12-22% faster, with the same bytes out (docs/PERFORMANCE.md,
+# 0.07-0.1 s: quantize and verify ran 8-22% faster, with the same bytes out (docs/PERFORMANCE.md,
 # "Huge pages for the command line"). Set before any command imports torch; "0" in the environment
 # keeps 4 KiB pages.
 HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"

@@ -61,9 +61,10 @@ def _thp_mode() -> str | None:
 def _huge_page_kib_after_a_command(env_value: str | None) -> int:
     """In a fresh process: run a command as the console script does, then touch a 64 MiB tensor and
     return how much of the process's anonymous memory is on huge pages (KiB)."""
+    chosen = "os.environ.pop(name, None)" if env_value is None else f"os.environ[name] = {env_value!r}"
     code = (
-        "import os, sys\n"
-        f"if {env_value!r} is not None: os.environ['THP_MEM_ALLOC_ENABLE'] = {env_value!r}\n"
+        "import os\n"
+        f"name = 'THP_MEM_ALLOC_ENABLE'\n{chosen}\n"
         "from moeconvert.cli import main\n"
         "try:\n"
         "    main(['check', '/nonexistent-output'])\n"
