@@ -6,8 +6,9 @@ pipeline takes for one layer, each timed on its own:
 
 * Hessians: ``gate_up`` statistics of the routed tokens, the per-expert ``act(gate) * up`` forward that
   ``down`` sees, ``down`` statistics, and ``finalize`` (normalization and the starved-expert prior). The
-  rows reach the accumulator as the pipeline's ``--forward-dtype`` hands them over: widened to float32
-  (``float32``, its default) or in bf16 (``checkpoint``), which a CPU with bf16 units multiplies there;
+  forward runs, and the rows reach the accumulator, as the pipeline's ``--forward-dtype`` has them:
+  widened to float32 (``float32``, its default) or in bf16 (``checkpoint``), which a CPU with bf16 units
+  multiplies there;
 * solve: :func:`gptq_quantize` of the whole stack (float32 weights, bf16 scales, as the pipeline does),
   split into its factorization and its column loop, against the baseline measured in the same run, a
   Python loop calling it on one expert at a time;
@@ -465,14 +466,19 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
             acc_gate_up.add(xb.to(rows_dtype), mb)
         flush_buffered_rows(acc_gate_up)
     down_inputs = []
-    with rec.phase("forward: act(gate)*up (bf16)", "down", 2.0 * rows * p.hidden * 2 * p.intermediate):
+    # the layer's experts in the forward dtype, as the pipeline holds them for its statistics passes
+    gate_up_forward = gate_up_w.to(rows_dtype)
+    label = "bf16" if rows_dtype == torch.bfloat16 else "fp32"
+    flops = 2.0 * rows * p.hidden * 2 * p.intermediate
+    with rec.phase(f"forward: act(gate)*up ({label})", "down", flops):
         for xb, mb in batches:
             per_expert = []
             for e in range(p.experts):
-                expert_rows = xb[mb[:, e]]
-                gate, up = F.linear(rows_for_bf16_units(expert_rows), gate_up_w[e]).chunk(2, dim=-1)
-                per_expert.append((F.silu(gate) * up)[: expert_rows.shape[0]].to(rows_dtype))
+                expert_rows = xb[mb[:, e]].to(rows_dtype)
+                gate, up = F.linear(rows_for_bf16_units(expert_rows), gate_up_forward[e]).chunk(2, dim=-1)
+                per_expert.append((F.silu(gate) * up)[: expert_rows.shape[0]])
             down_inputs.append(per_expert)
+    del gate_up_forward
     with rec.phase("hessian: x x^T", "down", hessian_flops(rows, p.intermediate)):
         for per_expert in down_inputs:
             acc_down.add_per_expert(per_expert)
