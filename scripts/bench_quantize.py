@@ -19,7 +19,10 @@ pipeline takes for one layer, each timed on its own:
 Every phase is reported with a FLOP count and as a fraction of this machine's own float32 matmul rate,
 measured in the same process, so a slow phase reads as "far from what the hardware does on a GEMM"
 rather than as a bare number. Each preset runs in a fresh subprocess so that its peak RSS (VmHWM) is its
-own. Calibration hidden states are ``(z @ A) * s`` (correlated features, a few loud channels), not a
+own. The timed layer is the second that process runs (``--warm-up-layers``, default 1): the first, on
+the same inputs, pays for the process's first touches of GBs of fresh memory, which on the VM guests of
+docs/PERFORMANCE.md cost the Hessian products four times their own time, and a model's other dozens of
+layers do not; its Hessian and solve times are printed below the table, and kept in the JSON. Calibration hidden states are ``(z @ A) * s`` (correlated features, a few loud channels), not a
 real model's, so the Hessians are realistic in size and conditioning but not in content.
 
 Every phase also records how many cores other processes kept busy meanwhile (from ``/proc/stat``), and
@@ -426,19 +429,20 @@ def expert_weights(p: Preset, seed: int, device: Any = "cpu") -> tuple[Any, Any]
 
 
 def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
-    """One layer, start to end, in this (fresh) process; returns everything the report needs."""
-    import torch
-    import torch.nn.functional as F
+    """One layer, start to end, in this (fresh) process; returns everything the report needs.
 
-    from moeconvert.quant.gptq import gptq_quantize
-    from moeconvert.quant.hessian import CHUNK_ROWS, HessianAccumulator, rows_for_bf16_units
-    from moeconvert.quant.packing import pack_compressed
+    ``warm_up_layers`` layers run first on the same inputs, untimed in the table (their phases are
+    kept in the JSON): a process's first pass over GBs of fresh memory costs more than any later
+    layer's, on the benchmark's VM guests up to four times the Hessian products' own time, and a model
+    has dozens of layers, so the timed layer is one as the pipeline runs after its first."""
+    import torch
+
+    from moeconvert.quant.hessian import CHUNK_ROWS
     from moeconvert.quant.scheme import Scheme
 
     p = Preset(**cfg["preset"])
-    tokens, chunk, min_tokens = cfg["tokens"], cfg["max_experts_per_chunk"], cfg["min_tokens"]
+    tokens = cfg["tokens"]
     scheme = Scheme(bits=cfg["bits"], group_size=cfg["group_size"])
-    scale_dtype = torch.bfloat16  # compressed-tensors stores scales in the model's dtype
     device = torch.device(cfg["device"])
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
@@ -449,16 +453,104 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
     x, index = calibration(p, tokens, cfg["seed"], device)
     gate_up_w, down_w = expert_weights(p, cfg["seed"], device)
     rss_inputs = vm_hwm()
-    rec = Recorder(device)
     print(f"{cfg['name']}: H {p.hidden}, I {p.intermediate}, E {p.experts}, {tokens} tokens", file=sys.stderr)
+    chunk_rows = cfg.get("hessian_chunk_rows") or CHUNK_ROWS
+    mask = torch.zeros(tokens, p.experts, dtype=torch.bool, device=device).scatter_(1, index, True)
+    counts = mask.sum(0)
+    rows = int(counts.sum())
+    warm_ups = []
+    for layer in range(cfg.get("warm_up_layers", 0)):
+        print(f"  warm-up layer {layer + 1} (not in the table)", file=sys.stderr)
+        warm_up = Recorder(device)
+        run_layer(cfg, p, scheme, x, mask, gate_up_w, down_w, warm_up)
+        warm_ups.append(warm_up.rows)
+    rec = Recorder(device)
+    summary = run_layer(
+        cfg, p, scheme, x, mask, gate_up_w, down_w, rec, baseline=True, operator_cost=operator_cost
+    )
+
+    matmul_end = matmul_gflops(device)
+    reference = max(matmul_start[0], matmul_end[0])
+    reference_cpu = max(matmul_start[1], matmul_end[1])
+    for row in [*rec.rows, *(row for rows_ in warm_ups for row in rows_)]:
+        flops = row.get("flops")
+        row["gflops"] = flops / row["seconds"] / 1e9 if flops and row["seconds"] > 0 else None
+        row["of_matmul"] = row["gflops"] / reference if row["gflops"] else None
+        cpu_rate = flops / row["cpu_seconds"] / 1e9 if flops and row["cpu_seconds"] > 0 else None
+        row["of_matmul_cpu"] = cpu_rate / reference_cpu if cpu_rate else None
+    return {
+        "name": cfg["name"],
+        "preset": asdict(p),
+        "full_width_preset": cfg["full_preset"],
+        "width_scale": cfg["width_scale"],
+        "tokens": tokens,
+        "routed_rows": rows,
+        "rows_per_expert": {
+            "min": int(counts.min()),
+            "median": statistics.median(counts.tolist()),
+            "max": int(counts.max()),
+            "below_min_tokens": int((counts < cfg["min_tokens"]).sum()),
+        },
+        "min_tokens": cfg["min_tokens"],
+        "scheme": scheme.label,
+        "max_experts_per_chunk": cfg["max_experts_per_chunk"],
+        "hessian_chunk_rows": chunk_rows,
+        "hessian_rows_dtype": "bfloat16" if cfg.get("forward_dtype") == "checkpoint" else "float32",
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "matmul_size": matmul_size(device),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "matmul_gflops_start": matmul_start[0],
+        "matmul_gflops_end": matmul_end[0],
+        "matmul_gflops_reference": reference,
+        "matmul_cpu_gflops_start": matmul_start[1],
+        "matmul_cpu_gflops_end": matmul_end[1],
+        "matmul_cpu_gflops_reference": reference_cpu,
+        "stream_gbs": stream,
+        "operator_seconds": operator_cost,
+        "rss_imports_bytes": rss_imports,
+        "rss_inputs_bytes": rss_inputs,
+        "peak_rss_bytes": vm_hwm(),
+        "peak_device_bytes": device_peak_bytes(device),
+        "warm_up_layers": warm_ups,
+        "phases": rec.rows,
+        "solve": summary,
+    }
+
+
+def run_layer(
+    cfg: dict[str, Any],
+    p: Preset,
+    scheme: Any,
+    x: Any,
+    mask: Any,
+    gate_up_w: Any,
+    down_w: Any,
+    rec: Recorder,
+    *,
+    baseline: bool = False,
+    operator_cost: float | None = None,
+) -> dict[str, Any]:
+    """One layer's phases into ``rec``, as the pipeline runs them; with ``baseline`` also the per-expert
+    loop, whose comparison with the batched solve it returns, and with ``operator_cost`` (seconds per
+    operator) the operator counts of both solves."""
+    import torch
+    import torch.nn.functional as F
+
+    from moeconvert.quant.gptq import gptq_quantize
+    from moeconvert.quant.hessian import CHUNK_ROWS, HessianAccumulator, rows_for_bf16_units
+    from moeconvert.quant.packing import pack_compressed
+
+    min_tokens, chunk = cfg["min_tokens"], cfg["max_experts_per_chunk"]
+    scale_dtype = torch.bfloat16  # compressed-tensors stores scales in the model's dtype
+    device = x.device
+    rows = int(mask.sum())
 
     # Hessians, the way the pipeline's experts hook gathers them, in batches of calibration tokens.
     chunk_rows = cfg.get("hessian_chunk_rows") or CHUNK_ROWS
     acc_gate_up = HessianAccumulator(p.hidden, p.experts, chunk_size=chunk_rows)
     acc_down = HessianAccumulator(p.intermediate, p.experts, chunk_size=chunk_rows)
-    mask = torch.zeros(tokens, p.experts, dtype=torch.bool, device=device).scatter_(1, index, True)
-    counts = mask.sum(0)
-    rows = int(counts.sum())
     batches = list(zip(x.split(cfg["batch_tokens"]), mask.split(cfg["batch_tokens"]), strict=True))
     rows_dtype = torch.bfloat16 if cfg.get("forward_dtype") == "checkpoint" else torch.float32
     with rec.phase("hessian: x x^T", "gate_up", hessian_flops(rows, p.hidden)):
@@ -493,12 +585,13 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
             hessians, _ = acc.finalize(min_tokens, in_place=True)  # as the pipeline does
         w = weight.float()  # the pipeline solves in float32 from the bf16 checkpoint
         loop_experts = min(cfg["loop_experts"] or p.experts, p.experts)
-        loop_hessians = hessians[:loop_experts].clone()  # the batched solve writes its factors over its own
+        # the batched solve writes its factors over its own Hessians
+        loop_hessians = hessians[:loop_experts].clone() if baseline else None
 
         parts: dict[str, list[float]] = {}
         solve_cost = sum(cost.values())
         # inputs for the counted runs, which come after the timed ones have overwritten theirs
-        spare = (hessians.clone(), loop_hessians.clone()) if cfg.get("count_operators") else None
+        spare = (hessians.clone(), loop_hessians.clone()) if baseline and operator_cost else None
         with (
             timed_solver_parts(parts, device),
             rec.phase("solve: batched", target, p.experts * solve_cost) as batched_row,
@@ -528,6 +621,9 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
                 packed, Path(cfg["write_dir"]) / f"{cfg['name']}-{target}.safetensors"
             )
         del packed
+        if not baseline:
+            del batched, w
+            continue
 
         loop_parts: dict[str, list[float]] = {}
         with (
@@ -584,54 +680,7 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
             del spare
         del looped, batched, loop_hessians, w
     del acc_gate_up, acc_down
-
-    matmul_end = matmul_gflops(device)
-    reference = max(matmul_start[0], matmul_end[0])
-    reference_cpu = max(matmul_start[1], matmul_end[1])
-    for row in rec.rows:
-        flops = row.get("flops")
-        row["gflops"] = flops / row["seconds"] / 1e9 if flops and row["seconds"] > 0 else None
-        row["of_matmul"] = row["gflops"] / reference if row["gflops"] else None
-        cpu_rate = flops / row["cpu_seconds"] / 1e9 if flops and row["cpu_seconds"] > 0 else None
-        row["of_matmul_cpu"] = cpu_rate / reference_cpu if cpu_rate else None
-    return {
-        "name": cfg["name"],
-        "preset": asdict(p),
-        "full_width_preset": cfg["full_preset"],
-        "width_scale": cfg["width_scale"],
-        "tokens": tokens,
-        "routed_rows": rows,
-        "rows_per_expert": {
-            "min": int(counts.min()),
-            "median": statistics.median(counts.tolist()),
-            "max": int(counts.max()),
-            "below_min_tokens": int((counts < min_tokens).sum()),
-        },
-        "min_tokens": min_tokens,
-        "scheme": scheme.label,
-        "max_experts_per_chunk": chunk,
-        "hessian_chunk_rows": chunk_rows,
-        "hessian_rows_dtype": str(rows_dtype).removeprefix("torch."),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
-        "matmul_size": matmul_size(device),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "matmul_gflops_start": matmul_start[0],
-        "matmul_gflops_end": matmul_end[0],
-        "matmul_gflops_reference": reference,
-        "matmul_cpu_gflops_start": matmul_start[1],
-        "matmul_cpu_gflops_end": matmul_end[1],
-        "matmul_cpu_gflops_reference": reference_cpu,
-        "stream_gbs": stream,
-        "operator_seconds": operator_cost,
-        "rss_imports_bytes": rss_imports,
-        "rss_inputs_bytes": rss_inputs,
-        "peak_rss_bytes": vm_hwm(),
-        "peak_device_bytes": device_peak_bytes(device),
-        "phases": rec.rows,
-        "solve": summary,
-    }
+    return summary
 
 
 # --------------------------------------------------------------------------------------------- parent
@@ -646,20 +695,24 @@ def choose_scale(
     loop_experts: int | None,
     chunk: int | None,
     memory_free: int,
+    warm_up_layers: int = 0,
 ) -> tuple[float, str]:
     """The width scale for a preset: the one asked for, or with ``auto`` the largest that fits.
 
     ``auto`` halves widths until the layer's estimated peak memory fits in 95% of ``memory_free`` (the
     host's available memory, or the GPU's free memory: :func:`moeconvert.memory.available_bytes`) and
-    the estimated run time fits in the budget: Hessians, the batched solve and the loop baseline, at a
-    third of the matmul rate (a lower bound of what the phases reach on a CPU).
+    the estimated run time fits in the budget: Hessians and the batched solve of every layer run
+    (warm-up and timed) and the loop baseline, at a third of the matmul rate (a lower bound of what the
+    phases reach on a CPU).
     """
     loop_share = min(loop_experts or p.experts, p.experts) / p.experts
     rate = gflops / 3 * 1e9
 
     def estimate(scale: float) -> tuple[dict[str, float], float]:
         cost = preset_cost(scaled(p, scale), tokens, chunk)
-        return cost, (cost["hessian"] + cost["forward"] + (1 + loop_share) * cost["solve"]) / rate
+        layers = 1 + warm_up_layers
+        layer = cost["hessian"] + cost["forward"] + cost["solve"]
+        return cost, (layers * layer + loop_share * cost["solve"]) / rate
 
     if requested != "auto":
         return float(requested), "asked for"
@@ -745,6 +798,15 @@ def print_preset(r: dict[str, Any]) -> None:
             f"{_fmt(row['of_matmul_cpu'], '.2f'):>7}{_fmt(rss, '.2f'):>13}{gpu_gb:>{gpu_width}}"
             f"{_fmt(row['other_cores'], '.2f'):>13}{' *' if contended(row, r) else ''}"
         )
+    for layer, rows in enumerate(r.get("warm_up_layers", []), start=1):
+        _, products = rate_of(rows, "hessian: x x^T", r["matmul_gflops_reference"])
+        solve, solve_rate = rate_of(rows, "solve: batched", r["matmul_gflops_reference"])
+        hessian = rate_of(rows, "hessian", r["matmul_gflops_reference"])[0]
+        print(
+            f"warm-up layer {layer} (same inputs; the table is the layer after it): Hessians {hessian:.2f} s, "
+            f"x x^T at {_fmt(products, '.2f')} of the matmul rate; solve {solve:.2f} s at {_fmt(solve_rate, '.2f')}; "
+            f"layer {layer_seconds(rows):.1f} s"
+        )
     if any(contended(row, r) for row in r["phases"]):
         print(
             "* other processes wanted the cores this run's threads use during this phase; its time is inflated"
@@ -778,6 +840,15 @@ def rate_of(
     return seconds, (flops / seconds / 1e9 / reference if flops and seconds else None)
 
 
+def layer_seconds(phases: list[dict[str, Any]]) -> float:
+    """The layer as the pipeline runs it: every phase but the loop baseline (and the "of which" rows)."""
+    return sum(
+        x["seconds"]
+        for x in phases
+        if x["phase"].split(":")[0] in LAYER_PHASES and not x["phase"].startswith("solve: loop")
+    )
+
+
 def summarize(r: dict[str, Any]) -> dict[str, Any]:
     """One preset's headline numbers, against the issue's targets: the solve and the Hessian products
     at >= 0.5 of the matmul rate, the per-expert loop >= 3x the batched solve's time."""
@@ -786,12 +857,7 @@ def summarize(r: dict[str, Any]) -> dict[str, Any]:
     products, products_rate = rate_of(phases, "hessian: x x^T", reference)
     finalize, _ = rate_of(phases, "hessian: finalize", reference)
     solve, solve_rate = rate_of(phases, "solve: batched", reference)
-    # the layer as the pipeline runs it: every phase but the loop baseline (and its "of which" rows)
-    layer = sum(
-        x["seconds"]
-        for x in phases
-        if x["phase"].split(":")[0] in LAYER_PHASES and not x["phase"].startswith("solve: loop")
-    )
+    layer = layer_seconds(phases)
     loop = sum(s["loop_seconds_all_experts"] for s in r["solve"].values())
     reference_cpu = r["matmul_cpu_gflops_reference"]
     _, products_cpu = rate_of(phases, "hessian: x x^T", reference_cpu, "cpu_seconds")
@@ -886,6 +952,12 @@ def main() -> None:
         help="count the solves' operators (in untimed runs on copies of their inputs) and estimate the "
         "share of the timed solves that is Python and dispatch",
     )
+    parser.add_argument(
+        "--warm-up-layers",
+        type=int,
+        default=1,
+        help="layers run before the timed one, on the same inputs (0: time a process's first layer)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench_results/quantize.json"))
     parser.add_argument(
@@ -923,6 +995,7 @@ def main() -> None:
             args.loop_experts,
             args.max_experts_per_chunk,
             available_bytes(device),
+            args.warm_up_layers,
         )
         if scale != 1.0:
             print(f"{name}: widths x{scale:g} ({why})", file=sys.stderr)
@@ -942,6 +1015,7 @@ def main() -> None:
             "forward_dtype": args.forward_dtype,
             "hessian_chunk_rows": args.hessian_chunk_rows,
             "seed": args.seed,
+            "warm_up_layers": args.warm_up_layers,
             "threads": args.threads,
             "device": args.device,
             "write_dir": str(args.write_dir),
