@@ -9,8 +9,8 @@ pipeline takes for one layer, each timed on its own:
   forward runs, and the rows reach the accumulator, as the pipeline's ``--forward-dtype`` has them:
   widened to float32 (``float32``, its default) or in bf16 (``checkpoint``), which a CPU with bf16 units
   multiplies there;
-* solve: :func:`gptq_quantize` of the whole stack (float32 weights, bf16 scales, as the pipeline does),
-  split into its factorization and its column loop, against the baseline measured in the same run, a
+* solve: :func:`gptq_quantize` of the whole stack (the bf16 weights, which it widens to float32 an expert
+  at a time as it transposes them, and bf16 scales, as the pipeline does), split into its factorization and its column loop, against the baseline measured in the same run, a
   Python loop calling it on one expert at a time;
 * pack: :func:`pack_compressed`, the compressed-tensors layout;
 * write: the packed stack to a safetensors file, fsynced (``--write-dir``; the pipeline's writer also
@@ -133,9 +133,10 @@ def preset_cost(p: Preset, tokens: int, chunk: int | None = None) -> dict[str, f
     sums = e * (h * h + i * i) * 4  # both accumulators live until the layer is done, as in the pipeline
 
     def solve_bytes(out: int, inp: int) -> int:
-        # The float32 weights and the solver's transposed copy of them, one H-sized float32 buffer per
-        # expert in a chunk, and the codes. The factor is now written over the Hessians (in the sums), so
-        # the H-sized term errs high; it is kept so that '--width-scale auto' picks what it picked before.
+        # Twice the float32 weights, one H-sized float32 buffer per expert in a chunk, and the codes. The
+        # solver's transposed float32 copy is the only float32 one now (the bf16 weights go in), and the
+        # factor is written over the Hessians (in the sums), so two terms err high; they are kept so that
+        # '--width-scale auto' picks what it picked before.
         return 2 * e * out * inp * 4 + min(chunk or e, e) * inp * inp * 4 + e * out * inp
 
     return {
@@ -583,7 +584,7 @@ def run_layer(
         cost = solve_flops(out, inp)
         with rec.phase("hessian: finalize", target):
             hessians, _ = acc.finalize(min_tokens, in_place=True)  # as the pipeline does
-        w = weight.float()  # the pipeline solves in float32 from the bf16 checkpoint
+        w = weight  # bf16, as the pipeline hands it over: the solver takes its float32 copy an expert at a time
         loop_experts = min(cfg["loop_experts"] or p.experts, p.experts)
         # the batched solve writes its factors over its own Hessians
         loop_hessians = hessians[:loop_experts].clone() if baseline else None
