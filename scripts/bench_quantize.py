@@ -9,9 +9,10 @@ pipeline takes for one layer, each timed on its own:
   forward runs, and the rows reach the accumulator, as the pipeline's ``--forward-dtype`` has them:
   widened to float32 (``float32``, its default) or in bf16 (``checkpoint``), which a CPU with bf16 units
   multiplies there;
-* solve: :func:`gptq_quantize` of the whole stack (the bf16 weights, which it widens to float32 an expert
-  at a time as it transposes them, and bf16 scales, as the pipeline does), split into its factorization and its column loop, against the baseline measured in the same run, a
-  Python loop calling it on one expert at a time;
+* solve: :func:`gptq_quantize` of the whole stack (the bf16 weights, which it widens to float32 an
+  expert at a time as it transposes them, and bf16 scales, as the pipeline does), split into its
+  factorization and its column loop, against the baseline measured in the same run, a Python loop
+  calling it on one expert at a time;
 * pack: :func:`pack_compressed`, the compressed-tensors layout;
 * write: the packed stack to a safetensors file, fsynced (``--write-dir``; the pipeline's writer also
   hashes, in a thread beside the writes).
@@ -22,8 +23,9 @@ rather than as a bare number. Each preset runs in a fresh subprocess so that its
 own. The timed layer is the second that process runs (``--warm-up-layers``, default 1): the first, on
 the same inputs, pays for the process's first touches of GBs of fresh memory, which on the VM guests of
 docs/PERFORMANCE.md cost the Hessian products four times their own time, and a model's other dozens of
-layers do not; its Hessian and solve times are printed below the table, and kept in the JSON. Calibration hidden states are ``(z @ A) * s`` (correlated features, a few loud channels), not a
-real model's, so the Hessians are realistic in size and conditioning but not in content.
+layers do not; its Hessian and solve times are printed below the table, and kept in the JSON.
+Calibration hidden states are ``(z @ A) * s`` (correlated features, a few loud channels), not a real
+model's, so the Hessians are realistic in size and conditioning but not in content.
 
 Every phase also records how many cores other processes kept busy meanwhile (from ``/proc/stat``), and
 its CPU time beside its wall time: on a busy machine the wall time includes the time this thread waited
@@ -584,7 +586,7 @@ def run_layer(
         cost = solve_flops(out, inp)
         with rec.phase("hessian: finalize", target):
             hessians, _ = acc.finalize(min_tokens, in_place=True)  # as the pipeline does
-        w = weight  # bf16, as the pipeline hands it over: the solver takes its float32 copy an expert at a time
+        w = weight  # bf16, as the pipeline hands it over: the solver widens it an expert at a time
         loop_experts = min(cfg["loop_experts"] or p.experts, p.experts)
         # the batched solve writes its factors over its own Hessians
         loop_hessians = hessians[:loop_experts].clone() if baseline else None
