@@ -21,9 +21,9 @@ Every phase is reported with a FLOP count and as a fraction of this machine's ow
 measured in the same process, so a slow phase reads as "far from what the hardware does on a GEMM"
 rather than as a bare number. Each preset runs in a fresh subprocess so that its peak RSS (VmHWM) is its
 own. The timed layer is the second that process runs (``--warm-up-layers``, default 1): the first, on
-the same inputs, pays for the process's first touches of GBs of fresh memory, which on the VM guests of
-docs/PERFORMANCE.md cost the Hessian products four times their own time, and a model's other dozens of
-layers do not; its Hessian and solve times are printed below the table, and kept in the JSON.
+the same inputs, pays for the process's first touches of GBs of fresh memory, which on the VM guests
+of docs/PERFORMANCE.md cost the Hessian products four to six times their own time, and a model's other
+dozens of layers do not; its Hessian and solve times are printed below the table, and kept in the JSON.
 Calibration hidden states are ``(z @ A) * s`` (correlated features, a few loud channels), not a real
 model's, so the Hessians are realistic in size and conditioning but not in content.
 
@@ -436,7 +436,7 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
 
     ``warm_up_layers`` layers run first on the same inputs, untimed in the table (their phases are
     kept in the JSON): a process's first pass over GBs of fresh memory costs more than any later
-    layer's, on the benchmark's VM guests up to four times the Hessian products' own time, and a model
+    layer's, on the benchmark's VM guests four to six times the Hessian products' own time, and a model
     has dozens of layers, so the timed layer is one as the pipeline runs after its first."""
     import torch
 
