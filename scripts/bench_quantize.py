@@ -971,6 +971,8 @@ def main() -> None:
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.warm_up_layers < 0:
+        parser.error("--warm-up-layers must be 0 or more")
 
     if args.worker:  # one preset in a fresh process; the result is the last stdout line
         print(json.dumps(run_preset(json.loads(args.worker))))
