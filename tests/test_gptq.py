@@ -119,12 +119,20 @@ def scheme_id(s: Scheme) -> str:
     return f"{s.label}-{order}{'-static' if s.static_groups else ''}-b{s.block_size}"
 
 
-@pytest.mark.parametrize("cholesky_block", [24, gptq.CHOLESKY_BLOCK], ids=["blocked", "one-block"])
+FACTOR_PATHS = {  # 96 columns: G in the solve's blocks, or W in 4 blocks or 1 and then G
+    "direct": {},
+    "wide-blocked": {"DIRECT_FACTOR_MAX_COLUMNS": 0, "CHOLESKY_BLOCK": 24},
+    "wide-one-block": {"DIRECT_FACTOR_MAX_COLUMNS": 0},
+}
+
+
+@pytest.mark.parametrize("factor_path", FACTOR_PATHS)
 @pytest.mark.parametrize("scheme", SCHEMES, ids=scheme_id)
 def test_batched_equals_per_expert_reference(
-    scheme: Scheme, cholesky_block: int, monkeypatch: pytest.MonkeyPatch
+    scheme: Scheme, factor_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(gptq, "CHOLESKY_BLOCK", cholesky_block)  # 96 columns: 4 blocks, or 1
+    for name, value in FACTOR_PATHS[factor_path].items():
+        monkeypatch.setattr(gptq, name, value)
     W, H = expert_stack()
     got = gptq_quantize(W, H, scheme, compute_dtype=torch.float64)
     for expert in range(W.shape[0]):
@@ -338,6 +346,36 @@ def test_blocked_factor_reports_a_failure_in_any_block() -> None:
     A[1, 3, 3] = -1.0  # in the first block, the last one factored
     A[2, 190, 190] = -1.0  # in the last block, the first one factored
     info = gptq._lower_factor_(A)
+    assert info[0] == 0 and info[1] != 0 and info[2] != 0
+
+
+@pytest.mark.parametrize("columns", [200, 64, 1])
+def test_direct_feedback_factor_is_the_one_formed_from_w(columns: int) -> None:
+    """``G`` from the reduced rows alone equals ``G`` formed block by block from ``W`` (the reversed
+    Cholesky factor): ``G[b, b] = W[b, b]^-1``, ``G[b, :b] = W[b, b]^-1 W[b, :b]``; 200 columns in blocks
+    of 64 have a last block of 8."""
+    gen = torch.Generator().manual_seed(10)
+    x = correlated_inputs(3 * 2 * columns, columns, gen).double().reshape(3, 2 * columns, columns)
+    A = x.mT @ x + 0.1 * torch.eye(columns, dtype=x.dtype)
+    G = torch.full_like(A, float("nan"))  # every entry must be written
+    info = gptq._direct_feedback_factor_(A.clone(), 64, out=G)
+    assert torch.equal(info, torch.zeros(3, dtype=torch.int32))
+    assert torch.equal(G, G.tril())
+    W = torch.linalg.cholesky(A.flip(-2, -1)).flip(-2, -1).mT
+    expected = torch.zeros_like(W)
+    for start in range(0, columns, 64):
+        block = slice(start, start + 64)
+        inverse = torch.linalg.inv(W[:, block, block])
+        expected[:, block, block] = inverse
+        expected[:, block, :start] = inverse @ W[:, block, :start]
+    torch.testing.assert_close(G, expected, rtol=1e-8, atol=1e-8 * expected.abs().max().item())
+
+
+def test_direct_feedback_factor_reports_a_failure_in_any_block() -> None:
+    A = torch.eye(200, dtype=torch.float64).repeat(3, 1, 1)
+    A[1, 3, 3] = -1.0  # in the first block, the last one factored
+    A[2, 190, 190] = -1.0  # in the last block, the first one factored
+    info = gptq._direct_feedback_factor_(A, 64, out=torch.empty_like(A))
     assert info[0] == 0 and info[1] != 0 and info[2] != 0
 
 
