@@ -126,13 +126,16 @@ FACTOR_PATHS = {  # 96 columns: G in the solve's blocks, or W in 4 blocks or 1 a
 }
 
 
-@pytest.mark.parametrize("factor_path", FACTOR_PATHS)
-@pytest.mark.parametrize("scheme", SCHEMES, ids=scheme_id)
-def test_batched_equals_per_expert_reference(
-    scheme: Scheme, factor_path: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    for name, value in FACTOR_PATHS[factor_path].items():
+@pytest.fixture(params=list(FACTOR_PATHS))
+def factor_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each way the solver may factor the Hessian (:func:`moeconvert.quant.gptq._factor`)."""
+    for name, value in FACTOR_PATHS[request.param].items():
         monkeypatch.setattr(gptq, name, value)
+    return request.param
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=scheme_id)
+def test_batched_equals_per_expert_reference(scheme: Scheme, factor_path: str) -> None:
     W, H = expert_stack()
     got = gptq_quantize(W, H, scheme, compute_dtype=torch.float64)
     for expert in range(W.shape[0]):
@@ -308,7 +311,7 @@ def test_dead_inputs_and_empty_hessian() -> None:
         assert torch.equal(got[1], torch.zeros(8, 64)), "no live input: the reference zeroes every column"
 
 
-def test_failed_cholesky_retries_with_more_damping_for_that_expert_only() -> None:
+def test_failed_cholesky_retries_with_more_damping_for_that_expert_only(factor_path: str) -> None:
     W, H = expert_stack()
     W, H = W.float(), H.float()
     gen = torch.Generator().manual_seed(5)
@@ -379,7 +382,7 @@ def test_direct_feedback_factor_reports_a_failure_in_any_block() -> None:
     assert info[0] == 0 and info[1] != 0 and info[2] != 0
 
 
-def test_hopeless_hessian_falls_back_to_round_to_nearest() -> None:
+def test_hopeless_hessian_falls_back_to_round_to_nearest(factor_path: str) -> None:
     W = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(6))
     H = torch.stack([torch.eye(32), -torch.eye(32)])
     scheme = Scheme(bits=4, group_size=32)
