@@ -9,6 +9,7 @@ where a rounding flip between the two summation orders is vanishingly unlikely.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -344,11 +345,18 @@ def test_blocked_factor_is_the_reversed_cholesky(columns: int) -> None:
     torch.testing.assert_close(W, reversed_cholesky, rtol=1e-8, atol=1e-8 * W.abs().max().item())
 
 
-def test_blocked_factor_reports_a_failure_in_any_block() -> None:
+@pytest.mark.parametrize(
+    "factor",
+    [gptq._lower_factor_, lambda A: gptq._direct_feedback_factor_(A, 64, out=torch.empty_like(A))],
+    ids=["lower", "direct"],
+)
+def test_blocked_factor_reports_a_failure_in_any_block(
+    factor: Callable[[torch.Tensor], torch.Tensor],
+) -> None:
     A = torch.eye(200, dtype=torch.float64).repeat(3, 1, 1)
     A[1, 3, 3] = -1.0  # in the first block, the last one factored
     A[2, 190, 190] = -1.0  # in the last block, the first one factored
-    info = gptq._lower_factor_(A)
+    info = factor(A)
     assert info[0] == 0 and info[1] != 0 and info[2] != 0
 
 
@@ -372,14 +380,6 @@ def test_direct_feedback_factor_is_the_one_formed_from_w(columns: int) -> None:
         expected[:, block, block] = inverse
         expected[:, block, :start] = inverse @ W[:, block, :start]
     torch.testing.assert_close(G, expected, rtol=1e-8, atol=1e-8 * expected.abs().max().item())
-
-
-def test_direct_feedback_factor_reports_a_failure_in_any_block() -> None:
-    A = torch.eye(200, dtype=torch.float64).repeat(3, 1, 1)
-    A[1, 3, 3] = -1.0  # in the first block, the last one factored
-    A[2, 190, 190] = -1.0  # in the last block, the first one factored
-    info = gptq._direct_feedback_factor_(A, 64, out=torch.empty_like(A))
-    assert info[0] == 0 and info[1] != 0 and info[2] != 0
 
 
 def test_hopeless_hessian_falls_back_to_round_to_nearest(factor_path: str) -> None:
