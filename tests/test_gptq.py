@@ -9,7 +9,6 @@ where a rounding flip between the two summation orders is vanishingly unlikely.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -120,10 +119,10 @@ def scheme_id(s: Scheme) -> str:
     return f"{s.label}-{order}{'-static' if s.static_groups else ''}-b{s.block_size}"
 
 
-FACTOR_PATHS = {  # 96 columns: G in the solve's blocks, or W in 4 blocks or 1 and then G
-    "direct": {},
-    "wide-blocked": {"DIRECT_FACTOR_MAX_COLUMNS": 0, "CHOLESKY_BLOCK": 24},
-    "wide-one-block": {"DIRECT_FACTOR_MAX_COLUMNS": 0},
+FACTOR_PATHS = {  # 96 columns: one solve block a panel, or panels of several (with 32-column blocks)
+    "default": {},
+    "one-block-panels": {"FACTOR_PANEL_MAX": 0},
+    "wide-panels": {"FACTOR_PANEL_DIVISOR": 1},
 }
 
 
@@ -329,57 +328,45 @@ def test_failed_cholesky_retries_with_more_damping_for_that_expert_only(factor_p
     assert torch.equal(got.codes[2], retried.codes)
 
 
-@pytest.mark.parametrize("columns", [200, 64, 1])
-def test_blocked_factor_is_the_reversed_cholesky(columns: int) -> None:
-    """``W^T W = A`` with ``W`` lower: the order-reversed Cholesky factor, block by block from the end
-    (200 columns: three blocks of 64 and a last one of 8)."""
-    gen = torch.Generator().manual_seed(9)
-    x = correlated_inputs(3 * 2 * columns, columns, gen).double().reshape(3, 2 * columns, columns)
-    A = x.mT @ x + 0.1 * torch.eye(columns, dtype=x.dtype)
-    W = A.clone()
-    info = gptq._lower_factor_(W)
-    assert torch.equal(info, torch.zeros(3, dtype=torch.int32))
-    assert torch.equal(W, W.tril())
-    torch.testing.assert_close(W.mT @ W, A, rtol=1e-10, atol=1e-10 * A.abs().max().item())
-    reversed_cholesky = torch.linalg.cholesky(A.flip(-2, -1)).flip(-2, -1).mT  # unique up to signs: none here
-    torch.testing.assert_close(W, reversed_cholesky, rtol=1e-8, atol=1e-8 * W.abs().max().item())
-
-
 @pytest.mark.parametrize(
-    "factor",
-    [gptq._lower_factor_, lambda A: gptq._direct_feedback_factor_(A, 64, out=torch.empty_like(A))],
-    ids=["lower", "direct"],
+    ("columns", "block", "panel"), [(200, 64, 64), (200, 32, 96), (200, 64, 256), (1, 64, 64)]
 )
-def test_blocked_factor_reports_a_failure_in_any_block(
-    factor: Callable[[torch.Tensor], torch.Tensor],
-) -> None:
-    A = torch.eye(200, dtype=torch.float64).repeat(3, 1, 1)
-    A[1, 3, 3] = -1.0  # in the first block, the last one factored
-    A[2, 190, 190] = -1.0  # in the last block, the first one factored
-    info = factor(A)
-    assert info[0] == 0 and info[1] != 0 and info[2] != 0
-
-
-@pytest.mark.parametrize("columns", [200, 64, 1])
-def test_direct_feedback_factor_is_the_one_formed_from_w(columns: int) -> None:
-    """``G`` from the reduced rows alone equals ``G`` formed block by block from ``W`` (the reversed
-    Cholesky factor): ``G[b, b] = W[b, b]^-1``, ``G[b, :b] = W[b, b]^-1 W[b, :b]``; 200 columns in blocks
-    of 64 have a last block of 8."""
+def test_feedback_factor_is_the_one_formed_from_w(columns: int, block: int, panel: int) -> None:
+    """``G`` from the reduced rows alone equals ``G`` formed block by block from ``W``, the reversed
+    Cholesky factor (``W^T W = A``): ``G[b, b] = W[b, b]^-1``, ``G[b, :b] = W[b, b]^-1 W[b, :b]``, with
+    rows reduced a block or a panel of blocks at a time; 200 columns leave a partial last block."""
     gen = torch.Generator().manual_seed(10)
     x = correlated_inputs(3 * 2 * columns, columns, gen).double().reshape(3, 2 * columns, columns)
     A = x.mT @ x + 0.1 * torch.eye(columns, dtype=x.dtype)
     G = torch.full_like(A, float("nan"))  # every entry must be written
-    info = gptq._direct_feedback_factor_(A.clone(), 64, out=G)
+    info = gptq._feedback_factor_(A.clone(), block, panel, out=G)
     assert torch.equal(info, torch.zeros(3, dtype=torch.int32))
     assert torch.equal(G, G.tril())
-    W = torch.linalg.cholesky(A.flip(-2, -1)).flip(-2, -1).mT
+    W = torch.linalg.cholesky(A.flip(-2, -1)).flip(-2, -1).mT  # unique up to signs: none here
+    torch.testing.assert_close(W.mT @ W, A, rtol=1e-10, atol=1e-10 * A.abs().max().item())
     expected = torch.zeros_like(W)
-    for start in range(0, columns, 64):
-        block = slice(start, start + 64)
-        inverse = torch.linalg.inv(W[:, block, block])
-        expected[:, block, block] = inverse
-        expected[:, block, :start] = inverse @ W[:, block, :start]
+    for start in range(0, columns, block):
+        rows = slice(start, start + block)
+        inverse = torch.linalg.inv(W[:, rows, rows])
+        expected[:, rows, rows] = inverse
+        expected[:, rows, :start] = inverse @ W[:, rows, :start]
     torch.testing.assert_close(G, expected, rtol=1e-8, atol=1e-8 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("panel", [64, 128])
+def test_feedback_factor_reports_a_failure_in_any_block(panel: int) -> None:
+    A = torch.eye(200, dtype=torch.float64).repeat(3, 1, 1)
+    A[1, 3, 3] = -1.0  # in the first block, the last one factored
+    A[2, 190, 190] = -1.0  # in the last block, the first one factored
+    info = gptq._feedback_factor_(A, 64, panel, out=torch.empty_like(A))
+    assert info[0] == 0 and info[1] != 0 and info[2] != 0
+
+
+def test_panels_are_whole_blocks_of_about_an_eighth() -> None:
+    assert gptq._panel_rows(768, 128) == 128  # never less than a block
+    assert gptq._panel_rows(2048, 128) == 256
+    assert gptq._panel_rows(14336, 128) == gptq.FACTOR_PANEL_MAX
+    assert gptq._panel_rows(2048, 96) == 192
 
 
 def test_hopeless_hessian_falls_back_to_round_to_nearest(factor_path: str) -> None:

@@ -58,15 +58,12 @@ MAX_WORKSPACE_BYTES = 256 << 20
 # and on two (docs/PERFORMANCE.md, "One wide expert per piece"). Narrower experts (DeepSeek's 2816 and
 # Qwen3's 1536 rows) still gain from pieces.
 SOLO_ROWS = 8192
-# Block of the Hessian factorization (:func:`_lower_factor_`): about a sixteenth of the columns, within
-# these bounds. On the benchmark machine 64 was fastest at 512-1408 columns, 64 and 128 alike at 2048,
-# and 256 at 4096-14336, where 64 makes the factorization memory-bound (slower than LAPACK at 14336).
-CHOLESKY_BLOCK = 64
-CHOLESKY_BLOCK_MAX = 256
-# Up to this many columns (and with solve blocks of at least CHOLESKY_BLOCK) the feedback factor is
-# computed directly in the solve's blocks (:func:`_direct_feedback_factor_`): one product per block row
-# fewer, 14-23% faster at 768-4096 columns; at 7168 the wider blocks of :func:`_lower_factor_` win.
-DIRECT_FACTOR_MAX_COLUMNS = 4096
+# Rows of the Hessian factorization (:func:`_feedback_factor_`) reduced at once by the rows below them:
+# a panel of whole solve blocks, about an eighth of the columns and at most this many. On the benchmark
+# machine panels of 256 rows were 9-11% faster than one 128-column block at 1408-2048 columns, and 512
+# rows 11-20% faster than the factor of wide blocks this replaced at 4096-14336 (docs/PERFORMANCE.md).
+FACTOR_PANEL_MAX = 512
+FACTOR_PANEL_DIVISOR = 8
 # Rows of the source per piece of a 2D transposed copy (:func:`_transpose_into`).
 TRANSPOSE_ROWS = 64
 
@@ -575,91 +572,53 @@ def _try_factor(A: Tensor, damping: Tensor, block: int, *, out: Tensor, scratch:
 
 
 def _factor(A: Tensor, damping: Tensor, block: int, *, out: Tensor, scratch: Tensor) -> Tensor:
-    """``out = G`` of ``A + diag(damping)`` for the solve's ``block``; LAPACK-style ``info`` per expert.
-
-    Up to ``DIRECT_FACTOR_MAX_COLUMNS`` columns ``G`` is computed in the solve's blocks directly
-    (:func:`_direct_feedback_factor_`, in ``scratch``); wider, ``W`` is factored in wider blocks
-    (:func:`_lower_factor_`, in ``out``) and each block row then multiplied by its diagonal block's
-    inverse.
-    """
-    n = A.shape[-1]
-    direct = n <= DIRECT_FACTOR_MAX_COLUMNS and block >= CHOLESKY_BLOCK
-    damped = scratch if direct else out
-    damped.copy_(A).diagonal(dim1=-2, dim2=-1).add_(damping[:, None])
-    if direct:
-        return _direct_feedback_factor_(damped, block, out=out)
-    info = _lower_factor_(out)
-    identity = torch.eye(block, dtype=A.dtype, device=A.device)
-    for i1 in range(0, n, block):  # W[b, b] -> W[b, b]^-1, then W[b, :b] -> W[b, b]^-1 W[b, :b]
-        i2 = min(i1 + block, n)
-        diagonal_block = out[:, i1:i2, i1:i2]
-        inverse = torch.linalg.solve_triangular(diagonal_block, identity[: i2 - i1, : i2 - i1], upper=False)
-        out[:, i1:i2, :i1] = inverse @ out[:, i1:i2, :i1]
-        diagonal_block.copy_(inverse)
-    return info
+    """``out = G`` of ``A + diag(damping)`` for the solve's ``block`` (:func:`_feedback_factor_`, the
+    damped matrix in ``scratch``); LAPACK-style ``info`` per expert."""
+    scratch.copy_(A).diagonal(dim1=-2, dim2=-1).add_(damping[:, None])
+    return _feedback_factor_(scratch, block, _panel_rows(A.shape[-1], block), out=out)
 
 
-def _direct_feedback_factor_(S: Tensor, block: int, *, out: Tensor) -> Tensor:
+def _panel_rows(n: int, block: int) -> int:
+    """Rows reduced at once: whole blocks, ``n / FACTOR_PANEL_DIVISOR`` up to ``FACTOR_PANEL_MAX``."""
+    return max(block, min(n // FACTOR_PANEL_DIVISOR, FACTOR_PANEL_MAX) // block * block)
+
+
+def _feedback_factor_(S: Tensor, block: int, panel: int, *, out: Tensor) -> Tensor:
     """``out = G`` (see :func:`_feedback_factor`) of each symmetric ``S[e]``, without forming ``W``;
-    ``S`` is overwritten with its reduced block rows. Returns LAPACK-style ``info`` per expert.
+    ``S`` is overwritten with its reduced rows. Returns LAPACK-style ``info`` per expert.
 
-    Block rows go from the last up, as in :func:`_lower_factor_`. With ``S'[J]`` block row ``J`` of
-    ``S`` reduced by the rows below it and ``W[J, J]^T W[J, J] = S'[J, J]`` (LAPACK, small), ``W``'s
-    row is ``W[J, :j] = W[J, J]^-T S'[J, :j]``, so ``G[J, :j] = W[J, J]^-1 W[J, :j] = S'[J, J]^-1
-    S'[J, :j]``, one product. What a row ``K`` below contributes to the reduction,
-    ``W[K, J]^T W[K, :je]``, is ``G[K, J]^T S'[K, :je]`` by the same identity: ``G`` and the reduced
-    rows are all the factorization needs, one product per block row fewer than forming ``W`` and then
-    ``G`` from it.
+    Block rows go from the last up. With ``S'[J]`` block row ``J`` of ``S`` reduced by the rows below
+    it and ``W[J, J]^T W[J, J] = S'[J, J]`` (LAPACK, small), ``W``'s row is ``W[J, :j] = W[J, J]^-T
+    S'[J, :j]``, so ``G[J, :j] = W[J, J]^-1 W[J, :j] = S'[J, J]^-1 S'[J, :j]``, one product. What a row
+    ``K`` below contributes to the reduction, ``W[K, J]^T W[K, :je]``, is ``G[K, J]^T S'[K, :je]`` by the
+    same identity: ``G`` and the reduced rows are all the factorization needs, and ``W`` is never
+    formed. Nearly all of the ``n^3 / 3`` flops are that reduction, done for a ``panel`` of blocks at
+    once (one large batched matmul), then inside the panel block by block.
     """
     experts, n = S.shape[0], S.shape[-1]
     info = torch.zeros(experts, dtype=torch.int32, device=S.device)
     identity = torch.eye(block, dtype=S.dtype, device=S.device)
-    for j in reversed(range(0, n, block)):
-        je = min(j + block, n)
-        if je < n:  # S'[J, :je] = S[J, :je] - G[je:, J]^T S'[je:, :je]
-            S[:, j:je, :je].baddbmm_(out[:, je:, j:je].mT, S[:, je:, :je], alpha=-1)
-            out[:, j:je, je:].zero_()
-        # S'[J, J] = W_JJ^T W_JJ with W_JJ lower: reversed, that is an upper Cholesky factorization.
-        upper, block_info = torch.linalg.cholesky_ex(S[:, j:je, j:je].flip(-2, -1), upper=True)
-        info = torch.where(info == 0, block_info, info)
-        inverse = torch.linalg.solve_triangular(
-            upper.flip(-2, -1), identity[: je - j, : je - j], upper=False
-        )  # W_JJ^-1, lower
-        out[:, j:je, j:je] = inverse
-        if j:
-            torch.bmm(inverse @ inverse.mT, S[:, j:je, :j], out=out[:, j:je, :j])
+    for p in reversed(range(0, n, panel)):
+        pe = min(p + panel, n)
+        _reduce_rows_(S, out, p, pe, n)
+        for j in reversed(range(p, pe, block)):
+            je = min(j + block, pe)
+            _reduce_rows_(S, out, j, je, pe)
+            # S'[J, J] = W_JJ^T W_JJ with W_JJ lower: reversed, that is an upper Cholesky factorization.
+            upper, block_info = torch.linalg.cholesky_ex(S[:, j:je, j:je].flip(-2, -1), upper=True)
+            info = torch.where(info == 0, block_info, info)
+            inverse = torch.linalg.solve_triangular(
+                upper.flip(-2, -1), identity[: je - j, : je - j], upper=False
+            )  # W_JJ^-1, lower
+            out[:, j:je, j:je] = inverse
+            if j:
+                torch.bmm(inverse @ inverse.mT, S[:, j:je, :j], out=out[:, j:je, :j])
     return info
 
 
-def _lower_factor_(A: Tensor) -> Tensor:
-    """Overwrite each symmetric ``A[e]`` with the lower ``W`` of ``W^T W = A[e]``; returns LAPACK-style
-    ``info`` per expert (0: success).
-
-    ``W^T W`` rather than the usual ``L L^T``: ``W = V^T`` for the upper ``V`` with ``V V^T = A``,
-    which is what GPTQ's feedback is made of (see the module docstring), with no reversal of ``A``
-    before or after. Blocked, from the last block row up, so that nearly all of the ``n^3 / 3`` flops
-    are matmuls: each block row is reduced by the rows below it (one batched matmul), its diagonal block
-    is factored by LAPACK (small), and the rest of the row solved by that block's inverse (a matmul).
-    One LAPACK Cholesky of the whole matrix ran at a quarter of the matmul rate on the benchmark
-    machine; this runs 1.6-2.3x faster (768 to 14336 columns), with the same backward error
-    (docs/PERFORMANCE.md, "Blocked factorization").
-    """
-    experts, n = A.shape[0], A.shape[-1]
-    block = min(max(n // 16 // CHOLESKY_BLOCK * CHOLESKY_BLOCK, CHOLESKY_BLOCK), CHOLESKY_BLOCK_MAX)
-    block = block if n >= 2 * block else max(n, 1)
-    info = torch.zeros(experts, dtype=torch.int32, device=A.device)
-    identity = torch.eye(block, dtype=A.dtype, device=A.device)
-    for j in reversed(range(0, n, block)):
-        je = min(j + block, n)
-        if je < n:  # what the rows below contribute: S = A[J, :je] - W[je:, J]^T W[je:, :je]
-            A[:, j:je, :je].baddbmm_(A[:, je:, j:je].mT, A[:, je:, :je], alpha=-1)
-        diagonal_block = A[:, j:je, j:je]
-        # S[J, J] = W_JJ^T W_JJ with W_JJ lower: reversed, that is an upper Cholesky factorization.
-        upper, block_info = torch.linalg.cholesky_ex(diagonal_block.flip(-2, -1), upper=True)
-        info = torch.where(info == 0, block_info, info)
-        diagonal_block.copy_(upper.flip(-2, -1))
-        if j:  # W[J, :j] = W_JJ^-T S[J, :j]
-            inverse = torch.linalg.solve_triangular(diagonal_block, identity[: je - j, : je - j], upper=False)
-            A[:, j:je, :j] = inverse.mT @ A[:, j:je, :j]
-    A.tril_()
-    return info
+def _reduce_rows_(S: Tensor, G: Tensor, j: int, je: int, below: int) -> None:
+    """Rows ``j:je`` of ``S`` reduced by the factored rows ``je:below``: ``S'[J, :je] -= G[K, J]^T
+    S'[K, :je]``; ``G``'s entries right of the diagonal in those rows are zeroed (never read otherwise)."""
+    if je < below:
+        S[:, j:je, :je].baddbmm_(G[:, je:below, j:je].mT, S[:, je:below, :je], alpha=-1)
+        G[:, j:je, je:below].zero_()
