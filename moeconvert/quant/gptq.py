@@ -60,8 +60,8 @@ MAX_WORKSPACE_BYTES = 256 << 20
 SOLO_ROWS = 8192
 # Rows of the Hessian factorization (:func:`_feedback_factor_`) reduced at once by the rows below them:
 # a panel of whole solve blocks, about an eighth of the columns and at most this many. On the benchmark
-# machine panels of 256 rows were 9-11% faster than one 128-column block at 1408-2048 columns, and 512
-# rows 11-20% faster than the factor of wide blocks this replaced at 4096-14336 (docs/PERFORMANCE.md).
+# machine a panel of 256 rows was 10% faster than one 128-column block at 2048 columns, and 512 rows
+# 15-29% faster than the factor of wide blocks this replaced at 4096-14336 (docs/PERFORMANCE.md).
 FACTOR_PANEL_MAX = 512
 FACTOR_PANEL_DIVISOR = 8
 # Rows of the source per piece of a 2D transposed copy (:func:`_transpose_into`).
