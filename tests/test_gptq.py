@@ -128,7 +128,7 @@ FACTOR_PATHS = {  # 96 columns: one solve block a panel, or panels of several (w
 
 @pytest.fixture(params=list(FACTOR_PATHS))
 def factor_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Each way the solver may factor the Hessian (:func:`moeconvert.quant.gptq._factor`)."""
+    """Each way the solver may factor the Hessian (:func:`moeconvert.quant.gptq._try_factor`)."""
     for name, value in FACTOR_PATHS[request.param].items():
         monkeypatch.setattr(gptq, name, value)
     return request.param

@@ -507,7 +507,7 @@ def _feedback_factor(
     ``H`` is taken in the solve's column order (``perm``, if given) with dead inputs' ``H_jj`` set to 1,
     and ``lambda = damp * mean_diagonal`` (the mean of that diagonal). With ``W = V^T`` (lower,
     ``W^T W = H + lambda I``), ``G[b, b] = W[b, b]^-1`` and ``G[b, :b] = W[b, b]^-1 W[b, :b]``: see
-    :func:`_factor`.
+    :func:`_feedback_factor_`.
 
     An expert whose factorization fails in floating point is redone with ten times the damping (the
     others keep theirs); one that never succeeds gets ``G = I``, i.e. no error feedback:
@@ -544,7 +544,7 @@ def _permuted_hessian(H: Tensor, perm: Tensor | None, *, out: Tensor, scratch: T
 def _damped_factor(
     A: Tensor, mean_diagonal: Tensor, damp: float, block: int, *, out: Tensor, scratch: Tensor
 ) -> None:
-    """``out = G`` of ``A + lambda I`` per expert (:func:`_factor`), raising ``lambda`` for the experts
+    """``out = G`` of ``A + lambda I`` per expert (:func:`_try_factor`), raising ``lambda`` for the experts
     where the factorization fails; ``A`` is left as it is, ``scratch`` (like ``A``) is overwritten.
 
     Every expert still failing at a given try has had the same damping sequence, so one fraction serves
@@ -566,16 +566,11 @@ def _damped_factor(
 
 
 def _try_factor(A: Tensor, damping: Tensor, block: int, *, out: Tensor, scratch: Tensor) -> Tensor:
-    """One attempt; which experts succeeded."""
-    info = _factor(A, damping, block, out=out, scratch=scratch)
-    return (info == 0) & out.sum(dim=(-2, -1)).isfinite()  # NaN and Inf reach the sum
-
-
-def _factor(A: Tensor, damping: Tensor, block: int, *, out: Tensor, scratch: Tensor) -> Tensor:
-    """``out = G`` of ``A + diag(damping)`` for the solve's ``block`` (:func:`_feedback_factor_`, the
-    damped matrix in ``scratch``); LAPACK-style ``info`` per expert."""
+    """One attempt: ``out = G`` of ``A + diag(damping)`` (:func:`_feedback_factor_`, the damped matrix
+    in ``scratch``); which experts succeeded."""
     scratch.copy_(A).diagonal(dim1=-2, dim2=-1).add_(damping[:, None])
-    return _feedback_factor_(scratch, block, _panel_rows(A.shape[-1], block), out=out)
+    info = _feedback_factor_(scratch, block, _panel_rows(A.shape[-1], block), out=out)
+    return (info == 0) & out.sum(dim=(-2, -1)).isfinite()  # NaN and Inf reach the sum
 
 
 def _panel_rows(n: int, block: int) -> int:
