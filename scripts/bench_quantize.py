@@ -467,10 +467,20 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
         warm_up = Recorder(device)
         run_layer(cfg, p, scheme, x, mask, gate_up_w, down_w, warm_up)
         warm_ups.append(warm_up.rows)
+    timed = cfg.get("timed_layers", 1)
+    repeats = []
+    for layer in range(timed - 1):
+        print(f"  timed layer {layer + 1} of {timed}", file=sys.stderr)
+        repeat = Recorder(device)
+        run_layer(cfg, p, scheme, x, mask, gate_up_w, down_w, repeat)
+        repeats.append(repeat.rows)
+    if timed > 1:
+        print(f"  timed layer {timed} of {timed}, with the loop baseline", file=sys.stderr)
     rec = Recorder(device)
     summary = run_layer(
         cfg, p, scheme, x, mask, gate_up_w, down_w, rec, baseline=True, operator_cost=operator_cost
     )
+    take_medians(rec.rows, repeats, summary)
 
     matmul_end = matmul_gflops(device)
     reference = max(matmul_start[0], matmul_end[0])
@@ -517,9 +527,45 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_bytes": vm_hwm(),
         "peak_device_bytes": device_peak_bytes(device),
         "warm_up_layers": warm_ups,
+        "timed_layers": timed,
         "phases": rec.rows,
         "solve": summary,
     }
+
+
+def take_medians(
+    rows: list[dict[str, Any]], repeats: list[list[dict[str, Any]]], summary: dict[str, Any]
+) -> None:
+    """Each phase of the last timed layer (``rows``) gets the median wall and CPU seconds of that phase
+    over every timed layer, its own included (the values go to ``*_each_layer``), and ``summary`` the
+    batched solve's medians. One layer's phase can be slowed by the host (these VM guests' rates move
+    10-50% from run to run, see docs/PERFORMANCE.md); the median of three is not. The loop baseline runs
+    in the last layer only, and keeps its one time."""
+
+    def keyed(layer: list[dict[str, Any]]) -> dict[tuple[str, str, int], dict[str, Any]]:
+        seen: dict[tuple[str, str], int] = {}
+        out = {}
+        for row in layer:  # "of which" rows follow both the batched solve and the loop: numbered
+            name = (row["phase"], row["target"])
+            seen[name] = seen.get(name, -1) + 1
+            out[(*name, seen[name])] = row
+        return out
+
+    if not repeats:
+        return
+    others = [keyed(layer) for layer in repeats]
+    for key, row in keyed(rows).items():
+        matches = [other[key] for other in others if key in other]
+        if not matches:
+            continue
+        for clock in ("seconds", "cpu_seconds"):
+            row[f"{clock}_each_layer"] = [*(match[clock] for match in matches), row[clock]]
+            row[clock] = statistics.median(row[f"{clock}_each_layer"])
+    for target, s in summary.items():
+        batched = next(row for row in rows if row["phase"] == "solve: batched" and row["target"] == target)
+        s["batched_seconds"], s["batched_cpu_seconds"] = batched["seconds"], batched["cpu_seconds"]
+        s["speedup_batched_vs_loop"] = s["loop_seconds_all_experts"] / batched["seconds"]
+        s["speedup_batched_vs_loop_cpu"] = s["loop_cpu_seconds_all_experts"] / batched["cpu_seconds"]
 
 
 def run_layer(
@@ -699,6 +745,7 @@ def choose_scale(
     chunk: int | None,
     memory_free: int,
     warm_up_layers: int = 0,
+    timed_layers: int = 1,
 ) -> tuple[float, str]:
     """The width scale for a preset: the one asked for, or with ``auto`` the largest that fits.
 
@@ -713,7 +760,7 @@ def choose_scale(
 
     def estimate(scale: float) -> tuple[dict[str, float], float]:
         cost = preset_cost(scaled(p, scale), tokens, chunk)
-        layers = 1 + warm_up_layers
+        layers = timed_layers + warm_up_layers
         layer = cost["hessian"] + cost["forward"] + cost["solve"]
         return cost, (layers * layer + loop_share * cost["solve"]) / rate
 
@@ -806,9 +853,18 @@ def print_preset(r: dict[str, Any]) -> None:
         solve, solve_rate = rate_of(rows, "solve: batched", r["matmul_gflops_reference"])
         hessian = rate_of(rows, "hessian", r["matmul_gflops_reference"])[0]
         print(
-            f"warm-up layer {layer} (same inputs; the table is the layer after it): Hessians {hessian:.2f} s, "
+            f"warm-up layer {layer} (same inputs; the table is of the layers after it): Hessians {hessian:.2f} s, "
             f"x x^T at {_fmt(products, '.2f')} of the matmul rate; solve {solve:.2f} s at {_fmt(solve_rate, '.2f')}; "
             f"layer {layer_seconds(rows):.1f} s"
+        )
+    if r.get("timed_layers", 1) > 1:
+        each = "; ".join(
+            f"{row['phase']} {row['target']} " + " / ".join(f"{v:.2f}" for v in row["seconds_each_layer"])
+            for row in r["phases"]
+            if row["phase"] in ("hessian: x x^T", "solve: batched")
+        )
+        print(
+            f"seconds are medians over {r['timed_layers']} timed layers (each layer's in the JSON): {each} s"
         )
     if any(contended(row, r) for row in r["phases"]):
         print(
@@ -961,6 +1017,13 @@ def main() -> None:
         default=1,
         help="layers run before the timed one, on the same inputs (0: time a process's first layer)",
     )
+    parser.add_argument(
+        "--timed-layers",
+        type=int,
+        default=1,
+        help="layers timed after the warm-up ones; with several, each phase reads the median of them (the "
+        "loop baseline runs in the last)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench_results/quantize.json"))
     parser.add_argument(
@@ -973,6 +1036,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.warm_up_layers < 0:
         parser.error("--warm-up-layers must be 0 or more")
+    if args.timed_layers < 1:
+        parser.error("--timed-layers must be 1 or more")
 
     if args.worker:  # one preset in a fresh process; the result is the last stdout line
         print(json.dumps(run_preset(json.loads(args.worker))))
@@ -1001,6 +1066,7 @@ def main() -> None:
             args.max_experts_per_chunk,
             available_bytes(device),
             args.warm_up_layers,
+            args.timed_layers,
         )
         if scale != 1.0:
             print(f"{name}: widths x{scale:g} ({why})", file=sys.stderr)
@@ -1021,6 +1087,7 @@ def main() -> None:
             "hessian_chunk_rows": args.hessian_chunk_rows,
             "seed": args.seed,
             "warm_up_layers": args.warm_up_layers,
+            "timed_layers": args.timed_layers,
             "threads": args.threads,
             "device": args.device,
             "write_dir": str(args.write_dir),

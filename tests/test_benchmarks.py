@@ -37,7 +37,7 @@ def test_bench_quantize_reports_a_warm_layer_whose_batched_codes_match_the_loop(
     out = tmp_path / "quantize.json"
     args = ["--preset", "qwen3-30b-a3b", "--width-scale", "0.0625", "--tokens", "256", "--loop-experts", "2"]
     args += ["--threads", "1", "--count-operators", "--out", str(out), "--write-dir", str(tmp_path / "w")]
-    printed = _run("bench_quantize.py", *args, cwd=tmp_path)
+    printed = _run("bench_quantize.py", *args, "--timed-layers", "3", cwd=tmp_path)
 
     (preset,) = json.loads(out.read_text())["presets"]
     assert preset["preset"]["hidden"] == 128 and preset["preset"]["experts"] == 128
@@ -57,6 +57,19 @@ def test_bench_quantize_reports_a_warm_layer_whose_batched_codes_match_the_loop(
         per_expert_loop = solve["operators_loop"] / solve["operators_loop_experts"]
         assert per_expert_batched < per_expert_loop / 4, target  # batching issues far fewer operators
     assert preset["summary"]["hessian_products_of_matmul"] > 0
+
+    # three timed layers: every phase of the layer reads the median of its three times, the loop its one
+    assert preset["timed_layers"] == 3 and "medians over 3 timed layers" in printed
+    for row in preset["phases"]:
+        if row["phase"].startswith("solve: loop"):
+            assert "seconds_each_layer" not in row
+        elif not row["phase"].startswith("  of which"):
+            assert len(row["seconds_each_layer"]) == 3, row["phase"]
+            assert row["seconds"] == sorted(row["seconds_each_layer"])[1], row["phase"]
+    for target, solve in preset["solve"].items():
+        (batched,) = (r for r in preset["phases"] if r["phase"] == "solve: batched" and r["target"] == target)
+        assert solve["batched_seconds"] == batched["seconds"]
+        assert solve["speedup_batched_vs_loop"] == solve["loop_seconds_all_experts"] / batched["seconds"]
 
 
 @pytest.mark.slow
