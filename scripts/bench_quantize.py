@@ -24,6 +24,9 @@ own. The timed layer is the second that process runs (``--warm-up-layers``, defa
 the same inputs, pays for the process's first touches of GBs of fresh memory, which on the VM guests
 of docs/PERFORMANCE.md cost the Hessian products four to six times their own time, and a model's other
 dozens of layers do not; its Hessian and solve times are printed below the table, and kept in the JSON.
+With ``--timed-layers N`` the layer is timed N times and every phase reads the median of its N times
+(each one kept in the JSON): on a shared VM one layer's phase can be slowed by the host, the median of
+three much less often. The loop baseline runs in the last of them only.
 Calibration hidden states are ``(z @ A) * s`` (correlated features, a few loud channels), not a real
 model's, so the Hessians are realistic in size and conditioning but not in content.
 
