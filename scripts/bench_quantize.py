@@ -19,7 +19,9 @@ pipeline takes for one layer, each timed on its own:
 
 Every phase is reported with a FLOP count and as a fraction of this machine's own float32 matmul rate,
 measured in the same process, so a slow phase reads as "far from what the hardware does on a GEMM"
-rather than as a bare number. Each preset runs in a fresh subprocess so that its peak RSS (VmHWM) is its
+rather than as a bare number. That rate is read at the start, before every timed layer and at the end,
+and the best reading is the reference: on a shared VM a single reading can fall in a slow spell of the
+host and flatter every phase. Each preset runs in a fresh subprocess so that its peak RSS (VmHWM) is its
 own. The timed layer is the second that process runs (``--warm-up-layers``, default 1): the first, on
 the same inputs, pays for the process's first touches of GBs of fresh memory, which on the VM guests
 of docs/PERFORMANCE.md cost the Hessian products four to six times their own time, and a model's other
@@ -471,14 +473,16 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
         run_layer(cfg, p, scheme, x, mask, gate_up_w, down_w, warm_up)
         warm_ups.append(warm_up.rows)
     timed = cfg.get("timed_layers", 1)
-    repeats = []
+    repeats, probes = [], [matmul_start]
     for layer in range(timed - 1):
         print(f"  timed layer {layer + 1} of {timed}", file=sys.stderr)
+        probes.append(matmul_gflops(device))  # one more reading of the machine's rate per layer
         repeat = Recorder(device)
         run_layer(cfg, p, scheme, x, mask, gate_up_w, down_w, repeat)
         repeats.append(repeat.rows)
     if timed > 1:
         print(f"  timed layer {timed} of {timed}, with the loop baseline", file=sys.stderr)
+    probes.append(matmul_gflops(device))
     rec = Recorder(device)
     summary = run_layer(
         cfg, p, scheme, x, mask, gate_up_w, down_w, rec, baseline=True, operator_cost=operator_cost
@@ -486,8 +490,12 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
     take_medians(rec.rows, repeats, summary)
 
     matmul_end = matmul_gflops(device)
-    reference = max(matmul_start[0], matmul_end[0])
-    reference_cpu = max(matmul_start[1], matmul_end[1])
+    probes.append(matmul_end)
+    # the machine's rate: the best reading, since a probe caught in one of these guests' slow spells
+    # would flatter every phase (126 GFLOP/s read at the start of a run whose phases ran as fast as in
+    # runs that read 180)
+    reference = max(rate for rate, _ in probes)
+    reference_cpu = max(rate for _, rate in probes)
     for row in [*rec.rows, *(row for rows_ in warm_ups for row in rows_)]:
         flops = row.get("flops")
         row["gflops"] = flops / row["seconds"] / 1e9 if flops and row["seconds"] > 0 else None
@@ -519,6 +527,7 @@ def run_preset(cfg: dict[str, Any]) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "matmul_gflops_start": matmul_start[0],
         "matmul_gflops_end": matmul_end[0],
+        "matmul_gflops_probes": [rate for rate, _ in probes],
         "matmul_gflops_reference": reference,
         "matmul_cpu_gflops_start": matmul_start[1],
         "matmul_cpu_gflops_end": matmul_end[1],
@@ -828,8 +837,11 @@ def print_preset(r: dict[str, Any]) -> None:
         else f"; peak GPU memory {r['peak_device_bytes'] / 1e9:.2f} GB"
     )
     print(f"device: {r.get('device', 'cpu')} ({r.get('device_name', '')}){gpu}")
+    middle = r.get("matmul_gflops_probes", [])[1:-1]
+    probed = f", {' / '.join(f'{rate:.0f}' for rate in middle)} before the timed layers" if middle else ""
     print(
-        f"fp32 matmul {n}^3: {r['matmul_gflops_start']:.0f} GFLOP/s at start, {r['matmul_gflops_end']:.0f} at end "
+        f"fp32 matmul {n}^3: {r['matmul_gflops_start']:.0f} GFLOP/s at start, {r['matmul_gflops_end']:.0f} at end"
+        f"{probed}, {r['matmul_gflops_reference']:.0f} the reference "
         f"({r['matmul_cpu_gflops_reference']:.0f} by CPU time); "
         f"a += b: {r['stream_gbs']:.0f} GB/s; threads {r['threads']} of {r['cpu_count']} CPUs; RSS after imports "
         f"{r['rss_imports_bytes'] / 1e9:.2f} GB, with inputs {r['rss_inputs_bytes'] / 1e9:.2f} GB"

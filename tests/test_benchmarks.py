@@ -60,6 +60,8 @@ def test_bench_quantize_reports_a_warm_layer_whose_batched_codes_match_the_loop(
 
     # three timed layers: every phase of the layer reads the median of its three times, the loop its one
     assert preset["timed_layers"] == 3 and "medians over 3 timed layers" in printed
+    probes = preset["matmul_gflops_probes"]  # at the start, before each timed layer, at the end
+    assert len(probes) == 5 and preset["matmul_gflops_reference"] == max(probes)
     for row in preset["phases"]:
         if row["phase"].startswith("solve: loop"):
             assert "seconds_each_layer" not in row
