@@ -56,7 +56,7 @@ from .quant.hessian import HessianAccumulator, ReplayedAccumulator, routed_rows,
 from .quant.rtn import QuantizedWeight, rtn_quantize
 from .quant.scheme import Scheme
 from .quant.targets import Rule, TargetPolicy
-from .relayout import check_shapes, fuse_layer
+from .relayout import check_shapes, is_fused, runtime_layer
 from .resume import Progress, RunState
 from .source import describe_source, parse_model_ref, read_config, read_metadata, resolve_model, side_files
 
@@ -752,9 +752,15 @@ class Quantizer:
         )
 
     def _local(self, layer: int, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
-        fused = fuse_layer(self.family, self.config, layer, tensors)
+        fused = runtime_layer(self.family, self.config, layer, tensors)
         prefix = f"model.layers.{layer}."
         return {n[len(prefix) :]: t for n, t in fused.items()}, prefix
+
+    def _original_name(self, name: str, prefix: str) -> str:
+        """A runtime-layout name of the layer at ``prefix`` as the original layout has it (Mixtral's
+        ``mlp.gate`` is ``block_sparse_moe.gate``): the per-expert formats write a source saved fused
+        under the names its original would have, so that both give the same output."""
+        return prefix + self.family.to_original_name(name[len(prefix) :])
 
     def _source_names(self, prefix: str, targets: list[Target], local: dict[str, torch.Tensor]) -> set[str]:
         """The checkpoint's names of the tensors that ``targets`` replace (per-expert names for a stack),
@@ -814,7 +820,8 @@ class Quantizer:
             out = {prefix + n: t for n, t in local.items()}
         else:  # the source's own tensors, less the weights being quantized: their copy in ``local`` is enough
             replaced = self._source_names(prefix, targets, local)
-            out = {n: t for n, t in original.items() if n not in replaced}
+            rename = self._original_name if is_fused(original) else lambda name, _: name
+            out = {rename(n, prefix): t for n, t in original.items() if n not in replaced}
         del original
         report = LayerReport(layer, len(targets))
         bar = progress_bar(
@@ -1259,6 +1266,11 @@ def _router_names(runner: Quantizer) -> set[str]:
         match = pattern.match(name)
         if match:
             prefix = name[: match.start(1)]
-            names.add(prefix + match.group(1))
-            names.add(prefix + runner.family.to_fused_name(match.group(1) + ".weight")[: -len(".weight")])
+            weight = match.group(1) + ".weight"  # the checkpoint's in either layout
+            for local in (
+                weight,
+                runner.family.to_fused_name(weight),
+                runner.family.to_original_name(weight),
+            ):
+                names.add(prefix + local[: -len(".weight")])
     return names

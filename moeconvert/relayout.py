@@ -92,6 +92,27 @@ def fuse_layer(
     return out
 
 
+def is_fused(tensors: dict[str, Any]) -> bool:
+    """Whether a layer's tensors hold stacked experts (the runtime layout) rather than per-expert ones."""
+    return any(_split_layer_prefix(n)[1] in (FUSED_GATE_UP, FUSED_DOWN) for n in tensors)
+
+
+def runtime_layer(
+    family: Family, config: Any, layer: int | None, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """One layer in the runtime layout whichever layout it was saved in: what ``quantize`` and ``verify``
+    read, so that a checkpoint written by :func:`fuse` (or by transformers with
+    ``save_original_format=False``) is as good a source as the original. A layer that mixes stacked and
+    per-expert experts is corrupt."""
+    if not is_fused(tensors):
+        return fuse_layer(family, config, layer, tensors)
+    expert_re = family.original_expert_re()
+    for name in tensors:
+        if expert_re.match(_split_layer_prefix(name)[1]):
+            raise CorruptCheckpointError(f"{name}: a per-expert tensor beside the layer's stacked experts")
+    return dict(tensors)
+
+
 def concat_experts(
     gate: Sequence[torch.Tensor], up: Sequence[torch.Tensor], down: Sequence[torch.Tensor]
 ) -> tuple[Concatenated, Concatenated] | tuple[torch.Tensor, torch.Tensor]:
@@ -225,8 +246,7 @@ def check_against_config(reader: ShardedReader, family: Family, config: Any) -> 
     for layer, names in iter_groups(reader):
         stored = reader.meta_tensors(names)
         check_shapes(stored, expected)
-        if not any(_split_layer_prefix(n)[1] in (FUSED_GATE_UP, FUSED_DOWN) for n in stored):
-            check_shapes(fuse_layer(family, config, layer, stored), expected)
+        check_shapes(runtime_layer(family, config, layer, stored), expected)
 
 
 def relayout(

@@ -26,14 +26,14 @@ import torch
 
 from .checkpoint import ShardedReader, iter_groups
 from .errors import BadInputError
-from .families import FUSED_DOWN, FUSED_GATE_UP, family_for, load_config
+from .families import family_for, load_config
 from .forward import LayerwiseModel
 from .fp8 import open_reader, source_dtype, without_fp8_config
 from .memory import release_freed_memory
 from .progress import progress_bar
 from .quant.calibration import calibration_tokens
 from .quant.packing import unpack_gptq
-from .relayout import fuse_layer
+from .relayout import runtime_layer
 from .source import read_config, resolve_model
 
 # Default pass/fail thresholds by kind of conversion (see docs/PARITY.md for the measurements behind them).
@@ -212,8 +212,7 @@ class _Side:
         """Layer ``index`` in runtime names (fused experts), dequantized, relative to the layer."""
         prefix = f"model.layers.{index}."
         tensors = self.decode(self.reader.get_many(self.groups[index]))
-        if not any(n.endswith((FUSED_GATE_UP, FUSED_DOWN)) for n in tensors):
-            tensors = fuse_layer(self.family, self.config, index, tensors)
+        tensors = runtime_layer(self.family, self.config, index, tensors)
         return {n[len(prefix) :]: t for n, t in tensors.items()}
 
 

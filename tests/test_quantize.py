@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from moeconvert import pipeline
 from moeconvert.distributed import Ranks
-from moeconvert.errors import BadInputError
+from moeconvert.errors import BadInputError, CorruptCheckpointError
 from moeconvert.estimate import _input_owner
 from moeconvert.families import family_for, load_config
 from moeconvert.forward import LayerwiseModel
@@ -32,7 +32,7 @@ from moeconvert.quant.packing import unpack_compressed, unpack_gptq
 from moeconvert.quant.rtn import rtn_quantize
 from moeconvert.quant.scheme import Scheme
 from moeconvert.quant.targets import Rule, TargetPolicy
-from moeconvert.relayout import fuse_layer
+from moeconvert.relayout import fuse_layer, runtime_layer
 from moeconvert.source import read_config
 
 FAST = QuantizeOptions(samples=16, seq_len=128)
@@ -234,6 +234,40 @@ def test_same_inputs_give_identical_bytes(trained_models: dict[str, Path], tmp_p
         )
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_source_saved_fused_quantizes_to_the_bytes_of_its_original(
+    family: str, tiny_models: dict[str, Path], transformers_fused: dict[str, Path], tmp_path: Path
+) -> None:
+    """A checkpoint in the runtime layout (transformers' ``save_original_format=False``, or ``fuse``) is as
+    good a source as the original: every format's weights and config come out byte for byte the same,
+    in the original's names (Mixtral's router back under ``block_sparse_moe``)."""
+    options = QuantizeOptions(samples=4, seq_len=64)
+    for fmt in ("compressed-tensors", "fused"):
+        for label, source in (("original", tiny_models[family]), ("saved-fused", transformers_fused[family])):
+            quantize(
+                str(source), W4, output=tmp_path / f"{fmt}-{label}", options=replace(options, format=fmt),
+                verify=False, progress=False,
+            )  # fmt: skip
+        a, b = tmp_path / f"{fmt}-original", tmp_path / f"{fmt}-saved-fused"
+        weights = sorted(p.name for p in a.glob("*.safetensors"))
+        assert weights and weights == sorted(p.name for p in b.glob("*.safetensors"))
+        for name in [*weights, "config.json"]:
+            assert (a / name).read_bytes() == (b / name).read_bytes(), (fmt, name)
+
+
+def test_a_layer_with_stacked_and_per_expert_experts_is_refused(tiny_models: dict[str, Path]) -> None:
+    raw = read_config(tiny_models["mixtral"])
+    family, config = family_for(raw), load_config(raw)
+    tensors = {
+        n: t for n, t in load_tensors(tiny_models["mixtral"]).items() if n.startswith("model.layers.0.")
+    }
+    stacked = fuse_layer(family, config, 0, tensors)
+    stray = "model.layers.0.block_sparse_moe.experts.0.w1.weight"
+    with pytest.raises(CorruptCheckpointError, match="per-expert tensor beside"):
+        runtime_layer(family, config, 0, {**stacked, stray: tensors[stray]})
+    assert runtime_layer(family, config, 0, stacked).keys() == stacked.keys()
 
 
 def test_starved_experts_and_calibrate_all(trained_models: dict[str, Path], tmp_path: Path) -> None:
