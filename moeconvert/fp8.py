@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .checkpoint import ShardedReader
-from .errors import CorruptCheckpointError
+from .errors import CorruptCheckpointError, UnsupportedModelError
 
 SCALE_SUFFIX = ".weight_scale_inv"
 
@@ -39,6 +39,21 @@ def without_fp8_config(config: dict[str, Any]) -> dict[str, Any]:
     if fp8_block_size(config) is None:
         return config
     return {k: v for k, v in config.items() if k != "quantization_config"}
+
+
+def full_precision_config(config: dict[str, Any], command: str) -> dict[str, Any]:
+    """config.json of a source that ``command`` can read: full precision, or FP8 blocks it dequantizes as
+    it reads them (see :func:`without_fp8_config`). An otherwise quantized checkpoint (GPTQ, AWQ,
+    compressed-tensors, this tool's own output) is refused by name here, before a layer is read:
+    requantizing its rounded weights would compound the error, and its packed tensors are not weights."""
+    quant = config.get("quantization_config")
+    if quant and fp8_block_size(config) is None:
+        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+        raise UnsupportedModelError(
+            f"the checkpoint is already quantized (quantization_config.quant_method {method!r}): "
+            f"{command} needs its full-precision original"
+        )
+    return without_fp8_config(config)
 
 
 def dequantize_block_fp8(

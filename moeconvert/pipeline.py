@@ -46,7 +46,7 @@ from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
 from .formats import QuantFormat, get_format
 from .formats.base import QuantizedModule
 from .forward import LayerwiseModel
-from .fp8 import header_reader, open_reader, source_dtype, without_fp8_config
+from .fp8 import full_precision_config, header_reader, open_reader, source_dtype
 from .manifest import update_manifest, write_manifest
 from .memory import available_bytes, memory_budget_bytes, release_freed_memory
 from .progress import progress_bar
@@ -636,7 +636,7 @@ class Quantizer:
             self.folder = resolve_model(model, revision, token)
             stored = read_config(self.folder)
             self.reader = open_reader(self.folder, stored)
-        self.raw_config = without_fp8_config(stored)  # FP8 sources are read dequantized
+        self.raw_config = full_precision_config(stored, "quantize")  # FP8 sources are read dequantized
         self.family = family_for(self.raw_config)
         self.config = load_config(self.raw_config)
         self.policy = policy

@@ -36,7 +36,7 @@ from .checkpoint import (
 )
 from .errors import CorruptCheckpointError, OutputWriteError, UnsupportedModelError
 from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
-from .fp8 import open_reader, without_fp8_config
+from .fp8 import full_precision_config, open_reader
 from .layout import stack_experts, unstack_experts
 from .manifest import write_manifest
 from .source import read_config, resolve_model, side_files
@@ -264,7 +264,8 @@ def relayout(
     folder = resolve_model(model, revision, token)
     raw_config = read_config(folder)
     family = family_for(raw_config)
-    config = load_config(without_fp8_config(raw_config))
+    plain = full_precision_config(raw_config, desc)  # FP8 sources are written dequantized
+    config = load_config(plain)
     shard_cap = parse_size(max_shard_size)
     output = Path(output)
     with open_reader(folder, raw_config) as reader:
@@ -287,12 +288,8 @@ def relayout(
             writer.finish()
             for path in side_files(folder):
                 shutil.copyfile(path, staging / path.name)
-            if (
-                without_fp8_config(raw_config) is not raw_config
-            ):  # dequantized: the fp8 config no longer applies
-                (staging / "config.json").write_text(
-                    json.dumps(without_fp8_config(raw_config), indent=2) + "\n"
-                )
+            if plain is not raw_config:  # dequantized: the fp8 config no longer applies
+                (staging / "config.json").write_text(json.dumps(plain, indent=2) + "\n")
             write_manifest(staging, writer.digests)
     return output
 

@@ -290,6 +290,32 @@ def test_quantize_refuses_too(case: str, tiny_models: dict[str, Path], tmp_path:
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before, "input was modified"
 
 
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq", "fused"])
+def test_a_quantized_checkpoint_is_refused_as_a_source(
+    fmt: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Requantizing rounded weights compounds their error, and packed tensors are not weights: quantize
+    (dry runs too), fuse and unfuse name the quantization instead of tripping over its tensors."""
+    from moeconvert.pipeline import QuantizeOptions, quantize
+    from moeconvert.quant.scheme import Scheme
+
+    quantized = tmp_path / "quantized"
+    options = QuantizeOptions(format=fmt)
+    quantize(str(tiny_models["mixtral"]), Scheme(bits=8, group_size=32, method="rtn"), output=quantized,
+             options=options, verify=False, progress=False)  # fmt: skip
+    method = json.loads((quantized / "config.json").read_text())["quantization_config"]["quant_method"]
+    attempts = [("quantize", QUANTIZE)]
+    if fmt == "compressed-tensors":
+        attempts += [("quantize", ("--dry-run",)), ("fuse", ()), ("unfuse", ())]
+    for command, extra in attempts:
+        output = tmp_path / "again"
+        assert_clean_failure(
+            run_cli(command, str(quantized), "-o", str(output), *extra),
+            output,
+            f"already quantized (quantization_config.quant_method {method!r}): {command} needs",
+        )
+
+
 def _write_tokenizer(folder: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
