@@ -138,8 +138,13 @@ def _summary_table(s: ModelSummary) -> str:
             )
         )
     disk = s.disk_bytes
-    rows.append(("disk to fuse", f"{_gb(disk['download'] + disk['fused_output'])} (download + output)"))
-    rows.append(("disk to quantize w4", f"{_gb(disk['download'] + disk['int4_output'])} (download + output)"))
+    if s.quantization:  # parameters from the config's model; fuse and quantize refuse such a source
+        rows.append(("quantized", f"{s.quantization}, {_gb(disk['fused_output'])} stored"))
+    else:
+        rows.append(("disk to fuse", f"{_gb(disk['download'] + disk['fused_output'])} (download + output)"))
+        rows.append(
+            ("disk to quantize w4", f"{_gb(disk['download'] + disk['int4_output'])} (download + output)")
+        )
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -45,7 +45,7 @@ class ModelSummary:
     shared_experts: int
     expert_intermediate_size: int
     hidden_size: int
-    dtypes: dict[str, int]  # dtype -> parameter count
+    dtypes: dict[str, int]  # dtype -> elements stored in it (packed words, for a quantized checkpoint)
     shards: int
     total_params: int
     active_params: int
@@ -54,6 +54,7 @@ class ModelSummary:
     active_bytes_per_token: dict[str, int]
     disk_bytes: dict[str, int]  # a conversion needs the download (Hub ids) plus its output
     layers: list[LayerSummary] = field(default_factory=list)
+    quantization: str | None = None  # quant_method of an already quantized checkpoint (FP8 blocks aside)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,10 +80,35 @@ def _bytes_at(meta: TensorMeta, bits: int | None, fraction: float = 1.0) -> floa
     return (meta.numel * bits / 8 + scales) * fraction
 
 
+def quantization_method(config: dict[str, Any]) -> str | None:
+    """The ``quant_method`` of a checkpoint stored quantized, or None for full precision and for FP8
+    blocks (which are read dequantized, and whose weights keep their shapes)."""
+    quant = config.get("quantization_config")
+    if not quant or "quantization_config" not in without_fp8_config(config):
+        return None
+    return str(quant.get("quant_method", "unknown")) if isinstance(quant, dict) else "unknown"
+
+
+def _parameters(meta: ModelMetadata, config: Any, quantized: bool) -> dict[str, TensorMeta]:
+    """The tensors whose elements are parameters: the headers' own, or for a quantized checkpoint, whose
+    packed words and scales are not, those of transformers' model for its config (tied embeddings once)."""
+    if not quantized:
+        return meta.tensors
+    from .relayout import model_shapes
+
+    shapes = model_shapes(config)
+    if getattr(config, "tie_word_embeddings", False):
+        shapes.pop("lm_head.weight", None)
+    return {name: TensorMeta(name, "BF16", shape, "") for name, shape in shapes.items()}
+
+
 def summarize(meta: ModelMetadata) -> ModelSummary:
     """Count parameters, bytes and layer kinds of a checkpoint from its metadata."""
     family = family_for(meta.config)
-    config = load_config(meta.config)
+    method = quantization_method(meta.config)
+    plain = {k: v for k, v in meta.config.items() if k != "quantization_config"}
+    config = load_config(plain if method else meta.config)
+    tensors = _parameters(meta, config, method is not None)
     num_experts, top_k = family.num_experts(config), family.top_k(config)
     layers: dict[int, LayerSummary] = {
         i: LayerSummary(i, family.is_moe_layer(config, i), 0, 0, 0) for i in range(config.num_hidden_layers)
@@ -91,9 +117,10 @@ def summarize(meta: ModelMetadata) -> ModelSummary:
     total = routed = 0
     active_fraction: dict[str, float] = {}
     fused = False
-    for name, tensor in sorted(meta.tensors.items()):
+    for stored in meta.tensors.values():
+        dtypes[stored.dtype] = dtypes.get(stored.dtype, 0) + stored.numel
+    for name, tensor in sorted(tensors.items()):
         total += tensor.numel
-        dtypes[tensor.dtype] = dtypes.get(tensor.dtype, 0) + tensor.numel
         index = layer_index(name)
         local = name.split(".", 3)[3] if index is not None else name
         expert = index is not None and _is_routed_expert(family, local)
@@ -110,11 +137,11 @@ def summarize(meta: ModelMetadata) -> ModelSummary:
         summary.experts = num_experts if summary.routed_params else 0
     active = total - routed + round(routed * top_k / num_experts)
     weight_bytes = {
-        label: round(sum(_bytes_at(t, bits) for t in meta.tensors.values()))
+        label: round(sum(_bytes_at(t, bits) for t in tensors.values()))
         for label, bits in (("bf16", None), ("int8", 8), ("int4", 4))
     }
     active_bytes = {
-        label: round(sum(_bytes_at(t, bits, active_fraction[n]) for n, t in meta.tensors.items()))
+        label: round(sum(_bytes_at(t, bits, active_fraction[n]) for n, t in tensors.items()))
         for label, bits in (("bf16", None), ("int8", 8), ("int4", 4))
     }
     stored = meta.weight_bytes
@@ -144,6 +171,7 @@ def summarize(meta: ModelMetadata) -> ModelSummary:
             "int4_output": weight_bytes["int4"],
         },
         layers=list(layers.values()),
+        quantization=method,
     )
 
 

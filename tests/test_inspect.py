@@ -71,7 +71,23 @@ def test_cli_json_and_table(tiny_models: dict[str, Path], tmp_path: Path) -> Non
     )
 
 
-def test_quantized_outputs_are_inspected_too(quantized: dict) -> None:
-    """Packed tensors have shapes of their own: a quantized folder is summarised, not refused."""
-    summary = inspect_model(str(quantized["mixtral", "w4"]))
-    assert summary.family == "mixtral" and summary.num_experts == 8 and summary.total_params > 0
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantized_outputs_count_their_original_parameters(
+    family: str, quantized: dict, trained_models: dict[str, Path]
+) -> None:
+    """Packed words and scales are not parameters: a quantized folder is summarised with its original's
+    counts (from the config's model), and says how it is quantized."""
+    source = inspect_model(str(trained_models[family]))
+    summary = inspect_model(str(quantized[family, "w4"]))
+    assert source.quantization is None and summary.quantization == "compressed-tensors"
+    for field in ("total_params", "active_params", "routed_expert_params", "weight_bytes", "layers"):
+        assert getattr(summary, field) == getattr(source, field), field
+    assert "I32" in summary.dtypes and "I32" not in source.dtypes
+
+
+def test_cli_table_of_a_quantized_output(quantized: dict) -> None:
+    table = run_cli("inspect", str(quantized["mixtral", "w4"]))
+    assert table.returncode == 0, table.stderr
+    assert (
+        "quantized            compressed-tensors" in table.stdout and "disk to quantize" not in table.stdout
+    )
