@@ -2,7 +2,9 @@
 
 Total parameters set the memory floor (every expert must be resident); active parameters set the
 compute and the bytes read per token (only the top-k routed experts run). Both are counted over the
-real tensor headers, not estimated from the config, so the numbers hold for any variant of a family.
+real tensor headers, not estimated from the config, so the numbers hold for any variant of a family;
+only an already quantized checkpoint, whose headers hold packed words and scales, is counted from
+transformers' model for its config.
 """
 
 from __future__ import annotations
