@@ -41,14 +41,23 @@ def without_fp8_config(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k != "quantization_config"}
 
 
+def quantization_method(config: dict[str, Any]) -> str | None:
+    """The ``quant_method`` of a checkpoint stored quantized (GPTQ, AWQ, compressed-tensors, this tool's
+    own output), or None for full precision and for FP8 blocks, which are read dequantized and whose
+    weights keep their shapes."""
+    quant = config.get("quantization_config")
+    if not quant or fp8_block_size(config) is not None:
+        return None
+    return str(quant.get("quant_method", "unknown")) if isinstance(quant, dict) else "unknown"
+
+
 def full_precision_config(config: dict[str, Any], command: str) -> dict[str, Any]:
     """config.json of a source that ``command`` can read: full precision, or FP8 blocks it dequantizes as
-    it reads them (see :func:`without_fp8_config`). An otherwise quantized checkpoint (GPTQ, AWQ,
-    compressed-tensors, this tool's own output) is refused by name here, before a layer is read:
-    requantizing its rounded weights would compound the error, and its packed tensors are not weights."""
-    quant = config.get("quantization_config")
-    if quant and fp8_block_size(config) is None:
-        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+    it reads them (see :func:`without_fp8_config`). An otherwise quantized checkpoint is refused by name
+    here, before a layer is read: requantizing its rounded weights would compound the error, and its
+    packed tensors are not weights."""
+    method = quantization_method(config)
+    if method is not None:
         raise UnsupportedModelError(
             f"the checkpoint is already quantized (quantization_config.quant_method {method!r}): "
             f"{command} needs its full-precision original"

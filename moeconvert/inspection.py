@@ -15,7 +15,7 @@ from typing import Any
 
 from .checkpoint import layer_index
 from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
-from .fp8 import header_reader, without_fp8_config
+from .fp8 import header_reader, quantization_method, without_fp8_config
 from .relayout import check_against_config
 from .safetensors_header import TensorMeta
 from .source import ModelMetadata, read_metadata
@@ -80,15 +80,6 @@ def _bytes_at(meta: TensorMeta, bits: int | None, fraction: float = 1.0) -> floa
         return meta.numel * 2 * fraction
     scales = meta.numel / GROUP_SIZE * 2
     return (meta.numel * bits / 8 + scales) * fraction
-
-
-def quantization_method(config: dict[str, Any]) -> str | None:
-    """The ``quant_method`` of a checkpoint stored quantized, or None for full precision and for FP8
-    blocks (which are read dequantized, and whose weights keep their shapes)."""
-    quant = config.get("quantization_config")
-    if not quant or "quantization_config" not in without_fp8_config(config):
-        return None
-    return str(quant.get("quant_method", "unknown")) if isinstance(quant, dict) else "unknown"
 
 
 def _parameters(meta: ModelMetadata, config: Any, quantized: bool) -> dict[str, TensorMeta]:
