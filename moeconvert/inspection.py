@@ -99,8 +99,7 @@ def summarize(meta: ModelMetadata) -> ModelSummary:
     """Count parameters, bytes and layer kinds of a checkpoint from its metadata."""
     family = family_for(meta.config)
     method = quantization_method(meta.config)
-    plain = {k: v for k, v in meta.config.items() if k != "quantization_config"}
-    config = load_config(plain if method else meta.config)
+    config = load_config(meta.config)
     tensors = _parameters(meta, config, method is not None)
     num_experts, top_k = family.num_experts(config), family.top_k(config)
     layers: dict[int, LayerSummary] = {
@@ -180,8 +179,8 @@ def inspect_model(model: str, revision: str | None = None, token: str | None = N
     """
     metadata = read_metadata(model, revision, token)
     summary = summarize(metadata)
-    plain = without_fp8_config(metadata.config)  # FP8 sources are checked as read: dequantized
-    if "quantization_config" not in plain:  # packed integer tensors have shapes of their own
+    if summary.quantization is None:  # packed integer tensors have shapes of their own
+        plain = without_fp8_config(metadata.config)  # FP8 sources are checked as read: dequantized
         reader = header_reader(metadata.tensors, metadata.config)
         check_against_config(reader, family_for(plain), load_config(plain))
     return summary
