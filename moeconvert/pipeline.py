@@ -1247,10 +1247,12 @@ def _write_configs(runner: Quantizer, staging: Path, schemes: dict[str, Scheme],
     for path in side_files(runner.folder):
         shutil.copyfile(path, staging / path.name)
     ignored = sorted(set(kept) | {"lm_head"} | _router_names(runner))
-    quant_config = runner.fmt.config(schemes, ignored)
-    config = dict(runner.raw_config)
-    config["quantization_config"] = quant_config
-    (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    layers = runner.config.num_hidden_layers
+    carried = sorted({layer for layer, _ in runner.groups if layer is not None and layer >= layers})
+    quant_config = runner.fmt.config(schemes, ignored, carried)
+    config = dict(sorted({**runner.raw_config, "quantization_config": quant_config}.items()))
+    # not sort_keys: loaders apply GPTQ's "dynamic" rules in their order, the first match deciding
+    (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name, text in runner.fmt.extra_files(quant_config).items():
         (staging / name).write_text(text)
 

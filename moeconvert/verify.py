@@ -147,9 +147,10 @@ def _gptq_decode(
 ) -> Callable[[str, dict[str, torch.Tensor]], torch.Tensor]:
     def decode(module: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         bits = quant["bits"]
-        for pattern, override in (quant.get("dynamic") or {}).items():
-            if pattern.startswith("+:") and re.match(pattern[2:], module):
-                bits = override.get("bits", bits)
+        for pattern, override in (quant.get("dynamic") or {}).items():  # the first match decides, as in vLLM
+            if re.match(pattern[2:] if pattern[:2] in ("+:", "-:") else pattern, module):
+                bits = override.get("bits", bits)  # "-:" rules hold {}
+                break
         return unpack_gptq(parts, bits).dequantize().to(dtype)
 
     return decode

@@ -12,8 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from moeconvert.families import family_for, load_config
 from moeconvert.pipeline import QuantizeOptions, quantize
+from moeconvert.quant.packing import unpack_compressed
 from moeconvert.quant.scheme import Scheme
+from moeconvert.relayout import fuse_layer
+from moeconvert.source import read_config
 from moeconvert.tiny import TINY_CONFIGS, build_tiny_model
 
 FAMILIES = sorted(TINY_CONFIGS)
@@ -53,6 +57,27 @@ def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
         assert not set(part) & set(tensors), "duplicate tensor across shards"
         tensors.update(part)
     return tensors
+
+
+def dequantized_state(folder: Path, source: Path) -> dict[str, torch.Tensor]:
+    """The source model's tensors with every module of a compressed-tensors output replaced by our own
+    decoding of the files (bits and groups read off the stored shapes, not the config), in transformers'
+    runtime layout (fused experts)."""
+    tensors = load_tensors(folder)
+    state = load_tensors(source)
+    for name in [n for n in tensors if n.endswith(".weight_packed")]:
+        module = name[: -len(".weight_packed")]
+        parts = {k[len(module) + 1 :]: v for k, v in tensors.items() if k.startswith(module + ".weight_")}
+        bits = parts["weight_packed"].shape[1] * 32 // int(parts["weight_shape"][1])
+        qw = unpack_compressed(parts, bits, sym="weight_zero_point" not in parts)
+        state[module + ".weight"] = qw.dequantize().to(state[module + ".weight"].dtype)
+    raw = read_config(source)
+    family, cfg = family_for(raw), load_config(raw)
+    fused: dict[str, torch.Tensor] = {}
+    for layer in range(cfg.num_hidden_layers):
+        prefix = f"model.layers.{layer}."
+        fused.update(fuse_layer(family, cfg, layer, {n: t for n, t in state.items() if n.startswith(prefix)}))
+    return {**{n: t for n, t in state.items() if not n.startswith("model.layers.")}, **fused}
 
 
 def load_model(folder: Path, experts_implementation: str | None = None) -> torch.nn.Module:

@@ -12,6 +12,7 @@ from conftest import (
     FAMILIES,
     W4,
     count_calls,
+    dequantized_state,
     eval_tokens,
     load_model,
     load_tensors,
@@ -28,7 +29,7 @@ from moeconvert.estimate import _input_owner
 from moeconvert.families import family_for, load_config
 from moeconvert.forward import LayerwiseModel
 from moeconvert.pipeline import LayerStatistics, QuantizeOptions, Quantizer, quantize, solve
-from moeconvert.quant.packing import unpack_compressed, unpack_gptq
+from moeconvert.quant.packing import unpack_gptq
 from moeconvert.quant.rtn import rtn_quantize
 from moeconvert.quant.scheme import Scheme
 from moeconvert.quant.targets import Rule, TargetPolicy
@@ -36,29 +37,6 @@ from moeconvert.relayout import fuse_layer, runtime_layer
 from moeconvert.source import read_config
 
 FAST = QuantizeOptions(samples=16, seq_len=128)
-
-
-def dequantized_state(folder: Path, source: Path) -> dict[str, torch.Tensor]:
-    """The source model's tensors with every quantized module replaced by our own decoding of the files,
-    in transformers' runtime layout (fused experts)."""
-    tensors = load_tensors(folder)
-    config = json.loads((folder / "config.json").read_text())["quantization_config"]
-    weights = config["config_groups"]["group_0"]["weights"]
-    state = load_tensors(source)
-    for name in [n for n in tensors if n.endswith(".weight_packed")]:
-        module = name[: -len(".weight_packed")]
-        parts = {k[len(module) + 1 :]: v for k, v in tensors.items() if k.startswith(module + ".weight_")}
-        qw = unpack_compressed(
-            parts, weights["num_bits"], weights["symmetric"], group_size=weights["group_size"]
-        )
-        state[module + ".weight"] = qw.dequantize().to(state[module + ".weight"].dtype)
-    raw = read_config(source)
-    family, cfg = family_for(raw), load_config(raw)
-    fused: dict[str, torch.Tensor] = {}
-    for layer in range(cfg.num_hidden_layers):
-        prefix = f"model.layers.{layer}."
-        fused.update(fuse_layer(family, cfg, layer, {n: t for n, t in state.items() if n.startswith(prefix)}))
-    return {**{n: t for n, t in state.items() if not n.startswith("model.layers.")}, **fused}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -78,6 +56,18 @@ def test_transformers_loads_our_compressed_tensors(
     tokens = eval_tokens()
     with torch.no_grad():
         assert torch.allclose(loaded(tokens).logits, ours(tokens).logits, atol=1e-5, rtol=0)
+
+
+def test_act_order_gptq_stores_plain_groups_and_says_so(quantized: dict) -> None:
+    """Act-order with static groups stores as plain groups (no g_idx), so the config says no actorder:
+    vLLM releases before 2026-04 read any actorder on a MoE layer as a permuted order."""
+    folder = quantized["mixtral", "w4"]
+    quant = json.loads((folder / "config.json").read_text())["quantization_config"]
+    (group,) = quant["config_groups"].values()
+    report = json.loads((folder / "quantization_report.json").read_text())
+    assert report["scheme"]["method"] == "gptq" and report["scheme"]["act_order"]
+    assert group["weights"]["actorder"] is None
+    assert not any(name.endswith("g_idx") for name in load_tensors(folder))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

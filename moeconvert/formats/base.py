@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,9 +36,13 @@ class QuantFormat:
     def tensors(self, module: QuantizedModule) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def config(self, schemes: dict[str, Scheme], ignored: list[str]) -> dict[str, Any]:
+    def config(
+        self, schemes: dict[str, Scheme], ignored: list[str], carried_layers: Sequence[int] = ()
+    ) -> dict[str, Any]:
         """``quantization_config`` for config.json. ``schemes``: module name -> scheme of every quantized
-        module; ``ignored``: Linear modules kept in full precision."""
+        module; ``ignored``: Linear modules kept in full precision; ``carried_layers``: decoder layers
+        past ``num_hidden_layers`` (DeepSeek-V3's MTP layers), carried whole in full precision, which
+        engines that run them must not take for quantized."""
         raise NotImplementedError
 
     def extra_files(self, quantization_config: dict[str, Any]) -> dict[str, str]:

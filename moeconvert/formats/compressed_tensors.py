@@ -8,7 +8,7 @@ per-expert names, which vLLM's MoE loaders map onto their fused kernels.
 
 from __future__ import annotations
 
-import re
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ import torch
 from ..quant.packing import pack_compressed
 from ..quant.scheme import Scheme
 from .base import QuantFormat, QuantizedModule
+from .module_rules import layer_prefix_rule, rules_by_value
 
 
 def _weights_args(scheme: Scheme) -> dict[str, Any]:
@@ -27,16 +28,12 @@ def _weights_args(scheme: Scheme) -> dict[str, Any]:
         "group_size": None if scheme.group_size == -1 else scheme.group_size,
         "block_structure": None,
         "dynamic": False,
-        "actorder": "static" if scheme.method == "gptq" and scheme.act_order else None,  # static groups
+        # None even after act-order GPTQ: its static groups store plainly (no g_idx), and vLLM releases
+        # before 2026-04 split a TP-sharded MoE's scales wrongly for any actorder value
+        "actorder": None,
         "observer": "minmax",
         "observer_kwargs": {},
     }
-
-
-def generalize(name: str) -> str:
-    """A regex matching ``name`` in every layer and expert: numbers become ``\\d+``."""
-    escaped = re.escape(name)  # "model\\.layers\\.12\\.mlp..."
-    return "re:^" + re.sub(r"\\\.\d+\\\.", lambda _: r"\.\d+\.", escaped) + "$"
 
 
 class CompressedTensorsFormat(QuantFormat):
@@ -59,27 +56,32 @@ class CompressedTensorsFormat(QuantFormat):
         packed = pack_compressed(module.weight, module.source_dtype)
         return {f"{module.name}.{key}": value for key, value in packed.items()}
 
-    def config(self, schemes: dict[str, Scheme], ignored: list[str]) -> dict[str, Any]:
+    def config(
+        self, schemes: dict[str, Scheme], ignored: list[str], carried_layers: Sequence[int] = ()
+    ) -> dict[str, Any]:
         distinct = sorted(set(schemes.values()), key=lambda s: (s.bits, s.group_size, s.sym))
-        groups: dict[str, Any] = {}
-        for number, scheme in enumerate(distinct):
-            if len(distinct) == 1:
-                targets = ["Linear"]
-            else:
-                targets = sorted({generalize(n) for n, s in schemes.items() if s == scheme})
-            groups[f"group_{number}"] = {
-                "targets": targets,
+        if len(distinct) == 1:
+            targets = {distinct[0]: ["Linear"]}
+        else:
+            rules = rules_by_value({**dict.fromkeys(ignored), **schemes}, experts_as_layer=False)
+            targets = {scheme: ["re:" + rule for rule in rules[scheme]] for scheme in distinct}
+        groups = {
+            f"group_{number}": {
+                "targets": targets[scheme],
                 "weights": _weights_args(scheme),
                 "input_activations": None,
                 "output_activations": None,
                 "format": "pack-quantized",
             }
+            for number, scheme in enumerate(distinct)
+        }
+        ignore = sorted(ignored) + (["re:" + layer_prefix_rule(carried_layers)] if carried_layers else [])
         return {
             "quant_method": "compressed-tensors",
             "format": "pack-quantized",
             "quantization_status": "compressed",
             "config_groups": groups,
-            "ignore": sorted(ignored),
+            "ignore": ignore,
             "kv_cache_scheme": None,
             "sparsity_config": {},
             "transform_config": {},

@@ -19,6 +19,7 @@ transformers model (no serving engine reads it as is).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,10 @@ class FusedFormat(CompressedTensorsFormat):
     name = "fused"
     layout = "fused"
 
-    def config(self, schemes: dict[str, Scheme], ignored: list[str]) -> dict[str, Any]:
-        return {
+    def config(
+        self, schemes: dict[str, Scheme], ignored: list[str], carried_layers: Sequence[int] = ()
+    ) -> dict[str, Any]:
+        return {  # names every quantized module: nothing else is
             "quant_method": "moeconvert",
             "format": FORMAT_NAME,
             "modules": {name: _weights_args(scheme) for name, scheme in sorted(schemes.items())},

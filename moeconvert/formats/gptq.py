@@ -3,13 +3,15 @@
 Per quantized Linear ``X``: ``X.qweight`` int32 [in*bits/32, out] packed along the input dim, lowest bits
 first; ``X.qzeros`` int32 [groups, out*bits/32] holding zero-1; ``X.scales`` fp16 [groups, out];
 ``X.g_idx`` int32 [in]. ``quantize_config.json`` repeats ``config.json``'s ``quantization_config``.
-Mixed schemes use the ``dynamic`` overrides of GPTQModel/vLLM: ``"-:regex"`` keeps matching modules in
-full precision, ``"+:regex"`` gives them their own bits/group size.
+Modules kept in full precision and those off the most common scheme get GPTQModel/vLLM ``dynamic``
+overrides: ``"-:regex"`` keeps matching modules in full precision, ``"+:regex"`` gives them their own
+bits/group size; loaders apply them in order, the first match deciding (regexes: ``module_rules``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -17,7 +19,7 @@ import torch
 from ..quant.packing import pack_gptq
 from ..quant.scheme import Scheme
 from .base import QuantFormat, QuantizedModule
-from .compressed_tensors import generalize
+from .module_rules import layer_prefix_rule, rules_by_value
 
 
 class GptqFormat(QuantFormat):
@@ -38,19 +40,24 @@ class GptqFormat(QuantFormat):
     def tensors(self, module: QuantizedModule) -> dict[str, torch.Tensor]:
         return {f"{module.name}.{key}": value for key, value in pack_gptq(module.weight).items()}
 
-    def config(self, schemes: dict[str, Scheme], ignored: list[str]) -> dict[str, Any]:
+    def config(
+        self, schemes: dict[str, Scheme], ignored: list[str], carried_layers: Sequence[int] = ()
+    ) -> dict[str, Any]:
         counts: dict[Scheme, int] = {}
         for scheme in schemes.values():
             counts[scheme] = counts.get(scheme, 0) + 1
         main = max(sorted(counts, key=lambda s: (s.bits, s.group_size)), key=lambda s: counts[s])
+        rules = rules_by_value({**dict.fromkeys(ignored), **schemes}, experts_as_layer=True)
         dynamic: dict[str, dict[str, Any]] = {}
-        for name in sorted({generalize(n)[3:] for n in ignored}):
-            dynamic[f"-:{name}"] = {}
+        if carried_layers:
+            dynamic["-:" + layer_prefix_rule(carried_layers)] = {}
+        for rule in rules.get(None, []):
+            dynamic[f"-:{rule}"] = {}
         for scheme in sorted(counts, key=lambda s: (s.bits, s.group_size)):
             if scheme == main:
                 continue
-            for name in sorted({generalize(n)[3:] for n, s in schemes.items() if s == scheme}):
-                dynamic[f"+:{name}"] = {"bits": scheme.bits, "group_size": scheme.group_size}
+            for rule in rules[scheme]:
+                dynamic[f"+:{rule}"] = {"bits": scheme.bits, "group_size": scheme.group_size}
         config: dict[str, Any] = {
             "quant_method": "gptq",
             "checkpoint_format": "gptq",
@@ -68,4 +75,4 @@ class GptqFormat(QuantFormat):
         return config
 
     def extra_files(self, quantization_config: dict[str, Any]) -> dict[str, str]:
-        return {"quantize_config.json": json.dumps(quantization_config, indent=2, sort_keys=True) + "\n"}
+        return {"quantize_config.json": json.dumps(quantization_config, indent=2) + "\n"}

@@ -1,0 +1,95 @@
+"""The regular expressions a mixed-scheme ``quantization_config`` uses to pick out modules.
+
+A rule written from one module's name goes wrong in two ways, and both break the checkpoint for its
+loaders rather than for us:
+
+* Generalized too far. ``model.layers.0.self_attn.q_proj`` may become a rule for every layer's q_proj
+  only where every layer's q_proj has that scheme: a recipe may single out a layer, and two groups
+  claiming one module leave the loader to pick the wrong bits.
+* Spelled only as the checkpoint spells it. vLLM fuses Linear layers that checkpoints store apart (q/k/v
+  into ``qkv_proj``, gate/up into ``gate_up_proj``, DeepSeek's q_a/kv_a into ``fused_qkv_a_proj``, a
+  layer's experts into one ``experts`` module) and matches rules against those names: its GPTQ path
+  against the ``experts`` module itself, its compressed-tensors path against ``experts.0.gate_proj``
+  whatever the checkpoint calls the projection. transformers and GPTQModel match the checkpoint's names.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Hashable, Mapping
+from typing import TypeVar
+
+Value = TypeVar("Value", bound=Hashable)
+
+# checkpoint projection -> the vLLM module that holds it with others
+FUSED_IN_VLLM = {
+    "q_proj": "qkv_proj",
+    "k_proj": "qkv_proj",
+    "v_proj": "qkv_proj",
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
+    "q_a_proj": "fused_qkv_a_proj",
+    "kv_a_proj_with_mqa": "fused_qkv_a_proj",
+}
+# Mixtral's and Phi-MoE's expert projections -> the names vLLM's MoE layers look schemes up under
+EXPERT_NAME_IN_VLLM = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+_WILD = None  # a number made a wildcard in a name's key
+
+
+def rules_by_value(assignment: Mapping[str, Value], experts_as_layer: bool) -> dict[Value, list[str]]:
+    """For each value of ``assignment`` (module name -> scheme, or None for kept), regexes (``^...$``)
+    that match its modules and no module assigned another value.
+
+    A module's numbers (layer, expert) become wildcards where every module they would then cover has
+    the same value; else the layer stays literal, else the whole name. ``experts_as_layer``: an expert's
+    rule also matches its layer's ``experts`` module (vLLM's GPTQ path looks schemes up there).
+    """
+    split = {name: name.split(".") for name in assignment}
+    levels = (0, 1, len(max(split.values(), key=len, default=[])))  # numbers kept literal, from the left
+    seen: list[dict[tuple, set]] = [{} for _ in levels]
+    for name, parts in split.items():
+        for level, keep in enumerate(levels):
+            seen[level].setdefault(_key(parts, keep), set()).add(assignment[name])
+    rules: dict[Value, set[str]] = {}
+    for name, parts in split.items():
+        for level, keep in enumerate(levels):
+            key = _key(parts, keep)
+            if len(seen[level][key]) == 1:
+                rules.setdefault(assignment[name], set()).add(_regex(key, experts_as_layer))
+                break
+    return {value: sorted(found) for value, found in rules.items()}
+
+
+def layer_prefix_rule(layers: list[int]) -> str:
+    """A regex for every module of whole decoder layers (DeepSeek-V3's MTP layers, carried as they are)."""
+    return r"^model\.layers\.(?:" + "|".join(str(i) for i in sorted(layers)) + r")\."
+
+
+def _key(parts: list[str], keep: int) -> tuple[str | None, ...]:
+    """The name's parts with every number after the first ``keep`` made a wildcard."""
+    key: list[str | None] = []
+    numbers = 0
+    for part in parts:
+        if part.isdigit():
+            key.append(part if numbers < keep else _WILD)
+            numbers += 1
+        else:
+            key.append(part)
+    return tuple(key)
+
+
+def _regex(key: tuple[str | None, ...], experts_as_layer: bool) -> str:
+    pieces = [r"\d+" if part is _WILD else re.escape(part) for part in key]
+    last = key[-1]
+    if len(key) >= 3 and key[-3] == "experts" and (key[-2] is _WILD or key[-2].isdigit()):
+        names = _alternatives(last, EXPERT_NAME_IN_VLLM.get(last))
+        expert = rf"\.{pieces[-2]}\.{names}"
+        body = r"\.".join(pieces[:-2]) + (f"(?:{expert})?" if experts_as_layer else expert)
+    else:
+        body = r"\.".join([*pieces[:-1], _alternatives(last, FUSED_IN_VLLM.get(last))])
+    return f"^{body}$"
+
+
+def _alternatives(name: str, alias: str | None) -> str:
+    return re.escape(name) if alias is None else f"(?:{re.escape(name)}|{re.escape(alias)})"

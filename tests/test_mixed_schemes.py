@@ -1,0 +1,197 @@
+"""Mixed-scheme outputs: the config's rules give every module the bits stored for it, under the names its
+loaders use.
+
+transformers and GPTQModel look modules up under the checkpoint's names. vLLM looks them up under its own:
+q/k/v as ``qkv_proj``, gate/up as ``gate_up_proj``, DeepSeek's q_a/kv_a as ``fused_qkv_a_proj`` (its
+``packed_modules_mapping``), a layer's experts as one module: its compressed-tensors path asks for
+``experts.0.gate_proj``/``up_proj``/``down_proj`` whatever the checkpoint calls them, its GPTQ path for
+``experts`` itself; ``ignore`` is checked first, GPTQ ``dynamic`` rules in file order, the first match
+deciding. The recipe here singles out one layer, which a rule generalized to every layer would get wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import dequantized_state, eval_tokens, load_model, load_tensors
+from safetensors.torch import save_file
+
+from moeconvert.pipeline import QuantizeOptions, quantize
+from moeconvert.quant.scheme import Scheme
+from moeconvert.quant.targets import Rule
+
+W4, W8 = Scheme(bits=4, group_size=32, method="rtn"), Scheme(bits=8, group_size=32, method="rtn")
+RULES = (Rule(r"layers\.0\.self_attn", W8), Rule(r"layers\.1\.self_attn", None))  # layer 0 w8, layer 1 kept
+VLLM_FUSED = {  # vLLM's packed_modules_mapping: its module -> the checkpoint's
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "fused_qkv_a_proj": ("q_a_proj", "kv_a_proj_with_mqa"),
+}
+VLLM_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
+FAMILIES = ("mixtral", "qwen2_moe", "deepseek_v3")
+
+
+def stored_bits(tensors: dict[str, torch.Tensor]) -> dict[str, int | None]:
+    """Checkpoint Linear module -> bits of its stored codes (None: kept in full precision)."""
+    bits: dict[str, int | None] = {}
+    for name, tensor in tensors.items():
+        module, _, kind = name.rpartition(".")
+        if kind == "weight_packed":  # [out, in*bits/32]
+            bits[module] = tensor.shape[1] * 32 // int(tensors[module + ".weight_shape"][1])
+        elif kind == "qweight":  # [in*bits/32, out]
+            bits[module] = tensor.shape[0] * 32 // tensors[module + ".g_idx"].numel()
+        elif kind == "weight" and tensor.dim() == 2 and "embed" not in module and "norm" not in module:
+            bits.setdefault(module, None)
+    return bits
+
+
+def _matches(target: str, name: str) -> bool:
+    if target == "Linear":  # a class: every module asked about here is a Linear (or vLLM's FusedMoE)
+        return True
+    return bool(re.match(target[3:], name)) if target.startswith("re:") else target == name
+
+
+def compressed_tensors_bits(quant: dict, name: str, shards: tuple[str, ...] = ()) -> int | None:
+    """What a compressed-tensors loader gives module ``name`` (``shards``: the names it fuses)."""
+    if any(_matches(t, n) for t in quant["ignore"] for n in (shards or (name,))):
+        return None
+    found = {
+        group["weights"]["num_bits"]
+        for group in quant["config_groups"].values()
+        if any(_matches(t, name) for t in group["targets"])
+    }
+    assert len(found) == 1, f"{name}: groups with bits {found} claim it"
+    return found.pop()
+
+
+def gptq_bits(quant: dict, name: str) -> int | None:
+    for pattern, override in quant.get("dynamic", {}).items():
+        if re.match(pattern[2:], name):
+            return None if pattern.startswith("-:") else override.get("bits", quant["bits"])
+    return quant["bits"]
+
+
+def loader_bits(quant: dict, name: str, shards: tuple[str, ...] = ()) -> int | None:
+    if quant["quant_method"] == "gptq":
+        return gptq_bits(quant, name)
+    return compressed_tensors_bits(quant, name, shards)
+
+
+def vllm_views(bits: dict[str, int | None], gptq: bool) -> dict[str, tuple[str, list[str]]]:
+    """vLLM module -> (the name it looks the scheme up under, the checkpoint modules it holds)."""
+    views: dict[str, tuple[str, list[str]]] = {}
+    for module in bits:
+        prefix, _, leaf = module.rpartition(".")
+        expert = re.match(r"(.*\.experts)\.\d+\.\w+$", module)
+        if expert:
+            layer_module = expert.group(1)
+            lookups = [layer_module] if gptq else [f"{layer_module}.0.{n}" for n in VLLM_EXPERT_NAMES]
+            for lookup in lookups:
+                views.setdefault(lookup, (lookup, []))[1].append(module)
+            continue
+        fused = next((f for f, parts in VLLM_FUSED.items() if leaf in parts), None)
+        name = f"{prefix}.{fused}" if fused else module
+        views.setdefault(name, (name, []))[1].append(module)
+    return views
+
+
+@pytest.fixture(scope="module")
+def mixed_outputs(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("mixed")
+    out = {}
+    for family in FAMILIES:
+        for fmt in ("compressed-tensors", "gptq"):
+            out[family, fmt] = root / f"{family}-{fmt}"
+            options = QuantizeOptions(samples=4, seq_len=32, format=fmt)
+            quantize(
+                str(tiny_models[family]),
+                W4,
+                output=out[family, fmt],
+                rules=RULES,
+                options=options,
+                verify=False,
+            )
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_loader_name_gets_the_stored_bits(family: str, fmt: str, mixed_outputs: dict) -> None:
+    folder = mixed_outputs[family, fmt]
+    quant = json.loads((folder / "config.json").read_text())["quantization_config"]
+    bits = stored_bits(load_tensors(folder))
+    attention = {m: b for m, b in bits.items() if ".self_attn." in m}
+    assert {b for m, b in attention.items() if ".layers.0." in m} == {8}
+    assert {b for m, b in attention.items() if ".layers.1." in m} == {None}
+    assert {b for m, b in attention.items() if ".layers.2." in m} == {4}
+
+    for module, stored in bits.items():  # transformers' and GPTQModel's view
+        if module != "lm_head":
+            assert loader_bits(quant, module) == stored, module
+    for lookup, held in vllm_views(bits, gptq=fmt == "gptq").values():  # vLLM's
+        (stored,) = {bits[m] for m in held}
+        shards = tuple(held) if len(held) > 1 and ".experts" not in lookup else ()
+        assert loader_bits(quant, lookup, shards) == stored, lookup
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers_computes_with_the_bits_we_stored(
+    family: str, mixed_outputs: dict, tiny_models: dict[str, Path]
+) -> None:
+    """transformers + compressed-tensors picks each module's group from the config; the logits equal a
+    forward with our decoding of the files, which reads the bits off the stored shapes."""
+    folder = mixed_outputs[family, "compressed-tensors"]
+    ours = load_model(tiny_models[family])
+    ours.load_state_dict(dequantized_state(folder, tiny_models[family]), strict=True)
+    tokens = eval_tokens(batch=2, seq_len=32)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(folder)(tokens).logits, ours(tokens).logits, atol=1e-5, rtol=0)
+
+
+def with_mtp_layer(source: Path, folder: Path) -> Path:
+    """``source`` (a one-shard DeepSeek-V3) with one MTP layer after its last, as DeepSeek-V3 ships it."""
+    config = json.loads((source / "config.json").read_text())
+    tensors = load_tensors(source)
+    last, mtp = config["num_hidden_layers"] - 1, config["num_hidden_layers"]
+    for name, tensor in list(tensors.items()):
+        if name.startswith(f"model.layers.{last}."):
+            tensors[name.replace(f".{last}.", f".{mtp}.", 1)] = tensor.clone()
+    hidden = config["hidden_size"]
+    tensors[f"model.layers.{mtp}.eh_proj.weight"] = torch.randn(hidden, 2 * hidden)
+    for norm in ("enorm", "hnorm", "shared_head.norm"):
+        tensors[f"model.layers.{mtp}.{norm}.weight"] = torch.ones(hidden)
+    folder.mkdir()
+    for side in source.iterdir():  # tokenizer and generation config
+        if side.suffix != ".safetensors" and "index" not in side.name:
+            shutil.copyfile(side, folder / side.name)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    return folder
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_an_mtp_layer_carried_in_full_precision_is_not_taken_for_quantized(
+    fmt: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    source = with_mtp_layer(tiny_models["deepseek_v3"], tmp_path / "source")
+    out = tmp_path / "out"
+    quantize(
+        str(source), W4, output=out, options=QuantizeOptions(samples=4, seq_len=32, format=fmt), verify=False
+    )
+    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    mtp = json.loads((source / "config.json").read_text())["num_hidden_layers"]
+    bits = stored_bits(load_tensors(out))
+    carried = [m for m in bits if m.startswith(f"model.layers.{mtp}.")]
+    assert carried and {bits[m] for m in carried} == {None}
+    for module in [
+        *carried,
+        f"model.layers.{mtp}.self_attn.fused_qkv_a_proj",
+        f"model.layers.{mtp}.mlp.experts",
+    ]:
+        assert loader_bits(quant, module) is None, module
+    assert loader_bits(quant, "model.layers.1.self_attn.q_a_proj") == 4  # the layers before it stay quantized
