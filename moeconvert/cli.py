@@ -193,7 +193,12 @@ _relayout_command("unfuse", "Restore per-expert tensors and original names from 
 @click.option(
     "--group-size", type=int, default=128, show_default=True, help="-1: one scale per output channel."
 )
-@click.option("--sym/--asym", default=True, show_default=True)
+@click.option(
+    "--sym/--asym",
+    default=True,
+    show_default=True,
+    help="--asym stores zero points; vLLM's and transformers' MoE loaders take symmetric experts only.",
+)
 @click.option(
     "--act-order/--no-act-order",
     default=True,
@@ -354,6 +359,12 @@ def quantize_cmd(
     if options.format not in ("compressed-tensors", "gptq", "fused"):
         raise click.BadParameter(
             f"recipe format {options.format!r} is not one of compressed-tensors, gptq, fused"
+        )
+    if not scheme.sym and options.format == "compressed-tensors":
+        click.echo(
+            "note: vLLM's and transformers' MoE loaders read symmetric experts only; "
+            "this asymmetric output loads in moeconvert verify and engines that take zero points",
+            err=True,
         )
     if dry_run:
         summary = inspect_model(model, revision, token)

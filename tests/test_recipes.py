@@ -126,3 +126,11 @@ def test_flags_override_the_recipe(tiny_models: dict[str, Path], tmp_path: Path)
         and data["scheme"]["method"] == "rtn"
     )
     assert data["format"] == "gptq"
+
+
+def test_an_asymmetric_compressed_tensors_output_is_announced_as_such(tiny_models: dict[str, Path]) -> None:
+    """MoE loaders take symmetric experts only: asking for zero points in compressed-tensors says so."""
+    asym = run_cli("quantize", str(tiny_models["olmoe"]), "--group-size", "32", "--asym", "--dry-run")
+    sym = run_cli("quantize", str(tiny_models["olmoe"]), "--group-size", "32", "--dry-run")
+    assert asym.returncode == 0 and sym.returncode == 0, asym.stderr + sym.stderr
+    assert "symmetric experts only" in asym.stderr and "symmetric experts only" not in sym.stderr
