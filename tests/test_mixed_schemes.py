@@ -195,3 +195,24 @@ def test_an_mtp_layer_carried_in_full_precision_is_not_taken_for_quantized(
     ]:
         assert loader_bits(quant, module) is None, module
     assert loader_bits(quant, "model.layers.1.self_attn.q_a_proj") == 4  # the layers before it stay quantized
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_schemes_stored_alike_share_one_rule(fmt: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """Attention solved by GPTQ, experts by RTN, both 4-bit g32: one stored form, so no mixed rules."""
+    rules = (Rule("self_attn", Scheme(bits=4, group_size=32, method="gptq")),)
+    options = QuantizeOptions(samples=4, seq_len=32, format=fmt)
+    quantize(
+        str(tiny_models["mixtral"]),
+        W4,
+        output=tmp_path,
+        rules=rules,
+        options=options,
+        force=True,
+        verify=False,
+    )
+    quant = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    if fmt == "gptq":
+        assert not any(rule.startswith("+:") for rule in quant["dynamic"])
+    else:
+        assert [group["targets"] for group in quant["config_groups"].values()] == [["Linear"]]

@@ -59,21 +59,24 @@ class CompressedTensorsFormat(QuantFormat):
     def config(
         self, schemes: dict[str, Scheme], ignored: list[str], carried_layers: Sequence[int] = ()
     ) -> dict[str, Any]:
-        distinct = sorted(set(schemes.values()), key=lambda s: (s.bits, s.group_size, s.sym))
+        # one group per stored form: schemes that differ only in how they were solved share one
+        stored = {name: (scheme.bits, scheme.group_size, scheme.sym) for name, scheme in schemes.items()}
+        example = {stored[name]: scheme for name, scheme in sorted(schemes.items())}
+        distinct = sorted(example)
         if len(distinct) == 1:
             targets = {distinct[0]: ["Linear"]}
         else:
-            rules = rules_by_value({**dict.fromkeys(ignored), **schemes}, experts_as_layer=False)
-            targets = {scheme: ["re:" + rule for rule in rules[scheme]] for scheme in distinct}
+            rules = rules_by_value({**dict.fromkeys(ignored), **stored}, experts_as_layer=False)
+            targets = {key: ["re:" + rule for rule in rules[key]] for key in distinct}
         groups = {
             f"group_{number}": {
-                "targets": targets[scheme],
-                "weights": _weights_args(scheme),
+                "targets": targets[key],
+                "weights": _weights_args(example[key]),
                 "input_activations": None,
                 "output_activations": None,
                 "format": "pack-quantized",
             }
-            for number, scheme in enumerate(distinct)
+            for number, key in enumerate(distinct)
         }
         ignore = sorted(ignored) + (["re:" + layer_prefix_rule(carried_layers)] if carried_layers else [])
         return {

@@ -11,6 +11,7 @@ bits/group size; loaders apply them in order, the first match deciding (regexes:
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,21 +44,20 @@ class GptqFormat(QuantFormat):
     def config(
         self, schemes: dict[str, Scheme], ignored: list[str], carried_layers: Sequence[int] = ()
     ) -> dict[str, Any]:
-        counts: dict[Scheme, int] = {}
-        for scheme in schemes.values():
-            counts[scheme] = counts.get(scheme, 0) + 1
-        main = max(sorted(counts, key=lambda s: (s.bits, s.group_size)), key=lambda s: counts[s])
-        rules = rules_by_value({**dict.fromkeys(ignored), **schemes}, experts_as_layer=True)
+        stored = {name: (scheme.bits, scheme.group_size) for name, scheme in schemes.items()}
+        counts = Counter(stored.values())
+        main_key = max(sorted(counts), key=counts.__getitem__)  # ties: the fewest bits
+        main = next(schemes[name] for name in sorted(schemes) if stored[name] == main_key)
+        rules = rules_by_value({**dict.fromkeys(ignored), **stored}, experts_as_layer=True)
         dynamic: dict[str, dict[str, Any]] = {}
         if carried_layers:
             dynamic["-:" + layer_prefix_rule(carried_layers)] = {}
         for rule in rules.get(None, []):
             dynamic[f"-:{rule}"] = {}
-        for scheme in sorted(counts, key=lambda s: (s.bits, s.group_size)):
-            if scheme == main:
-                continue
-            for rule in rules[scheme]:
-                dynamic[f"+:{rule}"] = {"bits": scheme.bits, "group_size": scheme.group_size}
+        for bits, group_size in sorted(counts):
+            if (bits, group_size) != main_key:
+                for rule in rules[bits, group_size]:
+                    dynamic[f"+:{rule}"] = {"bits": bits, "group_size": group_size}
         config: dict[str, Any] = {
             "quant_method": "gptq",
             "checkpoint_format": "gptq",
