@@ -216,3 +216,27 @@ def test_schemes_stored_alike_share_one_rule(fmt: str, tiny_models: dict[str, Pa
         assert not any(rule.startswith("+:") for rule in quant["dynamic"])
     else:
         assert [group["targets"] for group in quant["config_groups"].values()] == [["Linear"]]
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_experts_kept_in_full_precision_are_unquantized_for_vllm(
+    fmt: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    rules = (Rule(r"layers\.1\.block_sparse_moe\.experts", None),)  # Mixtral's w1/w2/w3, layer 1
+    options = QuantizeOptions(samples=4, seq_len=32, format=fmt)
+    quantize(
+        str(tiny_models["mixtral"]),
+        W4,
+        output=tmp_path,
+        rules=rules,
+        options=options,
+        force=True,
+        verify=False,
+    )
+    quant = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    bits = stored_bits(load_tensors(tmp_path))
+    for lookup, held in vllm_views(bits, gptq=fmt == "gptq").values():
+        if ".experts" in lookup:
+            (stored,) = {bits[m] for m in held}
+            assert stored == (None if ".layers.1." in lookup else 4), lookup
+            assert loader_bits(quant, lookup) == stored, lookup

@@ -16,7 +16,7 @@ import torch
 from ..quant.packing import pack_compressed
 from ..quant.scheme import Scheme
 from .base import QuantFormat, QuantizedModule
-from .module_rules import layer_prefix_rule, rules_by_value
+from .module_rules import layer_prefix_rule, rules_by_value, vllm_expert_names
 
 
 def _weights_args(scheme: Scheme) -> dict[str, Any]:
@@ -78,7 +78,9 @@ class CompressedTensorsFormat(QuantFormat):
             }
             for number, key in enumerate(distinct)
         }
-        ignore = sorted(ignored) + (["re:" + layer_prefix_rule(carried_layers)] if carried_layers else [])
+        ignore = sorted(set(ignored) | vllm_expert_names(ignored))
+        if carried_layers:
+            ignore.append("re:" + layer_prefix_rule(carried_layers))
         return {
             "quant_method": "compressed-tensors",
             "format": "pack-quantized",

@@ -16,7 +16,7 @@ loaders rather than for us:
 from __future__ import annotations
 
 import re
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from typing import TypeVar
 
 Value = TypeVar("Value", bound=Hashable)
@@ -59,6 +59,17 @@ def rules_by_value(assignment: Mapping[str, Value], experts_as_layer: bool) -> d
                 rules.setdefault(assignment[name], set()).add(_regex(key, experts_as_layer))
                 break
     return {value: sorted(found) for value, found in rules.items()}
+
+
+def vllm_expert_names(names: Iterable[str]) -> set[str]:
+    """Mixtral's and Phi-MoE's expert projections among ``names`` under the names vLLM's MoE layers ask
+    ``ignore`` about (``experts.0.w1`` -> ``experts.0.gate_proj``)."""
+    found = set()
+    for name in names:
+        prefix, _, leaf = name.rpartition(".")
+        if leaf in EXPERT_NAME_IN_VLLM and prefix.rpartition(".")[0].endswith(".experts"):
+            found.add(f"{prefix}.{EXPERT_NAME_IN_VLLM[leaf]}")
+    return found
 
 
 def layer_prefix_rule(layers: list[int]) -> str:
