@@ -25,7 +25,7 @@ from typing import BinaryIO
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import CorruptCheckpointError, MoeConvertError, OutputExistsError
+from .errors import BadInputError, CorruptCheckpointError, MoeConvertError, OutputExistsError
 from .safetensors_header import DTYPE_SIZES, MAX_HEADER_BYTES, TensorMeta, read_header
 from .shard_digest import GrowingFileDigest, HashBacklog, hash_workers
 from .writeback import WritebackBehind
@@ -573,22 +573,37 @@ class OutputFolder:
     for the same command to pick up, and a later start reuses it unless ``force`` is given.
     """
 
-    def __init__(self, final: Path, force: bool = False, resumable: bool = False) -> None:
+    def __init__(
+        self, final: Path, force: bool = False, resumable: bool = False, source: Path | None = None
+    ) -> None:
         self.final = Path(final)
         self.force = force
         self.resumable = resumable
+        self.source = source
         self.staging = self.final.with_name(f".{self.final.name}.partial")
 
     def __enter__(self) -> Path:
+        self.check_apart()
         if self.final.exists() and not self.force:
             raise OutputExistsError(f"output {self.final} already exists (use --force to replace it)")
         if self.final.exists() and not self.final.is_dir():
             raise OutputExistsError(f"output {self.final} exists and is not a folder")
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        if self.staging.exists() and (self.force or not self.resumable):
+        if self.staging.exists() and not self.resumable:  # a resumable run's caller decides
             shutil.rmtree(self.staging)
         self.staging.mkdir(exist_ok=True)
         return self.staging
+
+    def check_apart(self) -> None:
+        """Refuse an output that is the input folder, holds it or lies inside it: replacing it (with
+        ``force``) would delete the input, and the input is never written to."""
+        if self.source is None:
+            return
+        final, source = self.final.resolve(), Path(self.source).resolve()
+        if final == source or final in source.parents or source in final.parents:
+            raise BadInputError(
+                f"output {self.final} overlaps the input {self.source}: write to a folder outside it"
+            )
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

@@ -1115,12 +1115,22 @@ def run_settings(runner: Quantizer, report: QuantizeReport, rules: tuple[Rule, .
     }
     return {
         "source": report.source,
+        "source_files": _file_stamps(runner.folder),
         "scheme": report.scheme,
         "rules": [asdict(rule) for rule in rules],
         "options": options,
         "device": runner.device.type,
         "versions": report.versions,
     }
+
+
+def _file_stamps(folder: Path | None) -> dict[str, list[int]]:
+    """Size and modification time of the source's weights and config: a partial output made from other
+    files (a folder rewritten in place) is not resumed."""
+    if folder is None:
+        return {}
+    paths = [*sorted(folder.glob("*.safetensors")), folder / "config.json"]
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in paths if p.exists()}
 
 
 @contextlib.contextmanager
@@ -1149,10 +1159,11 @@ def _run(
 ) -> None:
     ranks = runner.ranks
     runner.progress = progress and ranks.writes
-    folder = OutputFolder(output, force=force, resumable=True)
+    folder = OutputFolder(output, force=force, resumable=True, source=runner.folder)
     state = RunState(folder.staging, settings, ranks)
-    if not force and ranks.writes:
-        state.check(output)
+    if ranks.writes:
+        folder.check_apart()
+        state.check(output, force)
     with folder if ranks.writes else contextlib.nullcontext(folder.staging) as staging:
         barrier()  # the staging folder exists before any rank reads or writes its records
         done = state.start()

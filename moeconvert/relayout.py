@@ -279,7 +279,7 @@ def relayout(
             check_shapes(stored, expected)  # whichever side carries transformers' runtime names
             check_shapes(converted, expected)
             plan.append(plan_group(converted))
-        with _write_errors(output), OutputFolder(output, force=force) as staging:
+        with _write_errors(output), OutputFolder(output, force=force, source=folder) as staging:
             writer = ShardedWriter(staging, plan, shard_cap)
             try:
                 _stream(reader, writer, groups, lambda layer, t: layer_fn(family, config, layer, t), desc)

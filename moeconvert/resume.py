@@ -55,10 +55,15 @@ class RunState:
         suffix = f".rank{self.ranks.rank}" if self.ranks.distributed else ""
         self.hidden_path = self.folder / f"hidden{suffix}.safetensors"
 
-    def check(self, final: Path) -> None:
-        """Refuse a partial output left by a run with other settings (before anything touches it)."""
+    def check(self, final: Path, force: bool) -> None:
+        """Before anything touches a partial output: resume one left by a run with these settings (with
+        ``force`` too, which replaces finished outputs, not work that gives the same bytes); refuse one
+        with other settings, or with ``force`` delete it to start over."""
         stored = self._read_json("settings.json")
         if stored is None or stored == self.settings:
+            return
+        if force:
+            shutil.rmtree(self.folder.parent)
             return
         changed = sorted(
             k for k in stored.keys() | self.settings.keys() if stored.get(k) != self.settings.get(k)

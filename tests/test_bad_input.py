@@ -393,6 +393,27 @@ def test_existing_output_needs_force(tiny_models: dict[str, Path], tmp_path: Pat
     assert not (output / "keep.txt").exists() and (output / "config.json").exists()
 
 
+def test_an_output_over_the_input_is_refused_even_with_force(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The output is replaced as a whole: over the input folder, a folder holding it or one inside it,
+    --force would delete the input."""
+    model = Path(shutil.copytree(tiny_models["olmoe"], tmp_path / "parent" / "model"))
+    (tmp_path / "parent" / "notes.txt").write_text("precious")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    quantize = ["--group-size", "32", "--samples", "4", "--seq-len", "32", "--no-verify"]
+    for command, output, extra in [
+        ("fuse", model, []),
+        ("fuse", tmp_path / "parent", []),
+        ("quantize", model, quantize),
+        ("quantize", model / "inside", quantize),
+    ]:
+        result = run_cli(command, str(model), "-o", str(output), "--force", *extra)
+        assert result.returncode == 2 and "overlaps the input" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def test_fuse_twice_and_unfuse_original_are_refused(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     fused = tmp_path / "fused"
     assert run_cli("fuse", str(tiny_models["qwen3_moe"]), "-o", str(fused)).returncode == 0

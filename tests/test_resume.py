@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,7 +91,8 @@ def test_killed_run_resumes_to_identical_output(
     assert run_cli("check", str(partial)).returncode == 2  # not a finished output: no manifest
     assert json.loads((partial / ".resume" / "progress.json").read_text())["groups_done"] == 3
 
-    resumed = subprocess.run(quantize_cmd(model, out), env=ENV, capture_output=True, text=True)
+    force = ["--force"] if sig == signal.SIGINT else []  # replaces finished outputs, resumes same work
+    resumed = subprocess.run(quantize_cmd(model, out, *force), env=ENV, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "3 of 4 layers already done" in resumed.stderr
     assert not partial.exists() and not (out / ".resume").exists() and not (out / ".parts").exists()
@@ -115,10 +117,10 @@ def test_hidden_states_go_on_from_the_record(tmp_path: Path) -> None:
     assert state.record(Progress(groups_done=2), []) == []
 
 
-def test_other_settings_on_a_partial_output_are_refused(
-    tiny_models: dict[str, Path], reference: Path, tmp_path: Path
+def test_other_settings_or_a_changed_source_are_refused_and_force_starts_over(
+    tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
-    model, out = tiny_models["mixtral"], tmp_path / "out"
+    model, out = Path(shutil.copytree(tiny_models["mixtral"], tmp_path / "model")), tmp_path / "out"
     proc = run_until_paused(model, out, group=1)
     proc.kill()
     proc.wait()
@@ -126,11 +128,23 @@ def test_other_settings_on_a_partial_output_are_refused(
     mixed = subprocess.run(quantize_cmd(model, out, "--bits", "8"), env=ENV, capture_output=True, text=True)
     assert mixed.returncode == 2 and "other settings (scheme differ)" in mixed.stderr, mixed.stderr
     assert "--force" in mixed.stderr and len(mixed.stderr.strip().splitlines()) == 1
+
+    shard = sorted(model.glob("*.safetensors"))[0]  # the folder rewritten in place since the partial
+    stamp = shard.stat()
+    os.utime(shard, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
+    changed = subprocess.run(quantize_cmd(model, out), env=ENV, capture_output=True, text=True)
+    assert changed.returncode == 2 and "other settings (source_files differ)" in changed.stderr, (
+        changed.stderr
+    )
     assert sorted(p.name for p in (tmp_path / ".out.partial" / ".parts").iterdir()) == before  # kept
 
-    fresh = subprocess.run(quantize_cmd(model, out, "--force"), env=ENV, capture_output=True, text=True)
-    assert fresh.returncode == 0 and "already done" not in fresh.stderr
-    assert_same_output(out, reference)
+    fresh = subprocess.run(
+        quantize_cmd(model, out, "--bits", "8", "--force"), env=ENV, capture_output=True, text=True
+    )
+    assert fresh.returncode == 0 and "already done" not in fresh.stderr, fresh.stderr
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert [g["weights"]["num_bits"] for g in config["config_groups"].values()] == [8]
+    assert run_cli("check", str(out)).returncode == 0 and not (tmp_path / ".out.partial").exists()
 
 
 def test_a_failed_write_stops_cleanly_and_resumes(
