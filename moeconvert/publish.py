@@ -20,7 +20,7 @@ from huggingface_hub import errors as hub_errors
 from .card import CARD_NAME, REPORT_NAME, write_card
 from .errors import BadInputError, PushFailedError
 from .manifest import update_manifest
-from .source import HUB_ID_RE, first_line
+from .source import HUB_ID_RE, UNREACHABLE_ERRORS, first_line
 
 # Never uploaded: staging files of an interrupted write and the client's own bookkeeping.
 IGNORED = [".*", ".*/**", "**/.*"]
@@ -109,5 +109,5 @@ def _push_errors(folder: Path, repo_id: str, branch: str | None) -> Iterator[Non
         if status == 403:
             raise PushFailedError(f"no write access to {repo_id} (403); {tail}") from None
         raise PushFailedError(f"upload failed: the Hub answered {first_line(err)}; {tail}") from None
-    except (OSError, ConnectionError) as err:
+    except UNREACHABLE_ERRORS as err:
         raise PushFailedError(f"upload failed: {first_line(err)}; {tail}") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import importlib
 import json
 import re
 from collections.abc import Iterator
@@ -156,6 +157,19 @@ def read_metadata(model: str, revision: str | None = None, token: str | None = N
 # --------------------------------------------------------------------------------------------- the Hub
 
 
+def _unreachable_errors() -> tuple[type[BaseException], ...]:
+    """What the Hub client raises when it cannot connect: OS errors, and the transport errors of its HTTP
+    library (httpx2 in huggingface_hub 2, httpx in 1), which are not OS errors."""
+    found: list[type[BaseException]] = [OSError, ConnectionError]
+    for name in ("httpx2", "httpx"):
+        with contextlib.suppress(ImportError, AttributeError):
+            found.append(importlib.import_module(name).TransportError)
+    return tuple(found)
+
+
+UNREACHABLE_ERRORS = _unreachable_errors()
+
+
 @contextlib.contextmanager
 def _hub_errors(ref: ModelRef) -> Iterator[None]:
     """Turn huggingface_hub's exceptions into one-line messages that say what to do."""
@@ -179,8 +193,10 @@ def _hub_errors(ref: ModelRef) -> Iterator[None]:
         raise ModelNotFoundError(f"{ref}: HF_HUB_OFFLINE is set and the files are not cached") from None
     except hub_errors.HfHubHTTPError as err:
         raise ModelNotFoundError(f"{ref}: the Hub answered {first_line(err)}") from None
-    except (OSError, ConnectionError) as err:
-        raise ModelNotFoundError(f"{ref}: cannot reach the Hub ({first_line(err)})") from None
+    except UNREACHABLE_ERRORS as err:
+        raise ModelNotFoundError(
+            f"{ref}: cannot reach the Hub ({first_line(err)}); with the files cached, HF_HUB_OFFLINE=1 uses them"
+        ) from None
 
 
 def first_line(err: BaseException) -> str:

@@ -200,3 +200,20 @@ def test_index_patterns_are_refused_before_any_weight_download(hub: HubServer, t
     assert result.returncode == 2 and "'*', which is a pattern" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
     assert not any(name.endswith((".safetensors", ".bin")) for name in _downloaded(hub, start))
+
+
+def test_an_unreachable_hub_is_one_line(hub: HubServer, tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """A cached model with the network gone, and a push: the HTTP client's connection error (not an
+    OSError) is one line that says what to do."""
+    cached = run_cli("fuse", "acme/single-file", "-o", str(tmp_path / "first"), env=_env(hub, tmp_path))
+    assert cached.returncode == 0, cached.stderr
+    env = {**_env(hub, tmp_path), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": TOKEN}  # nothing listens
+    for args, code, fragment in [
+        (["inspect", "acme/single-file"], 2, "cannot reach the Hub"),
+        (["fuse", "acme/single-file", "-o", str(tmp_path / "out")], 2, "HF_HUB_OFFLINE=1"),
+        (["push", str(tiny_models["mixtral"]), "acme/pushed"], 3, "is intact"),
+    ]:
+        result = run_cli(*args, env=env)
+        assert result.returncode == code, result.stderr
+        assert fragment in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
