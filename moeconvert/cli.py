@@ -232,7 +232,7 @@ _relayout_command("unfuse", "Restore per-expert tensors and original names from 
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--batch-tokens",
-    type=int,
+    type=click.IntRange(min=1),
     default=8192,
     show_default=True,
     help="Calibration tokens per forward batch (memory; in expert-parallel runs, the unit split across ranks).",
@@ -240,7 +240,7 @@ _relayout_command("unfuse", "Restore per-expert tensors and original names from 
 @click.option("--calibrate-all-experts", is_flag=True, help="Every token updates every expert's statistics.")
 @click.option(
     "--min-tokens",
-    type=int,
+    type=click.IntRange(min=0),
     default=128,
     show_default=True,
     help="Experts with fewer get layer-wide prior rows.",
@@ -248,7 +248,7 @@ _relayout_command("unfuse", "Restore per-expert tensors and original names from 
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(
     "--experts-per-chunk",
-    type=int,
+    type=click.IntRange(min=1),
     default=None,
     help="GPTQ problems solved at once [default: as many as fit].",
 )
@@ -282,7 +282,7 @@ _relayout_command("unfuse", "Restore per-expert tensors and original names from 
 @click.option("--private", is_flag=True, help="Create the Hub repo as private (with --push-to-hub).")
 @click.option(
     "--nproc-per-node",
-    type=int,
+    type=click.IntRange(min=1),
     default=1,
     show_default=True,
     help="Expert-parallel: run N ranks on this machine, as torchrun does (see docs/DISTRIBUTED.md).",

@@ -133,9 +133,14 @@ class QuantizeReport:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise BadInputError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BadInputError("--device cuda asked for, but torch sees no CUDA device")
-    return torch.device(device)
+    chosen = torch.device(device)
+    if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise BadInputError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return chosen
 
 
 def default_output(model: str, scheme: Scheme) -> Path:

@@ -414,6 +414,30 @@ def test_an_output_over_the_input_is_refused_even_with_force(
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--min-tokens", "-1"], "--min-tokens"),
+        (["--experts-per-chunk", "0"], "--experts-per-chunk"),
+        (["--device", "bogus"], "--device must be auto, cpu, cuda or cuda:N"),
+        (["--calib", "CALIB"], "not UTF-8 text"),
+    ],
+)
+def test_bad_options_stop_before_any_partial_output(
+    args: list[str], fragment: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """A typo must not leave a partial output that then blocks the corrected command."""
+    calib = tmp_path / "calib.jsonl"
+    calib.write_bytes(b'{"text": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    args = [str(calib) if a == "CALIB" else a for a in args]
+    out = tmp_path / "out"
+    quantize = ["--group-size", "32", "--samples", "4", "--seq-len", "32", "--no-verify"]
+    result = run_cli("quantize", str(tiny_models["olmoe"]), "-o", str(out), *quantize, *args)
+    assert result.returncode == 2 and fragment in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists() and not (tmp_path / ".out.partial").exists()
+
+
 def test_fuse_twice_and_unfuse_original_are_refused(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     fused = tmp_path / "fused"
     assert run_cli("fuse", str(tiny_models["qwen3_moe"]), "-o", str(fused)).returncode == 0

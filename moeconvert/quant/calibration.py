@@ -46,8 +46,12 @@ def hub_dataset_id(source: str | None) -> str | None:
 def _read_file(path: Path) -> str:
     if path.suffix != ".jsonl":
         return path.read_text(encoding="utf-8", errors="replace")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise BadInputError(f"{path}: not UTF-8 text (byte {err.start}); JSON lines must be UTF-8") from None
     texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
