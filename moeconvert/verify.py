@@ -33,7 +33,7 @@ from .memory import release_freed_memory
 from .progress import progress_bar
 from .quant.calibration import calibration_tokens
 from .quant.packing import unpack_gptq
-from .relayout import runtime_layer
+from .relayout import model_shapes, runtime_layer
 from .source import read_config, resolve_model
 
 # Default pass/fail thresholds by kind of conversion (see docs/PARITY.md for the measurements behind them).
@@ -217,6 +217,19 @@ class _Side:
         return {n[len(prefix) :]: t for n, t in tensors.items()}
 
 
+def _check_same_architecture(a: _Side, b: _Side, original: str, converted: str) -> None:
+    """The two configs must build the same transformers model: same family and every tensor's shape."""
+    if a.family is not b.family:
+        raise BadInputError(f"{converted} is not a conversion of {original} (families differ)")
+    shapes_a, shapes_b = model_shapes(a.config), model_shapes(b.config)
+    for name in sorted(shapes_a.keys() | shapes_b.keys()):
+        if shapes_a.get(name) != shapes_b.get(name):
+            raise BadInputError(
+                f"{converted} is not a conversion of {original} ({name}: {shapes_b.get(name)} against "
+                f"{shapes_a.get(name)} in the original's config)"
+            )
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
 
@@ -250,8 +263,7 @@ def verify(
     started = time.perf_counter()
     dev = resolve_device(device)
     a, b = _Side(original, dev, revision, None), _Side(converted, dev, None, None)
-    if a.family is not b.family or a.config.num_hidden_layers != b.config.num_hidden_layers:
-        raise BadInputError(f"{converted} is not a conversion of {original} (family or depth differ)")
+    _check_same_architecture(a, b, original, converted)
     kind = conversion_kind(b.raw_config)
     thresholds = dict(THRESHOLDS[kind])
     overrides = (("max_kl", max_kl), ("min_top1", min_top1), ("max_layer_error", max_layer_error))

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from moeconvert import fuse
 from moeconvert.card import write_card
+from moeconvert.tiny import build_tiny_model
 from moeconvert.verify import report_json, report_path, verify
 
 
@@ -147,9 +148,13 @@ def test_lossless_check_catches_a_single_changed_tensor(
     assert not report.passed and [p.layer for p in report.layers if not p.identical_tensors] == [2]
 
 
-def test_mismatched_models_are_refused(trained_models: dict[str, Path]) -> None:
+def test_mismatched_models_are_refused(trained_models: dict[str, Path], tmp_path: Path) -> None:
     result = run_cli("verify", str(trained_models["mixtral"]), str(trained_models["olmoe"]))
     assert result.returncode == 2 and "not a conversion" in result.stderr
+    wider = build_tiny_model("mixtral", tmp_path / "wider", hidden_size=128)  # same family and depth
+    result = run_cli("verify", str(trained_models["mixtral"]), str(wider))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "is not a conversion of" in result.stderr and "lm_head.weight" in result.stderr
 
 
 def test_experts_only_conversions_reuse_the_original_attention(
