@@ -39,7 +39,7 @@ from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
 from .fp8 import full_precision_config, open_reader
 from .layout import stack_experts, unstack_experts
 from .manifest import write_manifest
-from .source import read_config, resolve_model, side_files
+from .source import first_line, read_config, resolve_model, side_files
 
 LayerFn = Callable[[int | None, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -224,8 +224,13 @@ def model_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     memory): the reference that a checkpoint's attention, MLP, norm and embedding shapes must match."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as err:  # any value transformers' modules cannot build from
+        raise UnsupportedModelError(
+            f"transformers cannot build a {config.model_type} model from this config.json ({first_line(err)})"
+        ) from None
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 

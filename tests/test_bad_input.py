@@ -72,6 +72,14 @@ def _lying_config(folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config))
 
 
+def _config_with(**values: object) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **values}))
+
+    return edit
+
+
 def _missing_expert(folder: Path) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -190,6 +198,22 @@ BREAKAGES: dict[str, tuple[Callable[[Path], None], str]] = {
     "pickle only": (_pickle_only, "pickle"),
     "dense model": (_dense, "supported: deepseek_v2"),
     "config lies about experts": (_lying_config, "says 6 experts"),
+    "config value of the wrong type": (
+        _config_with(num_local_experts="8"),
+        "config.json of mixtral model is invalid: Validation error for field 'num_local_experts'",
+    ),
+    "config routes to more experts than it has": (
+        _config_with(num_experts_per_tok=9),
+        "num_experts_per_tok=9 with num_local_experts=8 (routing needs 1 <= top-k <= experts)",
+    ),
+    "config dtype unknown": (
+        _config_with(torch_dtype="float99", dtype="float99"),
+        "has no attribute 'float99'",
+    ),
+    "config of another family": (
+        _config_with(model_type="qwen3_moe"),
+        "transformers cannot build a qwen3_moe model from this config.json",
+    ),
     "missing expert tensor": (_missing_expert, "expert 3 has no w2"),
     "duplicate tensor across shards": (_duplicate_across_shards, "appears in both"),
     "unknown dtype": (_unknown_dtype, "unsupported dtype 'Q4_K'"),
@@ -251,6 +275,10 @@ def test_broken_checkpoint_is_refused(case: str, tiny_models: dict[str, Path], t
         "config lies about experts",
         "expert shape contradicts config",
         "config lies about hidden size",
+        "config value of the wrong type",
+        "config routes to more experts than it has",
+        "config dtype unknown",
+        "config of another family",
     ],
 )
 def test_inspect_refuses_too(case: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
@@ -274,6 +302,7 @@ QUANTIZE = ("--method", "rtn", "--bits", "8", "--group-size", "32", "--no-verify
         "unknown dtype",
         "expert shape contradicts config",
         "config lies about experts",
+        "config routes to more experts than it has",
         "missing expert tensor",
         "NaN in an expert weight",
         "pickle only",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from huggingface_hub.errors import StrictDataclassError
 from transformers import CONFIG_MAPPING
 
 from ..errors import UnsupportedModelError
@@ -40,7 +41,15 @@ def load_config(config: dict[str, Any]) -> Any:
     """The transformers config object for a ``config.json`` dict (built-in classes only, so that
     family code reads defaults the way the model does; no remote code is ever imported)."""
     family = family_for(config)
-    try:
-        return CONFIG_MAPPING[family.name].from_dict(config)
-    except (TypeError, ValueError) as err:
-        raise UnsupportedModelError(f"config.json of {family.name} model is invalid: {err}") from None
+    try:  # values of the wrong type fail transformers' strict fields, a bad dtype torch's lookup
+        loaded = CONFIG_MAPPING[family.name].from_dict(config)
+    except (TypeError, ValueError, AttributeError, StrictDataclassError) as err:
+        message = " ".join(str(err).split())  # one line
+        raise UnsupportedModelError(f"config.json of {family.name} model is invalid: {message}") from None
+    experts, top_k = family.num_experts(loaded), family.top_k(loaded)
+    if not 1 <= top_k <= experts:
+        raise UnsupportedModelError(
+            f"config.json of {family.name} model is invalid: {family.top_k_key}={top_k} with "
+            f"{family.num_experts_key}={experts} (routing needs 1 <= top-k <= experts)"
+        )
+    return loaded
