@@ -215,7 +215,10 @@ def _calibration_name(source: str | None) -> str:
 
 def _parity_section(parity: dict[str, Any] | None) -> str:
     if parity is None:
-        return "## Parity with the original\n\nNot verified (`--no-verify`). Run `moeconvert verify` to check it."
+        return (
+            "## Parity with the original\n\nNot verified: no parity report was stored with this output "
+            "(`--no-verify`, or a check that did not finish). Run `moeconvert verify` to check it."
+        )
     t = parity["thresholds"]
     worst = parity.get("worst_layer")
     worst_error = next((p["layer_error"] for p in parity["layers"] if p["layer"] == worst), None)

@@ -1081,7 +1081,13 @@ def quantize(
     finally:
         runner.close()
     if verify and distributed.current().writes:  # one rank checks the finished output
-        report.verify = _verify_output(model, Path(output), options, revision, token, progress)
+        try:
+            report.verify = _verify_output(model, Path(output), options, revision, token, progress)
+        except KeyboardInterrupt:
+            raise InterruptedRunError(
+                f"interrupted during the parity check; {output} is complete but not verified: "
+                f"check it with `moeconvert verify {model} {output}`"
+            ) from None
     report.seconds = time.perf_counter() - started
     return report
 

@@ -3,6 +3,7 @@ mix of settings, a failed write that stops cleanly, and the sha256 manifest that
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import resource
@@ -217,3 +218,33 @@ def test_fuse_stops_cleanly_when_a_write_fails(tiny_models: dict[str, Path], tmp
     assert "(File too large); nothing was written" in errors[0]
     assert not out.exists() and not list(tmp_path.glob(".fused*"))
     assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+
+def test_ctrl_c_in_the_parity_check_says_the_output_is_unverified(
+    tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The output is complete and in place when its parity check starts: Ctrl-C there (a
+    KeyboardInterrupt, as Python delivers SIGINT) says so, and the card does not claim --no-verify."""
+    from moeconvert.errors import InterruptedRunError
+    from moeconvert.pipeline import QuantizeOptions, quantize
+    from moeconvert.quant.scheme import Scheme
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module("moeconvert.verify"), "verify", interrupted)
+    out = tmp_path / "out"
+    options = QuantizeOptions(samples=4, seq_len=32)
+    with pytest.raises(
+        InterruptedRunError, match="is complete but not verified: check it with `moeconvert verify"
+    ):
+        quantize(
+            str(tiny_models["olmoe"]),
+            Scheme(bits=4, group_size=32),
+            output=out,
+            options=options,
+            progress=False,
+        )
+    assert run_cli("check", str(out)).returncode == 0
+    card = (out / "README.md").read_text()
+    assert "Not verified" in card and "did not finish" in card and not (out / "verify_report.json").exists()
