@@ -56,7 +56,7 @@ from .quant.hessian import HessianAccumulator, ReplayedAccumulator, routed_rows,
 from .quant.rtn import QuantizedWeight, rtn_quantize
 from .quant.scheme import Scheme
 from .quant.targets import Rule, TargetPolicy
-from .relayout import check_shapes, is_fused, runtime_layer
+from .relayout import check_layer_count, check_shapes, is_fused, runtime_layer
 from .resume import Progress, RunState
 from .source import describe_source, parse_model_ref, read_config, read_metadata, resolve_model, side_files
 
@@ -684,6 +684,7 @@ class Quantizer:
         plan: dict[int, list[Target]] = {}
         kept: list[str] = []
         seen: list[tuple[str, ...]] = []
+        check_layer_count((layer for layer, _ in self.groups), self.config)
         expected = {name: tuple(t.shape) for name, t in self.streamed.model.state_dict().items()}
         if self.family.num_experts(self.config) < self.ranks.world:
             raise BadInputError(

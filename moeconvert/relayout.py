@@ -17,7 +17,7 @@ import functools
 import json
 import re
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -243,10 +243,29 @@ def check_shapes(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int
             _check_shape(name, tensor, shape, "transformers' model for this config")
 
 
+def check_layer_count(layers: Iterable[int | None], config: Any) -> None:
+    """Refuse decoder layers other than config.json's: 0..num_hidden_layers-1, then at most
+    ``num_nextn_predict_layers`` MTP layers (DeepSeek-V3), which are carried as they are. A config that
+    undercounts would pass real layers off as MTP layers, one that overcounts would not load."""
+    present = sorted(layer for layer in layers if layer is not None)
+    count, mtp = config.num_hidden_layers, getattr(config, "num_nextn_predict_layers", 0) or 0
+    if (
+        present[:count] != list(range(count))
+        or present[count:] != list(range(count, len(present)))
+        or (len(present) > count + mtp)
+    ):
+        held = f"layers {present[0]}..{present[-1]}" if present else "no layers"
+        held += "" if present == list(range(len(present))) else f" (with gaps: {len(present)} layers)"
+        says = f"{count} decoder layers" + (f" and up to {mtp} MTP layers" if mtp else "")
+        raise CorruptCheckpointError(f"config.json says {says}, the checkpoint has {held}")
+
+
 def check_against_config(reader: ShardedReader, family: Family, config: Any) -> None:
-    """Refuse a checkpoint whose tensors contradict its config.json (expert count, shapes), reading
-    headers only: what fuse and quantize check before writing anything, for callers that write
-    nothing (``inspect``, whose counts assume that the config describes the tensors). Either layout."""
+    """Refuse a checkpoint whose tensors contradict its config.json (layer and expert counts, shapes),
+    reading headers only: what fuse and quantize check before writing anything, for callers that
+    write nothing (``inspect``, whose counts assume that the config describes the tensors). Either
+    layout."""
+    check_layer_count(reader.layer_names(), config)
     expected = model_shapes(config)
     for layer, names in iter_groups(reader):
         stored = reader.meta_tensors(names)
@@ -276,6 +295,7 @@ def relayout(
     with open_reader(folder, raw_config) as reader:
         reader.views = True  # no copies: each group is written and dropped as a whole
         groups = list(iter_groups(reader))
+        check_layer_count((layer for layer, _ in groups), config)
         expected = model_shapes(config)
         plan = []
         for layer, names in groups:

@@ -210,6 +210,11 @@ BREAKAGES: dict[str, tuple[Callable[[Path], None], str]] = {
         _config_with(torch_dtype="float99", dtype="float99"),
         "has no attribute 'float99'",
     ),
+    "config undercounts the layers": (
+        _config_with(num_hidden_layers=2),
+        "config.json says 2 decoder layers, the checkpoint has layers 0..2",
+    ),
+    "config overcounts the layers": (_config_with(num_hidden_layers=5), "says 5 decoder layers"),
     "config of another family": (
         _config_with(model_type="qwen3_moe"),
         "transformers cannot build a qwen3_moe model from this config.json",
@@ -279,6 +284,7 @@ def test_broken_checkpoint_is_refused(case: str, tiny_models: dict[str, Path], t
         "config routes to more experts than it has",
         "config dtype unknown",
         "config of another family",
+        "config overcounts the layers",
     ],
 )
 def test_inspect_refuses_too(case: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
@@ -303,6 +309,7 @@ QUANTIZE = ("--method", "rtn", "--bits", "8", "--group-size", "32", "--no-verify
         "expert shape contradicts config",
         "config lies about experts",
         "config routes to more experts than it has",
+        "config undercounts the layers",
         "missing expert tensor",
         "NaN in an expert weight",
         "pickle only",
