@@ -156,6 +156,12 @@ def _check_experts(
         for projection in family.projections:
             if (e, projection) not in experts:
                 raise CorruptCheckpointError(f"layer {layer}: expert {e} has no {projection} weight")
+    dtypes = sorted({str(tensor.dtype).removeprefix("torch.") for tensor in experts.values()})
+    if len(dtypes) > 1 or not next(iter(experts.values())).dtype.is_floating_point:
+        raise CorruptCheckpointError(
+            f"layer {layer}: experts stored as {', '.join(dtypes)}: their stacks take one floating dtype "
+            "(re-export the checkpoint in one)"
+        )
     hidden, size = int(config.hidden_size), family.expert_size(config)
     implied = dict(zip(family.projections, [(size, hidden), (size, hidden), (hidden, size)], strict=True))
     for (e, projection), tensor in sorted(experts.items()):

@@ -73,11 +73,7 @@ def _lying_config(folder: Path) -> None:
 
 
 def _config_with(**values: object) -> Callable[[Path], None]:
-    def edit(folder: Path) -> None:
-        config = json.loads((folder / "config.json").read_text())
-        (folder / "config.json").write_text(json.dumps({**config, **values}))
-
-    return edit
+    return lambda folder: _edit_config(folder, **values)
 
 
 def _missing_expert(folder: Path) -> None:
@@ -180,6 +176,13 @@ def _nan_in_expert(folder: Path) -> None:
     _edit_tensors(folder, EXPERT_W1, edit)
 
 
+def _expert_in_another_dtype(folder: Path) -> None:
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[EXPERT_W1] = tensors[EXPERT_W1].half()
+
+    _edit_tensors(folder, EXPERT_W1, edit)
+
+
 def _inf_in_attention(folder: Path) -> None:
     name = "model.layers.1.self_attn.o_proj.weight"
 
@@ -240,6 +243,7 @@ BREAKAGES: dict[str, tuple[Callable[[Path], None], str]] = {
         lambda folder: _edit_config(folder, hidden_size=32),
         "lm_head.weight has shape [256, 64], but config.json implies [256, 32]",
     ),
+    "experts in two dtypes": (_expert_in_another_dtype, "layer 2: experts stored as float16, float32"),
     "NaN in an expert weight": (_nan_in_expert, f"NaN in {EXPERT_W1} (layer 2, expert 3) at [5, 7]"),
     "Inf in an attention weight": (
         _inf_in_attention,
@@ -310,6 +314,7 @@ QUANTIZE = ("--method", "rtn", "--bits", "8", "--group-size", "32", "--no-verify
         "config lies about experts",
         "config routes to more experts than it has",
         "config undercounts the layers",
+        "experts in two dtypes",
         "missing expert tensor",
         "NaN in an expert weight",
         "pickle only",
