@@ -584,6 +584,8 @@ class OutputFolder:
 
     def __enter__(self) -> Path:
         self.check_apart()
+        if self.final.is_symlink():  # replacing moves the link, not the folder it names
+            raise OutputExistsError(f"output {self.final} is a symbolic link: give the folder it points to")
         if self.final.exists() and not self.force:
             raise OutputExistsError(f"output {self.final} already exists (use --force to replace it)")
         if self.final.exists() and not self.final.is_dir():

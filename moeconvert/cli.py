@@ -77,6 +77,13 @@ def _emit_report(data: dict[str, Any], as_json: bool, report: Path | None, table
     click.echo(text if as_json else table())
 
 
+def _report_folder_exists(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """--report is checked before the work, which may take hours, not after it."""
+    if value is not None and not value.resolve().parent.is_dir():
+        raise click.BadParameter(f"{value.parent} is not a folder")
+    return value
+
+
 token_option = click.option(
     "--token", envvar="HF_TOKEN", default=None, show_envvar=True, help="Hub token (default: saved login)."
 )
@@ -104,7 +111,12 @@ def main() -> None:
 @revision_option
 @token_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Also write the JSON here.")
+@click.option(
+    "--report",
+    type=click.Path(dir_okay=False, path_type=Path),
+    callback=_report_folder_exists,
+    help="Also write the JSON here.",
+)
 @_friendly_errors
 def inspect_cmd(
     model: str, revision: str | None, token: str | None, as_json: bool, report: Path | None
@@ -273,7 +285,10 @@ _relayout_command("unfuse", "Restore per-expert tensors and original names from 
 @click.option("--no-verify", is_flag=True, help="Skip the parity check of the fresh output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option(
-    "--report", type=click.Path(dir_okay=False, path_type=Path), help="Also write the JSON report here."
+    "--report",
+    type=click.Path(dir_okay=False, path_type=Path),
+    callback=_report_folder_exists,
+    help="Also write the JSON report here.",
 )
 @click.option(
     "--push-to-hub", "push_to", metavar="ORG/NAME", help="Upload the verified output to this Hub repo."
@@ -537,7 +552,12 @@ def _quantize_table(data: dict[str, Any], dry_run: bool) -> str:
     help="Fail when a layer errs by more than this fraction of its own output [default: by kind].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Also write the JSON here.")
+@click.option(
+    "--report",
+    type=click.Path(dir_okay=False, path_type=Path),
+    callback=_report_folder_exists,
+    help="Also write the JSON here.",
+)
 @revision_option
 @token_option
 @_friendly_errors

@@ -462,6 +462,7 @@ def test_an_output_over_the_input_is_refused_even_with_force(
         (["--experts-per-chunk", "0"], "--experts-per-chunk"),
         (["--device", "bogus"], "--device must be auto, cpu, cuda or cuda:N"),
         (["--calib", "CALIB"], "not UTF-8 text"),
+        (["--report", "/nonexistent/report.json"], "/nonexistent is not a folder"),
     ],
 )
 def test_bad_options_stop_before_any_partial_output(
@@ -477,6 +478,19 @@ def test_bad_options_stop_before_any_partial_output(
     assert result.returncode == 2 and fragment in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_an_output_that_is_a_symlink_is_refused(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "keep.txt").write_text("precious")
+    (tmp_path / "link").symlink_to(target)
+    result = run_cli("fuse", str(tiny_models["olmoe"]), "-o", str(tmp_path / "link"), "--force")
+    assert result.returncode == 2 and "is a symbolic link" in result.stderr, result.stderr
+    assert (target / "keep.txt").read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "link",
+        "target",
+    ]
 
 
 def test_fuse_twice_and_unfuse_original_are_refused(tiny_models: dict[str, Path], tmp_path: Path) -> None:
