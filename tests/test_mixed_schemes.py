@@ -100,6 +100,13 @@ def vllm_views(bits: dict[str, int | None], gptq: bool) -> dict[str, tuple[str, 
     return views
 
 
+def quantized_config(source: Path, output: Path, fmt: str, rules: tuple[Rule, ...] = ()) -> dict:
+    """Quantize ``source`` (RTN 4-bit g32, a few calibration tokens) into ``output``; its quantization_config."""
+    options = QuantizeOptions(samples=4, seq_len=32, format=fmt)
+    quantize(str(source), W4, output=output, rules=rules, options=options, force=True, verify=False)
+    return json.loads((output / "config.json").read_text())["quantization_config"]
+
+
 @pytest.fixture(scope="module")
 def mixed_outputs(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("mixed")
@@ -107,15 +114,7 @@ def mixed_outputs(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPat
     for family in FAMILIES:
         for fmt in ("compressed-tensors", "gptq"):
             out[family, fmt] = root / f"{family}-{fmt}"
-            options = QuantizeOptions(samples=4, seq_len=32, format=fmt)
-            quantize(
-                str(tiny_models[family]),
-                W4,
-                output=out[family, fmt],
-                rules=RULES,
-                options=options,
-                verify=False,
-            )
+            quantized_config(tiny_models[family], out[family, fmt], fmt, RULES)
     return out
 
 
@@ -180,10 +179,7 @@ def test_an_mtp_layer_carried_in_full_precision_is_not_taken_for_quantized(
 ) -> None:
     source = with_mtp_layer(tiny_models["deepseek_v3"], tmp_path / "source")
     out = tmp_path / "out"
-    quantize(
-        str(source), W4, output=out, options=QuantizeOptions(samples=4, seq_len=32, format=fmt), verify=False
-    )
-    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    quant = quantized_config(source, out, fmt)
     mtp = json.loads((source / "config.json").read_text())["num_hidden_layers"]
     bits = stored_bits(load_tensors(out))
     carried = [m for m in bits if m.startswith(f"model.layers.{mtp}.")]
@@ -201,17 +197,7 @@ def test_an_mtp_layer_carried_in_full_precision_is_not_taken_for_quantized(
 def test_schemes_stored_alike_share_one_rule(fmt: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
     """Attention solved by GPTQ, experts by RTN, both 4-bit g32: one stored form, so no mixed rules."""
     rules = (Rule("self_attn", Scheme(bits=4, group_size=32, method="gptq")),)
-    options = QuantizeOptions(samples=4, seq_len=32, format=fmt)
-    quantize(
-        str(tiny_models["mixtral"]),
-        W4,
-        output=tmp_path,
-        rules=rules,
-        options=options,
-        force=True,
-        verify=False,
-    )
-    quant = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    quant = quantized_config(tiny_models["mixtral"], tmp_path, fmt, rules)
     if fmt == "gptq":
         assert not any(rule.startswith("+:") for rule in quant["dynamic"])
     else:
@@ -223,17 +209,7 @@ def test_experts_kept_in_full_precision_are_unquantized_for_vllm(
     fmt: str, tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
     rules = (Rule(r"layers\.1\.block_sparse_moe\.experts", None),)  # Mixtral's w1/w2/w3, layer 1
-    options = QuantizeOptions(samples=4, seq_len=32, format=fmt)
-    quantize(
-        str(tiny_models["mixtral"]),
-        W4,
-        output=tmp_path,
-        rules=rules,
-        options=options,
-        force=True,
-        verify=False,
-    )
-    quant = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    quant = quantized_config(tiny_models["mixtral"], tmp_path, fmt, rules)
     bits = stored_bits(load_tensors(tmp_path))
     for lookup, held in vllm_views(bits, gptq=fmt == "gptq").values():
         if ".experts" in lookup:
