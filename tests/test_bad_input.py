@@ -298,6 +298,17 @@ def test_inspect_refuses_too(case: str, tiny_models: dict[str, Path], tmp_path: 
     assert_clean_failure(run_cli("inspect", str(folder)), None, fragment)
 
 
+@pytest.mark.parametrize("groups", [{"n_group": 3}, {"topk_group": 5}])
+def test_group_limited_routing_that_cannot_route_is_refused(
+    groups: dict[str, int], tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """DeepSeek-V3 picks topk_group of n_group equal groups before its top-k: 8 experts do not split
+    into 3 groups, and 5 of 4 groups cannot be picked (the router would fail mid-run otherwise)."""
+    folder = _copy(tiny_models, tmp_path, "deepseek_v3")
+    _edit_config(folder, **groups)
+    assert_clean_failure(run_cli("inspect", str(folder)), None, "group-limited routing needs equal groups")
+
+
 # --json: the report goes to stdout and no progress bar to stderr, which is left to the error line
 QUANTIZE = ("--method", "rtn", "--bits", "8", "--group-size", "32", "--no-verify", "--json")
 

@@ -46,10 +46,7 @@ def load_config(config: dict[str, Any]) -> Any:
     except (TypeError, ValueError, AttributeError, StrictDataclassError) as err:
         message = " ".join(str(err).split())  # one line
         raise UnsupportedModelError(f"config.json of {family.name} model is invalid: {message}") from None
-    experts, top_k = family.num_experts(loaded), family.top_k(loaded)
-    if not 1 <= top_k <= experts:
-        raise UnsupportedModelError(
-            f"config.json of {family.name} model is invalid: {family.top_k_key}={top_k} with "
-            f"{family.num_experts_key}={experts} (routing needs 1 <= top-k <= experts)"
-        )
+    problem = family.routing_problem(loaded)
+    if problem:
+        raise UnsupportedModelError(f"config.json of {family.name} model is invalid: {problem}")
     return loaded

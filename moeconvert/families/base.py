@@ -53,6 +53,14 @@ class Family:
     def is_moe_layer(self, config: Any, layer: int) -> bool:
         return True
 
+    def routing_problem(self, config: Any) -> str | None:
+        """What in ``config`` no router can do (None when it routes): checked before any work, since
+        the router would fail only in the forward pass."""
+        experts, top_k = self.num_experts(config), self.top_k(config)
+        if not 1 <= top_k <= experts:
+            return f"{self.top_k_key}={top_k} with {self.num_experts_key}={experts} (routing needs 1 <= top-k <= experts)"
+        return None
+
     def original_expert_re(self) -> re.Pattern[str]:
         """Matches an original per-expert weight name in a layer; groups: expert index, projection."""
         names = "|".join(re.escape(p) for p in self.projections)

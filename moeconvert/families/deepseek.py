@@ -20,6 +20,20 @@ class DeepseekFamily(Family):
     def num_shared_experts(self, config: Any) -> int:
         return int(config.n_shared_experts or 0)
 
+    def routing_problem(self, config: Any) -> str | None:
+        """Group-limited routing also picks ``topk_group`` of ``n_group`` equal groups of experts first."""
+        problem = super().routing_problem(config)
+        groups, picked = getattr(config, "n_group", None), getattr(config, "topk_group", None)
+        if problem or not groups or picked is None:
+            return problem
+        experts, top_k = self.num_experts(config), self.top_k(config)
+        if experts % groups or not 1 <= picked <= groups or top_k > picked * (experts // groups):
+            return (
+                f"n_group={groups}, topk_group={picked} with {experts} experts and top-{top_k} (group-limited "
+                "routing needs equal groups, 1 <= topk_group <= n_group and top-k within the picked groups)"
+            )
+        return None
+
 
 _DEEPSEEK_COMMON = dict(
     moe_block="mlp",
