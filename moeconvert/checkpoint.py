@@ -577,6 +577,10 @@ class OutputFolder:
         self, final: Path, force: bool = False, resumable: bool = False, source: Path | None = None
     ) -> None:
         self.final = Path(final)
+        if self.final.name in ("", ".."):  # "." or "..": the folder it stands for, by name
+            self.final = Path(os.path.abspath(self.final))
+        if not self.final.name:
+            raise BadInputError("the output cannot be the root folder: give a folder to create")
         self.force = force
         self.resumable = resumable
         self.source = source
@@ -590,10 +594,15 @@ class OutputFolder:
             raise OutputExistsError(f"output {self.final} already exists (use --force to replace it)")
         if self.final.exists() and not self.final.is_dir():
             raise OutputExistsError(f"output {self.final} exists and is not a folder")
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        if self.staging.exists() and not self.resumable:  # a resumable run's caller decides
-            shutil.rmtree(self.staging)
-        self.staging.mkdir(exist_ok=True)
+        try:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            if self.staging.exists() and not self.resumable:  # a resumable run's caller decides
+                shutil.rmtree(self.staging)
+            self.staging.mkdir(exist_ok=True)
+        except OSError as err:  # before any work: bad input, not a failed write
+            raise BadInputError(
+                f"cannot create the output folder {self.final}: {_unmakeable(self.final, err)}"
+            ) from None
         return self.staging
 
     def check_apart(self) -> None:
@@ -622,6 +631,14 @@ class OutputFolder:
         os.replace(self.staging, self.final)
         if old.exists():
             shutil.rmtree(old)
+
+
+def _unmakeable(folder: Path, err: OSError) -> str:
+    """Why ``folder`` cannot be made: a file where a folder of its path should be, else the OS's reason."""
+    for parent in folder.parents:
+        if parent.exists():
+            return f"{parent} is not a folder" if not parent.is_dir() else str(err.strerror or err)
+    return str(err.strerror or err)
 
 
 def iter_groups(reader: ShardedReader) -> Iterator[tuple[int | None, list[str]]]:

@@ -96,6 +96,13 @@ shard_option = click.option(
 force_option = click.option("--force", is_flag=True, help="Replace an existing output folder.")
 
 
+def _output_path(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
+    """An empty output (``-o "$UNSET"``) is a mistake, not the current folder."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("is empty: give a folder name")
+    return None if value is None else Path(value)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="moeconvert")
 def main() -> None:
@@ -166,7 +173,9 @@ def _relayout_command(name: str, doc: str) -> None:
 
     @main.command(name, help=doc)
     @click.argument("model")
-    @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output folder.")
+    @click.option(
+        "-o", "--output", required=True, callback=_output_path, metavar="FOLDER", help="Output folder."
+    )
     @revision_option
     @token_option
     @shard_option
@@ -192,7 +201,11 @@ _relayout_command("unfuse", "Restore per-expert tensors and original names from 
 @main.command("quantize")
 @click.argument("model")
 @click.option(
-    "-o", "--output", type=click.Path(path_type=Path), help="Output folder [default: ./<model>-<scheme>]."
+    "-o",
+    "--output",
+    callback=_output_path,
+    metavar="FOLDER",
+    help="Output folder [default: ./<model>-<scheme>].",
 )
 @click.option(
     "--recipe",
@@ -635,7 +648,7 @@ def check_cmd(folder: Path, as_json: bool) -> None:
 
 @main.command("tiny")
 @click.argument("family")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("-o", "--output", required=True, callback=_output_path, metavar="FOLDER", help="Output folder.")
 @click.option("--seed", default=0, show_default=True)
 @click.option(
     "--train-steps", default=200, show_default=True, help="Brief training so outputs are peaked (0: random)."

@@ -504,6 +504,22 @@ def test_an_output_that_is_a_symlink_is_refused(tiny_models: dict[str, Path], tm
     ]
 
 
+def test_an_output_that_cannot_be_a_folder_is_refused(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """An empty -o (an unset variable), a path through a file, or the root: one line, nothing written."""
+    (tmp_path / "afile").write_text("precious")
+    for output, fragment in [
+        ("", "'--output': is empty"),
+        (str(tmp_path / "afile" / "sub"), f"cannot create the output folder {tmp_path}/afile/sub: {tmp_path}/afile is not a folder"),
+        ("/", "the output cannot be the root folder"),
+    ]:  # fmt: skip
+        result = run_cli("fuse", str(tiny_models["olmoe"]), "-o", output, "--force", cwd=tmp_path)
+        assert result.returncode == 2 and fragment in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and "free space" not in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"] and (
+        tmp_path / "afile"
+    ).read_text() == "precious"
+
+
 def test_fuse_twice_and_unfuse_original_are_refused(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     fused = tmp_path / "fused"
     assert run_cli("fuse", str(tiny_models["qwen3_moe"]), "-o", str(fused)).returncode == 0
