@@ -216,3 +216,26 @@ def test_experts_kept_in_full_precision_are_unquantized_for_vllm(
             (stored,) = {bits[m] for m in held}
             assert stored == (None if ".layers.1." in lookup else 4), lookup
             assert loader_bits(quant, lookup) == stored, lookup
+
+
+@pytest.mark.parametrize(
+    ("family", "split", "message", "whole"),
+    [
+        ("mixtral", r"q_proj", "self_attn: k_proj, q_proj, v_proj get different schemes", r"self_attn"),
+        ("qwen2_moe", r"shared_expert\.up_proj", "shared_expert: gate_proj, up_proj get", r"shared_expert\."),
+        ("mixtral", r"layers\.1\..*experts\.\d+\.w2", "layers.1.block_sparse_moe.experts: the projections get", r"layers\.1\..*experts"),
+    ],
+)  # fmt: skip
+def test_a_recipe_that_splits_a_module_vllm_fuses_is_refused(
+    family: str, split: str, message: str, whole: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """vLLM loads q/k/v, gate/up and a layer's experts as one module with one scheme: it refuses a
+    checkpoint that splits them, or reads every part with one part's bits. Refused before any work; the
+    same rule over the whole module is fine."""
+    from moeconvert.errors import BadInputError
+
+    model, output = str(tiny_models[family]), tmp_path / "out"
+    with pytest.raises(BadInputError, match=re.escape(message) + ".* vLLM loads them as one"):
+        quantize(model, W4, rules=(Rule(split, W8),), output=output, dry_run=True)
+    report = quantize(model, W4, rules=(Rule(whole, W8),), output=output, dry_run=True)
+    assert report.quantized_modules > 0 and not any(tmp_path.iterdir())

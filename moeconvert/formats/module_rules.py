@@ -72,6 +72,29 @@ def vllm_expert_names(names: Iterable[str]) -> set[str]:
     return found
 
 
+def vllm_split_modules(assignment: Mapping[str, Hashable]) -> list[str]:
+    """The modules vLLM loads as one (``qkv_proj``, ``gate_up_proj``, ``fused_qkv_a_proj``, a layer's
+    ``experts``) whose parts ``assignment`` (module name -> scheme, or None for kept) gives different
+    values, each as a sentence. vLLM refuses such a checkpoint, or reads all parts with one part's
+    scheme; transformers' MoE loaders hold one scheme per ``experts`` module too."""
+    groups: dict[tuple[str, str], dict[str, set]] = {}
+    for name, value in assignment.items():
+        parts = name.split(".")
+        if len(parts) >= 3 and parts[-3] == "experts" and parts[-2].isdigit():
+            key = (".".join(parts[:-2]), "experts")
+        elif parts[-1] in FUSED_IN_VLLM:
+            key = (".".join(parts[:-1]), FUSED_IN_VLLM[parts[-1]])
+        else:
+            continue
+        groups.setdefault(key, {}).setdefault(parts[-1], set()).add(value)
+    return [
+        f"{parent}: {'the projections' if fused == 'experts' else ', '.join(sorted(parts))} get different "
+        f"schemes, and vLLM loads them as one {fused} module: give them one rule"
+        for (parent, fused), parts in sorted(groups.items())
+        if len(set().union(*parts.values())) > 1
+    ]
+
+
 def layer_prefix_rule(layers: list[int]) -> str:
     """A regex for every module of whole decoder layers (DeepSeek-V3's MTP layers, carried as they are)."""
     return r"^model\.layers\.(?:" + "|".join(str(i) for i in sorted(layers)) + r")\."
