@@ -17,8 +17,9 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .manifest import update_manifest
 from .quant.calibration import hub_dataset_id
-from .verify import report_path
+from .verify import report_json, report_path
 
 CARD_NAME = "README.md"
 REPORT_NAME = "quantization_report.json"
@@ -86,6 +87,17 @@ def write_card(folder: Path, repo_id: str | None = None, revision: str | None = 
     staged.write_text(str(card), encoding="utf-8")
     os.replace(staged, path)
     return path
+
+
+def record_parity(folder: Path, parity: dict[str, Any]) -> None:
+    """Store a parity report in a quantized output folder and rewrite the card that quotes it (and their
+    lines of ``SHA256SUMS``): the card then says how far these weights moved, whoever ran the check."""
+    path = report_path(folder)
+    staged = path.with_name(f".{path.name}.tmp")
+    staged.write_text(report_json(parity) + "\n")
+    os.replace(staged, path)
+    write_card(folder)
+    update_manifest(folder, [CARD_NAME, path.name])
 
 
 def build_card(
@@ -217,7 +229,8 @@ def _parity_section(parity: dict[str, Any] | None) -> str:
     if parity is None:
         return (
             "## Parity with the original\n\nNot verified: no parity report was stored with this output "
-            "(`--no-verify`, or a check that did not finish). Run `moeconvert verify` to check it."
+            "(`--no-verify`, or a check that did not finish). `moeconvert verify ORIGINAL THIS_FOLDER --store` "
+            "checks it and records the result here."
         )
     t = parity["thresholds"]
     worst = parity.get("worst_layer")

@@ -571,6 +571,11 @@ def _quantize_table(data: dict[str, Any], dry_run: bool) -> str:
     callback=_report_folder_exists,
     help="Also write the JSON here.",
 )
+@click.option(
+    "--store",
+    is_flag=True,
+    help="CONVERTED is a local quantize output: keep the report in it and quote it on its model card.",
+)
 @revision_option
 @token_option
 @_friendly_errors
@@ -587,6 +592,7 @@ def verify_cmd(
     max_layer_error: float | None,
     as_json: bool,
     report: Path | None,
+    store: bool,
     revision: str | None,
     token: str | None,
 ) -> None:
@@ -596,7 +602,7 @@ def verify_cmd(
     result = verify(
         original, converted, device=device, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
         max_kl=max_kl, min_top1=min_top1, max_layer_error=max_layer_error, revision=revision, token=token,
-        progress=not as_json,
+        progress=not as_json, store=store,
     )  # fmt: skip
     data = result.to_dict()
     _emit_report(data, as_json, report, lambda: _parity_table(data))

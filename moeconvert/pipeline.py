@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .card import CARD_NAME, REPORT_NAME, library_versions, write_card
+from .card import REPORT_NAME, library_versions, write_card
 from .checkpoint import OutputFolder, PartsWriter, iter_groups, parse_size
 from .distributed import Ranks, all_gather_cat, all_gather_list, barrier, ordered_sum
 from .distributed import current as current_ranks
@@ -48,7 +48,7 @@ from .formats.base import QuantizedModule
 from .formats.module_rules import vllm_split_modules
 from .forward import LayerwiseModel
 from .fp8 import full_precision_config, header_reader, open_reader, source_dtype
-from .manifest import update_manifest, write_manifest
+from .manifest import write_manifest
 from .memory import available_bytes, memory_budget_bytes, release_freed_memory
 from .progress import progress_bar
 from .quant.calibration import calibration_tokens, tokens_digest
@@ -1093,7 +1093,7 @@ def quantize(
         except KeyboardInterrupt:
             raise InterruptedRunError(
                 f"interrupted during the parity check; {output} is complete but not verified: "
-                f"check it with `moeconvert verify {model} {output}`"
+                f"check it with `moeconvert verify {model} {output} --store`"
             ) from None
     report.seconds = time.perf_counter() - started
     return report
@@ -1108,18 +1108,14 @@ def _verify_output(
     progress: bool,
 ) -> dict[str, Any]:
     """Parity of the fresh output against its source, stored beside it (the model card quotes it)."""
-    from .verify import report_json, report_path, verify
+    from .verify import verify
 
     parity = verify(
         model, str(output), device=options.device, calib=options.calib, seed=options.seed + 1,
         samples=8, seq_len=min(options.seq_len, 512), revision=revision, token=token, progress=progress,
-        **options.verify_thresholds,
+        store=True, **options.verify_thresholds,
     )  # fmt: skip
-    data = parity.to_dict()
-    report_path(output).write_text(report_json(data) + "\n")
-    write_card(output)
-    update_manifest(output, [CARD_NAME, report_path(output).name])
-    return data
+    return parity.to_dict()
 
 
 def run_settings(runner: Quantizer, report: QuantizeReport, rules: tuple[Rule, ...]) -> dict[str, Any]:

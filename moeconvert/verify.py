@@ -249,11 +249,14 @@ def verify(
     revision: str | None = None,
     token: str | None = None,
     progress: bool = True,
+    store: bool = False,
 ) -> ParityReport:
     """Compare CONVERTED against ORIGINAL layer by layer and at the logits.
 
     Thresholds default by kind (lossless re-layouts must be bit-identical; see :data:`THRESHOLDS`).
     The report's ``failures`` list what exceeded them; ``passed`` is False then (the CLI exits 1).
+    ``store``: CONVERTED is a local ``quantize`` output, and the report goes into it, passed or not, with
+    a model card that quotes it (an output made with ``--no-verify`` is then verified on its card).
 
     Raises:
         MoeConvertError: a model is missing, unsupported, or the two do not describe the same architecture.
@@ -261,6 +264,8 @@ def verify(
     from .pipeline import resolve_device
 
     started = time.perf_counter()
+    if store:
+        _check_storable(converted)
     dev = resolve_device(device)
     a, b = _Side(original, dev, revision, None), _Side(converted, dev, None, None)
     _check_same_architecture(a, b, original, converted)
@@ -289,7 +294,21 @@ def verify(
     report.seconds = time.perf_counter() - started
     a.reader.close()
     b.reader.close()
+    if store:
+        from .card import record_parity
+
+        record_parity(Path(converted), report.to_dict())
     return report
+
+
+def _check_storable(converted: str) -> None:
+    """Before the comparison: a report is stored only in a local folder that ``quantize`` wrote."""
+    from .card import REPORT_NAME
+
+    if not (Path(converted) / REPORT_NAME).is_file():
+        raise BadInputError(
+            f"--store writes into a local quantize output, and {converted} has no {REPORT_NAME}"
+        )
 
 
 def _compare_layer(

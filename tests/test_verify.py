@@ -12,7 +12,7 @@ import torch
 from conftest import FAMILIES, count_calls, run_cli
 from safetensors.torch import load_file, save_file
 
-from moeconvert import fuse
+from moeconvert import BadInputError, fuse
 from moeconvert.card import write_card
 from moeconvert.tiny import build_tiny_model
 from moeconvert.verify import report_json, report_path, verify
@@ -133,6 +133,28 @@ def test_nan_outputs_fail_every_check_they_reach(
     assert not report.passed
     assert any(f.startswith("mean KL nan") and "not finite" in f for f in report.failures), report.failures
     assert report.worst_layer == 1
+
+
+def test_store_records_the_check_of_an_unverified_output_on_its_card(
+    trained_models: dict[str, Path], quantized: dict, tmp_path: Path
+) -> None:
+    """quantize --no-verify, then verify --store: the report goes into the folder, the card quotes it and
+    the manifest covers both. A folder quantize did not write is refused before the comparison."""
+    from moeconvert import check
+
+    out = Path(shutil.copytree(quantized["mixtral", "w8"], tmp_path / "out"))
+    assert "Not verified" in (out / "README.md").read_text() and not report_path(out).exists()
+    source = str(trained_models["mixtral"])
+    result = run_cli("verify", source, str(out), "--store", "--samples", "2", "--seq-len", "64")
+    assert result.returncode == 0, result.stderr
+    stored = json.loads(report_path(out).read_text())
+    card = (out / "README.md").read_text()
+    assert stored["tokens"] == 2 * 64 and stored["converted"] == str(out) and stored["passed"]
+    assert "Not verified" not in card and f"{stored['kl_mean']:.3e}" in card
+    assert check(out).passed
+    with pytest.raises(BadInputError, match="--store writes into a local quantize output"):
+        verify(source, source, store=True, progress=False)
+    assert not report_path(trained_models["mixtral"]).exists()
 
 
 def test_lossless_check_catches_a_single_changed_tensor(
