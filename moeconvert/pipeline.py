@@ -57,6 +57,7 @@ from .quant.hessian import HessianAccumulator, ReplayedAccumulator, routed_rows,
 from .quant.rtn import QuantizedWeight, rtn_quantize
 from .quant.scheme import Scheme
 from .quant.targets import Rule, TargetPolicy
+from .recipe import check_thresholds
 from .relayout import check_layer_count, check_shapes, is_fused, runtime_layer
 from .resume import Progress, RunState
 from .source import describe_source, parse_model_ref, read_config, read_metadata, resolve_model, side_files
@@ -1053,6 +1054,7 @@ def quantize(
     started = time.perf_counter()
     scheme = scheme or Scheme()
     options = options or QuantizeOptions()
+    check_thresholds(options.verify_thresholds)
     policy = TargetPolicy(scheme, tuple(rules))
     runner = Quantizer(model, policy, options, revision, token, headers_only=dry_run)
     try:

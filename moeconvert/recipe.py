@@ -45,6 +45,7 @@ _CALIBRATION = {
     "min_tokens": int,
 }
 _VERIFY = {"max_kl": float, "min_top1": float, "max_layer_error": float}
+_LOWEST = {"samples": 1, "seq_len": 1, "min_tokens": 0}  # calibration counts
 _TOP = {"model", "description", "scheme", "rules", "calibration", "format", "verify"}
 
 
@@ -65,6 +66,24 @@ def _check(value: Any, kind: type, where: str) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise BadInputError(f"recipe field {where}: expected {kind.__name__}, got {value!r}")
     return value
+
+
+def threshold_problem(name: str, value: float) -> str | None:
+    """Why a parity threshold means nothing (NaN, below zero, a top-1 agreement above 1), or None. An
+    infinite maximum is a check turned off."""
+    if name == "min_top1" and not 0.0 <= value <= 1.0:
+        return f"must be a fraction from 0 to 1, not {value}"
+    if name != "min_top1" and not value >= 0.0:
+        return f"must be a number of at least 0 (inf: no limit), not {value}"
+    return None
+
+
+def check_thresholds(thresholds: dict[str, float | None]) -> None:
+    """Refuse, before any work, parity thresholds given to ``verify`` or ``quantize`` that mean nothing."""
+    for name, value in thresholds.items():
+        problem = None if value is None else threshold_problem(name, value)
+        if problem:
+            raise BadInputError(f"verify threshold {name} {problem}")
 
 
 def _section(data: Any, allowed: dict[str, type], where: str) -> dict[str, Any]:
@@ -110,10 +129,29 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         description=_check(data.get("description", ""), str, "description"),
         scheme=scheme,
         rules=tuple(rules),
-        calibration=_section(data.get("calibration", {}), _CALIBRATION, "calibration"),
+        calibration=_calibration(data.get("calibration", {})),
         format=_check(data["format"], str, "format") if "format" in data else None,
-        verify=_section(data.get("verify", {}), _VERIFY, "verify"),
+        verify=_thresholds(data.get("verify", {})),
     )
+
+
+def _calibration(data: Any) -> dict[str, Any]:
+    section = _section(data, _CALIBRATION, "calibration")
+    for key, lowest in _LOWEST.items():
+        if key in section and section[key] < lowest:
+            raise BadInputError(
+                f"recipe field calibration.{key}: must be at least {lowest}, not {section[key]}"
+            )
+    return section
+
+
+def _thresholds(data: Any) -> dict[str, float]:
+    section = _section(data, _VERIFY, "verify")
+    for key, value in section.items():
+        problem = threshold_problem(key, value)
+        if problem:
+            raise BadInputError(f"recipe field verify.{key}: {problem}")
+    return section
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -33,6 +33,7 @@ from .memory import release_freed_memory
 from .progress import progress_bar
 from .quant.calibration import calibration_tokens
 from .quant.packing import unpack_gptq
+from .recipe import check_thresholds
 from .relayout import model_shapes, runtime_layer
 from .source import read_config, resolve_model
 
@@ -264,6 +265,8 @@ def verify(
     from .pipeline import resolve_device
 
     started = time.perf_counter()
+    overrides = {"max_kl": max_kl, "min_top1": min_top1, "max_layer_error": max_layer_error}
+    check_thresholds(overrides)
     if store:
         _check_storable(converted)
     dev = resolve_device(device)
@@ -271,8 +274,7 @@ def verify(
     _check_same_architecture(a, b, original, converted)
     kind = conversion_kind(b.raw_config)
     thresholds = dict(THRESHOLDS[kind])
-    overrides = (("max_kl", max_kl), ("min_top1", min_top1), ("max_layer_error", max_layer_error))
-    thresholds.update({k: v for k, v in overrides if v is not None})
+    thresholds.update({k: v for k, v in overrides.items() if v is not None})
     tokens = calibration_tokens(calib, a.folder, a.config.vocab_size, samples, seq_len, seed)
     report = ParityReport(original, converted, kind, str(dev), tokens.numel(), thresholds)
     batches = tokens.split(max(1, 8192 // seq_len))

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO_ROOT, load_tensors, run_cli
 
-from moeconvert.recipe import load_recipe
+from moeconvert import BadInputError, Scheme, quantize, verify
+from moeconvert.pipeline import QuantizeOptions
+from moeconvert.recipe import load_recipe, parse_recipe
 from moeconvert.tiny import build_tiny_model
 
 RECIPES = sorted((REPO_ROOT / "recipes").glob("*.yaml"))
@@ -110,6 +115,38 @@ def test_bad_recipe_names_the_field(
     )
     assert result.returncode == 2, result.stderr
     assert fragment in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("calibration: {samples: 0}", "calibration.samples: must be at least 1, not 0"),
+        ("calibration: {seq_len: -8}", "calibration.seq_len: must be at least 1, not -8"),
+        ("calibration: {min_tokens: -1}", "calibration.min_tokens: must be at least 0, not -1"),
+        ("verify: {min_top1: 1.5}", "verify.min_top1: must be a fraction from 0 to 1, not 1.5"),
+        ("verify: {max_kl: -0.1}", "verify.max_kl: must be a number of at least 0 (inf: no limit), not -0.1"),
+        ("verify: {max_layer_error: .nan}", "verify.max_layer_error: must be a number of at least 0"),
+    ],
+)
+def test_recipe_values_out_of_range_are_refused(text: str, fragment: str) -> None:
+    """Values of the right type that no run could use: refused at load, not after an hour of quantizing."""
+    with pytest.raises(BadInputError, match=re.escape(fragment)):
+        parse_recipe(yaml.safe_load(text))
+    assert parse_recipe(yaml.safe_load("verify: {max_kl: .inf, min_top1: 0}")).verify["max_kl"] == math.inf
+
+
+def test_thresholds_that_mean_nothing_are_refused_before_any_work(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    model = str(tiny_models["mixtral"])
+    with pytest.raises(
+        BadInputError, match="verify threshold min_top1 must be a fraction from 0 to 1, not 2"
+    ):
+        verify(model, model, min_top1=2.0, progress=False)
+    options = QuantizeOptions(samples=2, seq_len=32, verify_thresholds={"max_kl": math.nan})
+    with pytest.raises(BadInputError, match="verify threshold max_kl must be a number of at least 0"):
+        quantize(model, Scheme(group_size=32, method="rtn"), output=tmp_path / "out", options=options)
+    assert not any(tmp_path.iterdir())
 
 
 def test_flags_override_the_recipe(tiny_models: dict[str, Path], tmp_path: Path) -> None:
