@@ -7,7 +7,7 @@
       - {pattern: "down_proj", scheme: {bits: 8}}     # fields not given come from `scheme`
     calibration: {source: default, samples: 128, seq_len: 2048}
     format: compressed-tensors
-    verify: {max_kl: 0.02, min_top1: 0.90, max_layer_error: 0.25}
+    verify: {max_kl: 0.1, min_top1: 0.85, max_layer_error: 0.25}
 
 Every key is checked: an unknown key, a wrong type or a bad value is an error naming the field, and a
 rule whose pattern matches no module of the model is refused when the run is planned.

@@ -41,8 +41,8 @@ from .source import read_config, resolve_model
 # max_layer_error bounds each layer's own error relative to what it adds to the residual stream.
 THRESHOLDS: dict[str, dict[str, float]] = {
     "lossless": {"max_kl": 0.0, "min_top1": 1.0, "max_layer_error": 0.0},
-    "int8": {"max_kl": 0.002, "min_top1": 0.97, "max_layer_error": 0.05},
-    "int4": {"max_kl": 0.02, "min_top1": 0.90, "max_layer_error": 0.25},
+    "int8": {"max_kl": 0.01, "min_top1": 0.95, "max_layer_error": 0.05},
+    "int4": {"max_kl": 0.1, "min_top1": 0.85, "max_layer_error": 0.25},
 }
 
 Decoder = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
