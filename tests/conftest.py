@@ -6,7 +6,9 @@ import glob
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -125,6 +127,36 @@ def run_cli(
         cwd=cwd,
         timeout=300,
     )
+
+
+def invoke_cli(*args: str) -> subprocess.CompletedProcess:
+    """Run the ``moeconvert`` command line in this process (click's runner), for the many cases that
+    exercise a command's checks rather than its start-up: a fresh process spends seconds importing torch
+    and transformers. An uncaught exception is written to stderr as a process would print it, so a
+    test asserting that no traceback appears still sees it. The environment is restored afterwards.
+    Start-up, environment variables, signals and the Hub client's settings need :func:`run_cli`."""
+    from unittest import mock
+
+    import tqdm
+    from click.testing import CliRunner
+
+    from moeconvert.cli import main
+
+    def quiet(bar: tqdm.tqdm, *bar_args: Any, **kwargs: Any) -> None:  # as TQDM_DISABLE=1 does for run_cli
+        kwargs.setdefault("disable", True)
+        drawn(bar, *bar_args, **kwargs)
+
+    saved, drawn = dict(os.environ), tqdm.tqdm.__init__
+    try:
+        with mock.patch.object(tqdm.tqdm, "__init__", quiet):
+            result = CliRunner().invoke(main, list(args), prog_name="moeconvert")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(["moeconvert", *args], result.exit_code, result.stdout, stderr)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,8 @@
-"""Bad input: one line on stderr, exit code 2, no traceback, nothing at the output path."""
+"""Bad input: one line on stderr, exit code 2, no traceback, nothing at the output path.
+
+The many breakages of one check run the command line in this process (``invoke_cli``); the tests of
+whole commands (a missing folder, an existing output, pickles, remote code) run it as a user does, in a
+fresh process (``run_cli``)."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import invoke_cli, run_cli
 from safetensors.torch import load_file, save_file
 
 
@@ -270,7 +274,7 @@ def test_broken_checkpoint_is_refused(case: str, tiny_models: dict[str, Path], t
     breakage(folder)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     output = tmp_path / "out"
-    assert_clean_failure(run_cli("fuse", str(folder), "-o", str(output)), output, fragment)
+    assert_clean_failure(invoke_cli("fuse", str(folder), "-o", str(output)), output, fragment)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before, "input was modified"
 
 
@@ -295,7 +299,7 @@ def test_inspect_refuses_too(case: str, tiny_models: dict[str, Path], tmp_path: 
     breakage, fragment = BREAKAGES[case]
     folder = _copy(tiny_models, tmp_path)
     breakage(folder)
-    assert_clean_failure(run_cli("inspect", str(folder)), None, fragment)
+    assert_clean_failure(invoke_cli("inspect", str(folder)), None, fragment)
 
 
 @pytest.mark.parametrize("groups", [{"n_group": 3}, {"topk_group": 5}])
@@ -306,7 +310,7 @@ def test_group_limited_routing_that_cannot_route_is_refused(
     into 3 groups, and 5 of 4 groups cannot be picked (the router would fail mid-run otherwise)."""
     folder = _copy(tiny_models, tmp_path, "deepseek_v3")
     _edit_config(folder, **groups)
-    assert_clean_failure(run_cli("inspect", str(folder)), None, "group-limited routing needs equal groups")
+    assert_clean_failure(invoke_cli("inspect", str(folder)), None, "group-limited routing needs equal groups")
 
 
 # --json: the report goes to stdout and no progress bar to stderr, which is left to the error line
@@ -338,7 +342,7 @@ def test_quantize_refuses_too(case: str, tiny_models: dict[str, Path], tmp_path:
     breakage(folder)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     output = tmp_path / "out"
-    assert_clean_failure(run_cli("quantize", str(folder), "-o", str(output), *QUANTIZE), output, fragment)
+    assert_clean_failure(invoke_cli("quantize", str(folder), "-o", str(output), *QUANTIZE), output, fragment)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before, "input was modified"
 
 
@@ -362,7 +366,7 @@ def test_a_quantized_checkpoint_is_refused_as_a_source(
     for command, extra in attempts:
         output = tmp_path / "again"
         assert_clean_failure(
-            run_cli(command, str(quantized), "-o", str(output), *extra),
+            invoke_cli(command, str(quantized), "-o", str(output), *extra),
             output,
             f"already quantized (quantization_config.quant_method {method!r}): {command} needs",
         )
@@ -485,7 +489,7 @@ def test_bad_options_stop_before_any_partial_output(
     args = [str(calib) if a == "CALIB" else a for a in args]
     out = tmp_path / "out"
     quantize = ["--group-size", "32", "--samples", "4", "--seq-len", "32", "--no-verify"]
-    result = run_cli("quantize", str(tiny_models["olmoe"]), "-o", str(out), *quantize, *args)
+    result = invoke_cli("quantize", str(tiny_models["olmoe"]), "-o", str(out), *quantize, *args)
     assert result.returncode == 2 and fragment in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists() and not (tmp_path / ".out.partial").exists()

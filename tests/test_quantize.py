@@ -14,6 +14,7 @@ from conftest import (
     count_calls,
     dequantized_state,
     eval_tokens,
+    invoke_cli,
     load_model,
     load_tensors,
     mean_kl,
@@ -305,7 +306,7 @@ def test_cli_quantize(trained_models: dict[str, Path], tmp_path: Path) -> None:
         (["--dynamic-groups"], "act-order"),  # act-order's group index has no place in compressed-tensors
         (["--bits", "3"], "Invalid value"),
     ]:
-        bad = run_cli("quantize", source, "-o", str(tmp_path / "bad"), *args)
+        bad = invoke_cli("quantize", source, "-o", str(tmp_path / "bad"), *args)
         assert bad.returncode == 2 and fragment in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
         assert not (tmp_path / "bad").exists()
 

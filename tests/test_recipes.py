@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT, load_tensors, run_cli
+from conftest import REPO_ROOT, invoke_cli, load_tensors
 
 from moeconvert import BadInputError, Scheme, quantize, verify
 from moeconvert.pipeline import QuantizeOptions
@@ -64,7 +64,7 @@ def test_recipe_runs_on_its_family(recipe: Path, wide_models: dict[str, Path], t
         "64",
         "--no-verify",
     ]
-    result = run_cli(*args)
+    result = invoke_cli(*args)
     assert result.returncode == 0, result.stderr
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     groups = config["config_groups"]
@@ -104,7 +104,7 @@ def test_bad_recipe_names_the_field(
 ) -> None:
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(text)
-    result = run_cli(
+    result = invoke_cli(
         "quantize",
         str(tiny_models["mixtral"]),
         "--recipe",
@@ -152,7 +152,7 @@ def test_thresholds_that_mean_nothing_are_refused_before_any_work(
 def test_flags_override_the_recipe(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text("scheme: {bits: 4, group_size: 32, method: rtn}\nformat: gptq\n")
-    result = run_cli(
+    result = invoke_cli(
         "quantize", str(tiny_models["olmoe"]), "--recipe", str(recipe), "--bits", "8", "--dry-run", "--json"
     )
     assert result.returncode == 0, result.stderr
@@ -167,7 +167,7 @@ def test_flags_override_the_recipe(tiny_models: dict[str, Path], tmp_path: Path)
 
 def test_an_asymmetric_compressed_tensors_output_is_announced_as_such(tiny_models: dict[str, Path]) -> None:
     """MoE loaders take symmetric experts only: asking for zero points in compressed-tensors says so."""
-    asym = run_cli("quantize", str(tiny_models["olmoe"]), "--group-size", "32", "--asym", "--dry-run")
-    sym = run_cli("quantize", str(tiny_models["olmoe"]), "--group-size", "32", "--dry-run")
+    asym = invoke_cli("quantize", str(tiny_models["olmoe"]), "--group-size", "32", "--asym", "--dry-run")
+    sym = invoke_cli("quantize", str(tiny_models["olmoe"]), "--group-size", "32", "--dry-run")
     assert asym.returncode == 0 and sym.returncode == 0, asym.stderr + sym.stderr
     assert "symmetric experts only" in asym.stderr and "symmetric experts only" not in sym.stderr
