@@ -10,9 +10,9 @@ Builds a synthetic Mixtral-style checkpoint (random bf16 weights, transformers' 
   unfuse write (``moeconvert.writeback``), then fsynced: the durable limit of that way of writing;
 - ``fuse`` and ``unfuse`` (of fuse's output), with ``max_shard_size="1GB"``.
 
-Each step first imports torch and transformers and builds transformers' model class on the meta
-device once (a one-time cost of a few seconds, reported as ``setup``, outside the timing), then
-resets the process's peak RSS and runs. Peak RSS is reported above the RSS at that start, in units
+Fuse and unfuse first import torch and transformers and build transformers' model class on the meta
+device once (a one-time cost of a few seconds, reported as ``setup``, outside the timing; the copies
+need none of it), then each step resets its process's peak RSS and runs. Peak RSS is reported above the RSS at that start, in units
 of the largest layer. The source stays in the page cache (it is read in every round), so this
 measures the conversion against the copy, not the disk's read speed.
 
@@ -50,9 +50,6 @@ from pathlib import Path
 STEP = r"""
 import json, os, shutil, sys, time
 from pathlib import Path
-import moeconvert, moeconvert.relayout, torch, transformers
-from moeconvert.families import load_config
-from moeconvert.source import read_config
 
 step, src, dst = sys.argv[1:4]
 src, dst = Path(src), Path(dst)
@@ -79,7 +76,6 @@ def prime_page_cache(size):
     scratch.unlink()
 
 def copy_with_writeback():
-    from moeconvert.writeback import WritebackBehind
     dst.mkdir()
     for path in sorted(src.glob("*.safetensors")):
         with open(path, "rb", buffering=0) as source, open(dst / path.name, "wb", buffering=0) as out:
@@ -90,7 +86,13 @@ def copy_with_writeback():
             os.fsync(out.fileno())
 
 setup = time.perf_counter()
-moeconvert.relayout.model_shapes(load_config(read_config(src)))  # transformers' modeling import
+if step == "copy+wb":
+    from moeconvert.writeback import WritebackBehind
+if step in ("fuse", "unfuse"):  # the copies need none of it
+    import moeconvert, moeconvert.relayout
+    from moeconvert.families import load_config
+    from moeconvert.source import read_config
+    moeconvert.relayout.model_shapes(load_config(read_config(src)))  # transformers' modeling import
 setup = time.perf_counter() - setup
 prime_page_cache(sum(p.stat().st_size for p in src.glob("*.safetensors")))
 with open("/proc/self/clear_refs", "w") as f:
