@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import subprocess
@@ -129,7 +130,7 @@ def run_cli(
     )
 
 
-def invoke_cli(*args: str) -> subprocess.CompletedProcess:
+def invoke_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the ``moeconvert`` command line in this process (click's runner), for the many cases that
     exercise a command's checks rather than its start-up: a fresh process spends seconds importing torch
     and transformers. An uncaught exception is written to stderr as a process would print it, so a
@@ -148,7 +149,7 @@ def invoke_cli(*args: str) -> subprocess.CompletedProcess:
 
     saved, drawn = dict(os.environ), tqdm.tqdm.__init__
     try:
-        with mock.patch.object(tqdm.tqdm, "__init__", quiet):
+        with mock.patch.object(tqdm.tqdm, "__init__", quiet), contextlib.chdir(cwd or Path.cwd()):
             result = CliRunner().invoke(main, list(args), prog_name="moeconvert")
     finally:
         os.environ.clear()

@@ -1,8 +1,8 @@
 """Bad input: one line on stderr, exit code 2, no traceback, nothing at the output path.
 
 The many breakages of one check run the command line in this process (``invoke_cli``); the tests of
-whole commands (a missing folder, an existing output, pickles, remote code) run it as a user does, in a
-fresh process (``run_cli``)."""
+whole commands (a missing folder, a bad shard size, pickles, remote code, help) run it as a user does,
+in a fresh process (``run_cli``)."""
 
 from __future__ import annotations
 
@@ -441,10 +441,10 @@ def test_existing_output_needs_force(tiny_models: dict[str, Path], tmp_path: Pat
     output = tmp_path / "out"
     output.mkdir()
     (output / "keep.txt").write_text("precious")
-    result = run_cli("fuse", str(tiny_models["olmoe"]), "-o", str(output))
+    result = invoke_cli("fuse", str(tiny_models["olmoe"]), "-o", str(output))
     assert result.returncode == 2 and "--force" in result.stderr
     assert (output / "keep.txt").read_text() == "precious"
-    forced = run_cli("fuse", str(tiny_models["olmoe"]), "-o", str(output), "--force")
+    forced = invoke_cli("fuse", str(tiny_models["olmoe"]), "-o", str(output), "--force")
     assert forced.returncode == 0, forced.stderr
     assert not (output / "keep.txt").exists() and (output / "config.json").exists()
 
@@ -464,7 +464,7 @@ def test_an_output_over_the_input_is_refused_even_with_force(
         ("quantize", model, quantize),
         ("quantize", model / "inside", quantize),
     ]:
-        result = run_cli(command, str(model), "-o", str(output), "--force", *extra)
+        result = invoke_cli(command, str(model), "-o", str(output), "--force", *extra)
         assert result.returncode == 2 and "overlaps the input" in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
@@ -500,7 +500,7 @@ def test_an_output_that_is_a_symlink_is_refused(tiny_models: dict[str, Path], tm
     target.mkdir()
     (target / "keep.txt").write_text("precious")
     (tmp_path / "link").symlink_to(target)
-    result = run_cli("fuse", str(tiny_models["olmoe"]), "-o", str(tmp_path / "link"), "--force")
+    result = invoke_cli("fuse", str(tiny_models["olmoe"]), "-o", str(tmp_path / "link"), "--force")
     assert result.returncode == 2 and "is a symbolic link" in result.stderr, result.stderr
     assert (target / "keep.txt").read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == [
         "link",
@@ -516,7 +516,7 @@ def test_an_output_that_cannot_be_a_folder_is_refused(tiny_models: dict[str, Pat
         (str(tmp_path / "afile" / "sub"), f"cannot create the output folder {tmp_path}/afile/sub: {tmp_path}/afile is not a folder"),
         ("/", "the output cannot be the root folder"),
     ]:  # fmt: skip
-        result = run_cli("fuse", str(tiny_models["olmoe"]), "-o", output, "--force", cwd=tmp_path)
+        result = invoke_cli("fuse", str(tiny_models["olmoe"]), "-o", output, "--force", cwd=tmp_path)
         assert result.returncode == 2 and fragment in result.stderr, result.stderr
         assert "Traceback" not in result.stderr and "free space" not in result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["afile"] and (
@@ -526,12 +526,12 @@ def test_an_output_that_cannot_be_a_folder_is_refused(tiny_models: dict[str, Pat
 
 def test_fuse_twice_and_unfuse_original_are_refused(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     fused = tmp_path / "fused"
-    assert run_cli("fuse", str(tiny_models["qwen3_moe"]), "-o", str(fused)).returncode == 0
+    assert invoke_cli("fuse", str(tiny_models["qwen3_moe"]), "-o", str(fused)).returncode == 0
     assert_clean_failure(
-        run_cli("fuse", str(fused), "-o", str(tmp_path / "again")), tmp_path / "again", "already fused"
+        invoke_cli("fuse", str(fused), "-o", str(tmp_path / "again")), tmp_path / "again", "already fused"
     )
     assert_clean_failure(
-        run_cli("unfuse", str(tiny_models["qwen3_moe"]), "-o", str(tmp_path / "un")),
+        invoke_cli("unfuse", str(tiny_models["qwen3_moe"]), "-o", str(tmp_path / "un")),
         tmp_path / "un",
         "not fused",
     )
