@@ -435,6 +435,11 @@ def quantize_cmd(
 @click.option(
     "--commit-message", default=None, help="Commit message [default: Upload <folder> with moeconvert]."
 )
+@click.option(
+    "--allow-failed",
+    is_flag=True,
+    help="Publish a folder whose stored parity report failed (its model card says so).",
+)
 @token_option
 @_friendly_errors
 def push_cmd(
@@ -443,18 +448,28 @@ def push_cmd(
     private: bool,
     branch: str | None,
     commit_message: str | None,
+    allow_failed: bool,
     token: str | None,
 ) -> None:
     """Upload a converted FOLDER to the Hub repo ORG/NAME (created if needed), model card included."""
-    _push_and_say(folder, repo_id, private, branch, commit_message, token)
+    _push_and_say(folder, repo_id, private, branch, commit_message, token, allow_failed)
 
 
 def _push_and_say(
-    folder: Path, repo_id: str, private: bool, branch: str | None, message: str | None, token: str | None
+    folder: Path,
+    repo_id: str,
+    private: bool,
+    branch: str | None,
+    message: str | None,
+    token: str | None,
+    allow_failed: bool = False,
 ) -> None:
     from .publish import push
 
-    result = push(folder, repo_id, private=private, branch=branch, commit_message=message, token=token)
+    result = push(
+        folder, repo_id, private=private, branch=branch, commit_message=message, token=token,
+        allow_failed=allow_failed,
+    )  # fmt: skip
     click.echo(
         f"pushed {result.files} files ({_gb(result.bytes)}) to {result.repo_id}@{result.branch}: {result.commit_url}"
     )

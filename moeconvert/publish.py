@@ -10,6 +10,7 @@ handed to the client only: it is never printed, logged or written into the folde
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,10 @@ from huggingface_hub import HfApi
 from huggingface_hub import errors as hub_errors
 
 from .card import CARD_NAME, REPORT_NAME, write_card
-from .errors import BadInputError, PushFailedError
+from .errors import BadInputError, CheckFailedError, PushFailedError
 from .manifest import update_manifest
 from .source import HUB_ID_RE, UNREACHABLE_ERRORS, first_line
+from .verify import report_path
 
 # Never uploaded: staging files of an interrupted write and the client's own bookkeeping.
 IGNORED = [".*", ".*/**", "**/.*"]
@@ -43,20 +45,26 @@ def push(
     branch: str | None = None,
     commit_message: str | None = None,
     token: str | None = None,
+    allow_failed: bool = False,
 ) -> PushResult:
     """Create ``repo_id`` if needed (private when asked) and make ``branch`` (default: main) hold exactly
     the files of ``folder``, in one commit (a new branch starts from main; ``.gitattributes`` is kept).
 
-    A quantized folder's model card is rewritten first so its loading examples name ``repo_id``.
+    A quantized folder's model card is rewritten first so its loading examples name ``repo_id``. A
+    folder whose stored parity report failed is not published unless ``allow_failed`` (its card says
+    it failed), as ``quantize --push-to-hub`` pushes nothing that failed its check.
 
     Raises:
         BadInputError: the folder is not a finished checkpoint, or ``repo_id`` is not ``org/name``.
+        CheckFailedError: the folder's stored parity report failed, and ``allow_failed`` is false.
         PushFailedError: the Hub refused or the connection failed; the local folder is left as it was.
     """
     folder = Path(folder)
     _check_folder(folder)
     if not HUB_ID_RE.match(repo_id):
         raise BadInputError(f"{repo_id!r} is not a Hub repository id of the form org/name")
+    if not allow_failed:
+        _check_parity(folder)
     if (folder / REPORT_NAME).exists():
         write_card(folder, repo_id, branch)
         update_manifest(folder, [CARD_NAME])
@@ -87,6 +95,16 @@ def _check_folder(folder: Path) -> None:
         raise BadInputError(f"{folder} is an unfinished output; finish the run before pushing it")
     if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
         raise BadInputError(f"{folder} holds no config.json and safetensors weights; nothing to push")
+
+
+def _check_parity(folder: Path) -> None:
+    path = report_path(folder)
+    parity = json.loads(path.read_text()) if path.is_file() else {}
+    if parity.get("passed") is False:
+        raise CheckFailedError(
+            f"{folder} failed its parity check ({'; '.join(parity.get('failures', []))}); nothing was pushed: "
+            "add --allow-failed to publish it anyway, with a card that says it failed"
+        )
 
 
 def _hidden(relative: Path) -> bool:

@@ -12,7 +12,7 @@ from conftest import run_cli
 from hub_server import HubServer, hub_env
 from huggingface_hub import ModelCard, snapshot_download
 
-from moeconvert import Scheme, quantize
+from moeconvert import Scheme, quantize, verify
 from moeconvert.card import build_card, card_metadata
 
 TOKEN = "hf_pushtoken_5a1e7c0ffee"
@@ -137,6 +137,32 @@ def test_push_without_a_token_is_refused_cleanly(server: HubServer, w4: Path) ->
     result = run_cli("push", str(w4), "acme/nope", env={"HF_TOKEN": ""})
     assert result.returncode == 3 and "401" in result.stderr and "HF_TOKEN" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_folder_that_failed_its_parity_check_is_pushed_only_when_allowed(
+    server: HubServer, tiny_models: dict[str, Path], w4: Path, tmp_path: Path
+) -> None:
+    """quantize --push-to-hub publishes nothing that failed its check, and neither does push: unless
+    asked, and then the card says it failed."""
+    folder = Path(shutil.copytree(w4, tmp_path / "failed"))
+    verify(
+        str(tiny_models["mixtral"]),
+        str(folder),
+        max_kl=0.0,
+        samples=2,
+        seq_len=32,
+        store=True,
+        progress=False,
+    )
+    server.clear_log()
+    refused = run_cli("push", str(folder), "acme/failed", env={"HF_TOKEN": TOKEN})
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "failed its parity check (mean KL" in refused.stderr and "--allow-failed" in refused.stderr
+    assert server.requests == []
+    allowed = run_cli("push", str(folder), "acme/failed", "--allow-failed", env={"HF_TOKEN": TOKEN})
+    assert allowed.returncode == 0, allowed.stderr
+    card = server.repo_files("acme/failed")["README.md"].decode()
+    assert "| result | **failed**: mean KL" in card
 
 
 @pytest.mark.parametrize(
