@@ -1,16 +1,17 @@
-"""Recipes: proven settings per model, as YAML, applied with ``--recipe``; command-line flags win.
+r"""Recipes: proven settings per model, as YAML, applied with ``--recipe``; command-line flags win.
 
     model: mistralai/Mixtral-8x7B-v0.1
     scheme: {method: gptq, bits: 4, group_size: 128, sym: true}
     rules:                       # first match wins; regex searched in module names
-      - {pattern: "self_attn", scheme: null}          # keep attention in full precision
-      - {pattern: "down_proj", scheme: {bits: 8}}     # fields not given come from `scheme`
+      - {pattern: 'layers\.0\.', scheme: null}        # keep the first layer in full precision
+      - {pattern: "self_attn", scheme: {bits: 8}}     # fields not given come from `scheme`
     calibration: {source: default, samples: 128, seq_len: 2048}
     format: compressed-tensors
     verify: {max_kl: 0.1, min_top1: 0.85, max_layer_error: 0.25}
 
 Every key is checked: an unknown key, a wrong type or a bad value is an error naming the field, and a
-rule whose pattern matches no module of the model is refused when the run is planned.
+rule whose pattern matches no module of the model, or that splits a module vLLM loads as one (q/k/v,
+gate/up, a layer's experts), is refused when the run is planned.
 """
 
 from __future__ import annotations
