@@ -464,7 +464,9 @@ def _push_and_say(
     token: str | None,
     allow_failed: bool = False,
 ) -> None:
+    from .card import REPORT_NAME
     from .publish import push
+    from .verify import report_path
 
     result = push(
         folder, repo_id, private=private, branch=branch, commit_message=message, token=token,
@@ -473,6 +475,12 @@ def _push_and_say(
     click.echo(
         f"pushed {result.files} files ({_gb(result.bytes)}) to {result.repo_id}@{result.branch}: {result.commit_url}"
     )
+    if (folder / REPORT_NAME).is_file() and not report_path(folder).is_file():
+        click.echo(
+            f"note: {folder} has no parity report, so its model card says it was not verified; "
+            f"`moeconvert verify ORIGINAL {folder} --store` records one (then push again)",
+            err=True,
+        )
 
 
 def _relaunch_with_torchrun(nproc: int) -> None:

@@ -63,6 +63,7 @@ def test_quantize_push_to_hub_round_trip(server: HubServer, tmp_path: Path) -> N
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "pushed" in result.stdout and "acme/tiny-mixtral-int8@main" in result.stdout
+    assert "no parity report" not in result.stderr  # verified before the push
     for text in (result.stdout, result.stderr, *(p.read_text(errors="replace") for p in out.iterdir())):
         assert TOKEN not in text
 
@@ -97,6 +98,7 @@ def test_push_to_a_branch_of_an_existing_repo(server: HubServer, w4: Path, tmp_p
     first = run_cli("push", str(folder), "acme/tiny-mixtral", "--branch", "w4", "--commit-message", "Add w4",
                     env={"HF_TOKEN": TOKEN})  # fmt: skip
     assert first.returncode == 0, first.stderr
+    assert f"note: {folder} has no parity report" in first.stderr  # made with verify=False
     assert server.repo_files("acme/tiny-mixtral", "w4") == read_tree(folder)
     assert server.repo_files("acme/tiny-mixtral") == main_before  # main untouched
     card = ModelCard.load(folder / "README.md")
