@@ -19,13 +19,12 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import BadInputError, CorruptCheckpointError, MoeConvertError, OutputExistsError
+from .errors import CorruptCheckpointError
 from .safetensors_header import DTYPE_SIZES, MAX_HEADER_BYTES, TensorMeta, read_header
 from .shard_digest import GrowingFileDigest, HashBacklog, hash_workers
 from .writeback import WritebackBehind
@@ -558,87 +557,6 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     if flat.numel() == 0:
         return memoryview(b"")
     return memoryview(flat.view(torch.uint8).numpy())
-
-
-# ------------------------------------------------------------------------------------------ output folder
-
-
-class OutputFolder:
-    """A staging folder that becomes ``final`` only when the work inside it has completed.
-
-    Work happens in a hidden sibling ``.<name>.partial``; on success it is renamed into place (an old
-    output, allowed by ``force``, is moved aside first and deleted last). Whatever was at ``final`` is
-    untouched until then. On failure the staging folder is removed, except for a ``resumable`` run
-    stopped by something other than bad input (Ctrl-C, a full disk, a crash): its finished work stays
-    for the same command to pick up, and a later start reuses it unless ``force`` is given.
-    """
-
-    def __init__(
-        self, final: Path, force: bool = False, resumable: bool = False, source: Path | None = None
-    ) -> None:
-        self.final = Path(final)
-        if self.final.name in ("", ".."):  # "." or "..": the folder it stands for, by name
-            self.final = Path(os.path.abspath(self.final))
-        if not self.final.name:
-            raise BadInputError("the output cannot be the root folder: give a folder to create")
-        self.force = force
-        self.resumable = resumable
-        self.source = source
-        self.staging = self.final.with_name(f".{self.final.name}.partial")
-
-    def __enter__(self) -> Path:
-        self.check_apart()
-        if self.final.is_symlink():  # replacing moves the link, not the folder it names
-            raise OutputExistsError(f"output {self.final} is a symbolic link: give the folder it points to")
-        if self.final.exists() and not self.force:
-            raise OutputExistsError(f"output {self.final} already exists (use --force to replace it)")
-        if self.final.exists() and not self.final.is_dir():
-            raise OutputExistsError(f"output {self.final} exists and is not a folder")
-        try:
-            self.final.parent.mkdir(parents=True, exist_ok=True)
-            if self.staging.exists() and not self.resumable:  # a resumable run's caller decides
-                shutil.rmtree(self.staging)
-            self.staging.mkdir(exist_ok=True)
-        except OSError as err:  # before any work: bad input, not a failed write
-            raise BadInputError(
-                f"cannot create the output folder {self.final}: {_unmakeable(self.final, err)}"
-            ) from None
-        return self.staging
-
-    def check_apart(self) -> None:
-        """Refuse an output that is the input folder, holds it or lies inside it: replacing it (with
-        ``force``) would delete the input, and the input is never written to."""
-        if self.source is None:
-            return
-        final, source = self.final.resolve(), Path(self.source).resolve()
-        if final == source or final in source.parents or source in final.parents:
-            raise BadInputError(
-                f"output {self.final} overlaps the input {self.source}: write to a folder outside it"
-            )
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if exc_type is not None:
-            if not self.resumable or issubclass(exc_type, MoeConvertError):
-                shutil.rmtree(self.staging, ignore_errors=True)
-            return
-        old = self.final.with_name(f".{self.final.name}.old")
-        if self.final.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(self.final, old)
-        os.replace(self.staging, self.final)
-        if old.exists():
-            shutil.rmtree(old)
-
-
-def _unmakeable(folder: Path, err: OSError) -> str:
-    """Why ``folder`` cannot be made: a file where a folder of its path should be, else the OS's reason."""
-    for parent in folder.parents:
-        if parent.exists():
-            return f"{parent} is not a folder" if not parent.is_dir() else str(err.strerror or err)
-    return str(err.strerror or err)
 
 
 def iter_groups(reader: ShardedReader) -> Iterator[tuple[int | None, list[str]]]:

@@ -686,8 +686,8 @@ def check_cmd(folder: Path, as_json: bool) -> None:
 @_friendly_errors
 def tiny_cmd(family: str, output: Path, seed: int, train_steps: int, force: bool) -> None:
     """Build a tiny MoE of FAMILY, briefly trained, for trying the tool without a download."""
-    from .checkpoint import OutputFolder
     from .manifest import write_manifest
+    from .output_folder import OutputFolder
     from .tiny import TINY_CONFIGS, build_tiny_model
 
     if family not in TINY_CONFIGS:

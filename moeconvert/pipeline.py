@@ -30,7 +30,7 @@ from torch import nn
 
 from . import distributed
 from .card import REPORT_NAME, library_versions, write_card
-from .checkpoint import OutputFolder, PartsWriter, iter_groups, parse_size
+from .checkpoint import PartsWriter, iter_groups, parse_size
 from .distributed import Ranks, all_gather_cat, all_gather_list, barrier, ordered_sum
 from .distributed import current as current_ranks
 from .errors import BadInputError, InterruptedRunError, OutputWriteError
@@ -50,6 +50,7 @@ from .forward import LayerwiseModel
 from .fp8 import full_precision_config, header_reader, open_reader, source_dtype
 from .manifest import write_manifest
 from .memory import available_bytes, memory_budget_bytes, release_freed_memory
+from .output_folder import OutputFolder
 from .progress import progress_bar
 from .quant.calibration import calibration_tokens, tokens_digest
 from .quant.gptq import gptq_quantize
@@ -1179,7 +1180,12 @@ def _run(
     state = RunState(folder.staging, settings, ranks)
     if ranks.writes:
         folder.check_apart()
-        state.check(output, force)
+        folder.lock()  # before a partial output is read, resumed or deleted: another run may be writing it
+        try:
+            state.check(output, force)
+        except BaseException:
+            folder.unlock()
+            raise
     with folder if ranks.writes else contextlib.nullcontext(folder.staging) as staging:
         barrier()  # the staging folder exists before any rank reads or writes its records
         done = state.start()

@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (
     Concatenated,
-    OutputFolder,
     ShardedReader,
     ShardedWriter,
     iter_groups,
@@ -39,6 +38,7 @@ from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
 from .fp8 import full_precision_config, open_reader
 from .layout import stack_experts, unstack_experts
 from .manifest import write_manifest
+from .output_folder import OutputFolder
 from .source import first_line, read_config, resolve_model, side_files
 
 LayerFn = Callable[[int | None, dict[str, torch.Tensor]], dict[str, torch.Tensor]]

@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 
 from moeconvert.checkpoint import (
     Concatenated,
-    OutputFolder,
     ShardedReader,
     ShardedWriter,
     parse_size,
@@ -22,6 +21,7 @@ from moeconvert.checkpoint import (
 from moeconvert.errors import OutputExistsError
 from moeconvert.layout import stack_experts, unstack_experts
 from moeconvert.manifest import file_sha256
+from moeconvert.output_folder import OutputFolder
 from moeconvert.relayout import concat_experts
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -103,7 +104,6 @@ def test_ordered_sum_adds_left_to_right_in_one_process() -> None:
 
 @pytest.mark.slow
 def test_killed_two_rank_job_resumes_to_the_same_bytes(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    import signal
 
     model = tiny_models["mixtral"]
     assert quantize(model, tmp_path / "one" / "out").returncode == 0
@@ -132,8 +132,13 @@ def test_killed_two_rank_job_resumes_to_the_same_bytes(tiny_models: dict[str, Pa
         paused += "paused after group 2" in line
         if paused == 2:
             break
-    os.killpg(job.pid, signal.SIGKILL)  # the launcher and both ranks
+    # the launcher and both ranks (torchrun starts each rank in a session of its own)
+    processes = [psutil.Process(job.pid), *psutil.Process(job.pid).children(recursive=True)]
+    for process in processes:
+        process.kill()
     job.wait()
+    _, alive = psutil.wait_procs(processes, timeout=60)  # rank 0 holds the output's lock until it exits
+    assert not alive, alive
     records = sorted(p.name for p in (tmp_path / "two" / ".out.partial" / ".resume").iterdir())
     assert records == [
         "hidden.rank0.safetensors",

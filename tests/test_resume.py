@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import invoke_cli, run_cli
 
 from moeconvert.resume import Progress, RunState
 
@@ -97,7 +97,33 @@ def test_killed_run_resumes_to_identical_output(
     assert resumed.returncode == 0, resumed.stderr
     assert "3 of 4 layers already done" in resumed.stderr
     assert not partial.exists() and not (out / ".resume").exists() and not (out / ".parts").exists()
+    assert not (tmp_path / ".out.lock").exists()  # left by SIGKILL, taken over and removed
     assert_same_output(out, reference)
+
+
+def test_a_second_run_on_an_output_being_written_is_refused(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The command started again while the first run still writes: both would write one staging folder,
+    and --force with other settings would delete the first run's work. The second is refused and the
+    first is unharmed; the lock goes with the first run."""
+    model, out = tiny_models["mixtral"], tmp_path / "out"
+    proc = run_until_paused(model, out, group=1)
+    try:
+        for command in (
+            ["quantize", str(model), "-o", str(out), *ARGS],
+            ["quantize", str(model), "-o", str(out), *ARGS, "--bits", "8", "--force"],
+            ["fuse", str(model), "-o", str(out)],
+        ):
+            second = invoke_cli(*command)
+            assert second.returncode == 2, second.stderr
+            assert second.stderr.startswith(f"error: another run is writing {out} now"), second.stderr
+        progress = json.loads((tmp_path / ".out.partial" / ".resume" / "progress.json").read_text())
+        assert progress["groups_done"] == 2
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    assert (tmp_path / ".out.partial").is_dir() and not (tmp_path / ".out.lock").exists()
 
 
 def test_hidden_states_go_on_from_the_record(tmp_path: Path) -> None:
