@@ -52,7 +52,7 @@ from .manifest import write_manifest
 from .memory import available_bytes, memory_budget_bytes, release_freed_memory
 from .output_folder import OutputFolder
 from .progress import progress_bar
-from .quant.calibration import calibration_tokens, tokens_digest
+from .quant.calibration import calibration_tokens, positions_note, tokens_digest
 from .quant.gptq import gptq_quantize
 from .quant.hessian import HessianAccumulator, ReplayedAccumulator, routed_rows, rows_for_bf16_units
 from .quant.rtn import QuantizedWeight, rtn_quantize
@@ -1058,6 +1058,9 @@ def quantize(
     check_thresholds(options.verify_thresholds)
     policy = TargetPolicy(scheme, tuple(rules))
     runner = Quantizer(model, policy, options, revision, token, headers_only=dry_run)
+    note = positions_note(options.seq_len, runner.config) if runner.needs_calibration else None
+    if note and runner.ranks.writes:
+        print(note, file=sys.stderr)
     try:
         plan, kept = runner.plan()
         output = Path(output) if output is not None else default_output(model, scheme)

@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import re
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,7 @@ from .forward import LayerwiseModel
 from .fp8 import open_reader, source_dtype, without_fp8_config
 from .memory import release_freed_memory
 from .progress import progress_bar
-from .quant.calibration import calibration_tokens
+from .quant.calibration import calibration_tokens, positions_note
 from .quant.packing import unpack_gptq
 from .recipe import check_thresholds
 from .relayout import model_shapes, runtime_layer
@@ -275,6 +276,9 @@ def verify(
     kind = conversion_kind(b.raw_config)
     thresholds = dict(THRESHOLDS[kind])
     thresholds.update({k: v for k, v in overrides.items() if v is not None})
+    note = positions_note(seq_len, a.config)
+    if note:
+        print(note, file=sys.stderr)
     tokens = calibration_tokens(calib, a.folder, a.config.vocab_size, samples, seq_len, seed)
     report = ParityReport(original, converted, kind, str(dev), tokens.numel(), thresholds)
     batches = tokens.split(max(1, 8192 // seq_len))

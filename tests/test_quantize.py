@@ -277,6 +277,24 @@ def test_starved_experts_and_calibrate_all(trained_models: dict[str, Path], tmp_
     assert all(layer.tokens_per_expert == [16] * 8 for layer in report.layers)
 
 
+def test_windows_past_the_trained_positions_are_noted(
+    tiny_models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The tiny models have 256 positions: longer calibration or parity windows run the model where it
+    was never trained, which the run says once; windows within them say nothing."""
+    from moeconvert.verify import verify
+
+    source = str(tiny_models["olmoe"])
+    for seq_len in (256, 512):
+        options = QuantizeOptions(seq_len=seq_len)
+        quantize(source, W4, output=tmp_path / "out", options=options, dry_run=True, progress=False)
+        verify(source, source, samples=1, seq_len=seq_len, progress=False)
+        noted = capsys.readouterr().err.count(f"--seq-len {seq_len} is longer than the model's 256 positions")
+        assert noted == (2 if seq_len > 256 else 0), seq_len
+    quantize(source, replace(W4, method="rtn"), output=tmp_path / "out", options=options, dry_run=True)
+    assert "positions" not in capsys.readouterr().err  # round-to-nearest calibrates nothing
+
+
 def test_cli_quantize(trained_models: dict[str, Path], tmp_path: Path) -> None:
     source = str(trained_models["qwen3_moe"])
     plan = run_cli("quantize", source, "--dry-run", "--json", "--group-size", "32", cwd=tmp_path)

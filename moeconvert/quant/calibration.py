@@ -100,6 +100,18 @@ def tokenize(text: str, folder: Path | None, vocab_size: int) -> torch.Tensor:
     return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
 
 
+def positions_note(seq_len: int, config: object) -> str | None:
+    """A note when windows run past the positions the model was trained on (``max_position_embeddings``):
+    its attention there is out of distribution, and so are statistics or parity measured there."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        return (
+            f"note: --seq-len {seq_len} is longer than the model's {limit} positions "
+            "(max_position_embeddings): its windows run past what the model was trained on"
+        )
+    return None
+
+
 def sample_windows(stream: torch.Tensor, samples: int, seq_len: int, seed: int) -> torch.Tensor:
     """``samples`` windows of ``seq_len`` tokens from a token stream (repeated if it is too short)."""
     if samples <= 0 or seq_len <= 0:
