@@ -239,3 +239,22 @@ def test_a_recipe_that_splits_a_module_vllm_fuses_is_refused(
         quantize(model, W4, rules=(Rule(split, W8),), output=output, dry_run=True)
     report = quantize(model, W4, rules=(Rule(whole, W8),), output=output, dry_run=True)
     assert report.quantized_modules > 0 and not any(tmp_path.iterdir())
+
+
+def test_three_schemes_load_in_transformers(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """Experts at 4 bits in groups, attention at 8 bits in groups, the shared expert at 8 bits per
+    channel: three config groups, each module decoded by transformers with its own."""
+    source = tiny_models["qwen2_moe"]
+    per_channel = Scheme(bits=8, group_size=-1, method="rtn")
+    rules = (Rule("self_attn", W8), Rule(r"shared_expert\.", per_channel))
+    quant = quantized_config(source, tmp_path / "out", "compressed-tensors", rules)
+    strategies = sorted(
+        (g["weights"]["num_bits"], g["weights"]["strategy"]) for g in quant["config_groups"].values()
+    )
+    assert strategies == [(4, "group"), (8, "channel"), (8, "group")], strategies
+    ours = load_model(source)
+    ours.load_state_dict(dequantized_state(tmp_path / "out", source), strict=True)
+    tokens = eval_tokens(batch=2, seq_len=32)
+    with torch.no_grad():
+        theirs = load_model(tmp_path / "out")(tokens).logits
+        torch.testing.assert_close(theirs, ours(tokens).logits, atol=1e-5, rtol=0)
