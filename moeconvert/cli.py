@@ -139,7 +139,7 @@ def _summary_table(s: ModelSummary) -> str:
     rows = [
         ("model", s.model),
         ("family", f"{s.family} ({s.layout} layout)"),
-        ("layers", f"{s.num_layers}: {len(s.moe_layers)} MoE, {len(s.dense_layers)} dense"),
+        ("layers", f"{s.num_layers}: {len(s.moe_layers)} MoE, {len(s.dense_layers)} dense{_mtp(s)}"),
         ("experts", f"{s.num_experts} routed, top-{s.top_k}, {s.shared_experts} shared"),
         ("dtype", ", ".join(f"{d} ({_params(n)})" for d, n in s.dtypes.items())),
         ("shards", str(s.shards)),
@@ -166,6 +166,11 @@ def _summary_table(s: ModelSummary) -> str:
         )
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _mtp(s: ModelSummary) -> str:
+    count = len(s.mtp_layers)
+    return f", and {count} MTP layer{'s' * (count > 1)} (carried, not active)" if count else ""
 
 
 def _relayout_command(name: str, doc: str) -> None:

@@ -4,7 +4,9 @@ Total parameters set the memory floor (every expert must be resident); active pa
 compute and the bytes read per token (only the top-k routed experts run). Both are counted over the
 real tensor headers, not estimated from the config, so the numbers hold for any variant of a family;
 only an already quantized checkpoint, whose headers hold packed words and scales, is counted from
-transformers' model for its config.
+transformers' model for its config. MTP layers after the decoder layers (DeepSeek-V3, GLM-4.5) count
+in the total and the memory floor, at full precision since conversions carry them as they are, but not
+as active: they predict extra tokens for speculative decoding and are off the path of every token.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class ModelSummary:
     num_layers: int
     moe_layers: list[int]
     dense_layers: list[int]
+    mtp_layers: list[int]  # multi-token prediction layers after the decoder layers, carried as they are
     num_experts: int
     top_k: int
     shared_experts: int
@@ -66,17 +69,18 @@ def _is_routed_expert(family: Family, local: str) -> bool:
     return local in (FUSED_GATE_UP, FUSED_DOWN) or bool(family.original_expert_re().match(local))
 
 
-def _is_quantizable(meta: TensorMeta) -> bool:
-    """Linear weights of decoder layers (experts, attention, dense MLPs), not norms/router/embeddings."""
-    name = meta.name
-    if layer_index(name) is None or len(meta.shape) < 2:
+def _is_quantizable(meta: TensorMeta, num_layers: int) -> bool:
+    """Linear weights of decoder layers (experts, attention, dense MLPs), not norms/router/embeddings,
+    nor MTP layers (carried in full precision)."""
+    name, index = meta.name, layer_index(meta.name)
+    if index is None or index >= num_layers or len(meta.shape) < 2:
         return False
     return not re.search(r"\.(gate|router|shared_expert_gate)\.weight$", name)
 
 
-def _bytes_at(meta: TensorMeta, bits: int | None, fraction: float = 1.0) -> float:
+def _bytes_at(meta: TensorMeta, bits: int | None, num_layers: int, fraction: float = 1.0) -> float:
     """Bytes of a tensor stored at ``bits`` (None: bf16) with a fp16 scale per group of inputs."""
-    if bits is None or not _is_quantizable(meta):
+    if bits is None or not _is_quantizable(meta, num_layers):
         return meta.numel * 2 * fraction
     scales = meta.numel / GROUP_SIZE * 2
     return (meta.numel * bits / 8 + scales) * fraction
@@ -106,7 +110,8 @@ def summarize(meta: ModelMetadata) -> ModelSummary:
         i: LayerSummary(i, family.is_moe_layer(config, i), 0, 0, 0) for i in range(config.num_hidden_layers)
     }
     dtypes: dict[str, int] = {}
-    total = routed = 0
+    total = routed = mtp = 0
+    mtp_layers: set[int] = set()
     active_fraction: dict[str, float] = {}
     fused = False
     for stored in meta.tensors.values():
@@ -117,6 +122,11 @@ def summarize(meta: ModelMetadata) -> ModelSummary:
         local = name.split(".", 3)[3] if index is not None else name
         expert = index is not None and _is_routed_expert(family, local)
         fused = fused or local in (FUSED_GATE_UP, FUSED_DOWN)
+        if index is not None and index >= config.num_hidden_layers:
+            mtp_layers.add(index)
+            mtp += tensor.numel
+            active_fraction[name] = 0.0
+            continue
         active_fraction[name] = top_k / num_experts if expert else 1.0
         if index is not None and index in layers:
             summary = layers[index]
@@ -127,13 +137,14 @@ def summarize(meta: ModelMetadata) -> ModelSummary:
         routed += tensor.numel if expert else 0
     for summary in layers.values():
         summary.experts = num_experts if summary.routed_params else 0
-    active = total - routed + round(routed * top_k / num_experts)
+    active = total - mtp - routed + round(routed * top_k / num_experts)
+    depth = config.num_hidden_layers
     weight_bytes = {
-        label: round(sum(_bytes_at(t, bits) for t in tensors.values()))
+        label: round(sum(_bytes_at(t, bits, depth) for t in tensors.values()))
         for label, bits in (("bf16", None), ("int8", 8), ("int4", 4))
     }
     active_bytes = {
-        label: round(sum(_bytes_at(t, bits, active_fraction[n]) for n, t in tensors.items()))
+        label: round(sum(_bytes_at(t, bits, depth, active_fraction[n]) for n, t in tensors.items()))
         for label, bits in (("bf16", None), ("int8", 8), ("int4", 4))
     }
     stored = meta.weight_bytes
@@ -144,6 +155,7 @@ def summarize(meta: ModelMetadata) -> ModelSummary:
         num_layers=config.num_hidden_layers,
         moe_layers=[i for i, s in layers.items() if s.moe],
         dense_layers=[i for i, s in layers.items() if not s.moe],
+        mtp_layers=sorted(mtp_layers),
         num_experts=num_experts,
         top_k=top_k,
         shared_experts=family.num_shared_experts(config),

@@ -59,7 +59,12 @@ def fuse_layer(
     """One layer in the original layout -> the transformers 5 runtime layout (stacked experts).
 
     ``stack`` builds (gate_up, down) from the experts' gate, up and down lists; :func:`fuse` passes
-    :func:`concat_experts`, whose stacks are never built but written from the experts."""
+    :func:`concat_experts`, whose stacks are never built but written from the experts. MTP layers after
+    the decoder layers (DeepSeek-V3, GLM-4.5; :func:`check_layer_count` admits them) are carried as
+    they are: transformers' model has no module for them, and engines that run them read them by
+    their original names."""
+    if layer is not None and layer >= config.num_hidden_layers:
+        return dict(tensors)
     expert_re = family.original_expert_re()
     experts: dict[tuple[int, str], torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
@@ -77,11 +82,9 @@ def fuse_layer(
             )
         else:
             out[prefix + family.to_fused_name(local)] = tensor
-    if layer is None or layer >= config.num_hidden_layers:
+    if layer is None:
         if experts:
-            raise CorruptCheckpointError(
-                f"expert tensors found outside the decoder layers ({prefix or 'top level'})"
-            )
+            raise CorruptCheckpointError("expert tensors found outside the decoder layers (top level)")
         return out
     _check_experts(family, config, layer, experts)
     _check_router(family, config, layer, tensors)
@@ -197,7 +200,10 @@ def _check_shape(name: str, tensor: torch.Tensor, implied: tuple[int, ...], why:
 def unfuse_layer(
     family: Family, config: Any, layer: int | None, tensors: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`fuse_layer`: stacked experts back to per-expert tensors and original names."""
+    """Inverse of :func:`fuse_layer`: stacked experts back to per-expert tensors and original names
+    (MTP layers, carried by fuse as they were, are carried back)."""
+    if layer is not None and layer >= config.num_hidden_layers:
+        return dict(tensors)
     out: dict[str, torch.Tensor] = {}
     stacked: dict[str, torch.Tensor] = {}
     prefix = ""

@@ -2,7 +2,8 @@
 
 They let anyone try every command in seconds without a download, and are the fixtures of the test
 suite. Configs are small but keep each family's quirks: Qwen2-MoE's gated shared expert and a dense
-``mlp_only_layers`` layer, DeepSeek's dense first layers, shared experts and V3 group routing.
+``mlp_only_layers`` layer, DeepSeek's dense first layers, shared experts and V3 group routing,
+GLM-4.5's biased q/k/v with normed q and k.
 """
 
 from __future__ import annotations
@@ -75,6 +76,19 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         v_head_dim=16,
         n_group=4,
         topk_group=2,
+    ),
+    "glm4_moe": dict(
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        attention_bias=True,
+        use_qk_norm=True,
+        routed_scaling_factor=2.5,
+        n_group=2,
+        topk_group=1,
     ),
 }
 

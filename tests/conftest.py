@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
+import shutil
 import subprocess
 import sys
 import traceback
@@ -13,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from moeconvert.families import family_for, load_config
 from moeconvert.pipeline import QuantizeOptions, quantize
@@ -210,3 +212,24 @@ def quantized(
                 progress=False,
             )
     return out
+
+
+def with_mtp_layer(source: Path, folder: Path) -> Path:
+    """``source`` (a one-shard DeepSeek-V3 or GLM-4.5) with one MTP layer after its last, as they ship it."""
+    config = json.loads((source / "config.json").read_text())
+    tensors = load_tensors(source)
+    last, mtp = config["num_hidden_layers"] - 1, config["num_hidden_layers"]
+    for name, tensor in list(tensors.items()):
+        if name.startswith(f"model.layers.{last}."):
+            tensors[name.replace(f".{last}.", f".{mtp}.", 1)] = tensor.clone()
+    hidden = config["hidden_size"]
+    tensors[f"model.layers.{mtp}.eh_proj.weight"] = torch.randn(hidden, 2 * hidden)
+    for norm in ("enorm", "hnorm", "shared_head.norm"):
+        tensors[f"model.layers.{mtp}.{norm}.weight"] = torch.ones(hidden)
+    folder.mkdir()
+    for side in source.iterdir():  # tokenizer and generation config
+        if side.suffix != ".safetensors" and "index" not in side.name:
+            shutil.copyfile(side, folder / side.name)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    return folder

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, load_model, load_tensors
+from conftest import FAMILIES, load_model, load_tensors, with_mtp_layer
 
 from moeconvert import fuse, unfuse
 from moeconvert.checkpoint import ShardedReader
@@ -54,6 +54,32 @@ def test_unfuse_restores_every_tensor_bit_for_bit(
     for name, tensor in before.items():
         assert after[name].dtype == tensor.dtype
         assert torch.equal(after[name].view(torch.uint8), tensor.view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe"])
+def test_mtp_layers_are_carried_through_fuse_and_back(
+    family: str, tiny_models: dict[str, Path], fused: dict[str, Path], tmp_path: Path
+) -> None:
+    """DeepSeek-V3 and GLM-4.5 ship an MTP layer after the decoder layers, experts and all: fuse carries
+    it under its own names (transformers' model has no module for it), the decoder layers are fused as
+    without it, and unfuse gives back every byte."""
+    source = with_mtp_layer(tiny_models[family], tmp_path / "source")
+    mtp = f"model.layers.{json.loads((source / 'config.json').read_text())['num_hidden_layers']}."
+    out = fuse(str(source), tmp_path / "fused", max_shard_size="200KB")
+    before, after = load_tensors(source), load_tensors(out)
+    carried = {name: tensor for name, tensor in before.items() if name.startswith(mtp)}
+    assert any(".mlp.experts.0.down_proj." in name for name in carried)
+    assert {name: tensor for name, tensor in after.items() if name.startswith(mtp)}.keys() == carried.keys()
+    assert all(torch.equal(after[name], tensor) for name, tensor in carried.items())
+    without = load_tensors(fused[family])
+    assert {name for name in after if not name.startswith(mtp)} == set(without)
+    assert all(torch.equal(after[name], tensor) for name, tensor in without.items())
+
+    restored = load_tensors(unfuse(str(out), tmp_path / "restored"))
+    assert sorted(restored) == sorted(before)
+    assert all(
+        torch.equal(restored[name].view(torch.uint8), t.view(torch.uint8)) for name, t in before.items()
+    )
 
 
 def test_fuse_copies_config_and_shards_at_layer_boundaries(

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import dequantized_state, eval_tokens, load_model, load_tensors
-from safetensors.torch import save_file
+from conftest import dequantized_state, eval_tokens, load_model, load_tensors, with_mtp_layer
 
 from moeconvert.pipeline import QuantizeOptions, quantize
 from moeconvert.quant.scheme import Scheme
@@ -33,7 +31,7 @@ VLLM_FUSED = {  # vLLM's packed_modules_mapping: its module -> the checkpoint's
     "fused_qkv_a_proj": ("q_a_proj", "kv_a_proj_with_mqa"),
 }
 VLLM_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
-FAMILIES = ("mixtral", "qwen2_moe", "deepseek_v3")
+FAMILIES = ("mixtral", "qwen2_moe", "deepseek_v3", "glm4_moe")
 
 
 def stored_bits(tensors: dict[str, torch.Tensor]) -> dict[str, int | None]:
@@ -152,32 +150,14 @@ def test_transformers_computes_with_the_bits_we_stored(
         torch.testing.assert_close(load_model(folder)(tokens).logits, ours(tokens).logits, atol=1e-5, rtol=0)
 
 
-def with_mtp_layer(source: Path, folder: Path) -> Path:
-    """``source`` (a one-shard DeepSeek-V3) with one MTP layer after its last, as DeepSeek-V3 ships it."""
-    config = json.loads((source / "config.json").read_text())
-    tensors = load_tensors(source)
-    last, mtp = config["num_hidden_layers"] - 1, config["num_hidden_layers"]
-    for name, tensor in list(tensors.items()):
-        if name.startswith(f"model.layers.{last}."):
-            tensors[name.replace(f".{last}.", f".{mtp}.", 1)] = tensor.clone()
-    hidden = config["hidden_size"]
-    tensors[f"model.layers.{mtp}.eh_proj.weight"] = torch.randn(hidden, 2 * hidden)
-    for norm in ("enorm", "hnorm", "shared_head.norm"):
-        tensors[f"model.layers.{mtp}.{norm}.weight"] = torch.ones(hidden)
-    folder.mkdir()
-    for side in source.iterdir():  # tokenizer and generation config
-        if side.suffix != ".safetensors" and "index" not in side.name:
-            shutil.copyfile(side, folder / side.name)
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
-    return folder
-
-
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+@pytest.mark.parametrize(
+    ("family", "attention"), [("deepseek_v3", "fused_qkv_a_proj"), ("glm4_moe", "qkv_proj")]
+)
 def test_an_mtp_layer_carried_in_full_precision_is_not_taken_for_quantized(
-    fmt: str, tiny_models: dict[str, Path], tmp_path: Path
+    fmt: str, family: str, attention: str, tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
-    source = with_mtp_layer(tiny_models["deepseek_v3"], tmp_path / "source")
+    source = with_mtp_layer(tiny_models[family], tmp_path / "source")
     out = tmp_path / "out"
     quant = quantized_config(source, out, fmt)
     mtp = json.loads((source / "config.json").read_text())["num_hidden_layers"]
@@ -186,11 +166,11 @@ def test_an_mtp_layer_carried_in_full_precision_is_not_taken_for_quantized(
     assert carried and {bits[m] for m in carried} == {None}
     for module in [
         *carried,
-        f"model.layers.{mtp}.self_attn.fused_qkv_a_proj",
+        f"model.layers.{mtp}.self_attn.{attention}",
         f"model.layers.{mtp}.mlp.experts",
     ]:
         assert loader_bits(quant, module) is None, module
-    assert loader_bits(quant, "model.layers.1.self_attn.q_a_proj") == 4  # the layers before it stay quantized
+    assert loader_bits(quant, "model.layers.1.self_attn.o_proj") == 4  # the layers before it stay quantized
 
 
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
