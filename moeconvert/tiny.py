@@ -3,7 +3,7 @@
 They let anyone try every command in seconds without a download, and are the fixtures of the test
 suite. Configs are small but keep each family's quirks: Qwen2-MoE's gated shared expert and a dense
 ``mlp_only_layers`` layer, DeepSeek's dense first layers, shared experts and V3 group routing,
-GLM-4.5's biased q/k/v with normed q and k.
+GLM-4.5's biased q/k/v with normed q and k, GLM-4.7-Flash's MLA with layer kinds listed.
 """
 
 from __future__ import annotations
@@ -89,6 +89,21 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         routed_scaling_factor=2.5,
         n_group=2,
         topk_group=1,
+    ),
+    "glm4_moe_lite": dict(
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        num_key_value_heads=4,
+        kv_lora_rank=32,
+        q_lora_rank=64,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        routed_scaling_factor=1.8,
+        mlp_layer_types=["dense", "sparse", "sparse"],
     ),
 }
 

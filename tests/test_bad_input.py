@@ -313,6 +313,19 @@ def test_group_limited_routing_that_cannot_route_is_refused(
     assert_clean_failure(invoke_cli("inspect", str(folder)), None, "group-limited routing needs equal groups")
 
 
+@pytest.mark.parametrize("kinds", [["dense", "sparse"], ["dense", "sparse", "moe"]])
+def test_layer_kinds_that_do_not_name_every_layer_are_refused(
+    kinds: list[str], tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """GLM-4.7-Flash lists each layer's MLP kind: a list one short, or with a kind transformers does not
+    know, is refused in one line before anything reads the layer it cannot place."""
+    folder = _copy(tiny_models, tmp_path, "glm4_moe_lite")
+    _edit_config(folder, mlp_layer_types=kinds)
+    assert_clean_failure(
+        invoke_cli("inspect", str(folder)), None, "(needs one of 'dense' or 'sparse' for each"
+    )
+
+
 # --json: the report goes to stdout and no progress bar to stderr, which is left to the error line
 QUANTIZE = ("--method", "rtn", "--bits", "8", "--group-size", "32", "--no-verify", "--json")
 

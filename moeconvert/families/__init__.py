@@ -9,7 +9,8 @@ from transformers import CONFIG_MAPPING
 
 from ..errors import UnsupportedModelError
 from .base import FUSED_DOWN, FUSED_GATE_UP, Family
-from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE
+from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3
+from .glm import GLM4_MOE, GLM4_MOE_LITE
 from .mixtral import MIXTRAL
 from .olmoe import OLMOE
 from .phimoe import PHIMOE
@@ -17,7 +18,17 @@ from .qwen_moe import QWEN2_MOE, QWEN3_MOE
 
 FAMILIES: dict[str, Family] = {
     t: family
-    for family in (MIXTRAL, QWEN2_MOE, QWEN3_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE, OLMOE, PHIMOE)
+    for family in (
+        MIXTRAL,
+        QWEN2_MOE,
+        QWEN3_MOE,
+        DEEPSEEK_V2,
+        DEEPSEEK_V3,
+        GLM4_MOE,
+        GLM4_MOE_LITE,
+        OLMOE,
+        PHIMOE,
+    )
     for t in family.model_types
 }
 

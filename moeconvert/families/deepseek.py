@@ -1,9 +1,7 @@
 """DeepSeek-V2 and V3: dense MLPs before ``first_k_dense_replace``, then routed + shared experts.
 
 V3 adds the router's ``e_score_correction_bias`` (stored as ``mlp.gate.e_score_correction_bias``) and
-group-limited routing; both are router state, kept as they are. GLM-4.5 and its successors (``glm4_moe``)
-keep V3's MoE block, names and config keys, and its MTP layer after the last decoder layer, with
-standard (biased) q/k/v attention in place of MLA.
+group-limited routing; both are router state, kept as they are.
 """
 
 from __future__ import annotations
@@ -37,7 +35,7 @@ class DeepseekFamily(Family):
         return None
 
 
-_DEEPSEEK_COMMON = dict(
+DEEPSEEK_COMMON = dict(  # names and keys, shared with GLM (glm.py)
     moe_block="mlp",
     projections=("gate_proj", "up_proj", "down_proj"),
     num_experts_key="n_routed_experts",
@@ -46,6 +44,5 @@ _DEEPSEEK_COMMON = dict(
     shared_experts="mlp.shared_experts",
 )
 
-DEEPSEEK_V2 = DeepseekFamily(model_types=("deepseek_v2",), **_DEEPSEEK_COMMON)
-DEEPSEEK_V3 = DeepseekFamily(model_types=("deepseek_v3",), **_DEEPSEEK_COMMON)
-GLM4_MOE = DeepseekFamily(model_types=("glm4_moe",), **_DEEPSEEK_COMMON)
+DEEPSEEK_V2 = DeepseekFamily(model_types=("deepseek_v2",), **DEEPSEEK_COMMON)
+DEEPSEEK_V3 = DeepseekFamily(model_types=("deepseek_v3",), **DEEPSEEK_COMMON)
