@@ -3,7 +3,8 @@
 They let anyone try every command in seconds without a download, and are the fixtures of the test
 suite. Configs are small but keep each family's quirks: Qwen2-MoE's gated shared expert and a dense
 ``mlp_only_layers`` layer, DeepSeek's dense first layers, shared experts and V3 group routing,
-GLM-4.5's biased q/k/v with normed q and k, GLM-4.7-Flash's MLA with layer kinds listed.
+GLM-4.5's biased q/k/v with normed q and k, GLM-4.7-Flash's MLA with layer kinds listed,
+MiniMax-M2's routing bias.
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ _BASE: dict[str, Any] = dict(
 
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "mixtral": dict(intermediate_size=96, num_local_experts=8, num_experts_per_tok=2),
+    "minimax_m2": dict(
+        intermediate_size=96,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        head_dim=16,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
     "phimoe": dict(intermediate_size=96, num_local_experts=8, num_experts_per_tok=2),
     "qwen2_moe": dict(
         intermediate_size=128,

@@ -1,4 +1,5 @@
-"""FP8 block-quantized sources (DeepSeek-V3 convention) are dequantized per layer by fuse and quantize."""
+"""FP8 block-quantized sources (DeepSeek-V3's convention, MiniMax-M2's too) are dequantized per layer by fuse
+and quantize."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def _is_fp8_linear(name: str, tensor: torch.Tensor) -> bool:
         name.startswith("model.layers.")
         and name.endswith(".weight")
         and tensor.dim() == 2
-        and not name.endswith(("mlp.gate.weight", "layernorm.weight"))
+        and not name.endswith((".gate.weight", "layernorm.weight"))  # routers stay in full precision
     )
 
 
@@ -85,12 +86,15 @@ def dequantized_reference(fp8: Path, out: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def fp8_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+@pytest.fixture(scope="module", params=["deepseek_v3", "minimax_m2"])
+def fp8_pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("fp8")
-    bf16 = build_tiny_model("deepseek_v3", root / "bf16", dtype=torch.bfloat16, train_steps=100)
+    bf16 = build_tiny_model(request.param, root / "bf16", dtype=torch.bfloat16, train_steps=100)
     fp8 = to_fp8(bf16, root / "fp8")
-    assert load_tensors(fp8)["model.layers.1.self_attn.kv_a_proj_with_mqa.weight_scale_inv"].shape == (2, 2)
+    scales = {name for name in load_tensors(fp8) if name.endswith("_scale_inv")}
+    assert any(".experts.0." in name for name in scales) and not any(
+        ".gate.weight" in name for name in scales
+    )
     return fp8, dequantized_reference(fp8, root / "reference")
 
 
@@ -133,7 +137,7 @@ def test_bad_scale_grid_is_refused(fp8_pair: tuple[Path, Path], tmp_path: Path) 
     fp8, _ = fp8_pair
     broken = Path(shutil.copytree(fp8, tmp_path / "broken"))
     tensors = load_tensors(broken)
-    tensors["model.layers.1.self_attn.kv_a_proj_with_mqa.weight_scale_inv"] = torch.ones(1, 2)
+    tensors["model.layers.1.self_attn.o_proj.weight_scale_inv"] = torch.ones(1, 2)
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     result = run_cli("fuse", str(broken), "-o", str(tmp_path / "out"))
     assert result.returncode == 2 and "scale grid" in result.stderr and "Traceback" not in result.stderr

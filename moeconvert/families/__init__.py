@@ -11,6 +11,7 @@ from ..errors import UnsupportedModelError
 from .base import FUSED_DOWN, FUSED_GATE_UP, Family
 from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3
 from .glm import GLM4_MOE, GLM4_MOE_LITE
+from .minimax import MINIMAX_M2
 from .mixtral import MIXTRAL
 from .olmoe import OLMOE
 from .phimoe import PHIMOE
@@ -26,6 +27,7 @@ FAMILIES: dict[str, Family] = {
         DEEPSEEK_V3,
         GLM4_MOE,
         GLM4_MOE_LITE,
+        MINIMAX_M2,
         OLMOE,
         PHIMOE,
     )
