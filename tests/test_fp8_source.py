@@ -132,12 +132,12 @@ def test_quantize_fp8_equals_quantizing_its_dequantized_original(
 
 
 def test_bad_scale_grid_is_refused(fp8_pair: tuple[Path, Path], tmp_path: Path) -> None:
-    from conftest import run_cli
+    from conftest import invoke_cli
 
     fp8, _ = fp8_pair
     broken = Path(shutil.copytree(fp8, tmp_path / "broken"))
     tensors = load_tensors(broken)
     tensors["model.layers.1.self_attn.o_proj.weight_scale_inv"] = torch.ones(1, 2)
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
-    result = run_cli("fuse", str(broken), "-o", str(tmp_path / "out"))
+    result = invoke_cli("fuse", str(broken), "-o", str(tmp_path / "out"))
     assert result.returncode == 2 and "scale grid" in result.stderr and "Traceback" not in result.stderr
