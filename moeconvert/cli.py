@@ -170,7 +170,8 @@ def _summary_table(s: ModelSummary) -> str:
 
 def _mtp(s: ModelSummary) -> str:
     count = len(s.mtp_layers)
-    return f", and {count} MTP layer{'s' * (count > 1)} (carried, not active)" if count else ""
+    what = f"{count} MTP layer{'s' * (count > 1)}" if count else "MTP modules"
+    return f", and {what} of {_params(s.mtp_params)} (carried, not active)" if s.mtp_params else ""
 
 
 def _relayout_command(name: str, doc: str) -> None:

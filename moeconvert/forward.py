@@ -194,7 +194,8 @@ class LayerwiseModel:
     @staticmethod
     def has_mlp_half(module: nn.Module) -> bool:
         """Whether the layer can be finished from its residual stream (see the module docstring)."""
-        return all(hasattr(module, name) for name in ("self_attn", "post_attention_layernorm", "mlp"))
+        mixes = hasattr(module, "self_attn") or hasattr(module, "linear_attn")  # Qwen3-Next: either
+        return mixes and all(hasattr(module, name) for name in ("post_attention_layernorm", "mlp"))
 
     @staticmethod
     def run_mlp_half(module: nn.Module, residual: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,8 @@ Total parameters set the memory floor (every expert must be resident); active pa
 compute and the bytes read per token (only the top-k routed experts run). Both are counted over the
 real tensor headers, not estimated from the config, so the numbers hold for any variant of a family;
 only an already quantized checkpoint, whose headers hold packed words and scales, is counted from
-transformers' model for its config. MTP layers after the decoder layers (DeepSeek-V3, GLM-4.5) count
-in the total and the memory floor, at full precision since conversions carry them as they are, but not
+transformers' model for its config. MTP modules (DeepSeek-V3's and GLM's layers after the decoder
+layers, Qwen3-Next's top-level ``mtp.*``) count in the total and the memory floor, at full precision since conversions carry them as they are, but not
 as active: they predict extra tokens for speculative decoding and are off the path of every token.
 """
 
@@ -45,6 +45,7 @@ class ModelSummary:
     moe_layers: list[int]
     dense_layers: list[int]
     mtp_layers: list[int]  # multi-token prediction layers after the decoder layers, carried as they are
+    mtp_params: int  # parameters of those layers, or of top-level MTP modules (Qwen3-Next's ``mtp.*``)
     num_experts: int
     top_k: int
     shared_experts: int
@@ -122,8 +123,9 @@ def summarize(meta: ModelMetadata) -> ModelSummary:
         local = name.split(".", 3)[3] if index is not None else name
         expert = index is not None and _is_routed_expert(family, local)
         fused = fused or local in (FUSED_GATE_UP, FUSED_DOWN)
-        if index is not None and index >= config.num_hidden_layers:
-            mtp_layers.add(index)
+        beside = index is None and not name.startswith(("model.", "lm_head."))  # Qwen3-Next's mtp.*
+        if beside or (index is not None and index >= config.num_hidden_layers):
+            mtp_layers.update([] if index is None else [index])
             mtp += tensor.numel
             active_fraction[name] = 0.0
             continue
@@ -156,6 +158,7 @@ def summarize(meta: ModelMetadata) -> ModelSummary:
         moe_layers=[i for i, s in layers.items() if s.moe],
         dense_layers=[i for i, s in layers.items() if not s.moe],
         mtp_layers=sorted(mtp_layers),
+        mtp_params=mtp,
         num_experts=num_experts,
         top_k=top_k,
         shared_experts=family.num_shared_experts(config),

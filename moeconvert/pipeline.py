@@ -45,7 +45,7 @@ from .estimate import (
 from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
 from .formats import QuantFormat, get_format
 from .formats.base import QuantizedModule
-from .formats.module_rules import vllm_split_modules
+from .formats.module_rules import carried_rules, vllm_split_modules
 from .forward import LayerwiseModel
 from .fp8 import full_precision_config, header_reader, open_reader, source_dtype
 from .manifest import write_manifest
@@ -647,7 +647,7 @@ class Quantizer:
         self.raw_config = full_precision_config(stored, "quantize")  # FP8 sources are read dequantized
         self.family = family_for(self.raw_config)
         self.config = load_config(self.raw_config)
-        self.policy = policy
+        self.policy = replace(policy, keep=self.family.keep)
         self.options = options
         self.fmt = get_format(options.format)
         self.device = resolve_device(options.device)
@@ -1283,9 +1283,8 @@ def _write_configs(runner: Quantizer, staging: Path, schemes: dict[str, Scheme],
     for path in side_files(runner.folder):
         shutil.copyfile(path, staging / path.name)
     ignored = sorted(set(kept) | {"lm_head"} | _router_names(runner))
-    layers = runner.config.num_hidden_layers
-    carried = sorted({layer for layer, _ in runner.groups if layer is not None and layer >= layers})
-    quant_config = runner.fmt.config(schemes, ignored, carried)
+    names = [name for _, group in runner.groups for name in group]
+    quant_config = runner.fmt.config(schemes, ignored, carried_rules(names, runner.config.num_hidden_layers))
     config = dict(sorted({**runner.raw_config, "quantization_config": quant_config}.items()))
     # not sort_keys: loaders apply GPTQ's "dynamic" rules in their order, the first match deciding
     (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")

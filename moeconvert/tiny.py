@@ -46,6 +46,19 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen3_moe": dict(
         intermediate_size=128, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2, head_dim=16
     ),
+    "qwen3_next": dict(
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=96,
+        num_experts=8,
+        num_experts_per_tok=2,
+        head_dim=16,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+    ),
     "olmoe": dict(
         intermediate_size=64,
         num_experts=8,

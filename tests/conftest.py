@@ -233,3 +233,24 @@ def with_mtp_layer(source: Path, folder: Path) -> Path:
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
     return folder
+
+
+def with_mtp_block(source: Path, folder: Path) -> Path:
+    """``source`` (a Qwen3-Next) with the top-level ``mtp.*`` block Qwen3-Next ships: a decoder layer
+    (its last one's weights), a projection of the embedding and hidden state, and norms."""
+    config = json.loads((source / "config.json").read_text())
+    tensors = load_tensors(source)
+    last = f"model.layers.{config['num_hidden_layers'] - 1}."
+    for name, tensor in list(tensors.items()):
+        if name.startswith(last):
+            tensors["mtp.layers.0." + name[len(last) :]] = tensor.clone()
+    hidden = config["hidden_size"]
+    tensors["mtp.fc.weight"] = torch.randn(hidden, 2 * hidden)
+    for norm in ("norm", "pre_fc_norm_embedding", "pre_fc_norm_hidden"):
+        tensors[f"mtp.{norm}.weight"] = torch.ones(hidden)
+    folder.mkdir()
+    for side in source.iterdir():
+        if side.suffix != ".safetensors" and "index" not in side.name:
+            shutil.copyfile(side, folder / side.name)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import dequantized_state, eval_tokens, load_model, load_tensors, with_mtp_layer
+from conftest import dequantized_state, eval_tokens, load_model, load_tensors, with_mtp_block, with_mtp_layer
 
 from moeconvert.pipeline import QuantizeOptions, quantize
 from moeconvert.quant.scheme import Scheme
@@ -152,23 +152,26 @@ def test_transformers_computes_with_the_bits_we_stored(
 
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
 @pytest.mark.parametrize(
-    ("family", "attention"), [("deepseek_v3", "fused_qkv_a_proj"), ("glm4_moe", "qkv_proj")]
+    ("family", "attention"),
+    [("deepseek_v3", "self_attn.fused_qkv_a_proj"), ("glm4_moe", "self_attn.qkv_proj"), ("qwen3_next", "fc")],
 )
 def test_an_mtp_layer_carried_in_full_precision_is_not_taken_for_quantized(
     fmt: str, family: str, attention: str, tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
-    source = with_mtp_layer(tiny_models[family], tmp_path / "source")
+    """DeepSeek-V3's and GLM's MTP layers follow the decoder layers; Qwen3-Next's MTP block is ``mtp.*``."""
+    if family == "qwen3_next":
+        source, block, top = with_mtp_block(tiny_models[family], tmp_path / "source"), "mtp.layers.0.", "mtp."
+    else:
+        source = with_mtp_layer(tiny_models[family], tmp_path / "source")
+        block = top = f"model.layers.{json.loads((source / 'config.json').read_text())['num_hidden_layers']}."
     out = tmp_path / "out"
     quant = quantized_config(source, out, fmt)
-    mtp = json.loads((source / "config.json").read_text())["num_hidden_layers"]
-    bits = stored_bits(load_tensors(out))
-    carried = [m for m in bits if m.startswith(f"model.layers.{mtp}.")]
+    stored = load_tensors(out)
+    assert all(torch.equal(stored[n], t) for n, t in load_tensors(source).items() if n.startswith(top))
+    bits = stored_bits(stored)
+    carried = [m for m in bits if m.startswith(top)]
     assert carried and {bits[m] for m in carried} == {None}
-    for module in [
-        *carried,
-        f"model.layers.{mtp}.self_attn.{attention}",
-        f"model.layers.{mtp}.mlp.experts",
-    ]:
+    for module in [*carried, top + attention, block + "mlp.experts"]:
         assert loader_bits(quant, module) is None, module
     assert loader_bits(quant, "model.layers.1.self_attn.o_proj") == 4  # the layers before it stay quantized
 
@@ -238,3 +241,23 @@ def test_three_schemes_load_in_transformers(tiny_models: dict[str, Path], tmp_pa
     with torch.no_grad():
         theirs = load_model(tmp_path / "out")(tokens).logits
         torch.testing.assert_close(theirs, ours(tokens).logits, atol=1e-5, rtol=0)
+
+
+def test_qwen3_next_keeps_its_linear_attention_unless_a_rule_names_it(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The family's default: linear-attention projections stay in full precision, listed as such for the
+    loaders; a rule that names them quantizes them like any other module."""
+    source = tiny_models["qwen3_next"]
+    quant = quantized_config(source, tmp_path / "default", "compressed-tensors")
+    bits = stored_bits(load_tensors(tmp_path / "default"))
+    linear = [m for m in bits if ".linear_attn." in m]
+    assert linear and {bits[m] for m in linear} == {None}
+    assert all(loader_bits(quant, m) is None for m in linear)
+    assert bits["model.layers.1.self_attn.q_proj"] == bits["model.layers.0.mlp.shared_expert.up_proj"] == 4
+
+    quantized_config(source, tmp_path / "named", "compressed-tensors", (Rule(r"linear_attn\.in_proj", W8),))
+    bits = stored_bits(load_tensors(tmp_path / "named"))
+    assert {bits[m] for m in linear if ".in_proj_" in m} == {8} and {
+        bits[m] for m in linear if "out_proj" in m
+    } == {None}

@@ -21,7 +21,7 @@ FAMILY_OF = {
     "mistralai/Mixtral": "mixtral", "Qwen/Qwen1.5-MoE": "qwen2_moe", "Qwen/Qwen3": "qwen3_moe",
     "deepseek-ai/DeepSeek-V2": "deepseek_v2", "allenai/OLMoE": "olmoe", "microsoft/Phi-3.5-MoE": "phimoe",
     "zai-org/GLM-4.5": "glm4_moe", "zai-org/GLM-4.7-Flash": "glm4_moe_lite",
-    "MiniMaxAI/MiniMax-M2": "minimax_m2",
+    "MiniMaxAI/MiniMax-M2": "minimax_m2", "Qwen/Qwen3-Next": "qwen3_next",
 }  # fmt: skip
 # Widths of 128 so the recipes' group size of 128 divides every input.
 WIDE = {"hidden_size": 128, "intermediate_size": 128}
@@ -32,6 +32,7 @@ WIDER = {
     "glm4_moe": {"moe_intermediate_size": 128},
     "glm4_moe_lite": {"moe_intermediate_size": 128, "v_head_dim": 32, "q_lora_rank": 128},
     "minimax_m2": {"head_dim": 32},
+    "qwen3_next": {"moe_intermediate_size": 128, "shared_expert_intermediate_size": 128, "head_dim": 32},
 }
 
 

@@ -15,7 +15,7 @@ from .minimax import MINIMAX_M2
 from .mixtral import MIXTRAL
 from .olmoe import OLMOE
 from .phimoe import PHIMOE
-from .qwen_moe import QWEN2_MOE, QWEN3_MOE
+from .qwen_moe import QWEN2_MOE, QWEN3_MOE, QWEN3_NEXT
 
 FAMILIES: dict[str, Family] = {
     t: family
@@ -23,6 +23,7 @@ FAMILIES: dict[str, Family] = {
         MIXTRAL,
         QWEN2_MOE,
         QWEN3_MOE,
+        QWEN3_NEXT,
         DEEPSEEK_V2,
         DEEPSEEK_V3,
         GLM4_MOE,

@@ -32,6 +32,9 @@ class Family:
     renames: tuple[tuple[str, str], ...] = ()
     router: str = "mlp.gate"  # fused in-layer name of the router module
     shared_experts: str | None = None  # fused in-layer name of the shared expert(s) module, if any
+    # Patterns of modules kept in full precision unless a rule names them: those that quantization
+    # damages far beyond their size, as the field's recipes for the family keep them.
+    keep: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:

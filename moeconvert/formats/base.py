@@ -37,12 +37,13 @@ class QuantFormat:
         raise NotImplementedError
 
     def config(
-        self, schemes: dict[str, Scheme], ignored: list[str], carried_layers: Sequence[int] = ()
+        self, schemes: dict[str, Scheme], ignored: list[str], carried: Sequence[str] = ()
     ) -> dict[str, Any]:
         """``quantization_config`` for config.json. ``schemes``: module name -> scheme of every quantized
-        module; ``ignored``: Linear modules kept in full precision; ``carried_layers``: decoder layers
-        past ``num_hidden_layers`` (DeepSeek-V3's MTP layers), carried whole in full precision, which
-        engines that run them must not take for quantized."""
+        module; ``ignored``: Linear modules kept in full precision; ``carried``: regexes of the MTP
+        modules carried whole in full precision (DeepSeek-V3's and GLM's decoder layers past
+        ``num_hidden_layers``, Qwen3-Next's ``mtp.*``), which engines that run them must not take for
+        quantized."""
         raise NotImplementedError
 
     def extra_files(self, quantization_config: dict[str, Any]) -> dict[str, str]:

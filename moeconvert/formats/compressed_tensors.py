@@ -16,7 +16,7 @@ import torch
 from ..quant.packing import pack_compressed
 from ..quant.scheme import Scheme
 from .base import QuantFormat, QuantizedModule
-from .module_rules import layer_prefix_rule, rules_by_value, vllm_expert_names
+from .module_rules import rules_by_value, vllm_expert_names
 
 
 def _weights_args(scheme: Scheme) -> dict[str, Any]:
@@ -57,7 +57,7 @@ class CompressedTensorsFormat(QuantFormat):
         return {f"{module.name}.{key}": value for key, value in packed.items()}
 
     def config(
-        self, schemes: dict[str, Scheme], ignored: list[str], carried_layers: Sequence[int] = ()
+        self, schemes: dict[str, Scheme], ignored: list[str], carried: Sequence[str] = ()
     ) -> dict[str, Any]:
         # one group per stored form: schemes that differ only in how they were solved share one
         stored = {name: (scheme.bits, scheme.group_size, scheme.sym) for name, scheme in schemes.items()}
@@ -79,8 +79,7 @@ class CompressedTensorsFormat(QuantFormat):
             for number, key in enumerate(distinct)
         }
         ignore = sorted(set(ignored) | vllm_expert_names(ignored))
-        if carried_layers:
-            ignore.append("re:" + layer_prefix_rule(carried_layers))
+        ignore.extend("re:" + rule for rule in carried)
         return {
             "quant_method": "compressed-tensors",
             "format": "pack-quantized",

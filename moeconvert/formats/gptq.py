@@ -20,7 +20,7 @@ import torch
 from ..quant.packing import pack_gptq
 from ..quant.scheme import Scheme
 from .base import QuantFormat, QuantizedModule
-from .module_rules import layer_prefix_rule, rules_by_value
+from .module_rules import rules_by_value
 
 
 class GptqFormat(QuantFormat):
@@ -42,7 +42,7 @@ class GptqFormat(QuantFormat):
         return {f"{module.name}.{key}": value for key, value in pack_gptq(module.weight).items()}
 
     def config(
-        self, schemes: dict[str, Scheme], ignored: list[str], carried_layers: Sequence[int] = ()
+        self, schemes: dict[str, Scheme], ignored: list[str], carried: Sequence[str] = ()
     ) -> dict[str, Any]:
         stored = {name: (scheme.bits, scheme.group_size) for name, scheme in schemes.items()}
         counts = Counter(stored.values())
@@ -50,8 +50,8 @@ class GptqFormat(QuantFormat):
         main = next(schemes[name] for name in sorted(schemes) if stored[name] == main_key)
         rules = rules_by_value({**dict.fromkeys(ignored), **stored}, experts_as_layer=True)
         dynamic: dict[str, dict[str, Any]] = {}
-        if carried_layers:
-            dynamic["-:" + layer_prefix_rule(carried_layers)] = {}
+        for rule in carried:
+            dynamic["-:" + rule] = {}
         for rule in rules.get(None, []):
             dynamic[f"-:{rule}"] = {}
         for bits, group_size in sorted(counts):

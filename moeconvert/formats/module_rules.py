@@ -100,6 +100,21 @@ def layer_prefix_rule(layers: list[int]) -> str:
     return r"^model\.layers\.(?:" + "|".join(str(i) for i in sorted(layers)) + r")\."
 
 
+def carried_rules(names: Iterable[str], num_layers: int) -> list[str]:
+    """Regexes of the MTP modules among a checkpoint's tensor ``names``, carried whole in full precision:
+    decoder layers past ``num_layers`` (DeepSeek-V3, GLM) and top-level blocks beside ``model`` and
+    ``lm_head`` (Qwen3-Next's ``mtp.*``)."""
+    layers, blocks = set(), set()
+    for name in names:
+        match = re.match(r"^model\.layers\.(\d+)\.", name)
+        if match and int(match.group(1)) >= num_layers:
+            layers.add(int(match.group(1)))
+        elif not name.startswith(("model.", "lm_head.")):
+            blocks.add(name.split(".", 1)[0])
+    rules = [layer_prefix_rule(sorted(layers))] if layers else []
+    return rules + [rf"^{re.escape(block)}\." for block in sorted(blocks)]
+
+
 def _key(parts: list[str], keep: int) -> tuple[str | None, ...]:
     """The name's parts with every number after the first ``keep`` made a wildcard."""
     key: list[str | None] = []

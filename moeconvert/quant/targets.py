@@ -40,13 +40,14 @@ class Rule:
 class TargetPolicy:
     base: Scheme = field(default_factory=Scheme)
     rules: tuple[Rule, ...] = ()
+    keep: tuple[str, ...] = ()  # the family's own defaults kept in full precision (``Family.keep``)
 
     def scheme_for(self, *names: str) -> Scheme | None:
         """The scheme for a module known by ``names`` (aliases of one module), or None to keep it."""
         for rule in self.rules:
             if rule.matches(names):
                 return rule.scheme
-        if any(re.search(p, n) for p in ALWAYS_KEEP for n in names):
+        if any(re.search(p, n) for p in (*ALWAYS_KEEP, *self.keep) for n in names):
             return None
         return self.base
 
