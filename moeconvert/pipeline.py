@@ -1063,6 +1063,9 @@ def quantize(
         print(note, file=sys.stderr)
     try:
         plan, kept = runner.plan()
+        loader_note = runner.fmt.loader_note(kept) if any(plan.values()) else None
+        if loader_note and runner.ranks.writes:
+            print(loader_note, file=sys.stderr)
         output = Path(output) if output is not None else default_output(model, scheme)
         report = QuantizeReport(
             model=model,

@@ -36,6 +36,11 @@ class QuantFormat:
     def tensors(self, module: QuantizedModule) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def loader_note(self, kept: Sequence[str]) -> str | None:
+        """A note for the user when a known loader cannot take this output with ``kept`` (Linear modules
+        kept in full precision beside quantized ones), or None."""
+        return None
+
     def config(
         self, schemes: dict[str, Scheme], ignored: list[str], carried: Sequence[str] = ()
     ) -> dict[str, Any]:

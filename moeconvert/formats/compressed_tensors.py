@@ -52,6 +52,17 @@ class CompressedTensorsFormat(QuantFormat):
                 "choose a --group-size that divides it, or -1 for per channel"
             )
 
+    def loader_note(self, kept: Sequence[str]) -> str | None:
+        """transformers (5.x) dequantizes a compressed-tensors MoE's experts while it stacks them, and
+        takes every expert to be packed: experts kept in full precision leave it nothing to stack, and
+        it fails to load the checkpoint. vLLM loads them."""
+        if not any(".experts." in name for name in kept):
+            return None
+        return (
+            "note: experts kept in full precision: vLLM loads this compressed-tensors output, "
+            "transformers cannot (it takes every expert of a quantized MoE to be packed)"
+        )
+
     def tensors(self, module: QuantizedModule) -> dict[str, torch.Tensor]:
         packed = pack_compressed(module.weight, module.source_dtype)
         return {f"{module.name}.{key}": value for key, value in packed.items()}
