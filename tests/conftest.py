@@ -215,41 +215,38 @@ def quantized(
 
 
 def with_mtp_layer(source: Path, folder: Path) -> Path:
-    """``source`` (a one-shard DeepSeek-V3 or GLM-4.5) with one MTP layer after its last, as they ship it."""
+    """``source`` (a DeepSeek-V3 or GLM) with one MTP layer after its last, as they ship it."""
     config = json.loads((source / "config.json").read_text())
-    tensors = load_tensors(source)
-    last, mtp = config["num_hidden_layers"] - 1, config["num_hidden_layers"]
-    for name, tensor in list(tensors.items()):
-        if name.startswith(f"model.layers.{last}."):
-            tensors[name.replace(f".{last}.", f".{mtp}.", 1)] = tensor.clone()
-    hidden = config["hidden_size"]
-    tensors[f"model.layers.{mtp}.eh_proj.weight"] = torch.randn(hidden, 2 * hidden)
-    for norm in ("enorm", "hnorm", "shared_head.norm"):
-        tensors[f"model.layers.{mtp}.{norm}.weight"] = torch.ones(hidden)
-    folder.mkdir()
-    for side in source.iterdir():  # tokenizer and generation config
-        if side.suffix != ".safetensors" and "index" not in side.name:
-            shutil.copyfile(side, folder / side.name)
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    mtp = config["num_hidden_layers"]
+    _with_mtp(source, folder, f"model.layers.{mtp}.", "eh_proj", ("enorm", "hnorm", "shared_head.norm"))
     (folder / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
     return folder
 
 
 def with_mtp_block(source: Path, folder: Path) -> Path:
-    """``source`` (a Qwen3-Next) with the top-level ``mtp.*`` block Qwen3-Next ships: a decoder layer
-    (its last one's weights), a projection of the embedding and hidden state, and norms."""
+    """``source`` (a Qwen3-Next) with the MTP block Qwen3-Next ships beside the model, ``mtp.*``."""
+    norms = ("norm", "pre_fc_norm_embedding", "pre_fc_norm_hidden")
+    return _with_mtp(source, folder, "mtp.", "fc", norms, layer="mtp.layers.0.")
+
+
+def _with_mtp(
+    source: Path, folder: Path, prefix: str, projection: str, norms: tuple[str, ...], layer: str | None = None
+) -> Path:
+    """``source`` in one shard at ``folder``, plus an MTP module under ``prefix``: a decoder layer (at
+    ``layer``, or ``prefix`` itself) with the last one's weights, a projection of the embedding and
+    hidden state together, and norms."""
     config = json.loads((source / "config.json").read_text())
     tensors = load_tensors(source)
     last = f"model.layers.{config['num_hidden_layers'] - 1}."
     for name, tensor in list(tensors.items()):
         if name.startswith(last):
-            tensors["mtp.layers.0." + name[len(last) :]] = tensor.clone()
+            tensors[(layer or prefix) + name[len(last) :]] = tensor.clone()
     hidden = config["hidden_size"]
-    tensors["mtp.fc.weight"] = torch.randn(hidden, 2 * hidden)
-    for norm in ("norm", "pre_fc_norm_embedding", "pre_fc_norm_hidden"):
-        tensors[f"mtp.{norm}.weight"] = torch.ones(hidden)
+    tensors[f"{prefix}{projection}.weight"] = torch.randn(hidden, 2 * hidden)
+    for norm in norms:
+        tensors[f"{prefix}{norm}.weight"] = torch.ones(hidden)
     folder.mkdir()
-    for side in source.iterdir():
+    for side in source.iterdir():  # config, tokenizer and generation config
         if side.suffix != ".safetensors" and "index" not in side.name:
             shutil.copyfile(side, folder / side.name)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})

@@ -37,7 +37,8 @@ WIDER = {
 
 
 def family_of(model: str) -> str:
-    return next(f for prefix, f in FAMILY_OF.items() if model.startswith(prefix))
+    """The family of the longest prefix of ``model`` (Qwen/Qwen3-Next before Qwen/Qwen3)."""
+    return max(((p, f) for p, f in FAMILY_OF.items() if model.startswith(p)), key=lambda pf: len(pf[0]))[1]
 
 
 @pytest.fixture(scope="module")
