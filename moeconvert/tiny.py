@@ -24,6 +24,18 @@ _BASE: dict[str, Any] = dict(
     tie_word_embeddings=False,
 )
 
+# DeepSeek's MoE block (GLM's too) and its multi-head latent attention (MLA), at tiny widths
+_DEEPSEEK_MOE: dict[str, Any] = dict(
+    intermediate_size=128,
+    moe_intermediate_size=64,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+)
+_MLA: dict[str, Any] = dict(
+    num_key_value_heads=4, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16
+)
+
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "mixtral": dict(intermediate_size=96, num_local_experts=8, num_experts_per_tok=2),
     "minimax_m2": dict(
@@ -68,43 +80,13 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         pad_token_id=0,
     ),
     "deepseek_v2": dict(
-        num_key_value_heads=4,
-        intermediate_size=128,
-        moe_intermediate_size=64,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_shared_experts=1,
-        first_k_dense_replace=1,
-        kv_lora_rank=32,
-        q_lora_rank=None,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=16,
-        v_head_dim=16,
-        n_group=1,
-        topk_group=1,
+        **_DEEPSEEK_MOE, **_MLA, first_k_dense_replace=1, q_lora_rank=None, n_group=1, topk_group=1
     ),
     "deepseek_v3": dict(
-        num_key_value_heads=4,
-        intermediate_size=128,
-        moe_intermediate_size=64,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_shared_experts=1,
-        first_k_dense_replace=1,
-        kv_lora_rank=32,
-        q_lora_rank=64,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=16,
-        v_head_dim=16,
-        n_group=4,
-        topk_group=2,
+        **_DEEPSEEK_MOE, **_MLA, first_k_dense_replace=1, q_lora_rank=64, n_group=4, topk_group=2
     ),
     "glm4_moe": dict(
-        intermediate_size=128,
-        moe_intermediate_size=64,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_shared_experts=1,
+        **_DEEPSEEK_MOE,
         first_k_dense_replace=1,
         attention_bias=True,
         use_qk_norm=True,
@@ -113,17 +95,9 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         topk_group=1,
     ),
     "glm4_moe_lite": dict(
-        intermediate_size=128,
-        moe_intermediate_size=64,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_shared_experts=1,
-        num_key_value_heads=4,
-        kv_lora_rank=32,
+        **_DEEPSEEK_MOE,
+        **_MLA,
         q_lora_rank=64,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=16,
-        v_head_dim=16,
         routed_scaling_factor=1.8,
         mlp_layer_types=["dense", "sparse", "sparse"],
     ),
