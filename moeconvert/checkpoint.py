@@ -50,6 +50,14 @@ def layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def is_mtp(name: str, num_layers: int) -> bool:
+    """Whether a tensor belongs to a multi-token prediction module, which every command carries as it
+    is: a decoder layer past ``num_layers`` (DeepSeek-V3, GLM) or a block beside ``model`` and
+    ``lm_head`` (Qwen3-Next's ``mtp.*``)."""
+    index = layer_index(name)
+    return index >= num_layers if index is not None else not name.startswith(("model.", "lm_head."))
+
+
 def parse_size(text: str | int) -> int:
     """'5GB' -> 5_000_000_000, '500MiB' -> 524_288_000, as the Hub tools count shard sizes."""
     if isinstance(text, int):

@@ -5,8 +5,9 @@ compute and the bytes read per token (only the top-k routed experts run). Both a
 real tensor headers, not estimated from the config, so the numbers hold for any variant of a family;
 only an already quantized checkpoint, whose headers hold packed words and scales, is counted from
 transformers' model for its config. MTP modules (DeepSeek-V3's and GLM's layers after the decoder
-layers, Qwen3-Next's top-level ``mtp.*``) count in the total and the memory floor, at full precision since conversions carry them as they are, but not
-as active: they predict extra tokens for speculative decoding and are off the path of every token.
+layers, Qwen3-Next's top-level ``mtp.*``) count in the total and the memory floor, at full precision
+since conversions carry them as they are, but not as active: they predict extra tokens for
+speculative decoding and are off the path of every token.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .checkpoint import layer_index
+from .checkpoint import is_mtp, layer_index
 from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
 from .fp8 import header_reader, quantization_method, without_fp8_config
 from .relayout import check_against_config
@@ -123,8 +124,7 @@ def summarize(meta: ModelMetadata) -> ModelSummary:
         local = name.split(".", 3)[3] if index is not None else name
         expert = index is not None and _is_routed_expert(family, local)
         fused = fused or local in (FUSED_GATE_UP, FUSED_DOWN)
-        beside = index is None and not name.startswith(("model.", "lm_head."))  # Qwen3-Next's mtp.*
-        if beside or (index is not None and index >= config.num_hidden_layers):
+        if is_mtp(name, config.num_hidden_layers):
             mtp_layers.update([] if index is None else [index])
             mtp += tensor.numel
             active_fraction[name] = 0.0

@@ -19,6 +19,8 @@ import re
 from collections.abc import Hashable, Iterable, Mapping
 from typing import TypeVar
 
+from ..checkpoint import is_mtp, layer_index
+
 Value = TypeVar("Value", bound=Hashable)
 
 # checkpoint projection -> the vLLM module that holds it with others
@@ -105,11 +107,11 @@ def carried_rules(names: Iterable[str], num_layers: int) -> list[str]:
     decoder layers past ``num_layers`` (DeepSeek-V3, GLM) and top-level blocks beside ``model`` and
     ``lm_head`` (Qwen3-Next's ``mtp.*``)."""
     layers, blocks = set(), set()
-    for name in names:
-        match = re.match(r"^model\.layers\.(\d+)\.", name)
-        if match and int(match.group(1)) >= num_layers:
-            layers.add(int(match.group(1)))
-        elif not name.startswith(("model.", "lm_head.")):
+    for name in filter(lambda name: is_mtp(name, num_layers), names):
+        index = layer_index(name)
+        if index is not None:
+            layers.add(index)
+        else:
             blocks.add(name.split(".", 1)[0])
     rules = [layer_prefix_rule(sorted(layers))] if layers else []
     return rules + [rf"^{re.escape(block)}\." for block in sorted(blocks)]
