@@ -31,7 +31,10 @@ from .writeback import WritebackBehind
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+# Decoder layers sit under ``model.`` or, in a vision-language checkpoint, its ``model.language_model.``
+LAYER_RE = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.")
+TEXT_MODEL = "model.language_model."
+TOWERS = ("model.visual.",)  # encoders beside the text model: carried as they are, never run
 EXPERT_RE = re.compile(r"\.experts\.(\d+)\.")
 PREFETCH_BYTES = 1 << 30  # read ahead of a streaming pass, per file
 
@@ -48,6 +51,26 @@ def layer_index(name: str) -> int | None:
     """Decoder layer number of a tensor name, or None for embeddings, final norm and head."""
     match = LAYER_RE.match(name)
     return int(match.group(1)) if match else None
+
+
+def layer_prefix(name: str) -> str:
+    """``model.layers.3.`` (or ``model.language_model.layers.3.``) of a tensor name inside a layer."""
+    match = LAYER_RE.match(name)
+    if match is None:
+        raise ValueError(f"{name!r} is not inside a decoder layer")
+    return match.group(0)
+
+
+def text_model_name(name: str) -> str:
+    """The text model's own name of a checkpoint tensor: a vision-language checkpoint's
+    ``model.language_model.norm.weight`` is the causal LM's ``model.norm.weight``."""
+    return "model." + name[len(TEXT_MODEL) :] if name.startswith(TEXT_MODEL) else name
+
+
+def is_tower(name: str) -> bool:
+    """Whether a tensor belongs to an encoder beside the text model (a vision-language checkpoint's
+    ``model.visual.*``): no command converts or runs it."""
+    return name.startswith(TOWERS)
 
 
 def is_mtp(name: str, num_layers: int) -> bool:

@@ -141,6 +141,7 @@ def _summary_table(s: ModelSummary) -> str:
         ("family", f"{s.family} ({s.layout} layout)"),
         ("layers", f"{s.num_layers}: {len(s.moe_layers)} MoE, {len(s.dense_layers)} dense{_mtp(s)}"),
         ("experts", f"{s.num_experts} routed, top-{s.top_k}, {s.shared_experts} shared"),
+        *([("vision encoder", f"{_params(s.tower_params)} (carried, not active)")] if s.tower_params else []),
         ("dtype", ", ".join(f"{d} ({_params(n)})" for d, n in s.dtypes.items())),
         ("shards", str(s.shards)),
         ("total params", _params(s.total_params)),

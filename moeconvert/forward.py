@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint import layer_index, text_model_name
+
 
 class _Caught(Exception):
     pass
@@ -115,8 +117,10 @@ class LayerwiseModel:
         return self.config.num_hidden_layers
 
     def load_top(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Embeddings, final norm and head: names as in the checkpoint (``model.embed_tokens.weight``...)."""
-        top = {n: t for n, t in tensors.items() if not n.startswith("model.layers.")}
+        """Embeddings, final norm and head: names as in the checkpoint (``model.embed_tokens.weight``, or
+        a vision-language checkpoint's ``model.language_model.embed_tokens.weight``...); other tensors
+        are not read."""
+        top = {text_model_name(n): t for n, t in tensors.items() if layer_index(n) is None}
         if "lm_head.weight" not in top and getattr(self.config, "tie_word_embeddings", False):
             top["lm_head.weight"] = top["model.embed_tokens.weight"]
         for module_name in ("model.embed_tokens", "model.norm", "lm_head"):

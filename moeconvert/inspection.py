@@ -7,7 +7,8 @@ only an already quantized checkpoint, whose headers hold packed words and scales
 transformers' model for its config. MTP modules (DeepSeek-V3's and GLM's layers after the decoder
 layers, Qwen3-Next's top-level ``mtp.*``) count in the total and the memory floor, at full precision
 since conversions carry them as they are, but not as active: they predict extra tokens for
-speculative decoding and are off the path of every token.
+speculative decoding and are off the path of every token. So do the encoders of a vision-language
+checkpoint (Qwen3.5's ``model.visual.*``), which run on images, not on the text's tokens.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .checkpoint import is_mtp, layer_index
+from .checkpoint import is_mtp, is_tower, layer_index, layer_prefix
 from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
 from .fp8 import header_reader, quantization_method, without_fp8_config
 from .relayout import check_against_config
@@ -47,6 +48,7 @@ class ModelSummary:
     dense_layers: list[int]
     mtp_layers: list[int]  # multi-token prediction layers after the decoder layers, carried as they are
     mtp_params: int  # parameters of those layers, or of top-level MTP modules (Qwen3-Next's ``mtp.*``)
+    tower_params: int  # parameters of encoders beside the text model (``model.visual.*``), carried
     num_experts: int
     top_k: int
     shared_experts: int
@@ -90,7 +92,8 @@ def _bytes_at(meta: TensorMeta, bits: int | None, num_layers: int, fraction: flo
 
 def _parameters(meta: ModelMetadata, config: Any, quantized: bool) -> dict[str, TensorMeta]:
     """The tensors whose elements are parameters: the headers' own, or for a quantized checkpoint, whose
-    packed words and scales are not, those of transformers' model for its config (tied embeddings once)."""
+    packed words and scales are not, those of transformers' text model for its config (tied embeddings
+    once) and the headers of what conversions carry as it is (MTP modules, a vision encoder)."""
     if not quantized:
         return meta.tensors
     from .relayout import model_shapes
@@ -98,7 +101,12 @@ def _parameters(meta: ModelMetadata, config: Any, quantized: bool) -> dict[str, 
     shapes = model_shapes(config)
     if getattr(config, "tie_word_embeddings", False):
         shapes.pop("lm_head.weight", None)
-    return {name: TensorMeta(name, "BF16", shape, "") for name, shape in shapes.items()}
+    carried = {
+        name: stored
+        for name, stored in meta.tensors.items()
+        if is_tower(name) or is_mtp(name, config.num_hidden_layers)
+    }
+    return {**{name: TensorMeta(name, "BF16", shape, "") for name, shape in shapes.items()}, **carried}
 
 
 def summarize(meta: ModelMetadata) -> ModelSummary:
@@ -112,7 +120,7 @@ def summarize(meta: ModelMetadata) -> ModelSummary:
         i: LayerSummary(i, family.is_moe_layer(config, i), 0, 0, 0) for i in range(config.num_hidden_layers)
     }
     dtypes: dict[str, int] = {}
-    total = routed = mtp = 0
+    total = routed = mtp = tower = 0
     mtp_layers: set[int] = set()
     active_fraction: dict[str, float] = {}
     fused = False
@@ -121,12 +129,16 @@ def summarize(meta: ModelMetadata) -> ModelSummary:
     for name, tensor in sorted(tensors.items()):
         total += tensor.numel
         index = layer_index(name)
-        local = name.split(".", 3)[3] if index is not None else name
+        local = name[len(layer_prefix(name)) :] if index is not None else name
         expert = index is not None and _is_routed_expert(family, local)
         fused = fused or local in (FUSED_GATE_UP, FUSED_DOWN)
         if is_mtp(name, config.num_hidden_layers):
             mtp_layers.update([] if index is None else [index])
             mtp += tensor.numel
+            active_fraction[name] = 0.0
+            continue
+        if is_tower(name):
+            tower += tensor.numel
             active_fraction[name] = 0.0
             continue
         active_fraction[name] = top_k / num_experts if expert else 1.0
@@ -139,7 +151,7 @@ def summarize(meta: ModelMetadata) -> ModelSummary:
         routed += tensor.numel if expert else 0
     for summary in layers.values():
         summary.experts = num_experts if summary.routed_params else 0
-    active = total - mtp - routed + round(routed * top_k / num_experts)
+    active = total - mtp - tower - routed + round(routed * top_k / num_experts)
     depth = config.num_hidden_layers
     weight_bytes = {
         label: round(sum(_bytes_at(t, bits, depth) for t in tensors.values()))
@@ -159,6 +171,7 @@ def summarize(meta: ModelMetadata) -> ModelSummary:
         dense_layers=[i for i, s in layers.items() if not s.moe],
         mtp_layers=sorted(mtp_layers),
         mtp_params=mtp,
+        tower_params=tower,
         num_experts=num_experts,
         top_k=top_k,
         shared_experts=family.num_shared_experts(config),

@@ -30,7 +30,7 @@ from torch import nn
 
 from . import distributed
 from .card import REPORT_NAME, library_versions, write_card
-from .checkpoint import PartsWriter, iter_groups, parse_size
+from .checkpoint import PartsWriter, is_tower, iter_groups, layer_prefix, parse_size
 from .distributed import Ranks, all_gather_cat, all_gather_list, barrier, ordered_sum
 from .distributed import current as current_ranks
 from .errors import BadInputError, InterruptedRunError, OutputWriteError
@@ -767,7 +767,7 @@ class Quantizer:
 
     def _local(self, layer: int, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
         fused = runtime_layer(self.family, self.config, layer, tensors)
-        prefix = f"model.layers.{layer}."
+        prefix = layer_prefix(next(iter(tensors)))
         return {n[len(prefix) :]: t for n, t in fused.items()}, prefix
 
     def _original_name(self, name: str, prefix: str) -> str:
@@ -1285,7 +1285,7 @@ def _pause_for_tests(index: int) -> None:
 def _write_configs(runner: Quantizer, staging: Path, schemes: dict[str, Scheme], kept: list[str]) -> None:
     for path in side_files(runner.folder):
         shutil.copyfile(path, staging / path.name)
-    ignored = sorted(set(kept) | {"lm_head"} | _router_names(runner))
+    ignored = sorted(set(kept) | {"lm_head"} | _router_names(runner) | _tower_modules(runner))
     names = [name for _, group in runner.groups for name in group]
     quant_config = runner.fmt.config(schemes, ignored, carried_rules(names, runner.config.num_hidden_layers))
     config = dict(sorted({**runner.raw_config, "quantization_config": quant_config}.items()))
@@ -1295,12 +1295,24 @@ def _write_configs(runner: Quantizer, staging: Path, schemes: dict[str, Scheme],
         (staging / name).write_text(text)
 
 
+def _tower_modules(runner: Quantizer) -> set[str]:
+    """The matrices of encoders beside the text model (a vision-language checkpoint's ``model.visual``),
+    carried in full precision: named one by one, as loaders map module names, not regexes, onto their
+    own (vLLM's Qwen3.5 calls them ``visual.*``)."""
+    return {
+        name.removesuffix(".weight")
+        for name, meta in runner.reader.metas.items()
+        if is_tower(name) and name.endswith(".weight") and len(meta.shape) == 2
+    }
+
+
 def _router_names(runner: Quantizer) -> set[str]:
     """Router modules under both checkpoint and runtime names (vLLM builds them as Linear layers under
     checkpoint names; transformers matches runtime names, e.g. Phi-MoE's ``mlp.router``)."""
     names = set()
     pattern = re.compile(
-        r"^model\.layers\.\d+\.((?:block_sparse_moe|mlp)\.(?:gate|router|shared_expert_gate))\.weight$"
+        r"^model\.(?:language_model\.)?layers\.\d+\."
+        r"((?:block_sparse_moe|mlp)\.(?:gate|router|shared_expert_gate))\.weight$"
     )
     for name in runner.reader.metas:
         match = pattern.match(name)

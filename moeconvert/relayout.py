@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,12 +25,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import (
+    LAYER_RE,
     Concatenated,
     ShardedReader,
     ShardedWriter,
     iter_groups,
     parse_size,
     plan_group,
+    text_model_name,
 )
 from .errors import CorruptCheckpointError, OutputWriteError, UnsupportedModelError
 from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
@@ -45,8 +46,8 @@ LayerFn = Callable[[int | None, dict[str, torch.Tensor]], dict[str, torch.Tensor
 
 
 def _split_layer_prefix(name: str) -> tuple[str, str]:
-    match = re.match(r"^(model\.layers\.\d+\.)(.*)$", name)
-    return (match.group(1), match.group(2)) if match else ("", name)
+    match = LAYER_RE.match(name)
+    return (match.group(0), name[match.end() :]) if match else ("", name)
 
 
 def fuse_layer(
@@ -86,7 +87,7 @@ def fuse_layer(
         if experts:
             raise CorruptCheckpointError("expert tensors found outside the decoder layers (top level)")
         return out
-    _check_experts(family, config, layer, experts)
+    _check_experts(family, config, prefix, layer, experts)
     _check_router(family, config, layer, tensors)
     if experts:
         count = family.num_experts(config)
@@ -139,7 +140,7 @@ def concat_experts(
 
 
 def _check_experts(
-    family: Family, config: Any, layer: int, experts: dict[tuple[int, str], torch.Tensor]
+    family: Family, config: Any, prefix: str, layer: int, experts: dict[tuple[int, str], torch.Tensor]
 ) -> None:
     moe = family.is_moe_layer(config, layer)
     if not moe:
@@ -169,7 +170,7 @@ def _check_experts(
     implied = dict(zip(family.projections, [(size, hidden), (size, hidden), (hidden, size)], strict=True))
     for (e, projection), tensor in sorted(experts.items()):
         _check_shape(
-            f"model.layers.{layer}.{family.original_expert_name(e, family.projections.index(projection))}",
+            prefix + family.original_expert_name(e, family.projections.index(projection)),
             tensor,
             implied[projection],
             f"{family.expert_size_key}={size}, hidden_size={hidden}",
@@ -248,9 +249,10 @@ def model_shapes(config: Any) -> dict[str, tuple[int, ...]]:
 
 def check_shapes(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
     """Refuse a tensor whose shape contradicts config.json (names transformers' model does not have,
-    e.g. per-expert checkpoint names or quantization scales, are checked elsewhere or not at all)."""
+    e.g. per-expert checkpoint names or quantization scales, are checked elsewhere or not at all).
+    ``expected`` holds the text model's names (:func:`~moeconvert.checkpoint.text_model_name`)."""
     for name, tensor in tensors.items():
-        shape = expected.get(name)
+        shape = expected.get(text_model_name(name))
         if shape is not None:
             _check_shape(name, tensor, shape, "transformers' model for this config")
 

@@ -4,7 +4,7 @@ They let anyone try every command in seconds without a download, and are the fix
 suite. Configs are small but keep each family's quirks: Qwen2-MoE's gated shared expert and a dense
 ``mlp_only_layers`` layer, DeepSeek's dense first layers, shared experts and V3 group routing,
 GLM-4.5's biased q/k/v with normed q and k, GLM-4.7-Flash's MLA with layer kinds listed,
-MiniMax-M2's routing bias.
+MiniMax-M2's routing bias, Qwen3.5's vision encoder beside its hybrid-attention text model.
 """
 
 from __future__ import annotations
@@ -101,6 +101,34 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         routed_scaling_factor=1.8,
         mlp_layer_types=["dense", "sparse", "sparse"],
     ),
+    "qwen3_5_moe": dict(
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=96,
+        num_experts=8,
+        num_experts_per_tok=2,
+        head_dim=16,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+    ),
+}
+
+# Families whose checkpoint is a vision-language model: the text model above, under
+# ``model.language_model.``, beside a vision encoder of these widths under ``model.visual.``.
+VISION_CONFIGS: dict[str, dict[str, Any]] = {
+    "qwen3_5_moe": dict(
+        depth=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        patch_size=4,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        num_position_embeddings=64,
+    ),
 }
 
 
@@ -110,7 +138,19 @@ def tiny_config(family: str, **overrides: Any) -> Any:
 
     if family not in TINY_CONFIGS:
         raise ValueError(f"no tiny config for {family!r}; choose from {', '.join(sorted(TINY_CONFIGS))}")
-    return AutoConfig.for_model(family, **{**_BASE, **TINY_CONFIGS[family], **overrides})
+    text = {**_BASE, **TINY_CONFIGS[family], **overrides}
+    if family in VISION_CONFIGS:
+        vision = VISION_CONFIGS[family]
+        return AutoConfig.for_model(family, text_config=text, vision_config=vision, tie_word_embeddings=False)
+    return AutoConfig.for_model(family, **text)
+
+
+def auto_class(family: str) -> Any:
+    """transformers' auto class of ``family``'s whole model (a vision-language one where it is one):
+    the class whose ``save_pretrained`` writes the family's own checkpoint names."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if family in VISION_CONFIGS else AutoModelForCausalLM
 
 
 def build_tiny_model(
@@ -129,11 +169,9 @@ def build_tiny_model(
     ``train_steps`` the model first learns the shipped calibration corpus (byte tokens) briefly, so
     its predictions are peaked and a broken expert or a coarse grid shows in the logits.
     """
-    from transformers import AutoModelForCausalLM
-
     config = tiny_config(family, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = auto_class(family).from_config(config)
     _spread_router_weights(model, seed)
     if train_steps:
         _train(model, train_steps, seed)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import ShardedReader, iter_groups
+from .checkpoint import ShardedReader, iter_groups, layer_prefix
 from .errors import BadInputError
 from .families import family_for, load_config
 from .forward import LayerwiseModel
@@ -213,7 +213,7 @@ class _Side:
 
     def layer(self, index: int) -> dict[str, torch.Tensor]:
         """Layer ``index`` in runtime names (fused experts), dequantized, relative to the layer."""
-        prefix = f"model.layers.{index}."
+        prefix = layer_prefix(self.groups[index][0])
         tensors = self.decode(self.reader.get_many(self.groups[index]))
         tensors = runtime_layer(self.family, self.config, index, tensors)
         return {n[len(prefix) :]: t for n, t in tensors.items()}

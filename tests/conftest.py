@@ -17,13 +17,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from moeconvert.checkpoint import layer_index
 from moeconvert.families import family_for, load_config
 from moeconvert.pipeline import QuantizeOptions, quantize
 from moeconvert.quant.packing import unpack_compressed
 from moeconvert.quant.scheme import Scheme
 from moeconvert.relayout import fuse_layer
 from moeconvert.source import read_config
-from moeconvert.tiny import TINY_CONFIGS, build_tiny_model
+from moeconvert.tiny import TINY_CONFIGS, auto_class, build_tiny_model
 
 FAMILIES = sorted(TINY_CONFIGS)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -43,12 +44,10 @@ def transformers_fused(
     tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Path]:
     """family -> what transformers itself writes with save_pretrained(save_original_format=False)."""
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("reference_fused")
     out = {}
     for family, folder in tiny_models.items():
-        model = AutoModelForCausalLM.from_pretrained(folder)
+        model = auto_class(family).from_pretrained(folder)
         model.save_pretrained(root / family, save_original_format=False)
         out[family] = root / family
     return out
@@ -80,13 +79,15 @@ def dequantized_state(folder: Path, source: Path) -> dict[str, torch.Tensor]:
     family, cfg = family_for(raw), load_config(raw)
     fused: dict[str, torch.Tensor] = {}
     for layer in range(cfg.num_hidden_layers):
-        prefix = f"model.layers.{layer}."
-        fused.update(fuse_layer(family, cfg, layer, {n: t for n, t in state.items() if n.startswith(prefix)}))
-    return {**{n: t for n, t in state.items() if not n.startswith("model.layers.")}, **fused}
+        fused.update(
+            fuse_layer(family, cfg, layer, {n: t for n, t in state.items() if layer_index(n) == layer})
+        )
+    return {**{n: t for n, t in state.items() if layer_index(n) is None}, **fused}
 
 
 def load_model(folder: Path, experts_implementation: str | None = None) -> torch.nn.Module:
-    """Load with transformers, then give every parameter fresh memory.
+    """Load with transformers (the checkpoint's own model: a vision-language one keeps its vision
+    encoder, as serving it does), then give every parameter fresh memory.
 
     Tensors mapped from a file sit at whatever alignment the file gives them, and some CPU kernels
     take a different (equally valid) path for unaligned data, which can move a logit by one ulp.
@@ -94,10 +95,8 @@ def load_model(folder: Path, experts_implementation: str | None = None) -> torch
     transformers' routed-experts kernel (its default otherwise); ``eager`` and ``grouped_mm`` sum in
     different orders on some CPUs (one ulp apart on an AMD EPYC, equal on an Intel Xeon).
     """
-    from transformers import AutoModelForCausalLM
-
     kwargs = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+    model = auto_class(read_config(folder)["model_type"]).from_pretrained(folder, **kwargs).eval()
     with torch.no_grad():
         for param in model.parameters():
             param.data = param.data.clone()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import FAMILIES, load_model
 
-from moeconvert.checkpoint import ShardedReader
+from moeconvert.checkpoint import ShardedReader, layer_prefix
 from moeconvert.families import family_for, load_config
 from moeconvert.forward import LayerwiseModel, experts_implementation, on_device
 from moeconvert.relayout import fuse_layer
@@ -28,7 +28,8 @@ def _layerwise(folder: Path, seed: int) -> tuple[LayerwiseModel, torch.Tensor, t
         layers = []
         for index in range(config.num_hidden_layers):
             fused = fuse_layer(fam, config, index, reader.get_many(groups[index]))
-            layers.append({name.split(".", 3)[3]: tensor.clone() for name, tensor in fused.items()})
+            prefix = layer_prefix(groups[index][0])
+            layers.append({name[len(prefix) :]: tensor.clone() for name, tensor in fused.items()})
     return streamed, tokens, streamed.embed(tokens), layers
 
 

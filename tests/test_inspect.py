@@ -9,6 +9,7 @@ import pytest
 from conftest import FAMILIES, load_model, load_tensors, run_cli, with_mtp_block, with_mtp_layer
 
 from moeconvert import inspect_model
+from moeconvert.tiny import VISION_CONFIGS
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -18,14 +19,17 @@ def test_counts_match_the_model(family: str, tiny_models: dict[str, Path]) -> No
     params = model.state_dict()  # parameters plus persistent buffers (DeepSeek-V3 correction bias)
     total = sum(p.numel() for p in params.values())
     routed = sum(p.numel() for n, p in params.items() if ".mlp.experts." in n)
-    config = model.config
+    tower = sum(p.numel() for n, p in params.items() if n.startswith("model.visual."))  # not per token
+    assert (tower > 0) == (family in VISION_CONFIGS)
+    config = model.config.get_text_config()
     experts = summary.num_experts
     assert summary.family == family
-    assert summary.total_params == total
+    assert summary.total_params == total and summary.tower_params == tower
     assert summary.routed_expert_params == routed
-    assert summary.active_params == total - routed + routed * summary.top_k // experts
+    assert summary.active_params == total - tower - routed + routed * summary.top_k // experts
     assert summary.top_k == 2 and experts == 8
-    moe_layers = [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+    decoder = model.get_decoder()
+    moe_layers = [i for i, layer in enumerate(decoder.layers) if hasattr(layer.mlp, "experts")]
     assert summary.moe_layers == moe_layers
     assert summary.num_layers == config.num_hidden_layers
     assert summary.weight_bytes["bf16"] == 2 * total

@@ -15,7 +15,7 @@ from .minimax import MINIMAX_M2
 from .mixtral import MIXTRAL
 from .olmoe import OLMOE
 from .phimoe import PHIMOE
-from .qwen_moe import QWEN2_MOE, QWEN3_MOE, QWEN3_NEXT
+from .qwen_moe import QWEN2_MOE, QWEN3_5_MOE, QWEN3_MOE, QWEN3_NEXT
 
 FAMILIES: dict[str, Family] = {
     t: family
@@ -24,6 +24,7 @@ FAMILIES: dict[str, Family] = {
         QWEN2_MOE,
         QWEN3_MOE,
         QWEN3_NEXT,
+        QWEN3_5_MOE,
         DEEPSEEK_V2,
         DEEPSEEK_V3,
         GLM4_MOE,
@@ -52,11 +53,15 @@ def family_for(config: dict[str, Any]) -> Family:
 
 
 def load_config(config: dict[str, Any]) -> Any:
-    """The transformers config object for a ``config.json`` dict (built-in classes only, so that
-    family code reads defaults the way the model does; no remote code is ever imported)."""
+    """The transformers config object of the text model in a ``config.json`` dict (built-in classes
+    only, so that family code reads defaults the way the model does; no remote code is ever imported).
+
+    For a vision-language checkpoint that is its ``text_config``: every command works on the text
+    model and carries the other towers as they are.
+    """
     family = family_for(config)
     try:  # values of the wrong type fail transformers' strict fields, a bad dtype torch's lookup
-        loaded = CONFIG_MAPPING[family.name].from_dict(config)
+        loaded = CONFIG_MAPPING[config["model_type"]].from_dict(config).get_text_config()
     except (TypeError, ValueError, AttributeError, StrictDataclassError) as err:
         message = " ".join(str(err).split())  # one line
         raise UnsupportedModelError(f"config.json of {family.name} model is invalid: {message}") from None

@@ -1,7 +1,8 @@
-"""Qwen1.5/Qwen2-MoE (one gated shared expert), Qwen3-MoE (none) and Qwen3-Next (hybrid attention).
+"""Qwen1.5/Qwen2-MoE (one gated shared expert), Qwen3-MoE (none), Qwen3-Next (hybrid attention) and
+Qwen3.5-MoE (Qwen3-Next's text model in a vision-language checkpoint).
 
-All place sparse blocks by ``decoder_sparse_step`` and exempt ``mlp_only_layers``, which then hold a
-dense MLP.
+All but Qwen3.5 place sparse blocks by ``decoder_sparse_step`` and exempt ``mlp_only_layers``, which
+then hold a dense MLP; every Qwen3.5 layer is sparse.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from .base import Family
 @dataclass(frozen=True)
 class QwenMoeFamily(Family):
     def is_moe_layer(self, config: Any, layer: int) -> bool:
+        step = getattr(config, "decoder_sparse_step", 1)  # Qwen3.5 has neither key: all layers sparse
         return (
-            layer not in (config.mlp_only_layers or [])
+            layer not in (getattr(config, "mlp_only_layers", None) or [])
             and config.num_experts > 0
-            and (layer + 1) % config.decoder_sparse_step == 0
+            and (layer + 1) % step == 0
         )
 
 
@@ -38,6 +40,16 @@ QWEN3_MOE = QwenMoeFamily(model_types=("qwen3_moe",), **_QWEN_COMMON)
 # full precision, as published quantizations of the model keep them.
 QWEN3_NEXT = QwenMoeFamily(
     model_types=("qwen3_next",),
+    shared_experts="mlp.shared_expert",
+    keep=(r"\.linear_attn\.",),
+    **_QWEN_COMMON,
+)
+# Qwen3.5-MoE: Qwen3-Next's MoE block and hybrid attention (with ``in_proj_qkv``/``in_proj_z``/
+# ``in_proj_b``/``in_proj_a``, kept as Qwen3-Next's are), as the text model of a vision-language
+# checkpoint: ``model.language_model.*`` beside ``model.visual.*``, which every command carries. Its
+# releases store experts either per expert or already stacked; both are read.
+QWEN3_5_MOE = QwenMoeFamily(
+    model_types=("qwen3_5_moe", "qwen3_5_moe_text"),
     shared_experts="mlp.shared_expert",
     keep=(r"\.linear_attn\.",),
     **_QWEN_COMMON,

@@ -19,7 +19,7 @@ import re
 from collections.abc import Hashable, Iterable, Mapping
 from typing import TypeVar
 
-from ..checkpoint import is_mtp, layer_index
+from ..checkpoint import TOWERS, is_mtp, is_tower, layer_index
 
 Value = TypeVar("Value", bound=Hashable)
 
@@ -103,16 +103,20 @@ def layer_prefix_rule(layers: list[int]) -> str:
 
 
 def carried_rules(names: Iterable[str], num_layers: int) -> list[str]:
-    """Regexes of the MTP modules among a checkpoint's tensor ``names``, carried whole in full precision:
-    decoder layers past ``num_layers`` (DeepSeek-V3, GLM) and top-level blocks beside ``model`` and
-    ``lm_head`` (Qwen3-Next's ``mtp.*``)."""
+    """Regexes of the modules among a checkpoint's tensor ``names`` that are carried whole in full
+    precision: MTP decoder layers past ``num_layers`` (DeepSeek-V3, GLM), top-level MTP blocks beside
+    ``model`` and ``lm_head`` (Qwen3-Next's ``mtp.*``) and encoders beside the text model (Qwen3.5's
+    ``model.visual.*``)."""
     layers, blocks = set(), set()
-    for name in filter(lambda name: is_mtp(name, num_layers), names):
-        index = layer_index(name)
-        if index is not None:
-            layers.add(index)
-        else:
-            blocks.add(name.split(".", 1)[0])
+    for name in names:
+        if is_tower(name):
+            blocks.add(next(tower for tower in TOWERS if name.startswith(tower)).rstrip("."))
+        elif is_mtp(name, num_layers):
+            index = layer_index(name)
+            if index is not None:
+                layers.add(index)
+            else:
+                blocks.add(name.split(".", 1)[0])
     rules = [layer_prefix_rule(sorted(layers))] if layers else []
     return rules + [rf"^{re.escape(block)}\." for block in sorted(blocks)]
 
