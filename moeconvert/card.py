@@ -28,12 +28,12 @@ _LOADING = {
     "compressed-tensors": """\
 ```python
 # pip install transformers compressed-tensors
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import {model_class}, {io_class}
 
-model = AutoModelForCausalLM.from_pretrained("{repo}"{rev_py}, dtype="auto", device_map="auto")
-tokenizer = AutoTokenizer.from_pretrained("{repo}"{rev_py})
+model = {model_class}.from_pretrained("{repo}"{rev_py}, dtype="auto", device_map="auto")
+{io_name} = {io_class}.from_pretrained("{repo}"{rev_py})
 ```
-
+{text_alone}
 Serve it with vLLM, which reads the compressed-tensors config as it is:
 
 ```bash
@@ -60,6 +60,21 @@ from moeconvert.formats.fused import load_fused
 
 model = load_fused("path/to/this/folder")
 ```""",
+}
+
+
+# the transformers example's classes, for a causal LM and for a vision-language model
+_CAUSAL_LM = {
+    "model_class": "AutoModelForCausalLM",
+    "io_class": "AutoTokenizer",
+    "io_name": "tokenizer",
+    "text_alone": "",
+}
+_VISION_LANGUAGE = {
+    "model_class": "AutoModelForImageTextToText",
+    "io_class": "AutoProcessor",
+    "io_name": "processor",
+    "text_alone": "\nFor text alone, `AutoModelForCausalLM` loads just the text model (the vision encoder stays on disk).\n",
 }
 
 
@@ -115,15 +130,25 @@ def build_card(
             _summary(report),
             _quantization_table(report),
             _parity_section(parity),
-            "## How to use\n\n" + _how_to_load(report["format"], repo, revision),
+            "## How to use\n\n" + _how_to_load(report["format"], repo, revision, is_vision_language(config)),
             _provenance(report),
         ]
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
 
 
-def _how_to_load(fmt: str, repo: str, revision: str | None) -> str:
-    text = _LOADING[fmt].replace("{repo}", repo)
+def is_vision_language(config: dict[str, Any]) -> bool:
+    """Whether ``config.json`` is a vision-language model's (Qwen3.5: a text model beside a vision
+    encoder), which transformers loads as image-text-to-text, not as a causal LM."""
+    return isinstance(config.get("vision_config"), dict)
+
+
+def _how_to_load(fmt: str, repo: str, revision: str | None, vision: bool = False) -> str:
+    classes = _VISION_LANGUAGE if vision else _CAUSAL_LM
+    text = _LOADING[fmt]
+    for key, value in classes.items():
+        text = text.replace("{" + key + "}", value)
+    text = text.replace("{repo}", repo)
     text = text.replace("{rev_py}", f', revision="{revision}"' if revision else "")
     return text.replace("{rev_cli}", f" --revision {revision}" if revision else "")
 
@@ -141,7 +166,7 @@ def card_metadata(report: dict[str, Any], config: dict[str, Any]) -> ModelCardDa
         license=source.get("license"),
         datasets=[dataset] if dataset else None,
         library_name="transformers",
-        pipeline_tag="text-generation",
+        pipeline_tag="image-text-to-text" if is_vision_language(config) else "text-generation",
         tags=list(dict.fromkeys(tags)),
         **({"base_model_relation": "quantized"} if base else {}),
         **license_fields,

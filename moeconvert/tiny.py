@@ -123,7 +123,6 @@ VISION_CONFIGS: dict[str, dict[str, Any]] = {
         hidden_size=32,
         intermediate_size=64,
         num_heads=2,
-        out_hidden_size=64,
         patch_size=4,
         spatial_merge_size=2,
         temporal_patch_size=2,
@@ -140,7 +139,7 @@ def tiny_config(family: str, **overrides: Any) -> Any:
         raise ValueError(f"no tiny config for {family!r}; choose from {', '.join(sorted(TINY_CONFIGS))}")
     text = {**_BASE, **TINY_CONFIGS[family], **overrides}
     if family in VISION_CONFIGS:
-        vision = VISION_CONFIGS[family]
+        vision = {**VISION_CONFIGS[family], "out_hidden_size": text["hidden_size"]}  # into the text model
         return AutoConfig.for_model(family, text_config=text, vision_config=vision, tie_word_embeddings=False)
     return AutoConfig.for_model(family, **text)
 

@@ -37,7 +37,9 @@ def test_fused_model_gives_identical_logits(
     family: str, fused: dict[str, Path], tiny_models: dict[str, Path]
 ) -> None:
     original, converted = load_model(tiny_models[family]), load_model(fused[family])
-    tokens = torch.randint(0, original.config.get_text_config().vocab_size, (3, 24), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(
+        0, original.config.get_text_config().vocab_size, (3, 24), generator=torch.Generator().manual_seed(1)
+    )
     with torch.no_grad():
         expected, actual = original(tokens).logits, converted(tokens).logits
     assert torch.equal(expected, actual)

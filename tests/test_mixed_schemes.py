@@ -29,7 +29,10 @@ VLLM_FUSED = {  # vLLM's packed_modules_mapping: its module -> the checkpoint's
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
     "gate_up_proj": ("gate_proj", "up_proj"),
     "fused_qkv_a_proj": ("q_a_proj", "kv_a_proj_with_mqa"),
+    "in_proj_qkvz": ("in_proj_qkv", "in_proj_z"),  # Qwen3.5's linear attention
+    "in_proj_ba": ("in_proj_b", "in_proj_a"),
 }
+VLLM_PREFIXES = {"model.language_model.": "language_model.model.", "model.visual.": "visual."}  # Qwen3.5
 VLLM_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
 FAMILIES = ("mixtral", "qwen2_moe", "deepseek_v3", "glm4_moe")
 
@@ -127,13 +130,33 @@ def test_every_loader_name_gets_the_stored_bits(family: str, fmt: str, mixed_out
     assert {b for m, b in attention.items() if ".layers.1." in m} == {None}
     assert {b for m, b in attention.items() if ".layers.2." in m} == {4}
 
+    assert_every_loader_gets_the_stored_bits(quant, bits)
+
+
+def assert_every_loader_gets_the_stored_bits(quant: dict, bits: dict[str, int | None]) -> None:
     for module, stored in bits.items():  # transformers' and GPTQModel's view
         if module != "lm_head":
             assert loader_bits(quant, module) == stored, module
-    for lookup, held in vllm_views(bits, gptq=fmt == "gptq").values():  # vLLM's
+    renamed = vllm_renamed(quant)
+    for lookup, held in vllm_views(bits, gptq=quant["quant_method"] == "gptq").values():  # vLLM's
         (stored,) = {bits[m] for m in held}
-        shards = tuple(held) if len(held) > 1 and ".experts" not in lookup else ()
-        assert loader_bits(quant, lookup, shards) == stored, lookup
+        shards = tuple(map(vllm_name, held)) if len(held) > 1 and ".experts" not in lookup else ()
+        assert loader_bits(renamed, vllm_name(lookup), shards) == stored, lookup
+
+
+def vllm_name(name: str) -> str:
+    """vLLM's name of a vision-language checkpoint's module (others keep theirs)."""
+    prefix = next((p for p in VLLM_PREFIXES if name.startswith(p)), None)
+    return name if prefix is None else VLLM_PREFIXES[prefix] + name[len(prefix) :]
+
+
+def vllm_renamed(quant: dict) -> dict:
+    """The config as vLLM reads it: module names in compressed-tensors ``ignore`` renamed as it renames
+    the checkpoint's modules, regexes (``re:``, GPTQ's ``dynamic``) as written."""
+    if "ignore" not in quant:
+        return quant
+    ignore = [t if t.startswith("re:") else vllm_name(t) for t in quant["ignore"]]
+    return {**quant, "ignore": ignore}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -177,6 +200,27 @@ def test_an_mtp_layer_carried_in_full_precision_is_not_taken_for_quantized(
 
 
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_a_vision_language_checkpoint_gets_the_stored_bits_under_vllm_names_too(
+    fmt: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Qwen3.5: vLLM calls ``model.language_model.*`` ``language_model.model.*`` and ``model.visual.*``
+    ``visual.*``, transformers' causal LM of the text model alone calls it ``model.*``; the vision
+    encoder and the linear attention stay in full precision for every loader."""
+    rules = (Rule(r"layers\.1\.self_attn", W8), Rule(r"layers\.2\.mlp\.shared_expert\.", None))
+    quant = quantized_config(tiny_models["qwen3_5_moe"], tmp_path, fmt, rules)
+    bits = stored_bits(load_tensors(tmp_path))
+    text = "model.language_model.layers."
+    assert bits[text + "1.self_attn.q_proj"] == 8 and bits[text + "0.mlp.shared_expert.up_proj"] == 4
+    assert bits[text + "2.mlp.shared_expert.up_proj"] is None
+    assert {bits[m] for m in bits if ".linear_attn." in m} == {None}
+    assert {bits[m] for m in bits if m.startswith("model.visual.")} == {None}
+    assert_every_loader_gets_the_stored_bits(quant, bits)
+    for module, stored in bits.items():  # transformers' causal LM of the text model alone
+        if module.startswith(text):
+            assert loader_bits(quant, module.replace("model.language_model.", "model.", 1)) == stored, module
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
 def test_schemes_stored_alike_share_one_rule(fmt: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
     """Attention solved by GPTQ, experts by RTN, both 4-bit g32: one stored form, so no mixed rules."""
     rules = (Rule("self_attn", Scheme(bits=4, group_size=32, method="gptq")),)
@@ -216,14 +260,15 @@ def test_experts_kept_in_full_precision_are_unquantized_for_vllm(
         ("mixtral", r"q_proj", "self_attn: k_proj, q_proj, v_proj get different schemes", r"self_attn"),
         ("qwen2_moe", r"shared_expert\.up_proj", "shared_expert: gate_proj, up_proj get", r"shared_expert\."),
         ("mixtral", r"layers\.1\..*experts\.\d+\.w2", "layers.1.block_sparse_moe.experts: the projections get", r"layers\.1\..*experts"),
+        ("qwen3_5_moe", r"in_proj_b", "linear_attn: in_proj_a, in_proj_b get different schemes", r"in_proj_[ab]"),
     ],
 )  # fmt: skip
 def test_a_recipe_that_splits_a_module_vllm_fuses_is_refused(
     family: str, split: str, message: str, whole: str, tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
-    """vLLM loads q/k/v, gate/up and a layer's experts as one module with one scheme: it refuses a
-    checkpoint that splits them, or reads every part with one part's bits. Refused before any work; the
-    same rule over the whole module is fine."""
+    """vLLM loads q/k/v, gate/up, Qwen3.5's in_proj_b/a (and in_proj_qkv/z) and a layer's experts as one
+    module with one scheme: it refuses a checkpoint that splits them, or reads every part with one part's
+    bits. Refused before any work; the same rule over the whole module is fine."""
     from moeconvert.errors import BadInputError
 
     model, output = str(tiny_models[family]), tmp_path / "out"

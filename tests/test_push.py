@@ -183,6 +183,21 @@ def test_push_bad_input(make, repo: str, fragment: str, w4: Path, tmp_path: Path
     )
 
 
+def test_card_of_a_vision_language_output_loads_it_as_one(quantized: dict) -> None:
+    """Qwen3.5 keeps its vision encoder: the card loads the whole model as image-text-to-text (a causal LM
+    class would load the text model alone) and tags it so on the Hub."""
+    folder = quantized["qwen3_5_moe", "w4"]
+    report = json.loads((folder / "quantization_report.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    card = build_card(report, config, None, "me/qwen3.5-w4")
+    assert ModelCard(str(card)).data.to_dict()["pipeline_tag"] == "image-text-to-text"
+    assert 'AutoModelForImageTextToText.from_pretrained("me/qwen3.5-w4"' in card.text
+    assert "AutoProcessor" in card.text and "AutoTokenizer" not in card.text
+    text_only = build_card(report, {**config, "vision_config": None}, None, "me/x")
+    assert ModelCard(str(text_only)).data.to_dict()["pipeline_tag"] == "text-generation"
+    assert 'AutoModelForCausalLM.from_pretrained("me/x"' in text_only.text
+
+
 def test_card_cites_a_hub_calibration_dataset_and_omits_lineage_for_local_sources() -> None:
     report = {
         "model": "/models/my-moe",

@@ -59,6 +59,19 @@ def test_transformers_loads_our_compressed_tensors(
         assert torch.allclose(loaded(tokens).logits, ours(tokens).logits, atol=1e-5, rtol=0)
 
 
+def test_the_text_model_of_a_vision_language_output_loads_alone(quantized: dict) -> None:
+    """transformers loads Qwen3.5's text model alone (AutoModelForCausalLM) under other module names:
+    the modules kept in full precision must be kept there too, not taken for packed and left random."""
+
+    folder = quantized["qwen3_5_moe", "w4"]
+    whole = load_model(folder)
+    alone = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert type(alone).__name__ == "Qwen3_5MoeForCausalLM"
+    tokens = eval_tokens(batch=2, seq_len=32)
+    with torch.no_grad():
+        torch.testing.assert_close(alone(tokens).logits, whole(tokens).logits, atol=1e-5, rtol=0)
+
+
 def test_act_order_gptq_stores_plain_groups_and_says_so(quantized: dict) -> None:
     """Act-order with static groups stores as plain groups (no g_idx), so the config says no actorder:
     vLLM releases before 2026-04 read any actorder on a MoE layer as a permuted order."""

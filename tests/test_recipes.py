@@ -21,7 +21,7 @@ FAMILY_OF = {
     "mistralai/Mixtral": "mixtral", "Qwen/Qwen1.5-MoE": "qwen2_moe", "Qwen/Qwen3": "qwen3_moe",
     "deepseek-ai/DeepSeek-V2": "deepseek_v2", "allenai/OLMoE": "olmoe", "microsoft/Phi-3.5-MoE": "phimoe",
     "zai-org/GLM-4.5": "glm4_moe", "zai-org/GLM-4.7-Flash": "glm4_moe_lite",
-    "MiniMaxAI/MiniMax-M2": "minimax_m2", "Qwen/Qwen3-Next": "qwen3_next",
+    "MiniMaxAI/MiniMax-M2": "minimax_m2", "Qwen/Qwen3-Next": "qwen3_next", "Qwen/Qwen3.5": "qwen3_5_moe",
 }  # fmt: skip
 # Widths of 128 so the recipes' group size of 128 divides every input.
 WIDE = {"hidden_size": 128, "intermediate_size": 128}
@@ -33,11 +33,12 @@ WIDER = {
     "glm4_moe_lite": {"moe_intermediate_size": 128, "v_head_dim": 32, "q_lora_rank": 128},
     "minimax_m2": {"head_dim": 32},
     "qwen3_next": {"moe_intermediate_size": 128, "shared_expert_intermediate_size": 128, "head_dim": 32},
+    "qwen3_5_moe": {"moe_intermediate_size": 128, "shared_expert_intermediate_size": 128, "head_dim": 32},
 }
 
 
 def family_of(model: str) -> str:
-    """The family of the longest prefix of ``model`` (Qwen/Qwen3-Next before Qwen/Qwen3)."""
+    """The family of the longest prefix of ``model`` (Qwen/Qwen3-Next and Qwen/Qwen3.5 before Qwen/Qwen3)."""
     return max(((p, f) for p, f in FAMILY_OF.items() if model.startswith(p)), key=lambda pf: len(pf[0]))[1]
 
 

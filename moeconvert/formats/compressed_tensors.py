@@ -16,7 +16,7 @@ import torch
 from ..quant.packing import pack_compressed
 from ..quant.scheme import Scheme
 from .base import QuantFormat, QuantizedModule
-from .module_rules import rules_by_value, vllm_expert_names
+from .module_rules import rules_by_value, text_model_aliases, vllm_expert_names
 
 
 def _weights_args(scheme: Scheme) -> dict[str, Any]:
@@ -89,7 +89,7 @@ class CompressedTensorsFormat(QuantFormat):
             }
             for number, key in enumerate(distinct)
         }
-        ignore = sorted(set(ignored) | vllm_expert_names(ignored))
+        ignore = sorted(set(ignored) | vllm_expert_names(ignored) | text_model_aliases(ignored))
         ignore.extend("re:" + rule for rule in carried)
         return {
             "quant_method": "compressed-tensors",

@@ -10,7 +10,12 @@ loaders rather than for us:
   into ``qkv_proj``, gate/up into ``gate_up_proj``, DeepSeek's q_a/kv_a into ``fused_qkv_a_proj``, a
   layer's experts into one ``experts`` module) and matches rules against those names: its GPTQ path
   against the ``experts`` module itself, its compressed-tensors path against ``experts.0.gate_proj``
-  whatever the checkpoint calls the projection. transformers and GPTQModel match the checkpoint's names.
+  whatever the checkpoint calls the projection. It also renames a vision-language checkpoint's
+  modules (Qwen3.5's ``model.language_model.`` is its ``language_model.model.``, ``model.visual.`` its
+  ``visual.``): module names in a compressed-tensors ``ignore`` list are renamed with them, regexes
+  are not. transformers and GPTQModel match the checkpoint's names, except that transformers' causal
+  LM of such a checkpoint's text model alone (``AutoModelForCausalLM``) calls ``model.language_model.``
+  ``model.``.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import re
 from collections.abc import Hashable, Iterable, Mapping
 from typing import TypeVar
 
-from ..checkpoint import TOWERS, is_mtp, is_tower, layer_index
+from ..checkpoint import TEXT_MODEL, TOWERS, is_mtp, is_tower, layer_index, text_model_name
 
 Value = TypeVar("Value", bound=Hashable)
 
@@ -32,9 +37,19 @@ FUSED_IN_VLLM = {
     "up_proj": "gate_up_proj",
     "q_a_proj": "fused_qkv_a_proj",
     "kv_a_proj_with_mqa": "fused_qkv_a_proj",
+    "in_proj_qkv": "in_proj_qkvz",  # Qwen3.5's linear attention (Qwen3-Next stores these two fused)
+    "in_proj_z": "in_proj_qkvz",
+    "in_proj_b": "in_proj_ba",
+    "in_proj_a": "in_proj_ba",
 }
 # Mixtral's and Phi-MoE's expert projections -> the names vLLM's MoE layers look schemes up under
 EXPERT_NAME_IN_VLLM = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+# a vision-language checkpoint's module prefixes -> the other names loaders give them: vLLM's (its
+# hf_to_vllm_mapper for Qwen3.5), and transformers' for the text model loaded alone
+PREFIX_ALIASES = {
+    "model.language_model.": ("language_model.model.", "model."),
+    "model.visual.": ("visual.",),
+}
 
 _WILD = None  # a number made a wildcard in a name's key
 
@@ -118,7 +133,7 @@ def carried_rules(names: Iterable[str], num_layers: int) -> list[str]:
             else:
                 blocks.add(name.split(".", 1)[0])
     rules = [layer_prefix_rule(sorted(layers))] if layers else []
-    return rules + [rf"^{re.escape(block)}\." for block in sorted(blocks)]
+    return rules + ["^" + _either_prefix(re.escape(block + ".")) for block in sorted(blocks)]
 
 
 def _key(parts: list[str], keep: int) -> tuple[str | None, ...]:
@@ -143,7 +158,25 @@ def _regex(key: tuple[str | None, ...], experts_as_layer: bool) -> str:
         body = r"\.".join(pieces[:-2]) + (f"(?:{expert})?" if experts_as_layer else expert)
     else:
         body = r"\.".join([*pieces[:-1], _alternatives(last, FUSED_IN_VLLM.get(last))])
-    return f"^{body}$"
+    return f"^{_either_prefix(body)}$"
+
+
+def _either_prefix(body: str) -> str:
+    """A regex body that starts with a vision-language checkpoint's prefix, made to match the other
+    loaders' names for it as well (``model.language_model.layers.0``, ``language_model.model.layers.0``
+    or ``model.layers.0``)."""
+    for ours, theirs in PREFIX_ALIASES.items():
+        if body.startswith(re.escape(ours)):
+            prefixes = "|".join(re.escape(prefix) for prefix in (ours, *theirs))
+            return f"(?:{prefixes})" + body[len(re.escape(ours)) :]
+    return body
+
+
+def text_model_aliases(names: Iterable[str]) -> set[str]:
+    """The names transformers gives a vision-language checkpoint's text modules among ``names`` when it
+    loads the text model alone (``model.language_model.layers.0.x`` -> ``model.layers.0.x``), for
+    ``ignore`` lists, which match names exactly."""
+    return {text_model_name(name) for name in names if name.startswith(TEXT_MODEL)}
 
 
 def _alternatives(name: str, alias: str | None) -> str:
