@@ -4,7 +4,8 @@ They let anyone try every command in seconds without a download, and are the fix
 suite. Configs are small but keep each family's quirks: Qwen2-MoE's gated shared expert and a dense
 ``mlp_only_layers`` layer, DeepSeek's dense first layers, shared experts and V3 group routing,
 GLM-4.5's biased q/k/v with normed q and k, GLM-4.7-Flash's MLA with layer kinds listed,
-MiniMax-M2's routing bias, Qwen3.5's vision encoder beside its hybrid-attention text model.
+MiniMax-M2's routing bias, ERNIE-4.5's dense first layer, float32 router and tied embeddings, Qwen3.5's
+vision encoder beside its hybrid-attention text model.
 """
 
 from __future__ import annotations
@@ -100,6 +101,16 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         q_lora_rank=64,
         routed_scaling_factor=1.8,
         mlp_layer_types=["dense", "sparse", "sparse"],
+    ),
+    "dots1": dict(**_DEEPSEEK_MOE, first_k_dense_replace=1, head_dim=16),
+    "ernie4_5_moe": dict(
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        moe_num_experts=8,
+        moe_k=2,
+        moe_num_shared_experts=1,
+        moe_layer_start_index=1,
+        tie_word_embeddings=True,
     ),
     "qwen3_5_moe": dict(
         moe_intermediate_size=64,

@@ -82,6 +82,8 @@ def dequantized_state(folder: Path, source: Path) -> dict[str, torch.Tensor]:
         fused.update(
             fuse_layer(family, cfg, layer, {n: t for n, t in state.items() if layer_index(n) == layer})
         )
+    if cfg.tie_word_embeddings:  # the head is the embedding table, stored once
+        state["lm_head.weight"] = next(t for n, t in state.items() if n.endswith("embed_tokens.weight"))
     return {**{n: t for n, t in state.items() if layer_index(n) is None}, **fused}
 
 

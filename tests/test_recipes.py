@@ -22,6 +22,7 @@ FAMILY_OF = {
     "deepseek-ai/DeepSeek-V2": "deepseek_v2", "allenai/OLMoE": "olmoe", "microsoft/Phi-3.5-MoE": "phimoe",
     "zai-org/GLM-4.5": "glm4_moe", "zai-org/GLM-4.7-Flash": "glm4_moe_lite",
     "MiniMaxAI/MiniMax-M2": "minimax_m2", "Qwen/Qwen3-Next": "qwen3_next", "Qwen/Qwen3.5": "qwen3_5_moe",
+    "baidu/ERNIE-4.5": "ernie4_5_moe", "rednote-hilab/dots.llm1": "dots1",
 }  # fmt: skip
 # Widths of 128 so the recipes' group size of 128 divides every input.
 WIDE = {"hidden_size": 128, "intermediate_size": 128}
@@ -34,6 +35,8 @@ WIDER = {
     "minimax_m2": {"head_dim": 32},
     "qwen3_next": {"moe_intermediate_size": 128, "shared_expert_intermediate_size": 128, "head_dim": 32},
     "qwen3_5_moe": {"moe_intermediate_size": 128, "shared_expert_intermediate_size": 128, "head_dim": 32},
+    "ernie4_5_moe": {"moe_intermediate_size": 128},
+    "dots1": {"moe_intermediate_size": 128, "head_dim": 32},
 }
 
 

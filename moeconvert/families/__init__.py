@@ -9,7 +9,8 @@ from transformers import CONFIG_MAPPING
 
 from ..errors import UnsupportedModelError
 from .base import FUSED_DOWN, FUSED_GATE_UP, Family
-from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3
+from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3, DOTS1
+from .ernie import ERNIE4_5_MOE
 from .glm import GLM4_MOE, GLM4_MOE_LITE
 from .minimax import MINIMAX_M2
 from .mixtral import MIXTRAL
@@ -27,6 +28,8 @@ FAMILIES: dict[str, Family] = {
         QWEN3_5_MOE,
         DEEPSEEK_V2,
         DEEPSEEK_V3,
+        DOTS1,
+        ERNIE4_5_MOE,
         GLM4_MOE,
         GLM4_MOE_LITE,
         MINIMAX_M2,

@@ -1,7 +1,8 @@
 """DeepSeek-V2 and V3: dense MLPs before ``first_k_dense_replace``, then routed + shared experts.
 
 V3 adds the router's ``e_score_correction_bias`` (stored as ``mlp.gate.e_score_correction_bias``) and
-group-limited routing; both are router state, kept as they are.
+group-limited routing; both are router state, kept as they are. dots.llm1 (``dots1``) is V3's MoE block
+with plain q/k/v attention (q and k normed).
 """
 
 from __future__ import annotations
@@ -46,3 +47,4 @@ DEEPSEEK_COMMON = dict(  # names and keys, shared with GLM (glm.py)
 
 DEEPSEEK_V2 = DeepseekFamily(model_types=("deepseek_v2",), **DEEPSEEK_COMMON)
 DEEPSEEK_V3 = DeepseekFamily(model_types=("deepseek_v3",), **DEEPSEEK_COMMON)
+DOTS1 = DeepseekFamily(model_types=("dots1",), **DEEPSEEK_COMMON)
