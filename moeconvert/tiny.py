@@ -4,7 +4,7 @@ They let anyone try every command in seconds without a download, and are the fix
 suite. Configs are small but keep each family's quirks: Qwen2-MoE's gated shared expert and a dense
 ``mlp_only_layers`` layer, DeepSeek's dense first layers, shared experts and V3 group routing,
 GLM-4.5's biased q/k/v with normed q and k, GLM-4.7-Flash's MLA with layer kinds listed,
-MiniMax-M2's routing bias, ERNIE-4.5's dense first layer, float32 router and tied embeddings, Qwen3.5's
+MiniMax-M2's routing bias, ERNIE-4.5's dense first layer and float32 router, Qwen3.5's
 vision encoder beside its hybrid-attention text model.
 """
 
@@ -110,7 +110,6 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         moe_k=2,
         moe_num_shared_experts=1,
         moe_layer_start_index=1,
-        tie_word_embeddings=True,
     ),
     "qwen3_5_moe": dict(
         moe_intermediate_size=64,

@@ -23,7 +23,7 @@ from conftest import (
 )
 from transformers import AutoModelForCausalLM
 
-from moeconvert import pipeline
+from moeconvert import inspect_model, pipeline, verify
 from moeconvert.distributed import Ranks
 from moeconvert.errors import BadInputError, CorruptCheckpointError
 from moeconvert.estimate import _input_owner
@@ -36,6 +36,7 @@ from moeconvert.quant.scheme import Scheme
 from moeconvert.quant.targets import Rule, TargetPolicy
 from moeconvert.relayout import fuse_layer, runtime_layer
 from moeconvert.source import read_config
+from moeconvert.tiny import build_tiny_model
 
 FAST = QuantizeOptions(samples=16, seq_len=128)
 
@@ -97,6 +98,27 @@ def test_a_qwen3_5_text_model_saved_alone_quantizes_as_inside_its_checkpoint(
     assert all(torch.equal(theirs[n], t) for n, t in text.items())
 
 
+def test_tied_embeddings_stay_tied(tmp_path: Path) -> None:
+    """A model whose head is its embedding table (ERNIE-4.5, small Qwen models) stores the table once;
+    the output does too, transformers ties it again, and verify's streamed model reads it as the head."""
+    source = build_tiny_model("mixtral", tmp_path / "tied", seed=5, tie_word_embeddings=True)
+    assert "lm_head.weight" not in load_tensors(source)
+    out = tmp_path / "w4"
+    options = QuantizeOptions(samples=4, seq_len=64)
+    quantize(str(source), W4, output=out, options=options, verify=False, progress=False)
+    assert "lm_head.weight" not in load_tensors(out) and read_config(out)["tie_word_embeddings"]
+    loaded, ours = load_model(out), load_model(source)
+    ours.load_state_dict(dequantized_state(out, source), strict=True)
+    assert loaded.lm_head.weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
+    tokens = eval_tokens(batch=2, seq_len=32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens).logits, ours(tokens).logits, atol=1e-5, rtol=0)
+    report = verify(str(source), str(out), samples=2, seq_len=32, progress=False)
+    assert report.passed and report.kl_mean > 0.0
+    summary = inspect_model(str(source))
+    assert summary.total_params == sum(t.numel() for t in load_tensors(source).values())
+
+
 def test_act_order_gptq_stores_plain_groups_and_says_so(quantized: dict) -> None:
     """Act-order with static groups stores as plain groups (no g_idx), so the config says no actorder:
     vLLM releases before 2026-04 read any actorder on a MoE layer as a permuted order."""
@@ -130,10 +152,7 @@ def test_quality_orders_as_it_must(family: str, quantized: dict, trained_models:
         # Phi-MoE's sparsemixer routing flips on small input changes; quantized attention moves tokens
         # across its thresholds whatever the width, so 8 bits gain less over 4 than elsewhere.
         assert kl["w8"] < kl["w4"] and kl["w8"] < 1e-3, kl
-    elif family == "ernie4_5_moe":
-        # GPTQ at 4 bits moves the tiny ERNIE's median token 70x less than RTN (3e-7), close to what 8
-        # bits leave: 8.9x apart, where the mean is 700x (measured)
-        assert kl["w8"] < kl["w4"] / 4 and kl["w8"] < 2e-4, kl
+
     else:
         assert kl["w8"] < kl["w4"] / 10 and kl["w8"] < 2e-4, kl
 
