@@ -75,10 +75,12 @@ def is_tower(name: str) -> bool:
 
 def is_mtp(name: str, num_layers: int) -> bool:
     """Whether a tensor belongs to a multi-token prediction module, which every command carries as it
-    is: a decoder layer past ``num_layers`` (DeepSeek-V3, GLM) or a block beside ``model`` and
-    ``lm_head`` (Qwen3-Next's ``mtp.*``)."""
+    is: a decoder layer past ``num_layers`` (DeepSeek-V3, GLM), a block beside ``model`` and
+    ``lm_head`` (Qwen3-Next's ``mtp.*``) or ERNIE-4.5's ``model.mtp_*`` modules."""
     index = layer_index(name)
-    return index >= num_layers if index is not None else not name.startswith(("model.", "lm_head."))
+    if index is not None:
+        return index >= num_layers
+    return name.startswith("model.mtp_") or not name.startswith(("model.", "lm_head."))
 
 
 def parse_size(text: str | int) -> int:

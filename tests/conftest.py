@@ -230,6 +230,27 @@ def with_mtp_block(source: Path, folder: Path) -> Path:
     return _with_mtp(source, folder, "mtp.", "fc", norms, layer="mtp.layers.0.")
 
 
+def with_mtp(family: str, source: Path, folder: Path) -> tuple[Path, str, str]:
+    """``source`` with the MTP modules ``family`` ships, at ``folder``; the prefixes of its MTP decoder
+    layer and of all its MTP modules."""
+    if family == "qwen3_next":
+        return with_mtp_block(source, folder), "mtp.layers.0.", "mtp."
+    if family == "ernie4_5_moe":
+        return with_ernie_mtp(source, folder), "model.mtp_block.0.", "model.mtp_"
+    layer = f"model.layers.{json.loads((source / 'config.json').read_text())['num_hidden_layers']}."
+    return with_mtp_layer(source, folder), layer, layer
+
+
+def with_ernie_mtp(source: Path, folder: Path) -> Path:
+    """``source`` (an ERNIE-4.5) with the MTP modules ERNIE ships inside ``model``: ``model.mtp_block.0``,
+    ``model.mtp_linear_proj.0`` and two norms."""
+    norms = ("emb_norm.0", "hidden_norm.0")
+    _with_mtp(source, folder, "model.mtp_", "linear_proj.0", norms, layer="model.mtp_block.0.")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_mtp_layers": 1}))
+    return folder
+
+
 def _with_mtp(
     source: Path, folder: Path, prefix: str, projection: str, norms: tuple[str, ...], layer: str | None = None
 ) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, load_model, load_tensors, with_mtp_block, with_mtp_layer
+from conftest import FAMILIES, load_model, load_tensors, with_mtp
 
 from moeconvert import fuse, unfuse
 from moeconvert.checkpoint import ShardedReader
@@ -58,18 +58,14 @@ def test_unfuse_restores_every_tensor_bit_for_bit(
         assert torch.equal(after[name].view(torch.uint8), tensor.view(torch.uint8)), name
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "qwen3_next"])
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "qwen3_next", "ernie4_5_moe"])
 def test_mtp_layers_are_carried_through_fuse_and_back(
     family: str, tiny_models: dict[str, Path], fused: dict[str, Path], tmp_path: Path
 ) -> None:
     """DeepSeek-V3 and GLM-4.5 ship an MTP layer after the decoder layers, Qwen3-Next an MTP block beside
     them, experts and all: fuse carries it under its own names (transformers' model has no module for
     it), the decoder layers are fused as without it, and unfuse gives back every byte."""
-    if family == "qwen3_next":
-        source, mtp = with_mtp_block(tiny_models[family], tmp_path / "source"), "mtp."
-    else:
-        source = with_mtp_layer(tiny_models[family], tmp_path / "source")
-        mtp = f"model.layers.{json.loads((source / 'config.json').read_text())['num_hidden_layers']}."
+    source, _, mtp = with_mtp(family, tiny_models[family], tmp_path / "source")
     out = fuse(str(source), tmp_path / "fused", max_shard_size="200KB")
     before, after = load_tensors(source), load_tensors(out)
     carried = {name: tensor for name, tensor in before.items() if name.startswith(mtp)}

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import FAMILIES, load_model, load_tensors, run_cli, with_mtp_block, with_mtp_layer
+from conftest import FAMILIES, load_model, load_tensors, run_cli
+from conftest import with_mtp as add_mtp
 
 from moeconvert import inspect_model
 from moeconvert.tiny import VISION_CONFIGS
@@ -46,17 +47,18 @@ def test_family_quirks(tiny_models: dict[str, Path]) -> None:
     assert inspect_model(str(tiny_models["qwen3_moe"])).shared_experts == 0
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "qwen3_next"])
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "qwen3_next", "ernie4_5_moe"])
 def test_mtp_layers_count_in_the_floor_not_in_the_active_parameters(
     family: str, tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
     """An MTP layer holds a decoder layer's experts and more: resident (at full precision, as conversions
-    carry it) but off every token's path. Qwen3-Next keeps its MTP block beside the model (``mtp.*``)."""
-    add, block = (with_mtp_block, "mtp.") if family == "qwen3_next" else (with_mtp_layer, "model.layers.3.")
-    source = add(tiny_models[family], tmp_path / "source")
+    carry it) but off every token's path. Qwen3-Next keeps its MTP block beside the model (``mtp.*``),
+    ERNIE-4.5 in it (``model.mtp_block.0.*``...)."""
+    source, _, block = add_mtp(family, tiny_models[family], tmp_path / "source")
     plain, with_mtp = inspect_model(str(tiny_models[family])), inspect_model(str(source))
     mtp = sum(p.numel() for n, p in load_tensors(source).items() if n.startswith(block))
-    assert with_mtp.mtp_layers == ([] if block == "mtp." else [3]) and plain.mtp_layers == []
+    layered = block.startswith("model.layers.")
+    assert with_mtp.mtp_layers == ([3] if layered else []) and plain.mtp_layers == []
     assert with_mtp.mtp_params == mtp and plain.mtp_params == 0
     assert (with_mtp.moe_layers, with_mtp.dense_layers) == (plain.moe_layers, plain.dense_layers)
     assert with_mtp.total_params == plain.total_params + mtp
@@ -68,7 +70,7 @@ def test_mtp_layers_count_in_the_floor_not_in_the_active_parameters(
     for label in ("bf16", "int8", "int4"):  # kept in bf16 whatever the scheme
         assert with_mtp.weight_bytes[label] == plain.weight_bytes[label] + 2 * mtp, label
     table = run_cli("inspect", str(source)).stdout
-    assert ("and MTP modules of " if block == "mtp." else "and 1 MTP layer of ") in table
+    assert ("and 1 MTP layer of " if layered else "and MTP modules of ") in table
     assert "(carried, not active)" in table
 
 

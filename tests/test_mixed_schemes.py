@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import dequantized_state, eval_tokens, load_model, load_tensors, with_mtp_block, with_mtp_layer
+from conftest import dequantized_state, eval_tokens, load_model, load_tensors, with_mtp
 
 from moeconvert.pipeline import QuantizeOptions, quantize
 from moeconvert.quant.scheme import Scheme
@@ -176,17 +176,19 @@ def test_transformers_computes_with_the_bits_we_stored(
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
 @pytest.mark.parametrize(
     ("family", "attention"),
-    [("deepseek_v3", "self_attn.fused_qkv_a_proj"), ("glm4_moe", "self_attn.qkv_proj"), ("qwen3_next", "fc")],
+    [
+        ("deepseek_v3", "self_attn.fused_qkv_a_proj"),
+        ("glm4_moe", "self_attn.qkv_proj"),
+        ("qwen3_next", "fc"),
+        ("ernie4_5_moe", "block.0.self_attn.qkv_proj"),
+    ],
 )
 def test_an_mtp_layer_carried_in_full_precision_is_not_taken_for_quantized(
     fmt: str, family: str, attention: str, tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
-    """DeepSeek-V3's and GLM's MTP layers follow the decoder layers; Qwen3-Next's MTP block is ``mtp.*``."""
-    if family == "qwen3_next":
-        source, block, top = with_mtp_block(tiny_models[family], tmp_path / "source"), "mtp.layers.0.", "mtp."
-    else:
-        source = with_mtp_layer(tiny_models[family], tmp_path / "source")
-        block = top = f"model.layers.{json.loads((source / 'config.json').read_text())['num_hidden_layers']}."
+    """DeepSeek-V3's and GLM's MTP layers follow the decoder layers; Qwen3-Next's MTP block is ``mtp.*``,
+    ERNIE-4.5's ``model.mtp_*``."""
+    source, block, top = with_mtp(family, tiny_models[family], tmp_path / "source")
     out = tmp_path / "out"
     quant = quantized_config(source, out, fmt)
     stored = load_tensors(out)

@@ -120,8 +120,8 @@ def layer_prefix_rule(layers: list[int]) -> str:
 def carried_rules(names: Iterable[str], num_layers: int) -> list[str]:
     """Regexes of the modules among a checkpoint's tensor ``names`` that are carried whole in full
     precision: MTP decoder layers past ``num_layers`` (DeepSeek-V3, GLM), top-level MTP blocks beside
-    ``model`` and ``lm_head`` (Qwen3-Next's ``mtp.*``) and encoders beside the text model (Qwen3.5's
-    ``model.visual.*``)."""
+    ``model`` and ``lm_head`` (Qwen3-Next's ``mtp.*``) or in it (ERNIE-4.5's ``model.mtp_block.*``...)
+    and encoders beside the text model (Qwen3.5's ``model.visual.*``)."""
     layers, blocks = set(), set()
     for name in names:
         if is_tower(name):
@@ -130,8 +130,9 @@ def carried_rules(names: Iterable[str], num_layers: int) -> list[str]:
             index = layer_index(name)
             if index is not None:
                 layers.add(index)
-            else:
-                blocks.add(name.split(".", 1)[0])
+            else:  # mtp.*, or ERNIE's model.mtp_block.*, model.mtp_emb_norm.*...
+                parts = name.split(".")
+                blocks.add(".".join(parts[:2] if parts[0] == "model" else parts[:1]))
     rules = [layer_prefix_rule(sorted(layers))] if layers else []
     return rules + ["^" + _either_prefix(re.escape(block + ".")) for block in sorted(blocks)]
 
