@@ -130,7 +130,7 @@ def build_card(
             _summary(report),
             _quantization_table(report),
             _parity_section(parity),
-            "## How to use\n\n" + _how_to_load(report["format"], repo, revision, is_vision_language(config)),
+            "## How to use\n\n" + _how_to_load(report["format"], repo, revision, config),
             _provenance(report),
         ]
     )
@@ -143,8 +143,17 @@ def is_vision_language(config: dict[str, Any]) -> bool:
     return isinstance(config.get("vision_config"), dict)
 
 
-def _how_to_load(fmt: str, repo: str, revision: str | None, vision: bool = False) -> str:
-    classes = _VISION_LANGUAGE if vision else _CAUSAL_LM
+def _text_model_loads_alone(config: dict[str, Any]) -> bool:
+    """Whether transformers has a causal LM for the model's text part (Qwen3.5's; not GLM-4.5V's)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return config.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def _how_to_load(fmt: str, repo: str, revision: str | None, config: dict[str, Any]) -> str:
+    classes = _CAUSAL_LM
+    if is_vision_language(config):
+        classes = {**_VISION_LANGUAGE, **({} if _text_model_loads_alone(config) else {"text_alone": ""})}
     text = _LOADING[fmt]
     for key, value in classes.items():
         text = text.replace("{" + key + "}", value)

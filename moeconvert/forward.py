@@ -86,6 +86,36 @@ def on_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torc
     return t.to(dtype).to(device)
 
 
+class TextCausalLM(nn.Module):
+    """A text model and a head, laid out as transformers' causal LMs are (``model.*``, ``lm_head``), for a
+    text model that transformers only ships inside a vision-language one (GLM-4.5V's)."""
+
+    def __init__(self, config: Any) -> None:
+        from transformers import AutoModel
+
+        super().__init__()
+        self.config = config
+        self.model = AutoModel.from_config(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if getattr(config, "tie_word_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, **kwargs: Any) -> Any:
+        return self.model(**kwargs)
+
+
+def text_causal_lm(config: Any, dtype: torch.dtype | None = None) -> nn.Module:
+    """transformers' causal LM for a text model's ``config``, or :class:`TextCausalLM` where transformers
+    has none; built on the current default device (``meta`` for shapes alone)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_config(config, **({} if dtype is None else {"dtype": dtype}))
+    except ValueError:  # "Unrecognized configuration class": no causal LM registered for it
+        model = TextCausalLM(config)
+        return model if dtype is None else model.to(dtype)
+
+
 class LayerwiseModel:
     """A causal LM whose layers are loaded on demand.
 
@@ -96,14 +126,12 @@ class LayerwiseModel:
     def __init__(
         self, config: Any, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     ) -> None:
-        from transformers import AutoModelForCausalLM
-
         self.device = torch.device(device)
         self.dtype = dtype
         config._attn_implementation = "sdpa"
         config._experts_implementation = experts_implementation(self.device)
         with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            self.model = text_causal_lm(config, dtype)
         self.model.eval()
         self.config = config
         self.backbone = self.model.model

@@ -235,11 +235,11 @@ def unfuse_layer(
 def model_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape in transformers' own model for ``config``, built on the meta device (no
     memory): the reference that a checkpoint's attention, MLP, norm and embedding shapes must match."""
-    from transformers import AutoModelForCausalLM
+    from .forward import text_causal_lm
 
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = text_causal_lm(config)
     except Exception as err:  # any value transformers' modules cannot build from
         raise UnsupportedModelError(
             f"transformers cannot build a {config.model_type} model from this config.json ({first_line(err)})"

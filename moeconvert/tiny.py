@@ -4,8 +4,8 @@ They let anyone try every command in seconds without a download, and are the fix
 suite. Configs are small but keep each family's quirks: Qwen2-MoE's gated shared expert and a dense
 ``mlp_only_layers`` layer, DeepSeek's dense first layers, shared experts and V3 group routing,
 GLM-4.5's biased q/k/v with normed q and k, GLM-4.7-Flash's MLA with layer kinds listed,
-MiniMax-M2's routing bias, ERNIE-4.5's dense first layer and float32 router, Qwen3.5's
-vision encoder beside its hybrid-attention text model.
+MiniMax-M2's routing bias, ERNIE-4.5's dense first layer and float32 router, the vision encoders
+beside GLM-4.5V's and Qwen3.5's (hybrid-attention) text models.
 """
 
 from __future__ import annotations
@@ -95,6 +95,19 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         n_group=2,
         topk_group=1,
     ),
+    "glm4v_moe": dict(
+        **_DEEPSEEK_MOE,
+        first_k_dense_replace=1,
+        attention_bias=True,
+        head_dim=16,
+        # half of each head rotates (8 dims, 4 frequencies), split over time, height and width
+        rope_parameters=dict(
+            rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5, mrope_section=[2, 1, 1]
+        ),
+        routed_scaling_factor=2.5,
+        n_group=1,
+        topk_group=1,
+    ),
     "glm4_moe_lite": dict(
         **_DEEPSEEK_MOE,
         **_MLA,
@@ -128,6 +141,15 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 # Families whose checkpoint is a vision-language model: the text model above, under
 # ``model.language_model.``, beside a vision encoder of these widths under ``model.visual.``.
 VISION_CONFIGS: dict[str, dict[str, Any]] = {
+    "glm4v_moe": dict(
+        depth=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        patch_size=4,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    ),
     "qwen3_5_moe": dict(
         depth=1,
         hidden_size=32,

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moeconvert.checkpoint import layer_index
+from moeconvert.checkpoint import layer_index, layer_prefix
 from moeconvert.families import family_for, load_config
 from moeconvert.pipeline import QuantizeOptions, quantize
 from moeconvert.quant.packing import unpack_compressed
@@ -215,13 +215,23 @@ def quantized(
     return out
 
 
+MTP_NORMS = ("enorm", "hnorm", "shared_head.norm")
+
+
 def with_mtp_layer(source: Path, folder: Path) -> Path:
     """``source`` (a DeepSeek-V3 or GLM) with one MTP layer after its last, as they ship it."""
     config = json.loads((source / "config.json").read_text())
-    mtp = config["num_hidden_layers"]
-    _with_mtp(source, folder, f"model.layers.{mtp}.", "eh_proj", ("enorm", "hnorm", "shared_head.norm"))
-    (folder / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    text = config.get("text_config", config)  # GLM-4.5V: the text model's, under model.language_model.
+    _with_mtp(source, folder, _layer_stem(source) + f"{text['num_hidden_layers']}.", "eh_proj", MTP_NORMS)
+    text["num_nextn_predict_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+def _layer_stem(source: Path) -> str:
+    """``model.layers.`` or, in a vision-language checkpoint, ``model.language_model.layers.``."""
+    name = next(n for n in load_tensors(source) if layer_index(n) is not None)
+    return layer_prefix(name).removesuffix(f"{layer_index(name)}.")
 
 
 def with_mtp_block(source: Path, folder: Path) -> Path:
@@ -237,8 +247,9 @@ def with_mtp(family: str, source: Path, folder: Path) -> tuple[Path, str, str]:
         return with_mtp_block(source, folder), "mtp.layers.0.", "mtp."
     if family == "ernie4_5_moe":
         return with_ernie_mtp(source, folder), "model.mtp_block.0.", "model.mtp_"
-    layer = f"model.layers.{json.loads((source / 'config.json').read_text())['num_hidden_layers']}."
-    return with_mtp_layer(source, folder), layer, layer
+    folder = with_mtp_layer(source, folder)
+    layer = next(layer_prefix(n) for n in load_tensors(folder) if n.endswith(".eh_proj.weight"))
+    return folder, layer, layer
 
 
 def with_ernie_mtp(source: Path, folder: Path) -> Path:
@@ -259,11 +270,11 @@ def _with_mtp(
     hidden state together, and norms."""
     config = json.loads((source / "config.json").read_text())
     tensors = load_tensors(source)
-    last = f"model.layers.{config['num_hidden_layers'] - 1}."
+    last = _layer_stem(source) + f"{config.get('text_config', config)['num_hidden_layers'] - 1}."
     for name, tensor in list(tensors.items()):
         if name.startswith(last):
             tensors[(layer or prefix) + name[len(last) :]] = tensor.clone()
-    hidden = config["hidden_size"]
+    hidden = config.get("text_config", config)["hidden_size"]
     tensors[f"{prefix}{projection}.weight"] = torch.randn(hidden, 2 * hidden)
     for norm in norms:
         tensors[f"{prefix}{norm}.weight"] = torch.ones(hidden)

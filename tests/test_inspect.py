@@ -47,7 +47,7 @@ def test_family_quirks(tiny_models: dict[str, Path]) -> None:
     assert inspect_model(str(tiny_models["qwen3_moe"])).shared_experts == 0
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "qwen3_next", "ernie4_5_moe"])
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "glm4v_moe", "qwen3_next", "ernie4_5_moe"])
 def test_mtp_layers_count_in_the_floor_not_in_the_active_parameters(
     family: str, tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -57,7 +57,7 @@ def test_mtp_layers_count_in_the_floor_not_in_the_active_parameters(
     source, _, block = add_mtp(family, tiny_models[family], tmp_path / "source")
     plain, with_mtp = inspect_model(str(tiny_models[family])), inspect_model(str(source))
     mtp = sum(p.numel() for n, p in load_tensors(source).items() if n.startswith(block))
-    layered = block.startswith("model.layers.")
+    layered = block.endswith(".3.")  # a decoder layer after the last (GLM-4.5V's in model.language_model)
     assert with_mtp.mtp_layers == ([3] if layered else []) and plain.mtp_layers == []
     assert with_mtp.mtp_params == mtp and plain.mtp_params == 0
     assert (with_mtp.moe_layers, with_mtp.dense_layers) == (plain.moe_layers, plain.dense_layers)

@@ -193,6 +193,11 @@ def test_card_of_a_vision_language_output_loads_it_as_one(quantized: dict) -> No
     assert ModelCard(str(card)).data.to_dict()["pipeline_tag"] == "image-text-to-text"
     assert 'AutoModelForImageTextToText.from_pretrained("me/qwen3.5-w4"' in card.text
     assert "AutoProcessor" in card.text and "AutoTokenizer" not in card.text
+    assert "For text alone, `AutoModelForCausalLM` loads just the text model" in card.text
+    glm = build_card(report, {**config, "model_type": "glm4v_moe"}, None, "me/glm-4.5v-w4")
+    assert (
+        "AutoModelForImageTextToText" in glm.text and "AutoModelForCausalLM" not in glm.text
+    )  # none in transformers
     text_only = build_card(report, {**config, "vision_config": None}, None, "me/x")
     assert ModelCard(str(text_only)).data.to_dict()["pipeline_tag"] == "text-generation"
     assert 'AutoModelForCausalLM.from_pretrained("me/x"' in text_only.text

@@ -22,7 +22,7 @@ FAMILY_OF = {
     "deepseek-ai/DeepSeek-V2": "deepseek_v2", "allenai/OLMoE": "olmoe", "microsoft/Phi-3.5-MoE": "phimoe",
     "zai-org/GLM-4.5": "glm4_moe", "zai-org/GLM-4.7-Flash": "glm4_moe_lite",
     "MiniMaxAI/MiniMax-M2": "minimax_m2", "Qwen/Qwen3-Next": "qwen3_next", "Qwen/Qwen3.5": "qwen3_5_moe",
-    "baidu/ERNIE-4.5": "ernie4_5_moe", "rednote-hilab/dots.llm1": "dots1",
+    "baidu/ERNIE-4.5": "ernie4_5_moe", "rednote-hilab/dots.llm1": "dots1", "zai-org/GLM-4.5V": "glm4v_moe",
 }  # fmt: skip
 # Widths of 128 so the recipes' group size of 128 divides every input.
 WIDE = {"hidden_size": 128, "intermediate_size": 128}
@@ -37,11 +37,17 @@ WIDER = {
     "qwen3_5_moe": {"moe_intermediate_size": 128, "shared_expert_intermediate_size": 128, "head_dim": 32},
     "ernie4_5_moe": {"moe_intermediate_size": 128},
     "dots1": {"moe_intermediate_size": 128, "head_dim": 32},
+    "glm4v_moe": {
+        "moe_intermediate_size": 128,
+        "head_dim": 32,  # 16 rotary dims: 8 frequencies over time, height and width
+        "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5, "mrope_section": [4, 2, 2]},
+    },
 }
 
 
 def family_of(model: str) -> str:
-    """The family of the longest prefix of ``model`` (Qwen/Qwen3-Next and Qwen/Qwen3.5 before Qwen/Qwen3)."""
+    """The family of the longest prefix of ``model`` (Qwen/Qwen3-Next and Qwen/Qwen3.5 before Qwen/Qwen3,
+    zai-org/GLM-4.5V before zai-org/GLM-4.5)."""
     return max(((p, f) for p, f in FAMILY_OF.items() if model.startswith(p)), key=lambda pf: len(pf[0]))[1]
 
 

@@ -11,7 +11,7 @@ from ..errors import UnsupportedModelError
 from .base import FUSED_DOWN, FUSED_GATE_UP, Family
 from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3, DOTS1
 from .ernie import ERNIE4_5_MOE
-from .glm import GLM4_MOE, GLM4_MOE_LITE
+from .glm import GLM4_MOE, GLM4_MOE_LITE, GLM4V_MOE
 from .minimax import MINIMAX_M2
 from .mixtral import MIXTRAL
 from .olmoe import OLMOE
@@ -32,6 +32,7 @@ FAMILIES: dict[str, Family] = {
         ERNIE4_5_MOE,
         GLM4_MOE,
         GLM4_MOE_LITE,
+        GLM4V_MOE,
         MINIMAX_M2,
         OLMOE,
         PHIMOE,

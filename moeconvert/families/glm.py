@@ -1,4 +1,5 @@
-"""GLM-4.5/4.6/4.7 (``glm4_moe``) and GLM-4.7-Flash (``glm4_moe_lite``): DeepSeek-V3's MoE block.
+"""GLM-4.5/4.6/4.7 (``glm4_moe``), GLM-4.5V/4.6V (``glm4v_moe``) and GLM-4.7-Flash (``glm4_moe_lite``):
+DeepSeek-V3's MoE block.
 
 Both keep V3's names and config keys (routed experts under ``mlp.experts``, ``mlp.shared_experts``, a
 sigmoid router with ``e_score_correction_bias`` and group-limited routing) and ship an MTP layer after
@@ -33,4 +34,7 @@ class GlmLiteFamily(DeepseekFamily):
 
 
 GLM4_MOE = DeepseekFamily(model_types=("glm4_moe",), **DEEPSEEK_COMMON)
+# GLM-4.5V/4.6V: GLM-4.5's text model in a vision-language checkpoint (``model.language_model.*`` beside
+# ``model.visual.*``, which every command carries)
+GLM4V_MOE = DeepseekFamily(model_types=("glm4v_moe", "glm4v_moe_text"), **DEEPSEEK_COMMON)
 GLM4_MOE_LITE = GlmLiteFamily(model_types=("glm4_moe_lite",), **DEEPSEEK_COMMON)

@@ -71,7 +71,7 @@ _KEYS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 
 def load_fused(folder: str | Path, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """A transformers model with the dequantized weights of a ``--format fused`` checkpoint."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     from ..checkpoint import ShardedReader
 
@@ -81,7 +81,8 @@ def load_fused(folder: str | Path, dtype: torch.dtype | None = None) -> torch.nn
     if quant.get("format") != FORMAT_NAME:
         raise ValueError(f"{folder} is not a {FORMAT_NAME} checkpoint")
     config = AutoConfig.for_model(**raw)
-    model = AutoModelForCausalLM.from_config(config)  # real buffers (rotary tables); weights replaced below
+    auto = AutoModelForImageTextToText if "vision_config" in raw else AutoModelForCausalLM  # Qwen3.5: whole
+    model = auto.from_config(config)  # real buffers (rotary tables); weights replaced below
     state: dict[str, torch.Tensor] = {}
     with ShardedReader(folder) as reader:
         for _, names in reader.layer_names().items():

@@ -24,7 +24,7 @@ import re
 from collections.abc import Hashable, Iterable, Mapping
 from typing import TypeVar
 
-from ..checkpoint import TEXT_MODEL, TOWERS, is_mtp, is_tower, layer_index, text_model_name
+from ..checkpoint import TEXT_MODEL, TOWERS, is_mtp, is_tower, layer_index, layer_prefix, text_model_name
 
 Value = TypeVar("Value", bound=Hashable)
 
@@ -112,9 +112,11 @@ def vllm_split_modules(assignment: Mapping[str, Hashable]) -> list[str]:
     ]
 
 
-def layer_prefix_rule(layers: list[int]) -> str:
-    """A regex for every module of whole decoder layers (DeepSeek-V3's MTP layers, carried as they are)."""
-    return r"^model\.layers\.(?:" + "|".join(str(i) for i in sorted(layers)) + r")\."
+def layer_prefix_rule(layers: list[int], stem: str = "model.layers.") -> str:
+    """A regex for every module of whole decoder layers under ``stem`` (DeepSeek-V3's MTP layers, carried
+    as they are; GLM-4.5V's under ``model.language_model.layers.``)."""
+    numbers = "|".join(str(i) for i in sorted(layers))
+    return "^" + _either_prefix(re.escape(stem)) + f"(?:{numbers})" + r"\."
 
 
 def carried_rules(names: Iterable[str], num_layers: int) -> list[str]:
@@ -122,18 +124,19 @@ def carried_rules(names: Iterable[str], num_layers: int) -> list[str]:
     precision: MTP decoder layers past ``num_layers`` (DeepSeek-V3, GLM), top-level MTP blocks beside
     ``model`` and ``lm_head`` (Qwen3-Next's ``mtp.*``) or in it (ERNIE-4.5's ``model.mtp_block.*``...)
     and encoders beside the text model (Qwen3.5's ``model.visual.*``)."""
-    layers, blocks = set(), set()
+    layers: dict[str, set[int]] = {}  # stem (model.layers.) -> MTP layer numbers
+    blocks = set()
     for name in names:
         if is_tower(name):
             blocks.add(next(tower for tower in TOWERS if name.startswith(tower)).rstrip("."))
         elif is_mtp(name, num_layers):
             index = layer_index(name)
             if index is not None:
-                layers.add(index)
+                layers.setdefault(layer_prefix(name).removesuffix(f"{index}."), set()).add(index)
             else:  # mtp.*, or ERNIE's model.mtp_block.*, model.mtp_emb_norm.*...
                 parts = name.split(".")
                 blocks.add(".".join(parts[:2] if parts[0] == "model" else parts[:1]))
-    rules = [layer_prefix_rule(sorted(layers))] if layers else []
+    rules = [layer_prefix_rule(sorted(numbers), stem) for stem, numbers in sorted(layers.items())]
     return rules + ["^" + _either_prefix(re.escape(block + ".")) for block in sorted(blocks)]
 
 
