@@ -399,23 +399,28 @@ def test_cli_quantize(trained_models: dict[str, Path], tmp_path: Path) -> None:
         assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_5_moe"])
 def test_fused_format_loads_to_the_same_model(
-    trained_models: dict[str, Path], quantized: dict, tmp_path: Path
+    family: str, trained_models: dict[str, Path], quantized: dict, tmp_path: Path
 ) -> None:
     """--format fused (stacked experts, runtime names) dequantizes to exactly the model transformers builds
-    from our compressed-tensors output; asymmetric schemes round-trip their packed zero points too."""
+    from our compressed-tensors output (a vision-language one whole); asymmetric schemes round-trip their
+    packed zero points too."""
     from moeconvert.formats import load_fused
 
-    source = trained_models["qwen2_moe"]
+    source = trained_models[family]
     fused_options = QuantizeOptions(samples=16, seq_len=128, format="fused")
     quantize(str(source), W4, output=tmp_path / "fused", options=fused_options, verify=False, progress=False)
     stacked = load_tensors(tmp_path / "fused")
-    assert stacked["model.layers.0.mlp.experts.gate_up_proj.weight_packed"].shape == (8, 128, 64 * 4 // 32)
+    prefix = "model.layers.0." if family == "qwen2_moe" else "model.language_model.layers.0."
+    assert stacked[prefix + "mlp.experts.gate_up_proj.weight_packed"].shape == (8, 128, 64 * 4 // 32)
     tokens = eval_tokens()
     with torch.no_grad():
         ours = load_fused(tmp_path / "fused")(tokens).logits
-        theirs = load_model(quantized["qwen2_moe", "w4"])(tokens).logits
+        theirs = load_model(quantized[family, "w4"])(tokens).logits
     assert torch.equal(ours, theirs)
+    if family != "qwen2_moe":
+        return
     asym = Scheme(bits=4, group_size=32, sym=False)
     quantize(str(source), asym, output=tmp_path / "asym", options=fused_options, verify=False, progress=False)
     assert "model.layers.0.mlp.experts.down_proj.weight_zero_point" in load_tensors(tmp_path / "asym")
