@@ -37,6 +37,21 @@ _MLA: dict[str, Any] = dict(
     num_key_value_heads=4, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16
 )
 
+# Qwen3-Next's text model (Qwen3.5's too): a gated shared expert, gated linear attention in two of
+# three layers
+_HYBRID_QWEN: dict[str, Any] = dict(
+    moe_intermediate_size=64,
+    shared_expert_intermediate_size=96,
+    num_experts=8,
+    num_experts_per_tok=2,
+    head_dim=16,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    layer_types=["linear_attention", "full_attention", "linear_attention"],
+)
+
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "mixtral": dict(intermediate_size=96, num_local_experts=8, num_experts_per_tok=2),
     "minimax_m2": dict(
@@ -59,19 +74,7 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen3_moe": dict(
         intermediate_size=128, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2, head_dim=16
     ),
-    "qwen3_next": dict(
-        intermediate_size=128,
-        moe_intermediate_size=64,
-        shared_expert_intermediate_size=96,
-        num_experts=8,
-        num_experts_per_tok=2,
-        head_dim=16,
-        linear_key_head_dim=16,
-        linear_value_head_dim=16,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        layer_types=["linear_attention", "full_attention", "linear_attention"],
-    ),
+    "qwen3_next": dict(intermediate_size=128, **_HYBRID_QWEN),
     "olmoe": dict(
         intermediate_size=64,
         num_experts=8,
@@ -124,42 +127,23 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         moe_num_shared_experts=1,
         moe_layer_start_index=1,
     ),
-    "qwen3_5_moe": dict(
-        moe_intermediate_size=64,
-        shared_expert_intermediate_size=96,
-        num_experts=8,
-        num_experts_per_tok=2,
-        head_dim=16,
-        linear_key_head_dim=16,
-        linear_value_head_dim=16,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        layer_types=["linear_attention", "full_attention", "linear_attention"],
-    ),
+    "qwen3_5_moe": _HYBRID_QWEN,
 }
 
 # Families whose checkpoint is a vision-language model: the text model above, under
 # ``model.language_model.``, beside a vision encoder of these widths under ``model.visual.``.
+_VISION: dict[str, Any] = dict(
+    depth=1,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=2,
+    patch_size=4,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+)
 VISION_CONFIGS: dict[str, dict[str, Any]] = {
-    "glm4v_moe": dict(
-        depth=1,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
-        patch_size=4,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-    ),
-    "qwen3_5_moe": dict(
-        depth=1,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
-        patch_size=4,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        num_position_embeddings=64,
-    ),
+    "glm4v_moe": _VISION,
+    "qwen3_5_moe": dict(**_VISION, num_position_embeddings=64),
 }
 
 
