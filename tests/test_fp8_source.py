@@ -1,5 +1,5 @@
-"""FP8 block-quantized sources (DeepSeek-V3's convention, MiniMax-M2's too) are dequantized per layer by fuse
-and quantize."""
+"""FP8 block-quantized sources (DeepSeek-V3's convention, MiniMax-M2's and Qwen3.5's too) are dequantized per
+layer by fuse and quantize."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from conftest import load_tensors
 from safetensors.torch import save_file
 
 from moeconvert import fuse
+from moeconvert.checkpoint import layer_index
 from moeconvert.pipeline import QuantizeOptions, quantize
 from moeconvert.quant.scheme import Scheme
 from moeconvert.tiny import build_tiny_model
@@ -23,7 +24,7 @@ BLOCK = (32, 32)  # small blocks so the tiny model has ragged edges (kv_a_proj_w
 
 def _is_fp8_linear(name: str, tensor: torch.Tensor) -> bool:
     return (
-        name.startswith("model.layers.")
+        layer_index(name) is not None  # decoder layers only (Qwen3.5's vision encoder stays as it is)
         and name.endswith(".weight")
         and tensor.dim() == 2
         and not name.endswith((".gate.weight", "layernorm.weight"))  # routers stay in full precision
@@ -86,7 +87,7 @@ def dequantized_reference(fp8: Path, out: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="module", params=["deepseek_v3", "minimax_m2"])
+@pytest.fixture(scope="module", params=["deepseek_v3", "minimax_m2", "qwen3_5_moe"])
 def fp8_pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("fp8")
     bf16 = build_tiny_model(request.param, root / "bf16", dtype=torch.bfloat16, train_steps=100)
@@ -137,7 +138,8 @@ def test_bad_scale_grid_is_refused(fp8_pair: tuple[Path, Path], tmp_path: Path) 
     fp8, _ = fp8_pair
     broken = Path(shutil.copytree(fp8, tmp_path / "broken"))
     tensors = load_tensors(broken)
-    tensors["model.layers.1.self_attn.o_proj.weight_scale_inv"] = torch.ones(1, 2)
+    o_proj = next(n for n in tensors if n.endswith("layers.1.self_attn.o_proj.weight_scale_inv"))
+    tensors[o_proj] = torch.ones(1, 2)
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     result = invoke_cli("fuse", str(broken), "-o", str(tmp_path / "out"))
     assert result.returncode == 2 and "scale grid" in result.stderr and "Traceback" not in result.stderr
