@@ -561,3 +561,16 @@ def test_help_on_every_command() -> None:
         result = run_cli(command, "--help")
         assert result.returncode == 0 and "Usage:" in result.stdout
     assert run_cli("--version").stdout.strip().endswith("0.1.0")
+
+
+def test_an_unknown_family_is_answered_with_each_supported_family_once() -> None:
+    """Vision-language families also accept their text model's own type (``qwen3_5_moe_text``); the
+    list a user reads names each family once, by its checkpoint's type."""
+    from moeconvert.errors import UnsupportedModelError
+    from moeconvert.families import FAMILIES, family_for
+
+    with pytest.raises(UnsupportedModelError) as refused:
+        family_for({"model_type": "llama"})
+    listed = str(refused.value).split("supported: ")[1].split(", ")
+    assert "qwen3_5_moe_text" in FAMILIES and "qwen3_5_moe" in listed
+    assert not any(name.endswith("_text") for name in listed) and len(listed) == len(set(listed))

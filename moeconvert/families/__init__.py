@@ -48,7 +48,7 @@ def family_for(config: dict[str, Any]) -> Family:
     model_type = config.get("model_type")
     family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
     if family is None:
-        supported = ", ".join(sorted(FAMILIES))
+        supported = ", ".join(sorted({family.name for family in FAMILIES.values()}))  # not text-only aliases
         what = f"model_type {model_type!r}" if model_type else "a config.json without model_type"
         raise UnsupportedModelError(
             f"{what} is not a supported MoE family (dense or unknown); supported: {supported}"
