@@ -30,7 +30,7 @@ from torch import nn
 
 from . import distributed
 from .card import REPORT_NAME, library_versions, write_card
-from .checkpoint import PartsWriter, is_tower, iter_groups, layer_prefix, parse_size
+from .checkpoint import LAYER_RE, PartsWriter, is_tower, iter_groups, layer_prefix, parse_size
 from .distributed import Ranks, all_gather_cat, all_gather_list, barrier, ordered_sum
 from .distributed import current as current_ranks
 from .errors import BadInputError, InterruptedRunError, OutputWriteError
@@ -1310,15 +1310,11 @@ def _router_names(runner: Quantizer) -> set[str]:
     """Router modules under both checkpoint and runtime names (vLLM builds them as Linear layers under
     checkpoint names; transformers matches runtime names, e.g. Phi-MoE's ``mlp.router``)."""
     names = set()
-    pattern = re.compile(
-        r"^model\.(?:language_model\.)?layers\.\d+\."
-        r"((?:block_sparse_moe|mlp)\.(?:gate|router|shared_expert_gate))\.weight$"
-    )
+    router = re.compile(r"(?:block_sparse_moe|mlp)\.(?:gate|router|shared_expert_gate)\.weight")
     for name in runner.reader.metas:
-        match = pattern.match(name)
-        if match:
-            prefix = name[: match.start(1)]
-            weight = match.group(1) + ".weight"  # the checkpoint's in either layout
+        layer = LAYER_RE.match(name)
+        if layer and router.fullmatch(name, layer.end()):
+            prefix, weight = layer.group(0), name[layer.end() :]  # the checkpoint's, in either layout
             for local in (
                 weight,
                 runner.family.to_fused_name(weight),
