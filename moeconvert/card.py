@@ -17,6 +17,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .families import FAMILIES
 from .manifest import update_manifest
 from .quant.calibration import hub_dataset_id
 from .verify import report_json, report_path
@@ -39,6 +40,16 @@ Serve it with vLLM, which reads the compressed-tensors config as it is:
 ```bash
 vllm serve {repo}{rev_cli}
 ```""",
+    # transformers reads the model's experts only stacked, not per expert as the output stores them
+    "compressed-tensors-engines": """\
+Serve it with vLLM, which reads the compressed-tensors config as it is:
+
+```bash
+vllm serve {repo}{rev_cli}
+```
+
+transformers reads this model's experts only stacked, not per expert as this folder stores them (the
+layout vLLM reads): loaded with transformers, they would be left randomly initialized.""",
     "gptq": """\
 This folder uses the GPTQ v1 layout (`qweight`/`qzeros`/`scales`/`g_idx` with `quantize_config.json`),
 with the source checkpoint's tensor names. Serve it with vLLM, which picks its GPTQ (Marlin) kernels
@@ -154,6 +165,9 @@ def _how_to_load(fmt: str, repo: str, revision: str | None, config: dict[str, An
     classes = _CAUSAL_LM
     if is_vision_language(config):
         classes = {**_VISION_LANGUAGE, **({} if _text_model_loads_alone(config) else {"text_alone": ""})}
+    family = FAMILIES.get(config.get("model_type"))
+    if fmt == "compressed-tensors" and family is not None and family.transposed_stacks:
+        fmt = "compressed-tensors-engines"
     text = _LOADING[fmt]
     for key, value in classes.items():
         text = text.replace("{" + key + "}", value)

@@ -20,7 +20,7 @@ from typing import Any
 from .checkpoint import is_mtp, is_tower, layer_index, layer_prefix
 from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
 from .fp8 import header_reader, quantization_method, without_fp8_config
-from .relayout import check_against_config
+from .relayout import check_against_config, is_released_stack
 from .safetensors_header import TensorMeta
 from .source import ModelMetadata, read_metadata
 
@@ -131,7 +131,10 @@ def summarize(meta: ModelMetadata) -> ModelSummary:
         index = layer_index(name)
         local = name[len(layer_prefix(name)) :] if index is not None else name
         expert = index is not None and _is_routed_expert(family, local)
-        fused = fused or local in (FUSED_GATE_UP, FUSED_DOWN)
+        fused = fused or (  # Qwen3-VL-MoE releases stack experts: transposed, they are its original
+            local in (FUSED_GATE_UP, FUSED_DOWN)
+            and not is_released_stack(family, config, local, tensor.shape)
+        )
         if is_mtp(name, config.num_hidden_layers):
             mtp_layers.update([] if index is None else [index])
             mtp += tensor.numel

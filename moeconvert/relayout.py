@@ -66,6 +66,8 @@ def fuse_layer(
     their original names."""
     if layer is not None and layer >= config.num_hidden_layers:
         return dict(tensors)
+    if _has_transposed_stacks(family, config, tensors):
+        return _orient_stacks(family, config, tensors, to_runtime=True)
     expert_re = family.original_expert_re()
     experts: dict[tuple[int, str], torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
@@ -96,6 +98,61 @@ def fuse_layer(
     return out
 
 
+def _stack_shapes(family: Family, config: Any) -> dict[str, tuple[int, int, int]]:
+    """The runtime shape of each expert stack, by config.json."""
+    experts, hidden, size = family.num_experts(config), int(config.hidden_size), family.expert_size(config)
+    return {FUSED_GATE_UP: (experts, 2 * size, hidden), FUSED_DOWN: (experts, hidden, size)}
+
+
+def is_released_stack(family: Family, config: Any, local: str, shape: Sequence[int]) -> bool:
+    """Whether ``local`` (a name in its layer) is an expert stack in the transposed orientation that the
+    family's releases store. Told apart by shape, as transformers does: a stack that is square in its
+    last two dimensions (hidden size equal to twice or once the expert size) reads as runtime."""
+    runtime = _stack_shapes(family, config).get(local) if family.transposed_stacks else None
+    return (
+        runtime is not None
+        and tuple(shape) != runtime
+        and tuple(shape) == (runtime[0], runtime[2], runtime[1])
+    )
+
+
+def _has_transposed_stacks(family: Family, config: Any, tensors: dict[str, torch.Tensor]) -> bool:
+    return any(
+        is_released_stack(family, config, _split_layer_prefix(n)[1], t.shape) for n, t in tensors.items()
+    )
+
+
+def _orient_stacks(
+    family: Family, config: Any, tensors: dict[str, torch.Tensor], *, to_runtime: bool
+) -> dict[str, torch.Tensor]:
+    """A layer with its expert stacks turned from the releases' orientation to the runtime one, or
+    back: both stacks must be in the orientation they are turned from, or the layer is corrupt."""
+    shapes = _stack_shapes(family, config)
+    out = dict(tensors)
+    for name, tensor in tensors.items():
+        runtime = shapes.get(_split_layer_prefix(name)[1])
+        if runtime is None:
+            continue
+        source = (runtime[0], runtime[2], runtime[1]) if to_runtime else runtime
+        if tuple(tensor.shape) != source:
+            raise CorruptCheckpointError(
+                f"{name} has shape {list(tensor.shape)}, but config.json implies {list(source)} "
+                f"(the other stack of its layer is {'transposed' if to_runtime else 'not'})"
+            )
+        out[name] = tensor.transpose(1, 2).contiguous()
+    return out
+
+
+def as_runtime_orientation(
+    family: Family, config: Any, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """A layer with expert stacks stored as the family's releases store them (transposed) turned to the
+    runtime orientation; any other layer as it is. Shapes are checked on what this returns."""
+    if _has_transposed_stacks(family, config, tensors):
+        return _orient_stacks(family, config, tensors, to_runtime=True)
+    return dict(tensors)
+
+
 def is_fused(tensors: dict[str, Any]) -> bool:
     """Whether a layer's tensors hold stacked experts (the runtime layout) rather than per-expert ones."""
     return any(_split_layer_prefix(n)[1] in (FUSED_GATE_UP, FUSED_DOWN) for n in tensors)
@@ -114,7 +171,7 @@ def runtime_layer(
     for name in tensors:
         if expert_re.match(_split_layer_prefix(name)[1]):
             raise CorruptCheckpointError(f"{name}: a per-expert tensor beside the layer's stacked experts")
-    return dict(tensors)
+    return as_runtime_orientation(family, config, tensors)
 
 
 def concat_experts(
@@ -202,9 +259,14 @@ def unfuse_layer(
     family: Family, config: Any, layer: int | None, tensors: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """Inverse of :func:`fuse_layer`: stacked experts back to per-expert tensors and original names
-    (MTP layers, carried by fuse as they were, are carried back)."""
+    (MTP layers, carried by fuse as they were, are carried back), or for a family whose releases stack
+    them transposed (Qwen3-VL-MoE), back to that orientation."""
     if layer is not None and layer >= config.num_hidden_layers:
         return dict(tensors)
+    if family.transposed_stacks and is_fused(tensors):  # back as released
+        if _has_transposed_stacks(family, config, tensors):
+            raise UnsupportedModelError("checkpoint is not fused (its expert stacks are as released)")
+        return _orient_stacks(family, config, tensors, to_runtime=False)
     out: dict[str, torch.Tensor] = {}
     stacked: dict[str, torch.Tensor] = {}
     prefix = ""
@@ -283,7 +345,7 @@ def check_against_config(reader: ShardedReader, family: Family, config: Any) -> 
     expected = model_shapes(config)
     for layer, names in iter_groups(reader):
         stored = reader.meta_tensors(names)
-        check_shapes(stored, expected)
+        check_shapes(as_runtime_orientation(family, config, stored), expected)
         check_shapes(runtime_layer(family, config, layer, stored), expected)
 
 
@@ -315,8 +377,8 @@ def relayout(
         for layer, names in groups:
             stored = reader.meta_tensors(names)
             converted = layer_fn(family, config, layer, stored)
-            check_shapes(stored, expected)  # whichever side carries transformers' runtime names
-            check_shapes(converted, expected)
+            for side in (stored, converted):  # whichever side carries transformers' runtime names
+                check_shapes(as_runtime_orientation(family, config, side), expected)
             plan.append(plan_group(converted))
         with _write_errors(output), OutputFolder(output, force=force, source=folder) as staging:
             writer = ShardedWriter(staging, plan, shard_cap)

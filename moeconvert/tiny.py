@@ -5,7 +5,8 @@ suite. Configs are small but keep each family's quirks: Qwen2-MoE's gated shared
 ``mlp_only_layers`` layer, DeepSeek's dense first layers, shared experts and V3 group routing,
 GLM-4.5's biased q/k/v with normed q and k, GLM-4.7-Flash's MLA with layer kinds listed,
 MiniMax-M2's routing bias, ERNIE-4.5's dense first layer and float32 router, the vision encoders
-beside GLM-4.5V's and Qwen3.5's (hybrid-attention) text models.
+beside GLM-4.5V's, Qwen3.5's (hybrid-attention) and Qwen3-VL-MoE's text models, and Qwen3-VL-MoE's
+transposed expert stacks, as its releases store them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .families import FUSED_DOWN, FUSED_GATE_UP, family_for
 
 _BASE: dict[str, Any] = dict(
     vocab_size=256,
@@ -128,6 +131,17 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         moe_layer_start_index=1,
     ),
     "qwen3_5_moe": _HYBRID_QWEN,
+    # experts 96 wide against a hidden size of 64: no stack is square, so shapes tell orientations apart
+    "qwen3_vl_moe": dict(
+        intermediate_size=128,
+        moe_intermediate_size=96,
+        num_experts=8,
+        num_experts_per_tok=2,
+        head_dim=16,
+        rope_parameters=dict(
+            rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2], mrope_interleaved=True
+        ),
+    ),
 }
 
 # Families whose checkpoint is a vision-language model: the text model above, under
@@ -144,6 +158,7 @@ _VISION: dict[str, Any] = dict(
 VISION_CONFIGS: dict[str, dict[str, Any]] = {
     "glm4v_moe": _VISION,
     "qwen3_5_moe": dict(**_VISION, num_position_embeddings=64),
+    "qwen3_vl_moe": dict(**_VISION, num_position_embeddings=64, deepstack_visual_indexes=[0]),
 }
 
 
@@ -185,6 +200,10 @@ def build_tiny_model(
     its predictions are peaked and a broken expert or a coarse grid shows in the logits.
     """
     config = tiny_config(family, **overrides)
+    transposed = family_for({"model_type": family}).transposed_stacks
+    text = config.get_text_config()
+    if transposed and text.hidden_size in (text.moe_intermediate_size, 2 * text.moe_intermediate_size):
+        raise ValueError("square expert stacks: their orientation could not be told from their shapes")
     torch.manual_seed(seed)
     model = auto_class(family).from_config(config)
     _spread_router_weights(model, seed)
@@ -193,7 +212,21 @@ def build_tiny_model(
     model = model.to(dtype)
     output = Path(output)
     model.save_pretrained(output, max_shard_size=max_shard_size)
+    if transposed:
+        _transpose_stacks(output)
     return output
+
+
+def _transpose_stacks(folder: Path) -> None:
+    """Rewrite the expert stacks that transformers saved in its runtime orientation as the family's
+    releases store them, [E, H, 2I] and [E, I, H] (same names and sizes: the index stays valid)."""
+    from safetensors.torch import load_file, save_file
+
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(path)
+        for name in [n for n in tensors if n.endswith((FUSED_GATE_UP, FUSED_DOWN))]:
+            tensors[name] = tensors[name].transpose(1, 2).contiguous()
+        save_file(tensors, path, metadata={"format": "pt"})
 
 
 def _spread_router_weights(model: torch.nn.Module, seed: int) -> None:

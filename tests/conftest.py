@@ -18,11 +18,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moeconvert.checkpoint import layer_index, layer_prefix
-from moeconvert.families import family_for, load_config
+from moeconvert.families import FUSED_DOWN, FUSED_GATE_UP, family_for, load_config
+from moeconvert.layout import unstack_experts
 from moeconvert.pipeline import QuantizeOptions, quantize
 from moeconvert.quant.packing import unpack_compressed
 from moeconvert.quant.scheme import Scheme
-from moeconvert.relayout import fuse_layer
+from moeconvert.relayout import fuse_layer, runtime_layer
 from moeconvert.source import read_config
 from moeconvert.tiny import TINY_CONFIGS, auto_class, build_tiny_model
 
@@ -64,17 +65,17 @@ def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def dequantized_state(folder: Path, source: Path) -> dict[str, torch.Tensor]:
-    """The source model's tensors with every module of a compressed-tensors output replaced by our own
-    decoding of the files (bits and groups read off the stored shapes, not the config), in transformers'
-    runtime layout (fused experts)."""
+    """The model of a compressed-tensors output as our own decoding of its files gives it (bits and groups
+    read off the stored shapes, not the config; each weight in its scales' dtype, the source's), in
+    transformers' runtime layout (fused experts), whatever layout ``source`` stores its experts in."""
     tensors = load_tensors(folder)
-    state = load_tensors(source)
-    for name in [n for n in tensors if n.endswith(".weight_packed")]:
-        module = name[: -len(".weight_packed")]
+    packed = {n[: -len(".weight_packed")] for n in tensors if n.endswith(".weight_packed")}
+    state = {n: t for n, t in tensors.items() if n.rpartition(".weight_")[0] not in packed}
+    for module in packed:
         parts = {k[len(module) + 1 :]: v for k, v in tensors.items() if k.startswith(module + ".weight_")}
         bits = parts["weight_packed"].shape[1] * 32 // int(parts["weight_shape"][1])
         qw = unpack_compressed(parts, bits, sym="weight_zero_point" not in parts)
-        state[module + ".weight"] = qw.dequantize().to(state[module + ".weight"].dtype)
+        state[module + ".weight"] = qw.dequantize().to(parts["weight_scale"].dtype)
     raw = read_config(source)
     family, cfg = family_for(raw), load_config(raw)
     fused: dict[str, torch.Tensor] = {}
@@ -85,6 +86,17 @@ def dequantized_state(folder: Path, source: Path) -> dict[str, torch.Tensor]:
     if cfg.tie_word_embeddings:  # the head is the embedding table, stored once
         state["lm_head.weight"] = next(t for n, t in state.items() if n.endswith("embed_tokens.weight"))
     return {**{n: t for n, t in state.items() if layer_index(n) is None}, **fused}
+
+
+def load_quantized(folder: Path, source: Path) -> torch.nn.Module:
+    """transformers' model of a compressed-tensors output of ``source``. transformers reads Qwen3-VL-MoE's
+    experts only stacked, not per expert as vLLM does and as the output stores them: for it, the
+    source's model with our own decoding of the files (``dequantized_state``)."""
+    if not family_for(read_config(source)).transposed_stacks:
+        return load_model(folder)
+    model = load_model(source)
+    model.load_state_dict(dequantized_state(folder, source), strict=True)
+    return model
 
 
 def load_model(folder: Path, experts_implementation: str | None = None) -> torch.nn.Module:
@@ -283,4 +295,29 @@ def _with_mtp(
         if side.suffix != ".safetensors" and "index" not in side.name:
             shutil.copyfile(side, folder / side.name)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def per_expert_copy(source: Path, folder: Path) -> Path:
+    """``source`` with every layer's stacked experts stored per expert under the family's names, as
+    Qwen3-VL-MoE's FP8 releases and every quantized output store them (one file: tiny models only)."""
+    folder.mkdir()
+    raw = read_config(source)
+    family, config = family_for(raw), load_config(raw)
+    tensors = load_tensors(source)
+    out = {n: t for n, t in tensors.items() if layer_index(n) is None}
+    for layer in sorted({i for n in tensors if (i := layer_index(n)) is not None}):
+        group = runtime_layer(
+            family, config, layer, {n: t for n, t in tensors.items() if layer_index(n) == layer}
+        )
+        prefix = layer_prefix(next(iter(group)))
+        gate_up, down = group.pop(prefix + FUSED_GATE_UP, None), group.pop(prefix + FUSED_DOWN, None)
+        out.update(group)
+        if gate_up is not None:
+            for e, weights in enumerate(zip(*unstack_experts(gate_up, down), strict=True)):
+                out.update({prefix + family.original_expert_name(e, p): w for p, w in enumerate(weights)})
+    save_file(out, folder / "model.safetensors", metadata={"format": "pt"})
+    for path in source.glob("*.json"):
+        if path.name != "model.safetensors.index.json":
+            shutil.copy(path, folder / path.name)
     return folder

@@ -1,5 +1,5 @@
-"""FP8 block-quantized sources (DeepSeek-V3's convention, MiniMax-M2's and Qwen3.5's too) are dequantized per
-layer by fuse and quantize."""
+"""FP8 block-quantized sources (DeepSeek-V3's convention, MiniMax-M2's, Qwen3.5's and Qwen3-VL-MoE's too)
+are dequantized per layer by fuse and quantize."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_tensors
+from conftest import load_tensors, per_expert_copy
 from safetensors.torch import save_file
 
 from moeconvert import fuse
@@ -87,10 +87,12 @@ def dequantized_reference(fp8: Path, out: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="module", params=["deepseek_v3", "minimax_m2", "qwen3_5_moe"])
+@pytest.fixture(scope="module", params=["deepseek_v3", "minimax_m2", "qwen3_5_moe", "qwen3_vl_moe"])
 def fp8_pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("fp8")
     bf16 = build_tiny_model(request.param, root / "bf16", dtype=torch.bfloat16, train_steps=100)
+    if request.param == "qwen3_vl_moe":  # its bf16 releases stack experts, its FP8 ones do not
+        bf16 = per_expert_copy(bf16, root / "per_expert")
     fp8 = to_fp8(bf16, root / "fp8")
     scales = {name for name in load_tensors(fp8) if name.endswith("_scale_inv")}
     assert any(".experts.0." in name for name in scales) and not any(

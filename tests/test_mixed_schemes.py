@@ -225,6 +225,27 @@ def test_a_vision_language_checkpoint_gets_the_stored_bits_under_vllm_names_too(
 
 
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_qwen3_vl_moe_stacks_as_released_quantize_per_expert_under_every_loaders_names(
+    fmt: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Qwen3-VL-MoE releases stack each layer's experts transposed; the output stores them per expert,
+    the names vLLM reads, each expert of a layer singled out by a rule at that layer's bits."""
+    rules = (Rule(r"layers\.1\.mlp\.experts\.", W8), Rule(r"layers\.2\.self_attn", None))
+    quant = quantized_config(tiny_models["qwen3_vl_moe"], tmp_path, fmt, rules)
+    stored = load_tensors(tmp_path)
+    assert not any(n.endswith(("gate_up_proj", "down_proj")) for n in stored)  # no stack left
+    bits = stored_bits(stored)
+    text = "model.language_model.layers."
+    for e in range(8):
+        for projection in ("gate_proj", "up_proj", "down_proj"):
+            assert bits[f"{text}0.mlp.experts.{e}.{projection}"] == 4
+            assert bits[f"{text}1.mlp.experts.{e}.{projection}"] == 8
+    assert bits[text + "2.self_attn.q_proj"] is None and bits[text + "1.self_attn.q_proj"] == 4
+    assert {bits[m] for m in bits if m.startswith("model.visual.")} == {None}
+    assert_every_loader_gets_the_stored_bits(quant, bits)
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
 def test_schemes_stored_alike_share_one_rule(fmt: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
     """Attention solved by GPTQ, experts by RTN, both 4-bit g32: one stored form, so no mixed rules."""
     rules = (Rule("self_attn", Scheme(bits=4, group_size=32, method="gptq")),)

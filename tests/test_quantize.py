@@ -16,14 +16,17 @@ from conftest import (
     eval_tokens,
     invoke_cli,
     load_model,
+    load_quantized,
     load_tensors,
     mean_kl,
+    per_expert_copy,
     run_cli,
     token_kl,
 )
 from transformers import AutoModelForCausalLM
 
 from moeconvert import inspect_model, pipeline, verify
+from moeconvert.card import build_card
 from moeconvert.distributed import Ranks
 from moeconvert.errors import BadInputError, CorruptCheckpointError
 from moeconvert.estimate import _input_owner
@@ -36,12 +39,12 @@ from moeconvert.quant.scheme import Scheme
 from moeconvert.quant.targets import Rule, TargetPolicy
 from moeconvert.relayout import fuse_layer, runtime_layer
 from moeconvert.source import read_config
-from moeconvert.tiny import build_tiny_model
+from moeconvert.tiny import auto_class, build_tiny_model
 
 FAST = QuantizeOptions(samples=16, seq_len=128)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "qwen3_vl_moe"])
 def test_transformers_loads_our_compressed_tensors(
     family: str, quantized: dict, trained_models: dict[str, Path]
 ) -> None:
@@ -58,6 +61,23 @@ def test_transformers_loads_our_compressed_tensors(
     tokens = eval_tokens()
     with torch.no_grad():
         assert torch.allclose(loaded(tokens).logits, ours(tokens).logits, atol=1e-5, rtol=0)
+
+
+def test_transformers_cannot_read_qwen3_vl_moe_experts_per_expert_and_the_card_says_so(
+    quantized: dict, trained_models: dict[str, Path]
+) -> None:
+    """transformers reads Qwen3-VL-MoE's experts only stacked; vLLM reads them per expert, as every
+    quantized output stores them. Loaded with transformers, the experts would be fresh random weights:
+    the card offers vLLM alone. Should transformers learn to read them, this fails and the card can
+    offer it again."""
+    folder = quantized["qwen3_vl_moe", "w4"]
+    _, info = auto_class("qwen3_vl_moe").from_pretrained(folder, output_loading_info=True)
+    assert {n for n in info["missing_keys"] if ".mlp.experts." in n}, info["missing_keys"]
+    card = build_card(
+        json.loads((folder / "quantization_report.json").read_text()), read_config(folder), None, "me/vl-w4"
+    ).text
+    assert "vllm serve me/vl-w4" in card and "from_pretrained" not in card
+    assert "per expert" in card
 
 
 def test_the_text_model_of_a_vision_language_output_loads_alone(quantized: dict) -> None:
@@ -139,7 +159,7 @@ def test_quality_orders_as_it_must(family: str, quantized: dict, trained_models:
     tokens = eval_tokens()
     original = load_model(trained_models[family])
     per_token = {
-        label: token_kl(original, load_model(quantized[family, label]), tokens)
+        label: token_kl(original, load_quantized(quantized[family, label], trained_models[family]), tokens)
         for label in ("w4", "w8", "w4rtn")
     }
     assert all(float(k.mean()) < 3e-3 for k in per_token.values()), per_token
@@ -329,6 +349,44 @@ def test_a_layer_with_stacked_and_per_expert_experts_is_refused(tiny_models: dic
     with pytest.raises(CorruptCheckpointError, match="per-expert tensor beside"):
         runtime_layer(family, config, 0, {**stacked, stray: tensors[stray]})
     assert runtime_layer(family, config, 0, stacked).keys() == stacked.keys()
+
+
+def test_qwen3_vl_moe_stacks_are_read_in_either_orientation_but_not_mixed(
+    tiny_models: dict[str, Path],
+) -> None:
+    """Qwen3-VL-MoE releases stack experts transposed, transformers saves them in its runtime
+    orientation: both read as the same layer. A layer with one stack of each is corrupt."""
+    source = tiny_models["qwen3_vl_moe"]
+    raw = read_config(source)
+    family, config = family_for(raw), load_config(raw)
+    prefix = "model.language_model.layers.0."
+    released = {n: t for n, t in load_tensors(source).items() if n.startswith(prefix)}
+    gate_up, down = released[prefix + "mlp.experts.gate_up_proj"], released[prefix + "mlp.experts.down_proj"]
+    assert gate_up.shape == (8, 64, 192) and down.shape == (8, 96, 64)  # [E, H, 2I], [E, I, H]
+    runtime = runtime_layer(family, config, 0, released)
+    assert torch.equal(runtime[prefix + "mlp.experts.gate_up_proj"], gate_up.transpose(1, 2))
+    assert torch.equal(runtime[prefix + "mlp.experts.down_proj"], down.transpose(1, 2))
+    again = runtime_layer(family, config, 0, runtime)
+    assert all(torch.equal(again[n], t) for n, t in runtime.items())
+    mixed = {**released, prefix + "mlp.experts.down_proj": runtime[prefix + "mlp.experts.down_proj"]}
+    with pytest.raises(CorruptCheckpointError, match="down_proj has shape"):
+        runtime_layer(family, config, 0, mixed)
+
+
+def test_qwen3_vl_moe_stored_per_expert_quantizes_to_the_bytes_of_its_stacked_release(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Per expert, as its FP8 releases store them, or stacked and transposed, as its bf16 ones do: the
+    same model, the same output."""
+    released = tiny_models["qwen3_vl_moe"]
+    per_expert = per_expert_copy(released, tmp_path / "per_expert")
+    assert "model.language_model.layers.0.mlp.experts.7.down_proj.weight" in load_tensors(per_expert)
+    options = QuantizeOptions(samples=4, seq_len=64)
+    for name, source in (("a", released), ("b", per_expert)):
+        quantize(str(source), W4, output=tmp_path / name, options=options, verify=False, progress=False)
+    a, b = load_tensors(tmp_path / "a"), load_tensors(tmp_path / "b")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
+    assert inspect_model(str(per_expert)).layout == "original"
 
 
 def test_starved_experts_and_calibrate_all(trained_models: dict[str, Path], tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ FAMILY_OF = {
     "zai-org/GLM-4.5": "glm4_moe", "zai-org/GLM-4.7-Flash": "glm4_moe_lite",
     "MiniMaxAI/MiniMax-M2": "minimax_m2", "Qwen/Qwen3-Next": "qwen3_next", "Qwen/Qwen3.5": "qwen3_5_moe",
     "baidu/ERNIE-4.5": "ernie4_5_moe", "rednote-hilab/dots.llm1": "dots1", "zai-org/GLM-4.5V": "glm4v_moe",
+    "Qwen/Qwen3-VL": "qwen3_vl_moe",
 }  # fmt: skip
 # Widths of 128 so the recipes' group size of 128 divides every input.
 WIDE = {"hidden_size": 128, "intermediate_size": 128}
@@ -37,6 +38,11 @@ WIDER = {
     "qwen3_5_moe": {"moe_intermediate_size": 128, "shared_expert_intermediate_size": 128, "head_dim": 32},
     "ernie4_5_moe": {"moe_intermediate_size": 128},
     "dots1": {"moe_intermediate_size": 128, "head_dim": 32},
+    "qwen3_vl_moe": {  # experts twice the hidden size: no stack is square, its orientation shows
+        "moe_intermediate_size": 256,
+        "head_dim": 32,
+        "rope_parameters": {"rope_type": "default", "mrope_section": [8, 4, 4], "mrope_interleaved": True},
+    },
     "glm4v_moe": {
         "moe_intermediate_size": 128,
         "head_dim": 32,  # 16 rotary dims: 8 frequencies over time, height and width
@@ -46,7 +52,7 @@ WIDER = {
 
 
 def family_of(model: str) -> str:
-    """The family of the longest prefix of ``model`` (Qwen/Qwen3-Next and Qwen/Qwen3.5 before Qwen/Qwen3,
+    """The family of the longest prefix of ``model`` (Qwen/Qwen3-Next, Qwen/Qwen3.5 and Qwen/Qwen3-VL before Qwen/Qwen3,
     zai-org/GLM-4.5V before zai-org/GLM-4.5)."""
     return max(((p, f) for p, f in FAMILY_OF.items() if model.startswith(p)), key=lambda pf: len(pf[0]))[1]
 

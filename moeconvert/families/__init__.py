@@ -16,7 +16,7 @@ from .minimax import MINIMAX_M2
 from .mixtral import MIXTRAL
 from .olmoe import OLMOE
 from .phimoe import PHIMOE
-from .qwen_moe import QWEN2_MOE, QWEN3_5_MOE, QWEN3_MOE, QWEN3_NEXT
+from .qwen_moe import QWEN2_MOE, QWEN3_5_MOE, QWEN3_MOE, QWEN3_NEXT, QWEN3_VL_MOE
 
 FAMILIES: dict[str, Family] = {
     t: family
@@ -26,6 +26,7 @@ FAMILIES: dict[str, Family] = {
         QWEN3_MOE,
         QWEN3_NEXT,
         QWEN3_5_MOE,
+        QWEN3_VL_MOE,
         DEEPSEEK_V2,
         DEEPSEEK_V3,
         DOTS1,

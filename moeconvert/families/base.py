@@ -35,6 +35,9 @@ class Family:
     # Patterns of modules kept in full precision unless a rule names them: those that quantization
     # damages far beyond their size, as the field's recipes for the family keep them.
     keep: tuple[str, ...] = ()
+    # Whether the family's releases store experts stacked but transposed, gate_up [E, H, 2I] and down
+    # [E, I, H] (Qwen3-VL-MoE): transformers reads either orientation, vLLM only this one.
+    transposed_stacks: bool = False
 
     @property
     def name(self) -> str:

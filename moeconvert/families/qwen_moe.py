@@ -1,5 +1,5 @@
-"""Qwen1.5/Qwen2-MoE (one gated shared expert), Qwen3-MoE (none), Qwen3-Next (hybrid attention) and
-Qwen3.5-MoE (Qwen3-Next's text model in a vision-language checkpoint).
+"""Qwen1.5/Qwen2-MoE (one gated shared expert), Qwen3-MoE (none), Qwen3-Next (hybrid attention),
+Qwen3.5-MoE (Qwen3-Next's text model in a vision-language checkpoint) and Qwen3-VL-MoE (Qwen3-MoE's).
 
 All but Qwen3.5 place sparse blocks by ``decoder_sparse_step`` and exempt ``mlp_only_layers``, which
 then hold a dense MLP; every Qwen3.5 layer is sparse.
@@ -53,4 +53,10 @@ QWEN3_5_MOE = QwenMoeFamily(
     shared_experts="mlp.shared_expert",
     keep=(r"\.linear_attn\.",),
     **_QWEN_COMMON,
+)
+# Qwen3-VL-MoE: Qwen3-MoE's text model (interleaved multimodal rotary embedding aside, which text alone
+# does not use) in a vision-language checkpoint laid out as Qwen3.5's. Its releases store the experts of
+# a layer stacked and transposed; FP8 releases and quantized outputs store them per expert.
+QWEN3_VL_MOE = QwenMoeFamily(
+    model_types=("qwen3_vl_moe", "qwen3_vl_moe_text"), transposed_stacks=True, **_QWEN_COMMON
 )
