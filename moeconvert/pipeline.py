@@ -45,7 +45,7 @@ from .estimate import (
 from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
 from .formats import QuantFormat, get_format
 from .formats.base import QuantizedModule
-from .formats.module_rules import carried_rules, vllm_split_modules
+from .formats.module_rules import carried_rules, engine_unquantized_modules, vllm_split_modules
 from .forward import LayerwiseModel
 from .fp8 import full_precision_config, header_reader, open_reader, source_dtype
 from .manifest import write_manifest
@@ -714,11 +714,10 @@ class Quantizer:
         unused = self.policy.unused_rules(seen)
         if unused:
             raise BadInputError(f"rule pattern(s) {unused} match no module of this model")
-        split = vllm_split_modules(
-            {**dict.fromkeys(kept), **{t.aliases[0]: t.scheme for ts in plan.values() for t in ts}}
-        )
-        if split:
-            raise BadInputError(split[0])
+        assignment = {**dict.fromkeys(kept), **{t.aliases[0]: t.scheme for ts in plan.values() for t in ts}}
+        refused = vllm_split_modules(assignment) + engine_unquantized_modules(assignment)
+        if refused:
+            raise BadInputError(refused[0])
         return plan, kept
 
     def peak_memory_bytes(self, plan: dict[int, list[Target]]) -> int:

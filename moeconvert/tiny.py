@@ -92,6 +92,20 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "deepseek_v3": dict(
         **_DEEPSEEK_MOE, **_MLA, first_k_dense_replace=1, q_lora_rank=64, n_group=4, topk_group=2
     ),
+    # DeepSeek Sparse Attention: each query attends to the indexer's top 48 tokens, fewer than a
+    # calibration window holds, so the indexer's choice shapes the outputs. (With 16, which tokens make
+    # the cut flips under 8-bit noise often enough to dominate every mean KL.)
+    "deepseek_v32": dict(
+        **_DEEPSEEK_MOE,
+        **_MLA,
+        first_k_dense_replace=1,
+        q_lora_rank=64,
+        n_group=4,
+        topk_group=2,
+        index_n_heads=2,
+        index_head_dim=32,
+        index_topk=48,
+    ),
     "glm4_moe": dict(
         **_DEEPSEEK_MOE,
         first_k_dense_replace=1,

@@ -1,4 +1,4 @@
-"""FP8 block-quantized sources (DeepSeek-V3's convention, MiniMax-M2's, Qwen3.5's and Qwen3-VL-MoE's too)
+"""FP8 block-quantized sources (DeepSeek-V3's convention, V3.2's, MiniMax-M2's, Qwen3.5's and Qwen3-VL-MoE's too)
 are dequantized per layer by fuse and quantize."""
 
 from __future__ import annotations
@@ -87,7 +87,9 @@ def dequantized_reference(fp8: Path, out: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="module", params=["deepseek_v3", "minimax_m2", "qwen3_5_moe", "qwen3_vl_moe"])
+@pytest.fixture(
+    scope="module", params=["deepseek_v3", "deepseek_v32", "minimax_m2", "qwen3_5_moe", "qwen3_vl_moe"]
+)
 def fp8_pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("fp8")
     bf16 = build_tiny_model(request.param, root / "bf16", dtype=torch.bfloat16, train_steps=100)

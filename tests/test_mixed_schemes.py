@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import dequantized_state, eval_tokens, load_model, load_tensors, with_mtp
 
+from moeconvert.errors import BadInputError
 from moeconvert.pipeline import QuantizeOptions, quantize
 from moeconvert.quant.scheme import Scheme
 from moeconvert.quant.targets import Rule
@@ -242,6 +243,32 @@ def test_qwen3_vl_moe_stacks_as_released_quantize_per_expert_under_every_loaders
             assert bits[f"{text}1.mlp.experts.{e}.{projection}"] == 8
     assert bits[text + "2.self_attn.q_proj"] is None and bits[text + "1.self_attn.q_proj"] == 4
     assert {bits[m] for m in bits if m.startswith("model.visual.")} == {None}
+    assert_every_loader_gets_the_stored_bits(quant, bits)
+
+
+def test_the_deepseek_v32_indexer_stays_in_full_precision_and_engines_get_what_they_build(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """DeepSeek-V3.2's indexer (wq_b, wk, weights_proj) is kept by default. A rule may quantize wq_b and
+    wk, which engines build quantizable, but not weights_proj, which they build without quantization:
+    that rule is refused before anything is written."""
+    source = tiny_models["deepseek_v32"]
+    quant = quantized_config(source, tmp_path / "default", "compressed-tensors")
+    bits = stored_bits(load_tensors(tmp_path / "default"))
+    indexer = [m for m in bits if ".self_attn.indexer." in m]
+    assert len(indexer) == 3 * 3 and {bits[m] for m in indexer} == {None}
+    assert bits["model.layers.1.self_attn.q_b_proj"] == 4
+    assert_every_loader_gets_the_stored_bits(quant, bits)
+    with pytest.raises(BadInputError, match=r"layers\.0\.self_attn\.indexer\.weights_proj: vLLM"):
+        quantized_config(source, tmp_path / "broad", "compressed-tensors", (Rule("self_attn", W8),))
+    assert not (tmp_path / "broad").exists()
+    rules = (Rule(r"indexer\.weights_proj", None), Rule("self_attn", W8))
+    quant = quantized_config(source, tmp_path / "narrow", "gptq", rules)
+    bits = stored_bits(load_tensors(tmp_path / "narrow"))
+    assert (
+        bits["model.layers.2.self_attn.indexer.wk"] == 8
+        and bits["model.layers.2.self_attn.indexer.weights_proj"] is None
+    )
     assert_every_loader_gets_the_stored_bits(quant, bits)
 
 

@@ -23,7 +23,7 @@ FAMILY_OF = {
     "zai-org/GLM-4.5": "glm4_moe", "zai-org/GLM-4.7-Flash": "glm4_moe_lite",
     "MiniMaxAI/MiniMax-M2": "minimax_m2", "Qwen/Qwen3-Next": "qwen3_next", "Qwen/Qwen3.5": "qwen3_5_moe",
     "baidu/ERNIE-4.5": "ernie4_5_moe", "rednote-hilab/dots.llm1": "dots1", "zai-org/GLM-4.5V": "glm4v_moe",
-    "Qwen/Qwen3-VL": "qwen3_vl_moe",
+    "Qwen/Qwen3-VL": "qwen3_vl_moe", "deepseek-ai/DeepSeek-V3.2": "deepseek_v32",
 }  # fmt: skip
 # Widths of 128 so the recipes' group size of 128 divides every input.
 WIDE = {"hidden_size": 128, "intermediate_size": 128}
@@ -33,6 +33,7 @@ WIDER = {
     "deepseek_v2": {"moe_intermediate_size": 128, "v_head_dim": 32},
     "glm4_moe": {"moe_intermediate_size": 128},
     "glm4_moe_lite": {"moe_intermediate_size": 128, "v_head_dim": 32, "q_lora_rank": 128},
+    "deepseek_v32": {"moe_intermediate_size": 128, "v_head_dim": 32, "q_lora_rank": 128, "kv_lora_rank": 128},
     "minimax_m2": {"head_dim": 32},
     "qwen3_next": {"moe_intermediate_size": 128, "shared_expert_intermediate_size": 128, "head_dim": 32},
     "qwen3_5_moe": {"moe_intermediate_size": 128, "shared_expert_intermediate_size": 128, "head_dim": 32},

@@ -9,7 +9,7 @@ from transformers import CONFIG_MAPPING
 
 from ..errors import UnsupportedModelError
 from .base import FUSED_DOWN, FUSED_GATE_UP, Family
-from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3, DOTS1
+from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3, DEEPSEEK_V32, DOTS1
 from .ernie import ERNIE4_5_MOE
 from .glm import GLM4_MOE, GLM4_MOE_LITE, GLM4V_MOE
 from .minimax import MINIMAX_M2
@@ -29,6 +29,7 @@ FAMILIES: dict[str, Family] = {
         QWEN3_VL_MOE,
         DEEPSEEK_V2,
         DEEPSEEK_V3,
+        DEEPSEEK_V32,
         DOTS1,
         ERNIE4_5_MOE,
         GLM4_MOE,

@@ -1,8 +1,9 @@
-"""DeepSeek-V2 and V3: dense MLPs before ``first_k_dense_replace``, then routed + shared experts.
+"""DeepSeek-V2, V3 and V3.2: dense MLPs before ``first_k_dense_replace``, then routed + shared experts.
 
 V3 adds the router's ``e_score_correction_bias`` (stored as ``mlp.gate.e_score_correction_bias``) and
 group-limited routing; both are router state, kept as they are. dots.llm1 (``dots1``) is V3's MoE block
-with plain q/k/v attention (q and k normed).
+with plain q/k/v attention (q and k normed). V3.2 is V3 with DeepSeek Sparse Attention: each layer's
+``self_attn.indexer`` scores past tokens and attention reads only the top ``index_topk`` of them.
 """
 
 from __future__ import annotations
@@ -36,6 +37,25 @@ class DeepseekFamily(Family):
         return None
 
 
+@dataclass(frozen=True)
+class LayerTypesFamily(DeepseekFamily):
+    """DeepSeek's MoE block with each decoder layer's MLP named in ``mlp_layer_types`` ("dense" or
+    "sparse"), which is what transformers' model reads (the config derives it from
+    ``first_k_dense_replace`` when it is not given)."""
+
+    def is_moe_layer(self, config: Any, layer: int) -> bool:
+        return config.mlp_layer_types[layer] == "sparse"
+
+    def routing_problem(self, config: Any) -> str | None:
+        """Any other list would fail in transformers' model, or build MLPs where the checkpoint holds experts."""
+        kinds, depth = config.mlp_layer_types, config.num_hidden_layers
+        if not isinstance(kinds, list) or len(kinds) != depth or not set(kinds) <= {"dense", "sparse"}:
+            return (
+                f"mlp_layer_types={kinds!r} (needs one of 'dense' or 'sparse' for each of the {depth} layers)"
+            )
+        return super().routing_problem(config)
+
+
 DEEPSEEK_COMMON = dict(  # names and keys, shared with GLM (glm.py)
     moe_block="mlp",
     projections=("gate_proj", "up_proj", "down_proj"),
@@ -48,3 +68,6 @@ DEEPSEEK_COMMON = dict(  # names and keys, shared with GLM (glm.py)
 DEEPSEEK_V2 = DeepseekFamily(model_types=("deepseek_v2",), **DEEPSEEK_COMMON)
 DEEPSEEK_V3 = DeepseekFamily(model_types=("deepseek_v3",), **DEEPSEEK_COMMON)
 DOTS1 = DeepseekFamily(model_types=("dots1",), **DEEPSEEK_COMMON)
+# The indexer stays in full precision: its top-k decides which tokens attention reads at all, and it is a
+# fraction of a percent of the model (serving engines build its weights_proj unquantized in any case).
+DEEPSEEK_V32 = LayerTypesFamily(model_types=("deepseek_v32",), keep=(r"\.indexer\.",), **DEEPSEEK_COMMON)

@@ -112,6 +112,23 @@ def vllm_split_modules(assignment: Mapping[str, Hashable]) -> list[str]:
     ]
 
 
+# modules that serving engines build without quantization, whatever the checkpoint's config says
+# (vLLM's and SGLang's DeepSeek-V3.2 indexer: ``weights_proj`` gets no quant_config)
+UNQUANTIZED_IN_ENGINES = (r"\.indexer\.weights_proj$",)
+
+
+def engine_unquantized_modules(assignment: Mapping[str, Hashable]) -> list[str]:
+    """The modules serving engines read only in full precision that ``assignment`` (module name ->
+    scheme, or None for kept) quantizes, each as a sentence: an engine would find packed weights where
+    its module has none."""
+    return [
+        f"{name}: vLLM and SGLang load it only in full precision: keep it (a rule for it with scheme: null "
+        "before the others, or a narrower pattern)"
+        for name, value in sorted(assignment.items())
+        if value is not None and any(re.search(p, name) for p in UNQUANTIZED_IN_ENGINES)
+    ]
+
+
 def layer_prefix_rule(layers: list[int], stem: str = "model.layers.") -> str:
     """A regex for every module of whole decoder layers under ``stem`` (DeepSeek-V3's MTP layers, carried
     as they are; GLM-4.5V's under ``model.language_model.layers.``)."""
