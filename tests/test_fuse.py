@@ -58,7 +58,9 @@ def test_unfuse_restores_every_tensor_bit_for_bit(
         assert torch.equal(after[name].view(torch.uint8), tensor.view(torch.uint8)), name
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "glm4v_moe", "qwen3_next", "ernie4_5_moe"])
+@pytest.mark.parametrize(
+    "family", ["deepseek_v3", "deepseek_v32", "glm4_moe", "glm4v_moe", "qwen3_next", "ernie4_5_moe"]
+)
 def test_mtp_layers_are_carried_through_fuse_and_back(
     family: str, tiny_models: dict[str, Path], fused: dict[str, Path], tmp_path: Path
 ) -> None:

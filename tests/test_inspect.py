@@ -47,7 +47,9 @@ def test_family_quirks(tiny_models: dict[str, Path]) -> None:
     assert inspect_model(str(tiny_models["qwen3_moe"])).shared_experts == 0
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "glm4v_moe", "qwen3_next", "ernie4_5_moe"])
+@pytest.mark.parametrize(
+    "family", ["deepseek_v3", "deepseek_v32", "glm4_moe", "glm4v_moe", "qwen3_next", "ernie4_5_moe"]
+)
 def test_mtp_layers_count_in_the_floor_not_in_the_active_parameters(
     family: str, tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
