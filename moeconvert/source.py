@@ -41,6 +41,10 @@ SIDE_FILE_PATTERNS = (
     "*.tiktoken",
     "chat_template.json",
     "chat_template.jinja",
+    # a vision-language model's processor (AutoProcessor, and vLLM serving it, read them)
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "processor_config.json",
 )
 CARD_NAME = "README.md"  # the source's model card: read for its license, never copied
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

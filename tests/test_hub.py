@@ -10,11 +10,13 @@ import pytest
 import torch
 from conftest import load_tensors, run_cli
 from hub_server import HubServer, hub_env
+from transformers.utils import IMAGE_PROCESSOR_NAME, PROCESSOR_NAME, VIDEO_PROCESSOR_NAME
 
 from moeconvert import fuse, inspect_model
 from moeconvert.tiny import build_tiny_model
 
 TOKEN = "hf_testtoken0123456789"
+PROCESSOR_FILES = (IMAGE_PROCESSOR_NAME, VIDEO_PROCESSOR_NAME, PROCESSOR_NAME)
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +29,8 @@ def hub(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
     (repo / "pytorch_model.bin").write_bytes(b"never unpickled")
     shutil.copy(sorted(repo.glob("model-*.safetensors"))[0], repo / "consolidated.safetensors")
     (repo / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
+    for name in PROCESSOR_FILES:  # what a vision-language model's processor is saved as (distinct
+        (repo / name).write_text(json.dumps({"saved_as": name}))  # bytes: the cache shares equal blobs)
     v2 = build_tiny_model("mixtral", root / "src-v2", seed=99)  # one 2 MB file
     pickle_only = root / "src-pickle"
     pickle_only.mkdir()
@@ -77,8 +81,13 @@ def test_fuse_downloads_only_what_it_needs(
     assert sorted(ours) == sorted(expected) and all(torch.equal(ours[k], expected[k]) for k in expected)
     fetched = _downloaded(hub, start)
     assert "pytorch_model.bin" not in fetched and "consolidated.safetensors" not in fetched
-    assert {"config.json", "model.safetensors.index.json", "tokenizer_config.json"} <= fetched
-    assert (out / "tokenizer_config.json").exists()
+    assert {
+        "config.json",
+        "model.safetensors.index.json",
+        "tokenizer_config.json",
+        *PROCESSOR_FILES,
+    } <= fetched
+    assert all((out / name).exists() for name in ("tokenizer_config.json", *PROCESSOR_FILES))
 
     # Offline, from the cache the first run filled: same result, no request at all.
     start = len(hub.request_log)
