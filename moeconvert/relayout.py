@@ -75,6 +75,11 @@ def fuse_layer(
     for name, tensor in tensors.items():
         prefix, local = _split_layer_prefix(name)
         if local in (FUSED_GATE_UP, FUSED_DOWN):
+            if family.transposed_stacks:  # in neither orientation: config.json says otherwise
+                why = (
+                    f"{family.expert_size_key}={family.expert_size(config)}, hidden_size={config.hidden_size}"
+                )
+                _check_shape(name, tensor, _stack_shapes(family, config)[local], why)
             raise UnsupportedModelError(f"{name}: checkpoint is already fused (use unfuse to go back)")
         match = expert_re.match(local)
         if match:

@@ -574,3 +574,19 @@ def test_an_unknown_family_is_answered_with_each_supported_family_once() -> None
     listed = str(refused.value).split("supported: ")[1].split(", ")
     assert "qwen3_5_moe_text" in FAMILIES and "qwen3_5_moe" in listed
     assert not any(name.endswith("_text") for name in listed) and len(listed) == len(set(listed))
+
+
+def test_qwen3_vl_moe_stacks_in_neither_orientation_are_refused(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """A config.json whose expert size fits neither orientation of a Qwen3-VL-MoE release's stacks: every
+    command names the stack and the shape the config implies, not "already fused"."""
+    folder = _copy(tiny_models, tmp_path, "qwen3_vl_moe")
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["moe_intermediate_size"] = 80
+    (folder / "config.json").write_text(json.dumps(config))
+    fragment = "mlp.experts.down_proj has shape [8, 96, 64], but config.json implies [8, 64, 80]"
+    for command, *args in (("fuse",), ("quantize", "--seq-len", "64")):
+        output = tmp_path / command
+        assert_clean_failure(invoke_cli(command, str(folder), "-o", str(output), *args), output, fragment)
+    assert_clean_failure(invoke_cli("inspect", str(folder)), None, fragment)
