@@ -1,8 +1,9 @@
 """Forward passes one decoder layer at a time, with transformers' own modules.
 
-The model skeleton is built on the "meta" device (no memory). Its embeddings are materialised, and a
-*catcher* in place of layer 0 records exactly what the model hands its decoder layers (mask, positions,
-rotary embeddings), whatever the family. Each layer is then materialised from its tensors, run on the
+The model skeleton is built on the "meta" device (no memory). Its embeddings are materialised, and
+*recorders* in place of the decoder layers record exactly what the model hands each of them (mask,
+positions, rotary embeddings), whatever the family: models that mix sliding-window and full attention
+hand each kind of layer its own mask. Each layer is then materialised from its tensors, run on the
 hidden states, and returned to "meta", so only one layer's weights are resident at a time.
 
 Every supported family's decoder layer is ``h = x + attn(norm1(x)); out = h + mlp(norm2(h))``. A pass
@@ -28,16 +29,19 @@ class _Caught(Exception):
     pass
 
 
-class _Catcher(nn.Module):
-    """Stands in for layer 0 and stops the forward pass once it has seen the layer's inputs."""
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer: records what the model hands it and passes the hidden states on
+    unchanged; the last layer's recorder stops the forward pass."""
 
-    def __init__(self) -> None:
+    def __init__(self, into: list[dict[str, Any]], last: bool) -> None:
         super().__init__()
-        self.kwargs: dict[str, Any] = {}
+        self.into, self.last = into, last
 
     def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        self.kwargs = kwargs
-        raise _Caught
+        self.into.append(kwargs)
+        if self.last:
+            raise _Caught
+        return hidden_states
 
 
 def _materialise(
@@ -138,7 +142,7 @@ class LayerwiseModel:
         rotary_cls = type(self.backbone.rotary_emb)
         with torch.device(self.device):
             self.backbone.rotary_emb = rotary_cls(config=config)
-        self._kwargs: dict[tuple[int, ...], dict[str, Any]] = {}
+        self._kwargs: dict[tuple[int, ...], list[dict[str, Any]]] = {}  # per input shape, per layer
 
     @property
     def num_layers(self) -> int:
@@ -171,21 +175,28 @@ class LayerwiseModel:
         with torch.no_grad():
             return self.backbone.embed_tokens(input_ids.to(self.device))
 
-    def layer_kwargs(self, hidden: torch.Tensor) -> dict[str, Any]:
-        """What the model passes every decoder layer for inputs of this shape (cached per shape)."""
+    def layer_kwargs(self, hidden: torch.Tensor, index: int) -> dict[str, Any]:
+        """What the model passes decoder layer ``index`` for inputs of this shape (cached per shape; the
+        layers of one kind share their mask and rotary tensors, so this holds one of each)."""
         key = tuple(hidden.shape)
         if key not in self._kwargs:
-            catcher, first = _Catcher(), self.backbone.layers[0]
-            self.backbone.layers[0] = catcher
+            recorded: list[dict[str, Any]] = []
+            layers = list(self.backbone.layers)
+            for i in range(len(layers)):
+                self.backbone.layers[i] = _Recorder(recorded, last=i == len(layers) - 1)
             try:
                 with torch.no_grad():
                     self.model(inputs_embeds=hidden, use_cache=False)
             except _Caught:
                 pass
             finally:
-                self.backbone.layers[0] = first
-            self._kwargs[key] = catcher.kwargs
-        return self._kwargs[key]
+                for i, layer in enumerate(layers):
+                    self.backbone.layers[i] = layer
+            self._kwargs[key] = recorded
+        return self._kwargs[key][index]
+
+    def _index(self, module: nn.Module) -> int:
+        return next(i for i, layer in enumerate(self.backbone.layers) if layer is module)
 
     @contextmanager
     def layer(
@@ -207,7 +218,7 @@ class LayerwiseModel:
 
     def run_layer(self, module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            out = module(hidden, **self.layer_kwargs(hidden))
+            out = module(hidden, **self.layer_kwargs(hidden, self._index(module)))
         return out[0] if isinstance(out, tuple) else out
 
     @staticmethod

@@ -13,6 +13,7 @@ from moeconvert.families import family_for, load_config
 from moeconvert.forward import LayerwiseModel, experts_implementation, on_device
 from moeconvert.relayout import fuse_layer
 from moeconvert.source import read_config
+from moeconvert.tiny import build_tiny_model
 
 
 def _layerwise(folder: Path, seed: int) -> tuple[LayerwiseModel, torch.Tensor, torch.Tensor, list[dict]]:
@@ -45,6 +46,22 @@ def test_streamed_forward_equals_model(family: str, tiny_models: dict[str, Path]
         whole = load_model(tiny_models[family], experts_implementation(streamed.device))
         expected = whole(tokens).logits
     assert torch.equal(expected, logits)
+
+
+def test_each_layer_gets_the_mask_of_its_attention_kind(tmp_path: Path) -> None:
+    """A model that mixes sliding-window and full attention (Qwen2-MoE's layer_types, a window of 6 of
+    the 20 tokens) hands each kind of layer its own mask; the streamed model must too."""
+    folder = build_tiny_model(
+        "qwen2_moe",
+        tmp_path / "windowed",
+        seed=4,
+        use_sliding_window=True,
+        sliding_window=6,
+        max_window_layers=3,
+    )
+    config = load_config(read_config(folder))
+    assert config.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
+    test_streamed_forward_equals_model("qwen2_moe", {"qwen2_moe": folder})
 
 
 @pytest.mark.parametrize("family", FAMILIES)
