@@ -4,7 +4,8 @@ They let anyone try every command in seconds without a download, and are the fix
 suite. Configs are small but keep each family's quirks: Qwen2-MoE's gated shared expert and a dense
 ``mlp_only_layers`` layer, DeepSeek's dense first layers, shared experts and V3 group routing,
 GLM-4.5's biased q/k/v with normed q and k, GLM-4.7-Flash's MLA with layer kinds listed,
-MiniMax-M2's routing bias, ERNIE-4.5's dense first layer and float32 router, the vision encoders
+MiniMax-M2's routing bias, ERNIE-4.5's dense first layer and float32 router, K-EXAONE's mix of
+sliding-window and full attention, the vision encoders
 beside GLM-4.5V's, Qwen3.5's (hybrid-attention) and Qwen3-VL-MoE's text models, and Qwen3-VL-MoE's
 transposed expert stacks, as its releases store them.
 """
@@ -136,6 +137,20 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         mlp_layer_types=["dense", "sparse", "sparse"],
     ),
     "dots1": dict(**_DEEPSEEK_MOE, first_k_dense_replace=1, head_dim=16),
+    # sliding-window attention (a window of 16) in layers 0 and 2, full attention in layer 1
+    "exaone_moe": dict(
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        num_experts=8,
+        num_experts_per_tok=2,
+        num_shared_experts=1,
+        first_k_dense_replace=1,
+        head_dim=16,
+        sliding_window=16,
+        sliding_window_pattern=2,
+        n_group=2,
+        topk_group=1,
+    ),
     "ernie4_5_moe": dict(
         intermediate_size=128,
         moe_intermediate_size=64,

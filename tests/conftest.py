@@ -255,7 +255,7 @@ def with_mtp_block(source: Path, folder: Path) -> Path:
 def with_mtp(family: str, source: Path, folder: Path) -> tuple[Path, str, str]:
     """``source`` with the MTP modules ``family`` ships, at ``folder``; the prefixes of its MTP decoder
     layer and of all its MTP modules."""
-    if family == "qwen3_next":
+    if family in ("qwen3_next", "exaone_moe"):  # K-EXAONE's block beside the model is named alike
         return with_mtp_block(source, folder), "mtp.layers.0.", "mtp."
     if family == "ernie4_5_moe":
         return with_ernie_mtp(source, folder), "model.mtp_block.0.", "model.mtp_"

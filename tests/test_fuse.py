@@ -59,7 +59,8 @@ def test_unfuse_restores_every_tensor_bit_for_bit(
 
 
 @pytest.mark.parametrize(
-    "family", ["deepseek_v3", "deepseek_v32", "glm4_moe", "glm4v_moe", "qwen3_next", "ernie4_5_moe"]
+    "family",
+    ["deepseek_v3", "deepseek_v32", "glm4_moe", "glm4v_moe", "qwen3_next", "ernie4_5_moe", "exaone_moe"],
 )
 def test_mtp_layers_are_carried_through_fuse_and_back(
     family: str, tiny_models: dict[str, Path], fused: dict[str, Path], tmp_path: Path

@@ -48,7 +48,8 @@ def test_family_quirks(tiny_models: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize(
-    "family", ["deepseek_v3", "deepseek_v32", "glm4_moe", "glm4v_moe", "qwen3_next", "ernie4_5_moe"]
+    "family",
+    ["deepseek_v3", "deepseek_v32", "glm4_moe", "glm4v_moe", "qwen3_next", "ernie4_5_moe", "exaone_moe"],
 )
 def test_mtp_layers_count_in_the_floor_not_in_the_active_parameters(
     family: str, tiny_models: dict[str, Path], tmp_path: Path

@@ -11,6 +11,7 @@ from ..errors import UnsupportedModelError
 from .base import FUSED_DOWN, FUSED_GATE_UP, Family
 from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3, DEEPSEEK_V32, DOTS1
 from .ernie import ERNIE4_5_MOE
+from .exaone import EXAONE_MOE
 from .glm import GLM4_MOE, GLM4_MOE_LITE, GLM4V_MOE
 from .minimax import MINIMAX_M2
 from .mixtral import MIXTRAL
@@ -32,6 +33,7 @@ FAMILIES: dict[str, Family] = {
         DEEPSEEK_V32,
         DOTS1,
         ERNIE4_5_MOE,
+        EXAONE_MOE,
         GLM4_MOE,
         GLM4_MOE_LITE,
         GLM4V_MOE,

@@ -1,0 +1,33 @@
+"""K-EXAONE (``exaone_moe``): DeepSeek-V3's MoE block (a sigmoid router whose ``e_score_correction_bias``
+is stored beside it, as ``mlp.e_score_correction_bias``; shared experts under ``mlp.shared_experts``)
+under its own config keys, dense layers named by
+``mlp_layer_types``, and attention that mixes sliding-window and full layers (``layer_types``), each
+kind with its own mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .deepseek import LayerTypesFamily
+
+
+@dataclass(frozen=True)
+class ExaoneFamily(LayerTypesFamily):
+    def num_shared_experts(self, config: Any) -> int:
+        return int(config.num_shared_experts or 0)
+
+
+EXAONE_MOE = ExaoneFamily(
+    model_types=("exaone_moe",),
+    moe_block="mlp",
+    projections=("gate_proj", "up_proj", "down_proj"),
+    num_experts_key="num_experts",
+    top_k_key="num_experts_per_tok",
+    expert_size_key="moe_intermediate_size",
+    shared_experts="mlp.shared_experts",
+    renames=(
+        ("mlp.e_score_correction_bias", "mlp.gate.e_score_correction_bias"),
+    ),  # the router's, at runtime
+)
