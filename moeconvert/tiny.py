@@ -136,6 +136,7 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         routed_scaling_factor=1.8,
         mlp_layer_types=["dense", "sparse", "sparse"],
     ),
+    "solar_open": dict(**_DEEPSEEK_MOE, head_dim=16, n_group=2, topk_group=1),
     "dots1": dict(**_DEEPSEEK_MOE, first_k_dense_replace=1, head_dim=16),
     # sliding-window attention (a window of 16) in layers 0 and 2, full attention in layer 1
     "exaone_moe": dict(

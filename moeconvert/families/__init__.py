@@ -9,7 +9,7 @@ from transformers import CONFIG_MAPPING
 
 from ..errors import UnsupportedModelError
 from .base import FUSED_DOWN, FUSED_GATE_UP, Family
-from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3, DEEPSEEK_V32, DOTS1
+from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3, DEEPSEEK_V32, DOTS1, SOLAR_OPEN
 from .ernie import ERNIE4_5_MOE
 from .exaone import EXAONE_MOE
 from .glm import GLM4_MOE, GLM4_MOE_LITE, GLM4V_MOE
@@ -40,6 +40,7 @@ FAMILIES: dict[str, Family] = {
         MINIMAX_M2,
         OLMOE,
         PHIMOE,
+        SOLAR_OPEN,
     )
     for t in family.model_types
 }

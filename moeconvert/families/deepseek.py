@@ -2,7 +2,8 @@
 
 V3 adds the router's ``e_score_correction_bias`` (stored as ``mlp.gate.e_score_correction_bias``) and
 group-limited routing; both are router state, kept as they are. dots.llm1 (``dots1``) is V3's MoE block
-with plain q/k/v attention (q and k normed). V3.2 is V3 with DeepSeek Sparse Attention: each layer's
+with plain q/k/v attention (q and k normed), Solar Open (``solar_open``) with plain attention and no dense
+layer. V3.2 is V3 with DeepSeek Sparse Attention: each layer's
 ``self_attn.indexer`` scores past tokens and attention reads only the top ``index_topk`` of them.
 """
 
@@ -56,6 +57,14 @@ class LayerTypesFamily(DeepseekFamily):
         return super().routing_problem(config)
 
 
+@dataclass(frozen=True)
+class AllSparseFamily(DeepseekFamily):
+    """DeepSeek's MoE block in every decoder layer (Solar Open's config has no ``first_k_dense_replace``)."""
+
+    def is_moe_layer(self, config: Any, layer: int) -> bool:
+        return True
+
+
 DEEPSEEK_COMMON = dict(  # names and keys, shared with GLM (glm.py)
     moe_block="mlp",
     projections=("gate_proj", "up_proj", "down_proj"),
@@ -68,6 +77,7 @@ DEEPSEEK_COMMON = dict(  # names and keys, shared with GLM (glm.py)
 DEEPSEEK_V2 = DeepseekFamily(model_types=("deepseek_v2",), **DEEPSEEK_COMMON)
 DEEPSEEK_V3 = DeepseekFamily(model_types=("deepseek_v3",), **DEEPSEEK_COMMON)
 DOTS1 = DeepseekFamily(model_types=("dots1",), **DEEPSEEK_COMMON)
+SOLAR_OPEN = AllSparseFamily(model_types=("solar_open",), **DEEPSEEK_COMMON)
 # The indexer stays in full precision: its top-k decides which tokens attention reads at all, and it is a
 # fraction of a percent of the model (serving engines build its weights_proj unquantized in any case).
 DEEPSEEK_V32 = LayerTypesFamily(model_types=("deepseek_v32",), keep=(r"\.indexer\.",), **DEEPSEEK_COMMON)
