@@ -6,8 +6,9 @@ positions, rotary embeddings), whatever the family: models that mix sliding-wind
 hand each kind of layer its own mask. Each layer is then materialised from its tensors, run on the
 hidden states, and returned to "meta", so only one layer's weights are resident at a time.
 
-Every supported family's decoder layer is ``h = x + attn(norm1(x)); out = h + mlp(norm2(h))``. A pass
-that has already run a layer's attention on some input can keep ``h`` (:meth:`LayerwiseModel.
+Every supported family's decoder layer is ``h = x + attn(norm1(x)); out = h + mlp(norm2(h))``, or with
+norms on both sides (Trinity's): ``h = x + norm1b(attn(norm1(x))); out = h + norm2b(mlp(norm2(h)))``. A
+pass that has already run a layer's attention on some input can keep ``h`` (:meth:`LayerwiseModel.
 capture_residual`) and later finish the layer from it (:meth:`LayerwiseModel.run_mlp_half`), with the
 same operations in the same order: quantize's second pass over a layer whose attention it leaves as it
 is computes that attention once, not twice.
@@ -90,6 +91,24 @@ def on_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torc
     return t.to(dtype).to(device)
 
 
+def _mlp_norm(layer: nn.Module) -> nn.Module:
+    """The norm a decoder layer applies to its residual stream before the MLP: ``post_attention_layernorm``,
+    or where that one normalizes the attention's output instead (Trinity), ``pre_mlp_layernorm``."""
+    return getattr(layer, "pre_mlp_layernorm", None) or layer.post_attention_layernorm
+
+
+# CPU kernels take other (equally valid) code paths for data that is not cache-line aligned, which moves
+# results by an ulp: safetensors hands out tensors at their file offsets, 8-byte aligned
+ALIGNMENT = 64
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a fresh copy where its data is not ``ALIGNMENT``-aligned in host memory: a layer must
+    compute the same whichever file, offset or layout its weights came from (a lossless conversion gives
+    equal logits)."""
+    return t.clone() if t.device.type == "cpu" and t.data_ptr() % ALIGNMENT else t
+
+
 class TextCausalLM(nn.Module):
     """A text model and a head, laid out as transformers' causal LMs are (``model.*``, ``lm_head``), for a
     text model that transformers only ships inside a vision-language one (GLM-4.5V's)."""
@@ -159,7 +178,7 @@ class LayerwiseModel:
             module = self.model.get_submodule(module_name)
             prefix = module_name + "."
             state = {
-                n[len(prefix) :]: on_device(t, self.device, self.dtype)
+                n[len(prefix) :]: aligned(on_device(t, self.device, self.dtype))
                 for n, t in top.items()
                 if n.startswith(prefix)
             }
@@ -209,7 +228,9 @@ class LayerwiseModel:
         projection): they are neither moved nor converted, and their storage is left uninitialised.
         """
         module = self.backbone.layers[index]
-        state = {n: on_device(t, self.device, self.dtype) for n, t in tensors.items() if n not in unread}
+        state = {
+            n: aligned(on_device(t, self.device, self.dtype)) for n, t in tensors.items() if n not in unread
+        }
         _materialise(module, state, self.device, unread)
         try:
             yield module
@@ -226,9 +247,7 @@ class LayerwiseModel:
     def capture_residual(module: nn.Module, into: list[torch.Tensor | None]) -> Iterator[None]:
         """While the block runs, each forward pass of ``module`` appends its post-attention residual
         stream ``h`` (the input of ``post_attention_layernorm``) to ``into``."""
-        hook = module.post_attention_layernorm.register_forward_pre_hook(
-            lambda _, args: into.append(args[0].detach())
-        )
+        hook = _mlp_norm(module).register_forward_pre_hook(lambda _, args: into.append(args[0].detach()))
         try:
             yield
         finally:
@@ -245,7 +264,10 @@ class LayerwiseModel:
         """The decoder layer after its attention: ``h + mlp(post_attention_layernorm(h))``, as the layer
         itself adds them, so the result is bit-identical to :meth:`run_layer` on the layer's input."""
         with torch.no_grad():
-            return residual + module.mlp(module.post_attention_layernorm(residual))
+            out = module.mlp(_mlp_norm(module)(residual))
+            if hasattr(module, "post_mlp_layernorm"):
+                out = module.post_mlp_layernorm(out)
+            return residual + out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

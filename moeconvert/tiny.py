@@ -4,8 +4,9 @@ They let anyone try every command in seconds without a download, and are the fix
 suite. Configs are small but keep each family's quirks: Qwen2-MoE's gated shared expert and a dense
 ``mlp_only_layers`` layer, DeepSeek's dense first layers, shared experts and V3 group routing,
 GLM-4.5's biased q/k/v with normed q and k, GLM-4.7-Flash's MLA with layer kinds listed,
-MiniMax-M2's routing bias, ERNIE-4.5's dense first layer and float32 router, K-EXAONE's mix of
-sliding-window and full attention, the vision encoders
+MiniMax-M2's routing bias, ERNIE-4.5's dense first layer and float32 router, K-EXAONE's and Trinity's mix
+of sliding-window and full attention, Trinity's router nested in its MoE block and norms around
+attention and MLP both, the vision encoders
 beside GLM-4.5V's, Qwen3.5's (hybrid-attention) and Qwen3-VL-MoE's text models, and Qwen3-VL-MoE's
 transposed expert stacks, as its releases store them.
 """
@@ -152,6 +153,18 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         n_group=2,
         topk_group=1,
     ),
+    # a dense first layer, then sliding-window (16 tokens) and full attention by turns
+    "afmoe": dict(
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        num_experts=8,
+        num_experts_per_tok=2,
+        num_shared_experts=1,
+        num_dense_layers=1,
+        head_dim=16,
+        sliding_window=16,
+        global_attn_every_n_layers=2,
+    ),
     "ernie4_5_moe": dict(
         intermediate_size=128,
         moe_intermediate_size=64,
@@ -264,7 +277,10 @@ def _spread_router_weights(model: torch.nn.Module, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith(("mlp.gate.weight", "mlp.router.weight")) and param.dim() == 2:
+            if (
+                name.endswith(("mlp.gate.weight", "mlp.router.weight", "mlp.router.gate.weight"))
+                and param.dim() == 2
+            ):
                 param.copy_(torch.randn(param.shape, generator=generator).to(param.dtype))
 
 

@@ -8,6 +8,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import CONFIG_MAPPING
 
 from ..errors import UnsupportedModelError
+from .afmoe import AFMOE
 from .base import FUSED_DOWN, FUSED_GATE_UP, Family
 from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3, DEEPSEEK_V32, DOTS1, SOLAR_OPEN
 from .ernie import ERNIE4_5_MOE
@@ -23,6 +24,7 @@ FAMILIES: dict[str, Family] = {
     t: family
     for family in (
         MIXTRAL,
+        AFMOE,
         QWEN2_MOE,
         QWEN3_MOE,
         QWEN3_NEXT,

@@ -21,6 +21,7 @@ from .scheme import Scheme
 ALWAYS_KEEP = (
     r"\.mlp\.gate$",
     r"\.mlp\.router$",
+    r"\.mlp\.router\.gate$",  # Arcee's Trinity: the router's Linear inside its router module
     r"shared_expert_gate$",
     r"(^|\.)lm_head$",
     r"embed_tokens$",

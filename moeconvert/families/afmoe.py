@@ -1,0 +1,33 @@
+"""Arcee's Trinity models (``afmoe``): a sigmoid router nested in the MoE block (``mlp.router.gate``) with
+its bias beside it (``mlp.expert_bias``), shared experts under ``mlp.shared_experts``, dense layers first
+(``num_dense_layers``), sliding-window attention in all but every ``global_attn_every_n_layers``-th
+layer, and norms on both sides of attention and MLP (``pre_mlp_layernorm``/``post_mlp_layernorm``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .base import Family
+
+
+@dataclass(frozen=True)
+class AfmoeFamily(Family):
+    def is_moe_layer(self, config: Any, layer: int) -> bool:
+        return layer >= (config.num_dense_layers or 0)
+
+    def num_shared_experts(self, config: Any) -> int:
+        return int(config.num_shared_experts or 0)
+
+
+AFMOE = AfmoeFamily(
+    model_types=("afmoe",),
+    moe_block="mlp",
+    projections=("gate_proj", "up_proj", "down_proj"),
+    num_experts_key="num_experts",
+    top_k_key="num_experts_per_tok",
+    expert_size_key="moe_intermediate_size",
+    router="mlp.router.gate",
+    shared_experts="mlp.shared_experts",
+)
