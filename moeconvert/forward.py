@@ -246,7 +246,7 @@ class LayerwiseModel:
     @contextmanager
     def capture_residual(module: nn.Module, into: list[torch.Tensor | None]) -> Iterator[None]:
         """While the block runs, each forward pass of ``module`` appends its post-attention residual
-        stream ``h`` (the input of ``post_attention_layernorm``) to ``into``."""
+        stream ``h`` (the input of the norm before its MLP) to ``into``."""
         hook = _mlp_norm(module).register_forward_pre_hook(lambda _, args: into.append(args[0].detach()))
         try:
             yield
@@ -261,8 +261,9 @@ class LayerwiseModel:
 
     @staticmethod
     def run_mlp_half(module: nn.Module, residual: torch.Tensor) -> torch.Tensor:
-        """The decoder layer after its attention: ``h + mlp(post_attention_layernorm(h))``, as the layer
-        itself adds them, so the result is bit-identical to :meth:`run_layer` on the layer's input."""
+        """The decoder layer after its attention: ``h + mlp(norm(h))`` (normed after the MLP too where the
+        layer does so), as the layer itself adds them, so the result is bit-identical to
+        :meth:`run_layer` on the layer's input."""
         with torch.no_grad():
             out = module.mlp(_mlp_norm(module)(residual))
             if hasattr(module, "post_mlp_layernorm"):

@@ -66,8 +66,8 @@ def fuse_layer(
     their original names."""
     if layer is not None and layer >= config.num_hidden_layers:
         return dict(tensors)
-    if _has_transposed_stacks(family, config, tensors):
-        return _orient_stacks(family, config, tensors, to_runtime=True)
+    if _has_transposed_stacks(family, config, tensors):  # stacked as released: turned, strays refused
+        return runtime_layer(family, config, layer, tensors)
     expert_re = family.original_expert_re()
     experts: dict[tuple[int, str], torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
