@@ -4,11 +4,11 @@ They let anyone try every command in seconds without a download, and are the fix
 suite. Configs are small but keep each family's quirks: Qwen2-MoE's gated shared expert and a dense
 ``mlp_only_layers`` layer, DeepSeek's dense first layers, shared experts and V3 group routing,
 GLM-4.5's biased q/k/v with normed q and k, GLM-4.7-Flash's MLA with layer kinds listed,
-MiniMax-M2's routing bias, ERNIE-4.5's dense first layer and float32 router, K-EXAONE's and Trinity's mix
-of sliding-window and full attention, Trinity's router nested in its MoE block and norms around
-attention and MLP both, the vision encoders
-beside GLM-4.5V's, Qwen3.5's (hybrid-attention) and Qwen3-VL-MoE's text models, and Qwen3-VL-MoE's
-transposed expert stacks, as its releases store them.
+MiniMax-M2's routing bias, ERNIE-4.5's dense first layer and float32 router, DeepSeek-V3.2's sparse
+attention (its indexer's top-k below the window length), K-EXAONE's and Trinity's mix of sliding-window
+and full attention, Trinity's router nested in its MoE block and norms around attention and MLP both,
+the vision encoders beside GLM-4.5V's, Qwen3.5's (hybrid-attention) and Qwen3-VL-MoE's text models, and
+Qwen3-VL-MoE's transposed expert stacks, as its releases store them.
 """
 
 from __future__ import annotations
