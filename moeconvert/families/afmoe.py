@@ -17,9 +17,6 @@ class AfmoeFamily(Family):
     def is_moe_layer(self, config: Any, layer: int) -> bool:
         return layer >= (config.num_dense_layers or 0)
 
-    def num_shared_experts(self, config: Any) -> int:
-        return int(config.num_shared_experts or 0)
-
 
 AFMOE = AfmoeFamily(
     model_types=("afmoe",),
@@ -30,4 +27,5 @@ AFMOE = AfmoeFamily(
     expert_size_key="moe_intermediate_size",
     router="mlp.router.gate",
     shared_experts="mlp.shared_experts",
+    shared_count_key="num_shared_experts",
 )

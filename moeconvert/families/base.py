@@ -32,6 +32,7 @@ class Family:
     renames: tuple[tuple[str, str], ...] = ()
     router: str = "mlp.gate"  # fused in-layer name of the router module
     shared_experts: str | None = None  # fused in-layer name of the shared expert(s) module, if any
+    shared_count_key: str | None = None  # config key of how many experts that module holds (else one)
     # Patterns of modules kept in full precision unless a rule names them: those that quantization
     # damages far beyond their size, as the field's recipes for the family keep them.
     keep: tuple[str, ...] = ()
@@ -54,7 +55,9 @@ class Family:
 
     def num_shared_experts(self, config: Any) -> int:
         """Shared experts per MoE layer (DeepSeek: n_shared_experts; Qwen2-MoE: one, with a gate)."""
-        return 0 if self.shared_experts is None else 1
+        if self.shared_experts is None:
+            return 0
+        return 1 if self.shared_count_key is None else int(getattr(config, self.shared_count_key) or 0)
 
     def is_moe_layer(self, config: Any, layer: int) -> bool:
         return True

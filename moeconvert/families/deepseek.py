@@ -20,9 +20,6 @@ class DeepseekFamily(Family):
     def is_moe_layer(self, config: Any, layer: int) -> bool:
         return layer >= config.first_k_dense_replace
 
-    def num_shared_experts(self, config: Any) -> int:
-        return int(config.n_shared_experts or 0)
-
     def routing_problem(self, config: Any) -> str | None:
         """Group-limited routing also picks ``topk_group`` of ``n_group`` equal groups of experts first."""
         problem = super().routing_problem(config)
@@ -72,6 +69,7 @@ DEEPSEEK_COMMON = dict(  # names and keys, shared with GLM (glm.py)
     top_k_key="num_experts_per_tok",
     expert_size_key="moe_intermediate_size",
     shared_experts="mlp.shared_experts",
+    shared_count_key="n_shared_experts",
 )
 
 DEEPSEEK_V2 = DeepseekFamily(model_types=("deepseek_v2",), **DEEPSEEK_COMMON)

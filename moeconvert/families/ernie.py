@@ -22,9 +22,6 @@ class ErnieFamily(Family):
             and config.moe_layer_start_index <= layer <= config.moe_layer_end_index
         )
 
-    def num_shared_experts(self, config: Any) -> int:
-        return int(config.moe_num_shared_experts or 0)
-
 
 ERNIE4_5_MOE = ErnieFamily(
     model_types=("ernie4_5_moe",),
@@ -35,4 +32,5 @@ ERNIE4_5_MOE = ErnieFamily(
     expert_size_key="moe_intermediate_size",
     renames=(("mlp.moe_statics.", "mlp.gate.moe_statics."),),
     shared_experts="mlp.shared_experts",
+    shared_count_key="moe_num_shared_experts",
 )

@@ -7,19 +7,9 @@ kind with its own mask.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 from .deepseek import LayerTypesFamily
 
-
-@dataclass(frozen=True)
-class ExaoneFamily(LayerTypesFamily):
-    def num_shared_experts(self, config: Any) -> int:
-        return int(config.num_shared_experts or 0)
-
-
-EXAONE_MOE = ExaoneFamily(
+EXAONE_MOE = LayerTypesFamily(
     model_types=("exaone_moe",),
     moe_block="mlp",
     projections=("gate_proj", "up_proj", "down_proj"),
@@ -27,7 +17,7 @@ EXAONE_MOE = ExaoneFamily(
     top_k_key="num_experts_per_tok",
     expert_size_key="moe_intermediate_size",
     shared_experts="mlp.shared_experts",
-    renames=(
-        ("mlp.e_score_correction_bias", "mlp.gate.e_score_correction_bias"),
-    ),  # the router's, at runtime
+    shared_count_key="num_shared_experts",
+    # the router's bias, stored beside it: inside it at runtime
+    renames=(("mlp.e_score_correction_bias", "mlp.gate.e_score_correction_bias"),),
 )
