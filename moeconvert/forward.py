@@ -271,5 +271,9 @@ class LayerwiseModel:
             return residual + out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head's logits, scaled where the model scales them (Cohere's ``logit_scale``): a
+        distribution sharper or flatter than the model's would misstate every KL measured on it."""
         with torch.no_grad():
-            return self.model.lm_head(self.backbone.norm(hidden))
+            logits = self.model.lm_head(self.backbone.norm(hidden))
+            scale = getattr(self.model, "logit_scale", None)
+            return logits if scale is None else logits * scale

@@ -5,9 +5,10 @@ suite. Configs are small but keep each family's quirks: Qwen2-MoE's gated shared
 ``mlp_only_layers`` layer, DeepSeek's dense first layers, shared experts and V3 group routing,
 GLM-4.5's biased q/k/v with normed q and k, GLM-4.7-Flash's MLA with layer kinds listed,
 MiniMax-M2's routing bias, ERNIE-4.5's dense first layer and float32 router, DeepSeek-V3.2's sparse
-attention (its indexer's top-k below the window length), K-EXAONE's and Trinity's mix of sliding-window
-and full attention, Trinity's router nested in its MoE block and norms around attention and MLP both,
-the vision encoders beside GLM-4.5V's, Qwen3.5's (hybrid-attention) and Qwen3-VL-MoE's text models, and
+attention (its indexer's top-k below the window length), K-EXAONE's, Trinity's and Command A+'s mix of
+sliding-window and full attention, Trinity's router nested in its MoE block and norms around attention
+and MLP both, Command A+'s attention beside its MLP on one normed input, tied head and scaled logits, the
+vision encoders beside GLM-4.5V's, Qwen3.5's (hybrid-attention) and Qwen3-VL-MoE's text models, and
 Qwen3-VL-MoE's transposed expert stacks, as its releases store them.
 """
 
@@ -164,6 +165,23 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         head_dim=16,
         sliding_window=16,
         global_attn_every_n_layers=2,
+    ),
+    # a dense first layer, then sliding-window (16 tokens) and full attention by turns; attention and MLP
+    # side by side on one LayerNorm'd input, a sigmoid router, the shared expert's output averaged with
+    # the routed ones'
+    "cohere2_moe": dict(
+        intermediate_size=64,
+        prefix_dense_intermediate_size=128,
+        num_experts=8,
+        num_experts_per_tok=2,
+        num_shared_experts=1,
+        first_k_dense_replace=1,
+        head_dim=16,
+        sliding_window=16,
+        sliding_window_pattern=2,
+        logit_scale=0.5,  # its default, 1/16, keeps a briefly trained tiny model's outputs nearly flat
+        expert_selection_fn="sigmoid",
+        tie_word_embeddings=True,  # as its releases: serving engines read the head from the embeddings
     ),
     "ernie4_5_moe": dict(
         intermediate_size=128,

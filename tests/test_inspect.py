@@ -18,6 +18,8 @@ def test_counts_match_the_model(family: str, tiny_models: dict[str, Path]) -> No
     summary = inspect_model(str(tiny_models[family]))
     model = load_model(tiny_models[family])
     params = model.state_dict()  # parameters plus persistent buffers (DeepSeek-V3 correction bias)
+    if model.config.get_text_config().tie_word_embeddings:  # one tensor under two names (Cohere's head)
+        assert params.pop("lm_head.weight").data_ptr() == params["model.embed_tokens.weight"].data_ptr()
     total = sum(p.numel() for p in params.values())
     routed = sum(p.numel() for n, p in params.items() if ".mlp.experts." in n)
     tower = sum(p.numel() for n, p in params.items() if n.startswith("model.visual."))  # not per token

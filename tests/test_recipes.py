@@ -25,6 +25,7 @@ FAMILY_OF = {
     "baidu/ERNIE-4.5": "ernie4_5_moe", "rednote-hilab/dots.llm1": "dots1", "zai-org/GLM-4.5V": "glm4v_moe",
     "Qwen/Qwen3-VL": "qwen3_vl_moe", "deepseek-ai/DeepSeek-V3.2": "deepseek_v32",
     "LGAI-EXAONE/K-EXAONE": "exaone_moe", "upstage/Solar-Open": "solar_open", "arcee-ai/Trinity": "afmoe",
+    "CohereLabs/command-a": "cohere2_moe",
 }  # fmt: skip
 # Widths of 128 so the recipes' group size of 128 divides every input.
 WIDE = {"hidden_size": 128, "intermediate_size": 128}
@@ -43,6 +44,7 @@ WIDER = {
     "dots1": {"moe_intermediate_size": 128, "head_dim": 32},
     "solar_open": {"moe_intermediate_size": 128, "head_dim": 32},
     "afmoe": {"moe_intermediate_size": 128, "head_dim": 32},
+    "cohere2_moe": {"prefix_dense_intermediate_size": 128, "head_dim": 32},
     "qwen3_vl_moe": {  # experts twice the hidden size: no stack is square, its orientation shows
         "moe_intermediate_size": 256,
         "head_dim": 32,

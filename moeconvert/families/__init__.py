@@ -10,6 +10,7 @@ from transformers import CONFIG_MAPPING
 from ..errors import UnsupportedModelError
 from .afmoe import AFMOE
 from .base import FUSED_DOWN, FUSED_GATE_UP, Family
+from .cohere import COHERE2_MOE
 from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3, DEEPSEEK_V32, DOTS1, SOLAR_OPEN
 from .ernie import ERNIE4_5_MOE
 from .exaone import EXAONE_MOE
@@ -30,6 +31,7 @@ FAMILIES: dict[str, Family] = {
         QWEN3_NEXT,
         QWEN3_5_MOE,
         QWEN3_VL_MOE,
+        COHERE2_MOE,
         DEEPSEEK_V2,
         DEEPSEEK_V3,
         DEEPSEEK_V32,
