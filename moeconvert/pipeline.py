@@ -1309,7 +1309,9 @@ def _router_names(runner: Quantizer) -> set[str]:
     """Router modules under both checkpoint and runtime names (vLLM builds them as Linear layers under
     checkpoint names; transformers matches runtime names, e.g. Phi-MoE's ``mlp.router``)."""
     names = set()
-    router = re.compile(r"(?:block_sparse_moe|mlp)\.(?:gate|router|router\.gate|shared_expert_gate)\.weight")
+    router = re.compile(
+        r"(?:block_sparse_moe|mlp)\.(?:gate|gate\.wg|router|router\.gate|shared_expert_gate)\.weight"
+    )
     for name in runner.reader.metas:
         layer = LAYER_RE.match(name)
         if layer and router.fullmatch(name, layer.end()):

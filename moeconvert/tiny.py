@@ -7,9 +7,10 @@ GLM-4.5's biased q/k/v with normed q and k, GLM-4.7-Flash's MLA with layer kinds
 MiniMax-M2's routing bias, ERNIE-4.5's dense first layer and float32 router, DeepSeek-V3.2's sparse
 attention (its indexer's top-k below the window length), K-EXAONE's, Trinity's and Command A+'s mix of
 sliding-window and full attention, Trinity's router nested in its MoE block and norms around attention
-and MLP both, Command A+'s attention beside its MLP on one normed input, tied head and scaled logits, the
-vision encoders beside GLM-4.5V's, Qwen3.5's (hybrid-attention) and Qwen3-VL-MoE's text models, and
-Qwen3-VL-MoE's transposed expert stacks, as its releases store them.
+and MLP both, Command A+'s attention beside its MLP on one normed input, tied head and scaled logits,
+Hunyuan's router inside its gate module and top-k listed per layer, the vision encoders beside
+GLM-4.5V's, Qwen3.5's (hybrid-attention) and Qwen3-VL-MoE's text models, and Qwen3-VL-MoE's transposed
+expert stacks, as its releases store them.
 """
 
 from __future__ import annotations
@@ -183,6 +184,8 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         expert_selection_fn="sigmoid",
         tie_word_embeddings=True,  # as its releases: serving engines read the head from the embeddings
     ),
+    # a shared MLP beside the experts in every layer; the top-k listed per layer, as its releases do
+    "hunyuan_v1_moe": dict(intermediate_size=64, num_experts=8, moe_topk=[2, 2, 2], head_dim=16),
     "ernie4_5_moe": dict(
         intermediate_size=128,
         moe_intermediate_size=64,
@@ -296,7 +299,9 @@ def _spread_router_weights(model: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
             if (
-                name.endswith(("mlp.gate.weight", "mlp.router.weight", "mlp.router.gate.weight"))
+                name.endswith(
+                    ("mlp.gate.weight", "mlp.router.weight", "mlp.router.gate.weight", "mlp.gate.wg.weight")
+                )
                 and param.dim() == 2
             ):
                 param.copy_(torch.randn(param.shape, generator=generator).to(param.dtype))

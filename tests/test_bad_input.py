@@ -326,6 +326,23 @@ def test_layer_kinds_that_do_not_name_every_layer_are_refused(
     )
 
 
+@pytest.mark.parametrize(
+    ("top_k", "fragment"),
+    [
+        ([2, 4, 2], "(a top-k that differs between layers is not supported)"),
+        ([9, 9, 9], "1 <= top-k <= experts"),
+    ],
+)
+def test_per_layer_top_k_that_does_not_route_alike_is_refused(
+    top_k: list[int], fragment: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Hunyuan lists its top-k once per layer: a list whose layers disagree, or agree on more experts than
+    there are, is refused in one line (the tiny model's own list, [2, 2, 2], routes: test_inspect)."""
+    folder = _copy(tiny_models, tmp_path, "hunyuan_v1_moe")
+    _edit_config(folder, moe_topk=top_k)
+    assert_clean_failure(invoke_cli("inspect", str(folder)), None, fragment)
+
+
 # --json: the report goes to stdout and no progress bar to stderr, which is left to the error line
 QUANTIZE = ("--method", "rtn", "--bits", "8", "--group-size", "32", "--no-verify", "--json")
 

@@ -25,7 +25,7 @@ FAMILY_OF = {
     "baidu/ERNIE-4.5": "ernie4_5_moe", "rednote-hilab/dots.llm1": "dots1", "zai-org/GLM-4.5V": "glm4v_moe",
     "Qwen/Qwen3-VL": "qwen3_vl_moe", "deepseek-ai/DeepSeek-V3.2": "deepseek_v32",
     "LGAI-EXAONE/K-EXAONE": "exaone_moe", "upstage/Solar-Open": "solar_open", "arcee-ai/Trinity": "afmoe",
-    "CohereLabs/command-a": "cohere2_moe",
+    "CohereLabs/command-a": "cohere2_moe", "tencent/Hunyuan-A13B": "hunyuan_v1_moe",
 }  # fmt: skip
 # Widths of 128 so the recipes' group size of 128 divides every input.
 WIDE = {"hidden_size": 128, "intermediate_size": 128}
@@ -45,6 +45,7 @@ WIDER = {
     "solar_open": {"moe_intermediate_size": 128, "head_dim": 32},
     "afmoe": {"moe_intermediate_size": 128, "head_dim": 32},
     "cohere2_moe": {"prefix_dense_intermediate_size": 128, "head_dim": 32},
+    "hunyuan_v1_moe": {"head_dim": 32},
     "qwen3_vl_moe": {  # experts twice the hidden size: no stack is square, its orientation shows
         "moe_intermediate_size": 256,
         "head_dim": 32,

@@ -15,6 +15,7 @@ from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3, DEEPSEEK_V32, DOTS1, SOLAR_OPEN
 from .ernie import ERNIE4_5_MOE
 from .exaone import EXAONE_MOE
 from .glm import GLM4_MOE, GLM4_MOE_LITE, GLM4V_MOE
+from .hunyuan import HUNYUAN_V1_MOE
 from .minimax import MINIMAX_M2
 from .mixtral import MIXTRAL
 from .olmoe import OLMOE
@@ -32,6 +33,7 @@ FAMILIES: dict[str, Family] = {
         QWEN3_5_MOE,
         QWEN3_VL_MOE,
         COHERE2_MOE,
+        HUNYUAN_V1_MOE,
         DEEPSEEK_V2,
         DEEPSEEK_V3,
         DEEPSEEK_V32,

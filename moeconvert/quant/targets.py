@@ -22,6 +22,7 @@ ALWAYS_KEEP = (
     r"\.mlp\.gate$",
     r"\.mlp\.router$",
     r"\.mlp\.router\.gate$",  # Arcee's Trinity: the router's Linear inside its router module
+    r"\.mlp\.gate\.wg$",  # Hunyuan's: inside its gate module
     r"shared_expert_gate$",
     r"(^|\.)lm_head$",
     r"embed_tokens$",
