@@ -8,7 +8,8 @@ MiniMax-M2's routing bias, ERNIE-4.5's dense first layer and float32 router, Dee
 attention (its indexer's top-k below the window length), K-EXAONE's, Trinity's and Command A+'s mix of
 sliding-window and full attention, Trinity's router nested in its MoE block and norms around attention
 and MLP both, Command A+'s attention beside its MLP on one normed input, tied head and scaled logits,
-Hunyuan's router inside its gate module and top-k listed per layer, the vision encoders beside
+Hunyuan's router inside its gate module and top-k listed per layer, MiniCPM5's gated attention
+(stored as q_proj, run as q_gate_proj), the vision encoders beside
 GLM-4.5V's, Qwen3.5's (hybrid-attention) and Qwen3-VL-MoE's text models, and Qwen3-VL-MoE's transposed
 expert stacks, as its releases store them.
 """
@@ -139,6 +140,8 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         routed_scaling_factor=1.8,
         mlp_layer_types=["dense", "sparse", "sparse"],
     ),
+    # gated attention: the checkpoint's q_proj holds each head's query and output gate
+    "minicpm5_moe": dict(**_DEEPSEEK_MOE, first_k_dense_replace=1, head_dim=16, n_group=1, topk_group=1),
     "solar_open": dict(**_DEEPSEEK_MOE, head_dim=16, n_group=2, topk_group=1),
     "dots1": dict(**_DEEPSEEK_MOE, first_k_dense_replace=1, head_dim=16),
     # sliding-window attention (a window of 16) in layers 0 and 2, full attention in layer 1

@@ -26,6 +26,7 @@ FAMILY_OF = {
     "Qwen/Qwen3-VL": "qwen3_vl_moe", "deepseek-ai/DeepSeek-V3.2": "deepseek_v32",
     "LGAI-EXAONE/K-EXAONE": "exaone_moe", "upstage/Solar-Open": "solar_open", "arcee-ai/Trinity": "afmoe",
     "CohereLabs/command-a": "cohere2_moe", "tencent/Hunyuan-A13B": "hunyuan_v1_moe",
+    "openbmb/MiniCPM5": "minicpm5_moe",
 }  # fmt: skip
 # Widths of 128 so the recipes' group size of 128 divides every input.
 WIDE = {"hidden_size": 128, "intermediate_size": 128}
@@ -46,6 +47,7 @@ WIDER = {
     "afmoe": {"moe_intermediate_size": 128, "head_dim": 32},
     "cohere2_moe": {"prefix_dense_intermediate_size": 128, "head_dim": 32},
     "hunyuan_v1_moe": {"head_dim": 32},
+    "minicpm5_moe": {"moe_intermediate_size": 128, "head_dim": 32},
     "qwen3_vl_moe": {  # experts twice the hidden size: no stack is square, its orientation shows
         "moe_intermediate_size": 256,
         "head_dim": 32,

@@ -16,6 +16,7 @@ from .ernie import ERNIE4_5_MOE
 from .exaone import EXAONE_MOE
 from .glm import GLM4_MOE, GLM4_MOE_LITE, GLM4V_MOE
 from .hunyuan import HUNYUAN_V1_MOE
+from .minicpm import MINICPM5_MOE
 from .minimax import MINIMAX_M2
 from .mixtral import MIXTRAL
 from .olmoe import OLMOE
@@ -34,6 +35,7 @@ FAMILIES: dict[str, Family] = {
         QWEN3_VL_MOE,
         COHERE2_MOE,
         HUNYUAN_V1_MOE,
+        MINICPM5_MOE,
         DEEPSEEK_V2,
         DEEPSEEK_V3,
         DEEPSEEK_V32,
