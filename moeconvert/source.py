@@ -3,7 +3,10 @@
 A MODEL is a local folder or a Hub id ``org/name`` with an optional ``@revision``. Hub downloads go
 through ``huggingface_hub`` so its cache, ``HF_TOKEN``/saved login, ``HF_HUB_OFFLINE`` and
 ``HF_ENDPOINT`` all behave as users expect; only the files a conversion needs are fetched (config,
-generation config, tokenizer and chat template, the safetensors index and the shards it names).
+generation config, tokenizer and chat template, the safetensors index and the shards it names). A Hub
+that does not accept a connection is told apart in one quick try, and the cache is used as if
+``HF_HUB_OFFLINE`` were set: a cached model works without the network, and an uncached one fails at
+once, not after the client's retries (about 25 s of them).
 Pickle weights are never downloaded or loaded, and no remote code is ever run.
 """
 
@@ -11,9 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import importlib
 import json
+import logging
+import os
 import re
+import socket
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +57,10 @@ SIDE_FILE_PATTERNS = (
 CARD_NAME = "README.md"  # the source's model card: read for its license, never copied
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+PROBE_SECONDS = 5.0  # to open a connection to the Hub before it is taken to be unreachable
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -148,7 +160,7 @@ def read_metadata(model: str, revision: str | None = None, token: str | None = N
     """Config and tensor headers only: for a Hub id, ``config.json`` plus HTTP range reads of the
     safetensors headers (no weights are downloaded); for a folder, the header bytes of each shard."""
     ref = parse_model_ref(model, revision)
-    if ref.folder is None and not hub_constants.HF_HUB_OFFLINE:
+    if ref.folder is None and not _offline():
         return _hub_metadata(ref, token)
     folder = ref.folder if ref.folder is not None else _download(ref, token)
     _require_safetensors(folder, ref)
@@ -172,6 +184,35 @@ def _unreachable_errors() -> tuple[type[BaseException], ...]:
 
 
 UNREACHABLE_ERRORS = _unreachable_errors()
+
+
+@functools.cache
+def hub_accepts_connections(endpoint: str) -> bool:
+    """Whether ``endpoint``'s host accepts a TCP connection, in one try. Behind a proxy (which the
+    client goes through, and which may resolve names this machine cannot) the answer is left to the
+    client: True."""
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return True
+    url = urllib.parse.urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=PROBE_SECONDS).close()
+    except (OSError, ValueError):  # no such host, refused, timed out; ValueError: a malformed endpoint
+        return False
+    return True
+
+
+def _offline() -> bool:
+    """Whether the Hub is used through the local cache alone: ``HF_HUB_OFFLINE``, or a Hub that cannot
+    be reached."""
+    return hub_constants.HF_HUB_OFFLINE or not hub_accepts_connections(hub_constants.ENDPOINT)
+
+
+@functools.cache
+def _note_cached(ref_text: str) -> None:
+    """Said once, in a line, where the cache stood in for an unreachable Hub: the snapshot found there
+    may not be the newest."""
+    logger.warning("note: the Hub cannot be reached; %s is read from the local cache", ref_text)
 
 
 @contextlib.contextmanager
@@ -210,6 +251,7 @@ def first_line(err: BaseException) -> str:
 def _download(ref: ModelRef, token: str | None) -> Path:
     """Fetch config, tokenizer, index and only the shards the index names (or model.safetensors)."""
     assert ref.repo_id is not None
+    offline = _offline()
     with _hub_errors(ref):
         folder = Path(
             huggingface_hub.snapshot_download(
@@ -217,39 +259,45 @@ def _download(ref: ModelRef, token: str | None) -> Path:
                 revision=ref.revision,
                 token=token,
                 allow_patterns=[*SIDE_FILE_PATTERNS, INDEX_NAME, CARD_NAME],
+                local_files_only=offline,
             )
         )
         if (folder / INDEX_NAME).exists():
             weights = index_files(folder / INDEX_NAME)
-        elif _repo_has(ref, token, SINGLE_NAME, folder):
+        elif _repo_has(ref, token, SINGLE_NAME, offline):
             weights = [SINGLE_NAME]
         else:
-            _raise_no_safetensors(ref, token)
+            _raise_no_safetensors(ref, token, offline)
         folder = Path(
             huggingface_hub.snapshot_download(
                 ref.repo_id,
                 revision=ref.revision,
                 token=token,
                 allow_patterns=[*SIDE_FILE_PATTERNS, INDEX_NAME, CARD_NAME, *weights],
+                local_files_only=offline,
             )
         )
+    if offline and not hub_constants.HF_HUB_OFFLINE:
+        _note_cached(str(ref))
     _require_safetensors(folder, ref)
     return folder
 
 
-def _repo_has(ref: ModelRef, token: str | None, filename: str, folder: Path) -> bool:
-    if hub_constants.HF_HUB_OFFLINE:
+def _repo_has(ref: ModelRef, token: str | None, filename: str, offline: bool) -> bool:
+    if offline:
         try:
-            huggingface_hub.hf_hub_download(ref.repo_id, filename, revision=ref.revision, token=token)
+            huggingface_hub.hf_hub_download(
+                ref.repo_id, filename, revision=ref.revision, token=token, local_files_only=True
+            )
             return True
         except hub_errors.LocalEntryNotFoundError:
             return False
     return huggingface_hub.file_exists(ref.repo_id, filename, revision=ref.revision, token=token)
 
 
-def _raise_no_safetensors(ref: ModelRef, token: str | None) -> None:
+def _raise_no_safetensors(ref: ModelRef, token: str | None, offline: bool = False) -> None:
     files: list[str] = []
-    if not hub_constants.HF_HUB_OFFLINE:
+    if not offline:
         files = huggingface_hub.list_repo_files(ref.repo_id, revision=ref.revision, token=token)
     if any(f.endswith(PICKLE_SUFFIXES) for f in files):
         raise UnsupportedModelError(

@@ -212,17 +212,44 @@ def test_index_patterns_are_refused_before_any_weight_download(hub: HubServer, t
 
 
 def test_an_unreachable_hub_is_one_line(hub: HubServer, tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    """A cached model with the network gone, and a push: the HTTP client's connection error (not an
-    OSError) is one line that says what to do."""
+    """With the network gone, an uncached model and a push fail in one line that says what to do, at once
+    (not after the HTTP client's retries, each of which printed a line); a cached model is read from the
+    cache as with HF_HUB_OFFLINE, with a one-line note."""
     cached = run_cli("fuse", "acme/single-file", "-o", str(tmp_path / "first"), env=_env(hub, tmp_path))
     assert cached.returncode == 0, cached.stderr
     env = {**_env(hub, tmp_path), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": TOKEN}  # nothing listens
+    note = "note: the Hub cannot be reached; acme/single-file is read from the local cache"
     for args, code, fragment in [
-        (["inspect", "acme/single-file"], 2, "cannot reach the Hub"),
-        (["fuse", "acme/single-file", "-o", str(tmp_path / "out")], 2, "HF_HUB_OFFLINE=1"),
+        (
+            ["inspect", "acme/tiny-mixtral"],
+            2,
+            "not in the local Hugging Face cache, and the Hub cannot be reached",
+        ),
+        (
+            ["fuse", "acme/tiny-mixtral", "-o", str(tmp_path / "none")],
+            2,
+            "not in the local Hugging Face cache",
+        ),
         (["push", str(tiny_models["mixtral"]), "acme/pushed"], 3, "is intact"),
+        (["inspect", "acme/single-file"], 0, note),
+        (["fuse", "acme/single-file", "-o", str(tmp_path / "out")], 0, note),
     ]:
         result = run_cli(*args, env=env)
         assert result.returncode == code, result.stderr
         assert fragment in result.stderr and "Traceback" not in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "none").exists()
+    first, out = load_tensors(tmp_path / "first"), load_tensors(tmp_path / "out")
+    assert sorted(first) == sorted(out) and all(torch.equal(first[k], out[k]) for k in first)
+
+
+def test_a_proxy_leaves_reachability_to_the_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Behind a proxy this machine may resolve no names at all: no direct connection is tried."""
+    from moeconvert.source import hub_accepts_connections
+
+    hub_accepts_connections.cache_clear()
+    assert not hub_accepts_connections("http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    hub_accepts_connections.cache_clear()
+    assert hub_accepts_connections("http://127.0.0.1:9")
+    hub_accepts_connections.cache_clear()
