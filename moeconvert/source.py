@@ -186,11 +186,10 @@ def _unreachable_errors() -> tuple[type[BaseException], ...]:
 UNREACHABLE_ERRORS = _unreachable_errors()
 
 
-@functools.cache
 def hub_accepts_connections(endpoint: str) -> bool:
-    """Whether ``endpoint``'s host accepts a TCP connection, in one try. Behind a proxy (which the
-    client goes through, and which may resolve names this machine cannot) the answer is left to the
-    client: True."""
+    """Whether ``endpoint``'s host accepts a TCP connection, in one try (asked anew each time: a
+    long-lived process may see the network come back). Behind a proxy (which the client goes through,
+    and which may resolve names this machine cannot) the answer is left to the client: True."""
     if any(os.environ.get(name) for name in PROXY_VARIABLES):
         return True
     url = urllib.parse.urlsplit(endpoint)
