@@ -12,10 +12,16 @@ pass that has already run a layer's attention on some input can keep ``h`` (:met
 capture_residual`) and later finish the layer from it (:meth:`LayerwiseModel.run_mlp_half`), with the
 same operations in the same order: quantize's second pass over a layer whose attention it leaves as it
 is computes that attention once, not twice.
+
+Some layers hand the next one more than hidden states: GLM-5's sparse-attention layers return the
+tokens their indexer picked, and its "shared" layers attend to the picks of the layer before instead of
+running an indexer of their own. Such state rides on the hidden states it belongs to (:func:`carried`),
+through every pass, spill and resume record, since it is as much a part of a batch's stream as they are.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -25,6 +31,24 @@ from torch import nn
 
 from .checkpoint import layer_index, text_model_name
 
+# The keyword under which a decoder layer takes the previous layer's picks of tokens (GLM-5's); such a
+# layer returns its own picks as a second output.
+CARRIED_KWARG = "prev_topk_indices"
+_CARRIED_ATTRIBUTE = "moeconvert_carried"
+
+
+def carried(hidden: torch.Tensor) -> torch.Tensor | None:
+    """The state the layer that computed ``hidden`` hands the next one with it (None where there is none)."""
+    return getattr(hidden, _CARRIED_ATTRIBUTE, None)
+
+
+def with_carried(hidden: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+    """``hidden``, carrying ``state`` to the next layer (an attribute of this tensor object: operations on
+    it make tensors without it, so only what a layer returns, or a record restores, carries it)."""
+    if state is not None:
+        setattr(hidden, _CARRIED_ATTRIBUTE, state)
+    return hidden
+
 
 class _Caught(Exception):
     pass
@@ -32,17 +56,18 @@ class _Caught(Exception):
 
 class _Recorder(nn.Module):
     """Stands in for a decoder layer: records what the model hands it and passes the hidden states on
-    unchanged; the last layer's recorder stops the forward pass."""
+    unchanged (with nothing carried, where the model expects a layer to return that too); the last
+    layer's recorder stops the forward pass."""
 
     def __init__(self, into: list[dict[str, Any]], last: bool) -> None:
         super().__init__()
         self.into, self.last = into, last
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> Any:
         self.into.append(kwargs)
         if self.last:
             raise _Caught
-        return hidden_states
+        return (hidden_states, None) if CARRIED_KWARG in kwargs else hidden_states
 
 
 def _materialise(
@@ -139,6 +164,19 @@ def text_causal_lm(config: Any, dtype: torch.dtype | None = None) -> nn.Module:
         return model if dtype is None else model.to(dtype)
 
 
+def _with_attention(config: Any, dtype: torch.dtype) -> nn.Module:
+    """:func:`text_causal_lm` with PyTorch's fused attention (``sdpa``), or the plain one where the model
+    computes something sdpa cannot (MiMo-V2-Flash's attention sinks): what transformers picks by default."""
+    config._attn_implementation = "sdpa"
+    try:
+        return text_causal_lm(config, dtype)
+    except ValueError as err:
+        if "scaled_dot_product_attention" not in str(err):
+            raise
+    config._attn_implementation = "eager"
+    return text_causal_lm(config, dtype)
+
+
 class LayerwiseModel:
     """A causal LM whose layers are loaded on demand.
 
@@ -151,10 +189,9 @@ class LayerwiseModel:
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
-        config._attn_implementation = "sdpa"
         config._experts_implementation = experts_implementation(self.device)
         with torch.device("meta"):
-            self.model = text_causal_lm(config, dtype)
+            self.model = _with_attention(config, dtype)
         self.model.eval()
         self.config = config
         self.backbone = self.model.model
@@ -238,9 +275,15 @@ class LayerwiseModel:
             self.backbone.layers[index] = module.to("meta")
 
     def run_layer(self, module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The layer's output for ``hidden``, carrying what the layer hands the next one, if anything."""
+        kwargs = self.layer_kwargs(hidden, self._index(module))
+        if CARRIED_KWARG in kwargs:
+            kwargs = {**kwargs, CARRIED_KWARG: carried(hidden)}
         with torch.no_grad():
-            out = module(hidden, **self.layer_kwargs(hidden, self._index(module)))
-        return out[0] if isinstance(out, tuple) else out
+            out = module(hidden, **kwargs)
+        if not isinstance(out, tuple):
+            return out
+        return with_carried(out[0], out[1]) if CARRIED_KWARG in kwargs else out[0]
 
     @staticmethod
     @contextmanager
@@ -255,9 +298,12 @@ class LayerwiseModel:
 
     @staticmethod
     def has_mlp_half(module: nn.Module) -> bool:
-        """Whether the layer can be finished from its residual stream (see the module docstring)."""
+        """Whether the layer can be finished from its residual stream (see the module docstring): not
+        where it runs attention beside its MLP, nor where it hands its attention's state on (GLM-5's),
+        which the residual stream does not carry."""
         mixes = hasattr(module, "self_attn") or hasattr(module, "linear_attn")  # Qwen3-Next: either
-        return mixes and all(hasattr(module, name) for name in ("post_attention_layernorm", "mlp"))
+        hands_on = CARRIED_KWARG in inspect.signature(module.forward).parameters
+        return mixes and not hands_on and all(hasattr(module, n) for n in ("post_attention_layernorm", "mlp"))
 
     @staticmethod
     def run_mlp_half(module: nn.Module, residual: torch.Tensor) -> torch.Tensor:

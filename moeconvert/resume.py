@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from .distributed import Ranks, barrier
 from .errors import BadInputError
+from .forward import carried, with_carried
 
 RESUME_DIR = ".resume"
 
@@ -96,6 +97,9 @@ class RunState:
         if hidden:
             path = self.hidden_path
             tensors = {f"batch.{i:06d}": h.detach().to("cpu").contiguous() for i, h in enumerate(hidden)}
+            for i, h in enumerate(hidden):  # what the last layer hands the next one (GLM-5's picks)
+                if (state := carried(h)) is not None:
+                    tensors[f"carried.{i:06d}"] = state.to("cpu").contiguous()
             staged = path.with_name(f".{path.name}.tmp")
             save_file(tensors, staged)
             _fsync(staged)
@@ -119,11 +123,19 @@ class RunState:
 
     def _read_hidden(self, device: torch.device) -> list[torch.Tensor]:
         tensors = load_file(self.hidden_path)
-        return [tensors[name].to(device) for name in sorted(tensors)]
+        batches = sorted(name for name in tensors if name.startswith("batch."))
+        return [
+            with_carried(tensors[name].to(device), _on(tensors.get("carried." + name[6:]), device))
+            for name in batches
+        ]
 
     def _read_json(self, name: str) -> dict[str, Any] | None:
         path = self.folder / name
         return json.loads(path.read_text()) if path.exists() else None
+
+
+def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
 
 
 def _dump(data: Any) -> str:

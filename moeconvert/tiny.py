@@ -5,13 +5,14 @@ suite. Configs are small but keep each family's quirks: Qwen2-MoE's gated shared
 ``mlp_only_layers`` layer, DeepSeek's dense first layers, shared experts and V3 group routing,
 GLM-4.5's biased q/k/v with normed q and k, GLM-4.7-Flash's MLA with layer kinds listed,
 MiniMax-M2's routing bias, ERNIE-4.5's dense first layer and float32 router, DeepSeek-V3.2's sparse
-attention (its indexer's top-k below the window length), K-EXAONE's, Trinity's and Command A+'s mix of
-sliding-window and full attention, Trinity's router nested in its MoE block and norms around attention
-and MLP both, Command A+'s attention beside its MLP on one normed input, tied head and scaled logits,
-Hunyuan's router inside its gate module and top-k listed per layer, MiniCPM5's gated attention
-(stored as q_proj, run as q_gate_proj), the vision encoders beside
-GLM-4.5V's, Qwen3.5's (hybrid-attention) and Qwen3-VL-MoE's text models, and Qwen3-VL-MoE's transposed
-expert stacks, as its releases store them.
+attention (its indexer's top-k below the window length) and GLM-5's layers that reuse the picks of the
+one before, K-EXAONE's, Trinity's and Command A+'s mix of sliding-window and full attention, Trinity's
+router nested in its MoE block and norms around attention and MLP both, Command A+'s attention beside
+its MLP on one normed input, tied head and scaled logits, Hunyuan's router inside its gate module and
+top-k listed per layer, MiniCPM5's gated attention (stored as q_proj, run as q_gate_proj),
+MiMo-V2-Flash's attention sinks and narrow value heads, the vision encoders beside GLM-4.5V's, Qwen3.5's
+(hybrid-attention) and Qwen3-VL-MoE's text models, and Qwen3-VL-MoE's transposed expert stacks, as its
+releases store them.
 """
 
 from __future__ import annotations
@@ -111,6 +112,17 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         index_head_dim=32,
         index_topk=48,
     ),
+    # GLM-5: V3.2's sparse attention, layer 2 attending to the tokens layer 1's indexer picked
+    "glm_moe_dsa": dict(
+        **_DEEPSEEK_MOE,
+        **_MLA,
+        first_k_dense_replace=1,
+        q_lora_rank=64,
+        index_n_heads=2,
+        index_head_dim=32,
+        index_topk=48,
+        indexer_types=["full", "full", "shared"],
+    ),
     "glm4_moe": dict(
         **_DEEPSEEK_MOE,
         first_k_dense_replace=1,
@@ -142,6 +154,17 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     ),
     # gated attention: the checkpoint's q_proj holds each head's query and output gate
     "minicpm5_moe": dict(**_DEEPSEEK_MOE, first_k_dense_replace=1, head_dim=16, n_group=1, topk_group=1),
+    # sliding-window attention (16 tokens) with sinks in layer 1, full attention in layers 0 and 2
+    "mimo_v2_flash": dict(
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        head_dim=24,  # a third of it rotates, as in the releases: 8 dims
+        v_head_dim=8,
+        sliding_window=16,
+        layer_types=["full_attention", "sliding_attention", "full_attention"],
+    ),
     "solar_open": dict(**_DEEPSEEK_MOE, head_dim=16, n_group=2, topk_group=1),
     "dots1": dict(**_DEEPSEEK_MOE, first_k_dense_replace=1, head_dim=16),
     # sliding-window attention (a window of 16) in layers 0 and 2, full attention in layer 1

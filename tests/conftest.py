@@ -28,6 +28,10 @@ from moeconvert.source import read_config
 from moeconvert.tiny import TINY_CONFIGS, auto_class, build_tiny_model
 
 FAMILIES = sorted(TINY_CONFIGS)
+# families whose releases ship multi-token-prediction modules (see with_mtp)
+MTP_FAMILIES = (
+    "deepseek_v3", "deepseek_v32", "glm4_moe", "glm4v_moe", "glm_moe_dsa", "qwen3_next", "ernie4_5_moe", "exaone_moe"
+)  # fmt: skip
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, load_model, load_tensors, with_mtp
+from conftest import FAMILIES, MTP_FAMILIES, load_model, load_tensors, with_mtp
 
 from moeconvert import fuse, unfuse
 from moeconvert.checkpoint import ShardedReader
@@ -60,7 +60,7 @@ def test_unfuse_restores_every_tensor_bit_for_bit(
 
 @pytest.mark.parametrize(
     "family",
-    ["deepseek_v3", "deepseek_v32", "glm4_moe", "glm4v_moe", "qwen3_next", "ernie4_5_moe", "exaone_moe"],
+    MTP_FAMILIES,
 )
 def test_mtp_layers_are_carried_through_fuse_and_back(
     family: str, tiny_models: dict[str, Path], fused: dict[str, Path], tmp_path: Path

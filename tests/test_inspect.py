@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import FAMILIES, load_model, load_tensors, run_cli
+from conftest import FAMILIES, MTP_FAMILIES, load_model, load_tensors, run_cli
 from conftest import with_mtp as add_mtp
 
 from moeconvert import inspect_model
@@ -51,7 +51,7 @@ def test_family_quirks(tiny_models: dict[str, Path]) -> None:
 
 @pytest.mark.parametrize(
     "family",
-    ["deepseek_v3", "deepseek_v32", "glm4_moe", "glm4v_moe", "qwen3_next", "ernie4_5_moe", "exaone_moe"],
+    MTP_FAMILIES,
 )
 def test_mtp_layers_count_in_the_floor_not_in_the_active_parameters(
     family: str, tiny_models: dict[str, Path], tmp_path: Path

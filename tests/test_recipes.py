@@ -26,7 +26,8 @@ FAMILY_OF = {
     "Qwen/Qwen3-VL": "qwen3_vl_moe", "deepseek-ai/DeepSeek-V3.2": "deepseek_v32",
     "LGAI-EXAONE/K-EXAONE": "exaone_moe", "upstage/Solar-Open": "solar_open", "arcee-ai/Trinity": "afmoe",
     "CohereLabs/command-a": "cohere2_moe", "tencent/Hunyuan-A13B": "hunyuan_v1_moe",
-    "openbmb/MiniCPM5": "minicpm5_moe",
+    "openbmb/MiniCPM5": "minicpm5_moe", "XiaomiMiMo/MiMo-V2": "mimo_v2_flash",
+    "zai-org/GLM-5": "glm_moe_dsa",
 }  # fmt: skip
 # Widths of 128 so the recipes' group size of 128 divides every input.
 WIDE = {"hidden_size": 128, "intermediate_size": 128}
@@ -37,6 +38,7 @@ WIDER = {
     "glm4_moe": {"moe_intermediate_size": 128},
     "glm4_moe_lite": {"moe_intermediate_size": 128, "v_head_dim": 32, "q_lora_rank": 128},
     "deepseek_v32": {"moe_intermediate_size": 128, "v_head_dim": 32, "q_lora_rank": 128, "kv_lora_rank": 128},
+    "glm_moe_dsa": {"moe_intermediate_size": 128, "v_head_dim": 32, "q_lora_rank": 128, "kv_lora_rank": 128},
     "minimax_m2": {"head_dim": 32},
     "qwen3_next": {"moe_intermediate_size": 128, "shared_expert_intermediate_size": 128, "head_dim": 32},
     "qwen3_5_moe": {"moe_intermediate_size": 128, "shared_expert_intermediate_size": 128, "head_dim": 32},
@@ -48,6 +50,7 @@ WIDER = {
     "cohere2_moe": {"prefix_dense_intermediate_size": 128, "head_dim": 32},
     "hunyuan_v1_moe": {"head_dim": 32},
     "minicpm5_moe": {"moe_intermediate_size": 128, "head_dim": 32},
+    "mimo_v2_flash": {"moe_intermediate_size": 128, "v_head_dim": 32},
     "qwen3_vl_moe": {  # experts twice the hidden size: no stack is square, its orientation shows
         "moe_intermediate_size": 256,
         "head_dim": 32,

@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import invoke_cli, run_cli
 
+from moeconvert.forward import carried, with_carried
 from moeconvert.resume import Progress, RunState
 
 ARGS = ["--bits", "4", "--group-size", "32", "--samples", "8", "--seq-len", "64", "--no-verify"]
@@ -142,6 +143,38 @@ def test_hidden_states_go_on_from_the_record(tmp_path: Path) -> None:
     ]
     assert spans and all(any(lo <= t.data_ptr() < hi for lo, hi in spans) for t in carried)
     assert state.record(Progress(groups_done=2), []) == []
+
+
+def test_state_a_layer_hands_on_is_recorded_with_its_hidden_states(tmp_path: Path) -> None:
+    """GLM-5's layers hand the next one their attention's picks of tokens with the hidden states: the
+    record keeps them batch by batch, and a batch without any stays without."""
+    state = RunState(tmp_path, {"seed": 0})
+    state.start()
+    picks = torch.randint(0, 8, (2, 8, 4), dtype=torch.int32)
+    hidden = [with_carried(torch.randn(2, 8, 16), picks), torch.randn(2, 8, 16)]
+    back = state.record(Progress(groups_done=1), hidden)
+    assert torch.equal(carried(back[0]), picks) and carried(back[0]).dtype == torch.int32
+    assert carried(back[1]) is None
+    assert all(torch.equal(a, b) for a, b in zip(back, hidden, strict=True))
+    assert torch.equal(carried(state.hidden(torch.device("cpu"))[0]), picks)
+
+
+def test_a_run_resumed_at_a_layer_that_reads_the_previous_layers_picks_is_identical(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """GLM-5's layer 2 attends to the tokens layer 1's indexer picked: resumed after layer 1, it reads
+    them from the record and the output is byte for byte an uninterrupted run's."""
+    model = tiny_models["glm_moe_dsa"]
+    reference = tmp_path / "reference" / "out"
+    subprocess.run(quantize_cmd(model, reference), env=ENV, check=True, capture_output=True)
+    out = tmp_path / "resumed" / "out"
+    proc = run_until_paused(model, out, group=2)  # embeddings and layers 0-1 are done
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    resumed = subprocess.run(quantize_cmd(model, out), env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "layers already done" in resumed.stderr
+    assert_same_output(out, reference)
 
 
 def test_other_settings_or_a_changed_source_are_refused_and_force_starts_over(

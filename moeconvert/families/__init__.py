@@ -14,8 +14,9 @@ from .cohere import COHERE2_MOE
 from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3, DEEPSEEK_V32, DOTS1, SOLAR_OPEN
 from .ernie import ERNIE4_5_MOE
 from .exaone import EXAONE_MOE
-from .glm import GLM4_MOE, GLM4_MOE_LITE, GLM4V_MOE
+from .glm import GLM4_MOE, GLM4_MOE_LITE, GLM4V_MOE, GLM_MOE_DSA
 from .hunyuan import HUNYUAN_V1_MOE
+from .mimo import MIMO_V2_FLASH
 from .minicpm import MINICPM5_MOE
 from .minimax import MINIMAX_M2
 from .mixtral import MIXTRAL
@@ -36,6 +37,7 @@ FAMILIES: dict[str, Family] = {
         COHERE2_MOE,
         HUNYUAN_V1_MOE,
         MINICPM5_MOE,
+        MIMO_V2_FLASH,
         DEEPSEEK_V2,
         DEEPSEEK_V3,
         DEEPSEEK_V32,
@@ -45,6 +47,7 @@ FAMILIES: dict[str, Family] = {
         GLM4_MOE,
         GLM4_MOE_LITE,
         GLM4V_MOE,
+        GLM_MOE_DSA,
         MINIMAX_M2,
         OLMOE,
         PHIMOE,
