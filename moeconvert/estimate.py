@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .families.base import FUSED_DOWN
+from .families.base import STACKS
 from .quant.hessian import CHUNK_ROWS, SUMS_DTYPE
 
 if TYPE_CHECKING:
@@ -61,8 +61,8 @@ def statistics_unread(targets: Iterable[Target]) -> tuple[str, ...]:
     target is among the routed experts. Their hook computes ``act(gate) * up`` itself and their own
     forward pass is skipped (``LayerStatistics.hooks``), so the pass neither fills nor widens it; the
     pipeline and this estimate both take the rule from here."""
-    hooked = any(t.kind in ("gate_up", "down") and t.scheme.method == "gptq" for t in targets)
-    return (FUSED_DOWN,) if hooked else ()
+    hooked = [t.local for t in targets if t.kind in ("gate_up", "down") and t.scheme.method == "gptq"]
+    return (f"{hooked[0].partition('.experts.')[0]}.{STACKS[1]}",) if hooked else ()
 
 
 def _accumulating_bytes(target: Target, shape: tuple[int, ...], routed_rows: int | None) -> int:

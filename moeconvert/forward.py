@@ -6,8 +6,9 @@ positions, rotary embeddings), whatever the family: models that mix sliding-wind
 hand each kind of layer its own mask. Each layer is then materialised from its tensors, run on the
 hidden states, and returned to "meta", so only one layer's weights are resident at a time.
 
-Every supported family's decoder layer is ``h = x + attn(norm1(x)); out = h + mlp(norm2(h))``, or with
-norms on both sides (Trinity's): ``h = x + norm1b(attn(norm1(x))); out = h + norm2b(mlp(norm2(h)))``. A
+Most families' decoder layers are ``h = x + attn(norm1(x)); out = h + mlp(norm2(h))`` (LFM2's with a
+short convolution in place of attention in most layers), or with norms on both sides (Trinity's):
+``h = x + norm1b(attn(norm1(x))); out = h + norm2b(mlp(norm2(h)))``. A
 pass that has already run a layer's attention on some input can keep ``h`` (:meth:`LayerwiseModel.
 capture_residual`) and later finish the layer from it (:meth:`LayerwiseModel.run_mlp_half`), with the
 same operations in the same order: quantize's second pass over a layer whose attention it leaves as it
@@ -116,10 +117,24 @@ def on_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torc
     return t.to(dtype).to(device)
 
 
+# The names families give the same parts, in the order looked for: the MLP block (LFM2-MoE's is
+# feed_forward); the norm before it (post_attention_layernorm, but Trinity's normalizes the attention's
+# output and pre_mlp_layernorm the MLP's input; LFM2's is ffn_norm); the model's final norm and rotary
+# embedding (LFM2's embedding_norm and pos_emb).
+MLP_NAMES = ("mlp", "feed_forward")
+_MLP_NORM_NAMES = ("pre_mlp_layernorm", "post_attention_layernorm", "ffn_norm")
+_FINAL_NORM_NAMES = ("norm", "embedding_norm")
+_ROTARY_NAMES = ("rotary_emb", "pos_emb")
+
+
+def _first(module: nn.Module, names: tuple[str, ...]) -> Any:
+    """``module``'s attribute under the first of ``names`` it has, or None."""
+    return next((getattr(module, name) for name in names if hasattr(module, name)), None)
+
+
 def _mlp_norm(layer: nn.Module) -> nn.Module:
-    """The norm a decoder layer applies to its residual stream before the MLP: ``post_attention_layernorm``,
-    or where that one normalizes the attention's output instead (Trinity), ``pre_mlp_layernorm``."""
-    return getattr(layer, "pre_mlp_layernorm", None) or layer.post_attention_layernorm
+    """The norm a decoder layer applies to its residual stream before the MLP."""
+    return _first(layer, _MLP_NORM_NAMES)
 
 
 # CPU kernels take other (equally valid) code paths for data that is not cache-line aligned, which moves
@@ -195,9 +210,12 @@ class LayerwiseModel:
         self.model.eval()
         self.config = config
         self.backbone = self.model.model
-        rotary_cls = type(self.backbone.rotary_emb)
+        rotary = next(name for name in _ROTARY_NAMES if hasattr(self.backbone, name))
         with torch.device(self.device):
-            self.backbone.rotary_emb = rotary_cls(config=config)
+            setattr(self.backbone, rotary, type(getattr(self.backbone, rotary))(config=config))
+        final_norm = next(name for name in _FINAL_NORM_NAMES if hasattr(self.backbone, name))
+        self.final_norm = getattr(self.backbone, final_norm)
+        self._top_modules = ("model.embed_tokens", f"model.{final_norm}", "lm_head")
         self._kwargs: dict[tuple[int, ...], list[dict[str, Any]]] = {}  # per input shape, per layer
 
     @property
@@ -211,7 +229,7 @@ class LayerwiseModel:
         top = {text_model_name(n): t for n, t in tensors.items() if layer_index(n) is None}
         if "lm_head.weight" not in top and getattr(self.config, "tie_word_embeddings", False):
             top["lm_head.weight"] = top["model.embed_tokens.weight"]
-        for module_name in ("model.embed_tokens", "model.norm", "lm_head"):
+        for module_name in self._top_modules:
             module = self.model.get_submodule(module_name)
             prefix = module_name + "."
             state = {
@@ -224,7 +242,7 @@ class LayerwiseModel:
     def release_top(self) -> None:
         """Back to meta for embeddings, final norm and head, once a pass needs no more of them (a
         quantize pass embeds its calibration tokens once; Mixtral's two float32 tables are 1 GB)."""
-        for module_name in ("model.embed_tokens", "model.norm", "lm_head"):
+        for module_name in self._top_modules:
             self.model.get_submodule(module_name).to("meta")
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -301,9 +319,10 @@ class LayerwiseModel:
         """Whether the layer can be finished from its residual stream (see the module docstring): not
         where it runs attention beside its MLP, nor where it hands its attention's state on (GLM-5's),
         which the residual stream does not carry."""
-        mixes = hasattr(module, "self_attn") or hasattr(module, "linear_attn")  # Qwen3-Next: either
+        mixes = any(hasattr(module, n) for n in ("self_attn", "linear_attn", "conv"))  # Qwen3-Next, LFM2
         hands_on = CARRIED_KWARG in inspect.signature(module.forward).parameters
-        return mixes and not hands_on and all(hasattr(module, n) for n in ("post_attention_layernorm", "mlp"))
+        halves = _mlp_norm(module) is not None and _first(module, MLP_NAMES) is not None
+        return mixes and not hands_on and halves
 
     @staticmethod
     def run_mlp_half(module: nn.Module, residual: torch.Tensor) -> torch.Tensor:
@@ -311,7 +330,7 @@ class LayerwiseModel:
         layer does so), as the layer itself adds them, so the result is bit-identical to
         :meth:`run_layer` on the layer's input."""
         with torch.no_grad():
-            out = module.mlp(_mlp_norm(module)(residual))
+            out = _first(module, MLP_NAMES)(_mlp_norm(module)(residual))
             if hasattr(module, "post_mlp_layernorm"):
                 out = module.post_mlp_layernorm(out)
             return residual + out
@@ -320,6 +339,6 @@ class LayerwiseModel:
         """The head's logits, scaled where the model scales them (Cohere's ``logit_scale``): a
         distribution sharper or flatter than the model's would misstate every KL measured on it."""
         with torch.no_grad():
-            logits = self.model.lm_head(self.backbone.norm(hidden))
+            logits = self.model.lm_head(self.final_norm(hidden))
             scale = getattr(self.model, "logit_scale", None)
             return logits if scale is None else logits * scale

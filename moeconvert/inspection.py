@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .checkpoint import is_mtp, is_tower, layer_index, layer_prefix
-from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
+from .families import Family, family_for, load_config
 from .fp8 import header_reader, quantization_method, without_fp8_config
 from .relayout import check_against_config, is_released_stack
 from .safetensors_header import TensorMeta
@@ -70,7 +70,7 @@ class ModelSummary:
 
 
 def _is_routed_expert(family: Family, local: str) -> bool:
-    return local in (FUSED_GATE_UP, FUSED_DOWN) or bool(family.original_expert_re().match(local))
+    return local in family.fused_stacks or bool(family.original_expert_re().match(local))
 
 
 def _is_quantizable(meta: TensorMeta, num_layers: int) -> bool:
@@ -132,8 +132,7 @@ def summarize(meta: ModelMetadata) -> ModelSummary:
         local = name[len(layer_prefix(name)) :] if index is not None else name
         expert = index is not None and _is_routed_expert(family, local)
         fused = fused or (  # Qwen3-VL-MoE releases stack experts: transposed, they are its original
-            local in (FUSED_GATE_UP, FUSED_DOWN)
-            and not is_released_stack(family, config, local, tensor.shape)
+            local in family.fused_stacks and not is_released_stack(family, config, local, tensor.shape)
         )
         if is_mtp(name, config.num_hidden_layers):
             mtp_layers.update([] if index is None else [index])

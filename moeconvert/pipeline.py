@@ -42,7 +42,7 @@ from .estimate import (
     solve_working_bytes,
     statistics_unread,
 )
-from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
+from .families import STACKS, Family, family_for, load_config
 from .formats import QuantFormat, get_format
 from .formats.base import QuantizedModule
 from .formats.module_rules import carried_rules, engine_unquantized_modules, vllm_split_modules
@@ -168,8 +168,8 @@ def layer_targets(
     targets: list[Target] = []
     kept: list[str] = []
     for local in sorted(local_tensors):
-        if local in (FUSED_GATE_UP, FUSED_DOWN):
-            projection = 0 if local == FUSED_GATE_UP else 2
+        if local in family.fused_stacks:
+            projection = 0 if local == family.fused_gate_up else 2
             first = prefix + family.original_expert_name(0, projection)[: -len(".weight")]
             second = (
                 prefix + family.original_expert_name(0, 1)[: -len(".weight")] if projection == 0 else None
@@ -247,14 +247,17 @@ class LayerStatistics:
             self.modules[target.local] = layer.get_submodule(target.local[: -len(".weight")])
             if ranks.owns_target(index):
                 self.accumulators[target.local] = HessianAccumulator(self.modules[target.local].in_features)
-        if any(t.kind in ("gate_up", "down") for t in gptq):
-            experts = self.modules["experts"] = layer.get_submodule("mlp.experts")
+        routed = [t.local for t in gptq if t.kind in ("gate_up", "down")]
+        if routed:  # the stacks' runtime names, in the family's MoE block
+            block = routed[0].partition(".experts.")[0]
+            self.gate_up_name, self.down_name = (f"{block}.{stack}" for stack in STACKS)
+            experts = self.modules["experts"] = layer.get_submodule(f"{block}.experts")
             count, hidden = experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[2]
             self.owned = ranks.experts(count)
             width = experts.down_proj.shape[2]
             gate_up = ReplayedAccumulator if replay_gate_up else HessianAccumulator
-            self.accumulators[FUSED_GATE_UP] = gate_up(hidden, len(self.owned))
-            self.accumulators[FUSED_DOWN] = HessianAccumulator(width, len(self.owned))
+            self.accumulators[self.gate_up_name] = gate_up(hidden, len(self.owned))
+            self.accumulators[self.down_name] = HessianAccumulator(width, len(self.owned))
 
     shares_solves: ClassVar[bool] = True  # see :meth:`solve_groups`; off only to compare against
 
@@ -394,7 +397,7 @@ class LayerStatistics:
         x, mask = tensors
         experts = self.modules["experts"]
         mask = mask[:, self.owned.start : self.owned.stop]
-        gate_up = self.accumulators[FUSED_GATE_UP]
+        gate_up = self.accumulators[self.gate_up_name]
         replayed = isinstance(gate_up, ReplayedAccumulator)
         if replayed:  # it keeps the layer's rows as they are
             gate_up.add(x, mask)
@@ -407,7 +410,7 @@ class LayerStatistics:
                 continue
             gate, up = F.linear(rows_for_bf16_units(rows), experts.gate_up_proj[expert]).chunk(2, dim=-1)
             down_rows = (experts.act_fn(gate) * up)[: rows.shape[0]]
-            self.accumulators[FUSED_DOWN].add_expert(local, down_rows)
+            self.accumulators[self.down_name].add_expert(local, down_rows)
 
 
 def _no_routed_output(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -891,7 +894,7 @@ class Quantizer:
                 replay_gate_up=self.replays_gate_up(targets, local),
             )
             keep = keep_residual and self.streamed.has_mlp_half(module)
-            keep = keep and all(t.local.startswith("mlp.") for t in targets)
+            keep = keep and all(t.local.startswith(self.family.block + ".") for t in targets)
             with stats.hooks():
                 return stats, self._calibrate(module, hidden, stats, keep_residual=keep)
 
@@ -1310,7 +1313,7 @@ def _router_names(runner: Quantizer) -> set[str]:
     checkpoint names; transformers matches runtime names, e.g. Phi-MoE's ``mlp.router``)."""
     names = set()
     router = re.compile(
-        r"(?:block_sparse_moe|mlp)\.(?:gate|gate\.wg|router|router\.gate|shared_expert_gate)\.weight"
+        r"(?:block_sparse_moe|mlp|feed_forward)\.(?:gate|gate\.wg|router|router\.gate|shared_expert_gate)\.weight"
     )
     for name in runner.reader.metas:
         layer = LAYER_RE.match(name)

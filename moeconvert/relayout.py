@@ -35,7 +35,7 @@ from .checkpoint import (
     text_model_name,
 )
 from .errors import CorruptCheckpointError, OutputWriteError, UnsupportedModelError
-from .families import FUSED_DOWN, FUSED_GATE_UP, Family, family_for, load_config
+from .families import STACKS, Family, family_for, load_config
 from .fp8 import full_precision_config, open_reader
 from .layout import stack_experts, unstack_experts
 from .manifest import write_manifest
@@ -74,7 +74,7 @@ def fuse_layer(
     prefix = ""
     for name, tensor in tensors.items():
         prefix, local = _split_layer_prefix(name)
-        if local in (FUSED_GATE_UP, FUSED_DOWN):
+        if local in family.fused_stacks:
             if family.transposed_stacks:  # in neither orientation: config.json says otherwise
                 why = (
                     f"{family.expert_size_key}={family.expert_size(config)}, hidden_size={config.hidden_size}"
@@ -99,14 +99,14 @@ def fuse_layer(
     if experts:
         count = family.num_experts(config)
         gate, up, down = ([experts[(e, family.projections[p])] for e in range(count)] for p in range(3))
-        out[prefix + FUSED_GATE_UP], out[prefix + FUSED_DOWN] = stack(gate, up, down)
+        out[prefix + family.fused_gate_up], out[prefix + family.fused_down] = stack(gate, up, down)
     return out
 
 
 def _stack_shapes(family: Family, config: Any) -> dict[str, tuple[int, int, int]]:
     """The runtime shape of each expert stack, by config.json."""
     experts, hidden, size = family.num_experts(config), int(config.hidden_size), family.expert_size(config)
-    return {FUSED_GATE_UP: (experts, 2 * size, hidden), FUSED_DOWN: (experts, hidden, size)}
+    return {family.fused_gate_up: (experts, 2 * size, hidden), family.fused_down: (experts, hidden, size)}
 
 
 def is_released_stack(family: Family, config: Any, local: str, shape: Sequence[int]) -> bool:
@@ -159,8 +159,9 @@ def as_runtime_orientation(
 
 
 def is_fused(tensors: dict[str, Any]) -> bool:
-    """Whether a layer's tensors hold stacked experts (the runtime layout) rather than per-expert ones."""
-    return any(_split_layer_prefix(n)[1] in (FUSED_GATE_UP, FUSED_DOWN) for n in tensors)
+    """Whether a layer's tensors hold stacked experts (the runtime layout) rather than per-expert ones
+    (in whichever block: no per-expert name ends like a stack)."""
+    return any(n.endswith(STACKS) for n in tensors)
 
 
 def runtime_layer(
@@ -277,7 +278,7 @@ def unfuse_layer(
     prefix = ""
     for name, tensor in tensors.items():
         prefix, local = _split_layer_prefix(name)
-        if local in (FUSED_GATE_UP, FUSED_DOWN):
+        if local in family.fused_stacks:
             stacked[local] = tensor
         elif family.original_expert_re().match(local):
             raise UnsupportedModelError(
@@ -287,10 +288,11 @@ def unfuse_layer(
             out[prefix + family.to_original_name(local)] = tensor
     if not stacked:
         return out
-    if set(stacked) != {FUSED_GATE_UP, FUSED_DOWN}:
-        raise CorruptCheckpointError(f"layer {layer}: needs both {FUSED_GATE_UP} and {FUSED_DOWN}")
+    gate_up_name, down_name = family.fused_stacks
+    if set(stacked) != {gate_up_name, down_name}:
+        raise CorruptCheckpointError(f"layer {layer}: needs both {gate_up_name} and {down_name}")
     try:
-        gate, up, down = unstack_experts(stacked[FUSED_GATE_UP], stacked[FUSED_DOWN])
+        gate, up, down = unstack_experts(stacked[gate_up_name], stacked[down_name])
     except ValueError as err:
         raise CorruptCheckpointError(f"layer {layer}: {err}") from None
     for e, weights in enumerate(zip(gate, up, down, strict=True)):

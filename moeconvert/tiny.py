@@ -10,9 +10,9 @@ one before, K-EXAONE's, Trinity's and Command A+'s mix of sliding-window and ful
 router nested in its MoE block and norms around attention and MLP both, Command A+'s attention beside
 its MLP on one normed input, tied head and scaled logits, Hunyuan's router inside its gate module and
 top-k listed per layer, MiniCPM5's gated attention (stored as q_proj, run as q_gate_proj),
-MiMo-V2-Flash's attention sinks and narrow value heads, the vision encoders beside GLM-4.5V's, Qwen3.5's
-(hybrid-attention) and Qwen3-VL-MoE's text models, and Qwen3-VL-MoE's transposed expert stacks, as its
-releases store them.
+MiMo-V2-Flash's attention sinks and narrow value heads, LFM2-MoE's feed_forward block and short
+convolutions, the vision encoders beside GLM-4.5V's, Qwen3.5's (hybrid-attention) and Qwen3-VL-MoE's
+text models, and Qwen3-VL-MoE's transposed expert stacks, as its releases store them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .families import FUSED_DOWN, FUSED_GATE_UP, family_for
+from .families import STACKS, family_for
 
 _BASE: dict[str, Any] = dict(
     vocab_size=256,
@@ -212,6 +212,16 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     ),
     # a shared MLP beside the experts in every layer; the top-k listed per layer, as its releases do
     "hunyuan_v1_moe": dict(intermediate_size=64, num_experts=8, moe_topk=[2, 2, 2], head_dim=16),
+    # a dense first layer, then experts; convolution in layers 0 and 2, attention in layer 1
+    "lfm2_moe": dict(
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        num_experts=8,
+        num_experts_per_tok=2,
+        num_dense_layers=1,
+        layer_types=["conv", "full_attention", "conv"],
+        tie_word_embeddings=True,  # as its releases
+    ),
     "ernie4_5_moe": dict(
         intermediate_size=128,
         moe_intermediate_size=64,
@@ -314,7 +324,7 @@ def _transpose_stacks(folder: Path) -> None:
 
     for path in sorted(folder.glob("*.safetensors")):
         tensors = load_file(path)
-        for name in [n for n in tensors if n.endswith((FUSED_GATE_UP, FUSED_DOWN))]:
+        for name in [n for n in tensors if n.endswith(STACKS)]:
             tensors[name] = tensors[name].transpose(1, 2).contiguous()
         save_file(tensors, path, metadata={"format": "pt"})
 
@@ -326,7 +336,13 @@ def _spread_router_weights(model: torch.nn.Module, seed: int) -> None:
         for name, param in model.named_parameters():
             if (
                 name.endswith(
-                    ("mlp.gate.weight", "mlp.router.weight", "mlp.router.gate.weight", "mlp.gate.wg.weight")
+                    (
+                        "mlp.gate.weight",
+                        "mlp.router.weight",
+                        "mlp.router.gate.weight",
+                        "mlp.gate.wg.weight",
+                        "feed_forward.gate.weight",
+                    )
                 )
                 and param.dim() == 2
             ):

@@ -328,7 +328,7 @@ def _compare_layer(
             and torch.equal(tensors_a[n].view(torch.uint8), tensors_b[n].view(torch.uint8))
             for n in tensors_a
         )
-    same_attention = _same_outside_mlp(tensors_a, tensors_b, a.streamed.dtype)
+    same_attention = _same_outside_mlp(tensors_a, tensors_b, a.streamed.dtype, a.family.block)
     with a.streamed.layer(index, tensors_a) as layer_a, b.streamed.layer(index, tensors_b) as layer_b:
         residuals: list[torch.Tensor | None] = []
         finish_b = (
@@ -357,11 +357,13 @@ def _compare_layer(
     return next_a, next_b, parity
 
 
-def _same_outside_mlp(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], dtype: torch.dtype) -> bool:
-    """Whether two layers have the same weights before their MLP (attention, norms) once loaded in
-    ``dtype``: a conversion that quantized only the MLP or experts."""
-    outside = sorted(n for n in a if not n.startswith("mlp."))
-    return outside == sorted(n for n in b if not n.startswith("mlp.")) and all(
+def _same_outside_mlp(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], dtype: torch.dtype, block: str
+) -> bool:
+    """Whether two layers have the same weights outside their MLP ``block`` (attention, norms) once
+    loaded in ``dtype``: a conversion that quantized only the MLP or experts."""
+    outside = sorted(n for n in a if not n.startswith(block + "."))
+    return outside == sorted(n for n in b if not n.startswith(block + ".")) and all(
         a[n].is_floating_point() == b[n].is_floating_point()
         and torch.equal(_loaded(a[n], dtype), _loaded(b[n], dtype))
         for n in outside

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moeconvert.checkpoint import layer_index, layer_prefix
-from moeconvert.families import FUSED_DOWN, FUSED_GATE_UP, family_for, load_config
+from moeconvert.families import family_for, load_config
 from moeconvert.layout import unstack_experts
 from moeconvert.pipeline import QuantizeOptions, quantize
 from moeconvert.quant.packing import unpack_compressed
@@ -315,7 +315,7 @@ def per_expert_copy(source: Path, folder: Path) -> Path:
             family, config, layer, {n: t for n, t in tensors.items() if layer_index(n) == layer}
         )
         prefix = layer_prefix(next(iter(group)))
-        gate_up, down = group.pop(prefix + FUSED_GATE_UP, None), group.pop(prefix + FUSED_DOWN, None)
+        gate_up, down = (group.pop(prefix + name, None) for name in family.fused_stacks)
         out.update(group)
         if gate_up is not None:
             for e, weights in enumerate(zip(*unstack_experts(gate_up, down), strict=True)):

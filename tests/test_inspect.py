@@ -10,6 +10,7 @@ from conftest import FAMILIES, MTP_FAMILIES, load_model, load_tensors, run_cli
 from conftest import with_mtp as add_mtp
 
 from moeconvert import inspect_model
+from moeconvert.families import family_for
 from moeconvert.tiny import VISION_CONFIGS
 
 
@@ -21,7 +22,8 @@ def test_counts_match_the_model(family: str, tiny_models: dict[str, Path]) -> No
     if model.config.get_text_config().tie_word_embeddings:  # one tensor under two names (Cohere's head)
         assert params.pop("lm_head.weight").data_ptr() == params["model.embed_tokens.weight"].data_ptr()
     total = sum(p.numel() for p in params.values())
-    routed = sum(p.numel() for n, p in params.items() if ".mlp.experts." in n)
+    block = family_for({"model_type": family}).block  # mlp, or LFM2's feed_forward
+    routed = sum(p.numel() for n, p in params.items() if f".{block}.experts." in n)
     tower = sum(p.numel() for n, p in params.items() if n.startswith("model.visual."))  # not per token
     assert (tower > 0) == (family in VISION_CONFIGS)
     config = model.config.get_text_config()
@@ -32,7 +34,7 @@ def test_counts_match_the_model(family: str, tiny_models: dict[str, Path]) -> No
     assert summary.active_params == total - tower - routed + routed * summary.top_k // experts
     assert summary.top_k == 2 and experts == 8
     decoder = model.get_decoder()
-    moe_layers = [i for i, layer in enumerate(decoder.layers) if hasattr(layer.mlp, "experts")]
+    moe_layers = [i for i, layer in enumerate(decoder.layers) if hasattr(getattr(layer, block), "experts")]
     assert summary.moe_layers == moe_layers
     assert summary.num_layers == config.num_hidden_layers
     assert summary.weight_bytes["bf16"] == 2 * total

@@ -272,6 +272,27 @@ def test_the_deepseek_v32_indexer_stays_in_full_precision_and_engines_get_what_t
     assert_every_loader_gets_the_stored_bits(quant, bits)
 
 
+def test_lfm2_convolutions_stay_in_full_precision_as_vllm_builds_them(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """LFM2-MoE's short convolutions (in_proj, out_proj) are kept by default and listed as kept; vLLM
+    builds them without quantization, so a rule that quantizes them is refused before anything is
+    written. Its attention and experts, under the feed_forward block, are quantized."""
+    source = tiny_models["lfm2_moe"]
+    quant = quantized_config(source, tmp_path / "default", "compressed-tensors")
+    bits = stored_bits(load_tensors(tmp_path / "default"))
+    conv = [m for m in bits if ".conv." in m]
+    assert len(conv) == 2 * 2 and {bits[m] for m in conv} == {None}
+    assert (
+        bits["model.layers.1.self_attn.q_proj"] == 4 and bits["model.layers.2.feed_forward.experts.0.w2"] == 4
+    )
+    assert bits["model.layers.1.feed_forward.gate"] is None
+    assert_every_loader_gets_the_stored_bits(quant, bits)
+    with pytest.raises(BadInputError, match=r"layers\.0\.conv\.in_proj: vLLM load"):
+        quantized_config(source, tmp_path / "broad", "compressed-tensors", (Rule(r"\.conv\.", W8),))
+    assert not (tmp_path / "broad").exists()
+
+
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
 def test_schemes_stored_alike_share_one_rule(fmt: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
     """Attention solved by GPTQ, experts by RTN, both 4-bit g32: one stored form, so no mixed rules."""

@@ -9,13 +9,14 @@ from transformers import CONFIG_MAPPING
 
 from ..errors import UnsupportedModelError
 from .afmoe import AFMOE
-from .base import FUSED_DOWN, FUSED_GATE_UP, Family
+from .base import STACKS, Family
 from .cohere import COHERE2_MOE
 from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3, DEEPSEEK_V32, DOTS1, SOLAR_OPEN
 from .ernie import ERNIE4_5_MOE
 from .exaone import EXAONE_MOE
 from .glm import GLM4_MOE, GLM4_MOE_LITE, GLM4V_MOE, GLM_MOE_DSA
 from .hunyuan import HUNYUAN_V1_MOE
+from .lfm2 import LFM2_MOE
 from .mimo import MIMO_V2_FLASH
 from .minicpm import MINICPM5_MOE
 from .minimax import MINIMAX_M2
@@ -38,6 +39,7 @@ FAMILIES: dict[str, Family] = {
         HUNYUAN_V1_MOE,
         MINICPM5_MOE,
         MIMO_V2_FLASH,
+        LFM2_MOE,
         DEEPSEEK_V2,
         DEEPSEEK_V3,
         DEEPSEEK_V32,
@@ -56,7 +58,7 @@ FAMILIES: dict[str, Family] = {
     for t in family.model_types
 }
 
-__all__ = ["FAMILIES", "FUSED_DOWN", "FUSED_GATE_UP", "Family", "family_for", "load_config"]
+__all__ = ["FAMILIES", "STACKS", "Family", "family_for", "load_config"]
 
 
 def family_for(config: dict[str, Any]) -> Family:

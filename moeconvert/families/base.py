@@ -2,7 +2,10 @@
 
 Each family module fills in one :class:`Family`. Names are given relative to a decoder layer
 (``model.layers.{i}.``). The *original* layout stores one Linear per expert and projection; the
-*fused* layout is the transformers 5 runtime layout, which stacks them into two tensors per layer.
+*fused* layout is the transformers 5 runtime layout, which stacks them into two tensors per layer,
+``{block}.experts.gate_up_proj`` [E, 2I, H] (rows 0..I-1 gate, I..2I-1 up) and
+``{block}.experts.down_proj`` [E, H, I], where ``block`` is the MoE block's runtime name (``mlp`` in
+most families).
 """
 
 from __future__ import annotations
@@ -11,8 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-FUSED_GATE_UP = "mlp.experts.gate_up_proj"  # [E, 2I, H]: rows 0..I-1 gate, I..2I-1 up
-FUSED_DOWN = "mlp.experts.down_proj"  # [E, H, I]
+STACKS = ("experts.gate_up_proj", "experts.down_proj")  # within the MoE block, in the runtime layout
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,21 @@ class Family:
     # Whether the family's releases store experts stacked but transposed, gate_up [E, H, 2I] and down
     # [E, I, H] (Qwen3-VL-MoE): transformers reads either orientation, vLLM only this one.
     transposed_stacks: bool = False
+    block: str = "mlp"  # in-layer runtime name of the MoE block (transformers' module)
+
+    @property
+    def fused_gate_up(self) -> str:
+        """In-layer runtime name of the stacked gate/up projections, [E, 2I, H]."""
+        return f"{self.block}.{STACKS[0]}"
+
+    @property
+    def fused_down(self) -> str:
+        """In-layer runtime name of the stacked down projections, [E, H, I]."""
+        return f"{self.block}.{STACKS[1]}"
+
+    @property
+    def fused_stacks(self) -> tuple[str, str]:
+        return self.fused_gate_up, self.fused_down
 
     @property
     def name(self) -> str:

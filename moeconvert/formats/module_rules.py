@@ -112,9 +112,13 @@ def vllm_split_modules(assignment: Mapping[str, Hashable]) -> list[str]:
     ]
 
 
-# modules that serving engines build without quantization, whatever the checkpoint's config says
-# (vLLM's and SGLang's DeepSeek-V3.2 indexer: ``weights_proj`` gets no quant_config)
-UNQUANTIZED_IN_ENGINES = (r"\.indexer\.weights_proj$",)
+# modules that serving engines build without quantization, whatever the checkpoint's config says, and
+# the engines that do: the DeepSeek-V3.2 indexer's ``weights_proj`` gets no quant_config in vLLM and
+# SGLang, nor do LFM2's short-convolution projections in vLLM (its ShortConv)
+UNQUANTIZED_IN_ENGINES = {
+    r"\.indexer\.weights_proj$": "vLLM and SGLang",
+    r"\.conv\.(?:in|out)_proj$": "vLLM",
+}
 
 
 def engine_unquantized_modules(assignment: Mapping[str, Hashable]) -> list[str]:
@@ -122,10 +126,12 @@ def engine_unquantized_modules(assignment: Mapping[str, Hashable]) -> list[str]:
     scheme, or None for kept) quantizes, each as a sentence: an engine would find packed weights where
     its module has none."""
     return [
-        f"{name}: vLLM and SGLang load it only in full precision: keep it (a rule for it with scheme: null "
+        f"{name}: {engines} load it only in full precision: keep it (a rule for it with scheme: null "
         "before the others, or a narrower pattern)"
         for name, value in sorted(assignment.items())
-        if value is not None and any(re.search(p, name) for p in UNQUANTIZED_IN_ENGINES)
+        if value is not None
+        for pattern, engines in UNQUANTIZED_IN_ENGINES.items()
+        if re.search(pattern, name)
     ]
 
 
