@@ -125,7 +125,9 @@ class RunState:
         tensors = load_file(self.hidden_path)
         batches = sorted(name for name in tensors if name.startswith("batch."))
         return [
-            with_carried(tensors[name].to(device), _on(tensors.get("carried." + name[6:]), device))
+            with_carried(
+                tensors[name].to(device), _on(tensors.get(name.replace("batch.", "carried.")), device)
+            )
             for name in batches
         ]
 
