@@ -318,11 +318,13 @@ class LayerwiseModel:
     def has_mlp_half(module: nn.Module) -> bool:
         """Whether the layer can be finished from its residual stream (see the module docstring): not
         where it runs attention beside its MLP, nor where it hands its attention's state on (GLM-5's),
-        which the residual stream does not carry."""
+        which the residual stream does not carry, nor where it adds its parts otherwise (Beam's)."""
         mixes = any(hasattr(module, n) for n in ("self_attn", "linear_attn", "conv"))  # Qwen3-Next, LFM2
         hands_on = CARRIED_KWARG in inspect.signature(module.forward).parameters
         halves = _mlp_norm(module) is not None and _first(module, MLP_NAMES) is not None
-        return mixes and not hands_on and halves
+        # Beam's layers weigh the residual stream against each update by depth, not by a plain sum
+        weighed = hasattr(module, "mlp_residual_add_idx")
+        return mixes and not hands_on and halves and not weighed
 
     @staticmethod
     def run_mlp_half(module: nn.Module, residual: torch.Tensor) -> torch.Tensor:
@@ -336,9 +338,12 @@ class LayerwiseModel:
             return residual + out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The head's logits, scaled where the model scales them (Cohere's ``logit_scale``): a
-        distribution sharper or flatter than the model's would misstate every KL measured on it."""
+        """The head's logits, scaled and capped where the model does so (Cohere's ``logit_scale``, Beam's
+        ``final_logit_softcapping``): a distribution sharper or flatter than the model's would misstate
+        every KL measured on it."""
         with torch.no_grad():
             logits = self.model.lm_head(self.final_norm(hidden))
             scale = getattr(self.model, "logit_scale", None)
-            return logits if scale is None else logits * scale
+            logits = logits if scale is None else logits * scale
+            cap = getattr(self.config, "final_logit_softcapping", None)
+            return logits if cap is None else torch.tanh(logits.float() / cap) * cap

@@ -11,7 +11,8 @@ router nested in its MoE block and norms around attention and MLP both, Command 
 its MLP on one normed input, tied head and scaled logits, Hunyuan's router inside its gate module and
 top-k listed per layer, MiniCPM5's gated attention (stored as q_proj, run as q_gate_proj),
 MiMo-V2-Flash's attention sinks and narrow value heads, LFM2-MoE's feed_forward block and short
-convolutions, the vision encoders beside GLM-4.5V's, Qwen3.5's (hybrid-attention) and Qwen3-VL-MoE's
+convolutions, Hy3's renamed router, bias and shared experts, Beam's depth-weighed residual stream and
+capped logits, the vision encoders beside GLM-4.5V's, Qwen3.5's (hybrid-attention) and Qwen3-VL-MoE's
 text models, and Qwen3-VL-MoE's transposed expert stacks, as its releases store them.
 """
 
@@ -221,6 +222,41 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         num_dense_layers=1,
         layer_types=["conv", "full_attention", "conv"],
         tie_word_embeddings=True,  # as its releases
+    ),
+    # Hy3: a dense first layer, then a router nested in the MoE block beside its bias and shared experts
+    "hy_v3": dict(
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        num_experts=8,
+        num_experts_per_tok=2,
+        num_shared_experts=1,
+        head_dim=16,
+        mlp_layer_types=["dense", "sparse", "sparse"],
+    ),
+    # sliding-window attention (16 tokens) in layers 0 and 2, full attention in layer 1
+    "mellum": dict(
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        num_experts=8,
+        num_experts_per_tok=2,
+        head_dim=16,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse"],
+    ),
+    # a dense first layer; sliding-window attention (16 tokens) in layers 0 and 1, full attention in
+    # layer 2; group-limited routing; logits capped at 30 as in its releases
+    "beam": dict(
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        num_experts=8,
+        num_experts_per_tok=2,
+        head_dim=16,
+        sliding_window=16,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse"],
+        n_group=2,
+        topk_group=1,
     ),
     "ernie4_5_moe": dict(
         intermediate_size=128,

@@ -68,13 +68,14 @@ def test_each_layer_gets_the_mask_of_its_attention_kind(tmp_path: Path) -> None:
 def test_layer_finishes_from_its_residual_stream(family: str, tiny_models: dict[str, Path]) -> None:
     """quantize's output pass may skip an attention it computed already: the layer's second half, run
     from the residual stream captured by the first pass, gives the layer's own output bit for bit. Where
-    attention and MLP run side by side on one input (Cohere's), or attention hands state on to the next
-    layer (GLM-5's token picks, which the residual stream does not hold), the layer runs whole."""
+    attention and MLP run side by side on one input (Cohere's), attention hands state on to the next
+    layer (GLM-5's token picks, which the residual stream does not hold), or the parts join the residual
+    stream weighed by depth (Beam's), the layer runs whole."""
     streamed, _, hidden, layers = _layerwise(tiny_models[family], seed=6)
     for index, local in enumerate(layers):
         captured: list[torch.Tensor | None] = []
         with streamed.layer(index, local) as layer:
-            whole_only = family in ("cohere2_moe", "glm_moe_dsa")
+            whole_only = family in ("cohere2_moe", "glm_moe_dsa", "beam")
             assert streamed.has_mlp_half(layer) != whole_only
             if whole_only:
                 continue

@@ -162,9 +162,10 @@ def test_quality_orders_as_it_must(family: str, quantized: dict, trained_models:
         label: token_kl(original, load_quantized(quantized[family, label], trained_models[family]), tokens)
         for label in ("w4", "w8", "w4rtn")
     }
-    # Trinity (afmoe) normalizes each block's output to a learned scale (norms after attention and MLP),
-    # so a block's weight error is not damped by a small output: its tiny model's RTN mean is 4.0e-3
-    bound = 6e-3 if family == "afmoe" else 3e-3
+    # Trinity (afmoe) and Beam normalize each block's output to a learned scale (norms after attention
+    # and MLP), so a block's weight error is not damped by a small output: their tiny models' RTN means
+    # are 4.0e-3 and 5.0e-3
+    bound = 6e-3 if family in ("afmoe", "beam") else 3e-3
     assert all(float(k.mean()) < bound for k in per_token.values()), per_token
     kl = {label: float(k.median()) for label, k in per_token.items()}
     # GPTQ moves the typical token several times less than RTN; on the tiny Qwen3-Next 2.7x less, on

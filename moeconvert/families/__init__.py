@@ -10,13 +10,15 @@ from transformers import CONFIG_MAPPING
 from ..errors import UnsupportedModelError
 from .afmoe import AFMOE
 from .base import STACKS, Family
+from .beam import BEAM
 from .cohere import COHERE2_MOE
 from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3, DEEPSEEK_V32, DOTS1, SOLAR_OPEN
 from .ernie import ERNIE4_5_MOE
 from .exaone import EXAONE_MOE
 from .glm import GLM4_MOE, GLM4_MOE_LITE, GLM4V_MOE, GLM_MOE_DSA
-from .hunyuan import HUNYUAN_V1_MOE
+from .hunyuan import HUNYUAN_V1_MOE, HY_V3
 from .lfm2 import LFM2_MOE
+from .mellum import MELLUM
 from .mimo import MIMO_V2_FLASH
 from .minicpm import MINICPM5_MOE
 from .minimax import MINIMAX_M2
@@ -40,6 +42,9 @@ FAMILIES: dict[str, Family] = {
         MINICPM5_MOE,
         MIMO_V2_FLASH,
         LFM2_MOE,
+        HY_V3,
+        MELLUM,
+        BEAM,
         DEEPSEEK_V2,
         DEEPSEEK_V3,
         DEEPSEEK_V32,

@@ -2,6 +2,11 @@
 (``mlp.gate.wg``, float32), one shared MLP in every layer (``mlp.shared_mlp``), experts as wide as it
 (``intermediate_size``), and q and k normed per head (``query_layernorm``/``key_layernorm``). Its
 releases list the top-k once per layer (``moe_topk``: [8, 8, ...]).
+
+Hy3 (``hy_v3``) nests a sigmoid router in the MoE block (``mlp.router.gate``, transformers' ``mlp.gate``),
+keeps its bias beside it (``mlp.expert_bias``, transformers' ``mlp.e_score_correction_bias``) and its
+shared experts under ``mlp.shared_mlp`` (``mlp.shared_experts``), after dense layers named by
+``mlp_layer_types``.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import Family
+from .deepseek import LayerTypesFamily
 
 
 @dataclass(frozen=True)
@@ -37,4 +43,20 @@ HUNYUAN_V1_MOE = HunyuanFamily(
     expert_size_key="intermediate_size",
     router="mlp.gate.wg",
     shared_experts="mlp.shared_mlp",
+)
+
+HY_V3 = LayerTypesFamily(
+    model_types=("hy_v3",),
+    moe_block="mlp",
+    projections=("gate_proj", "up_proj", "down_proj"),
+    num_experts_key="num_experts",
+    top_k_key="num_experts_per_tok",
+    expert_size_key="moe_intermediate_size",
+    shared_experts="mlp.shared_experts",
+    shared_count_key="num_shared_experts",
+    renames=(
+        ("mlp.router.gate.", "mlp.gate."),
+        ("mlp.expert_bias", "mlp.e_score_correction_bias"),
+        ("mlp.shared_mlp.", "mlp.shared_experts."),
+    ),
 )
