@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .base import Family
+from .base import QWEN_STYLE, Family
 
 
 @dataclass(frozen=True)
@@ -20,11 +20,7 @@ class AfmoeFamily(Family):
 
 AFMOE = AfmoeFamily(
     model_types=("afmoe",),
-    moe_block="mlp",
-    projections=("gate_proj", "up_proj", "down_proj"),
-    num_experts_key="num_experts",
-    top_k_key="num_experts_per_tok",
-    expert_size_key="moe_intermediate_size",
+    **QWEN_STYLE,
     router="mlp.router.gate",
     shared_experts="mlp.shared_experts",
     shared_count_key="num_shared_experts",

@@ -106,3 +106,15 @@ class Family:
 
     def original_expert_name(self, expert: int, projection: int) -> str:
         return f"{self.moe_block}.experts.{expert}.{self.projections[projection]}.weight"
+
+
+# The names and keys most families share (Qwen-MoE's): experts under ``mlp.experts.{e}.gate_proj/up_proj/
+# down_proj``, ``num_experts`` of them, the top ``num_experts_per_tok`` routed to, ``moe_intermediate_size``
+# wide
+QWEN_STYLE: dict[str, Any] = dict(
+    moe_block="mlp",
+    projections=("gate_proj", "up_proj", "down_proj"),
+    num_experts_key="num_experts",
+    top_k_key="num_experts_per_tok",
+    expert_size_key="moe_intermediate_size",
+)

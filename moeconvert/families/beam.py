@@ -7,13 +7,10 @@ and MLP, whose outputs join the residual stream weighed by depth; and a soft cap
 
 from __future__ import annotations
 
+from .base import QWEN_STYLE
 from .deepseek import LayerTypesFamily
 
 BEAM = LayerTypesFamily(
     model_types=("beam",),
-    moe_block="mlp",
-    projections=("gate_proj", "up_proj", "down_proj"),
-    num_experts_key="num_experts",
-    top_k_key="num_experts_per_tok",
-    expert_size_key="moe_intermediate_size",
+    **QWEN_STYLE,
 )

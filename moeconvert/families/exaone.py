@@ -7,15 +7,12 @@ kind with its own mask.
 
 from __future__ import annotations
 
+from .base import QWEN_STYLE
 from .deepseek import LayerTypesFamily
 
 EXAONE_MOE = LayerTypesFamily(
     model_types=("exaone_moe",),
-    moe_block="mlp",
-    projections=("gate_proj", "up_proj", "down_proj"),
-    num_experts_key="num_experts",
-    top_k_key="num_experts_per_tok",
-    expert_size_key="moe_intermediate_size",
+    **QWEN_STYLE,
     shared_experts="mlp.shared_experts",
     shared_count_key="num_shared_experts",
     # the router's bias, stored beside it: inside it at runtime

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .base import Family
+from .base import QWEN_STYLE, Family
 from .deepseek import LayerTypesFamily
 
 
@@ -47,11 +47,7 @@ HUNYUAN_V1_MOE = HunyuanFamily(
 
 HY_V3 = LayerTypesFamily(
     model_types=("hy_v3",),
-    moe_block="mlp",
-    projections=("gate_proj", "up_proj", "down_proj"),
-    num_experts_key="num_experts",
-    top_k_key="num_experts_per_tok",
-    expert_size_key="moe_intermediate_size",
+    **QWEN_STYLE,
     shared_experts="mlp.shared_experts",
     shared_count_key="num_shared_experts",
     renames=(

@@ -5,13 +5,10 @@ block beside the model (``mtp.*``), carried as it is.
 
 from __future__ import annotations
 
+from .base import QWEN_STYLE
 from .deepseek import LayerTypesFamily
 
 MELLUM = LayerTypesFamily(
     model_types=("mellum",),
-    moe_block="mlp",
-    projections=("gate_proj", "up_proj", "down_proj"),
-    num_experts_key="num_experts",
-    top_k_key="num_experts_per_tok",
-    expert_size_key="moe_intermediate_size",
+    **QWEN_STYLE,
 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .base import Family
+from .base import QWEN_STYLE, Family
 
 
 @dataclass(frozen=True)
@@ -24,16 +24,8 @@ class QwenMoeFamily(Family):
         )
 
 
-_QWEN_COMMON = dict(
-    moe_block="mlp",
-    projections=("gate_proj", "up_proj", "down_proj"),
-    num_experts_key="num_experts",
-    top_k_key="num_experts_per_tok",
-    expert_size_key="moe_intermediate_size",
-)
-
-QWEN2_MOE = QwenMoeFamily(model_types=("qwen2_moe",), shared_experts="mlp.shared_expert", **_QWEN_COMMON)
-QWEN3_MOE = QwenMoeFamily(model_types=("qwen3_moe",), **_QWEN_COMMON)
+QWEN2_MOE = QwenMoeFamily(model_types=("qwen2_moe",), shared_experts="mlp.shared_expert", **QWEN_STYLE)
+QWEN3_MOE = QwenMoeFamily(model_types=("qwen3_moe",), **QWEN_STYLE)
 # Qwen3-Next: Qwen2-MoE's gated shared expert, and three of four layers with gated linear attention
 # (``linear_attn``) in place of ``self_attn``. Its projections feed a recurrent state, where 4-bit
 # errors build up over the sequence (mean KL 9x that of keeping them, on the tiny model): they stay in
@@ -42,7 +34,7 @@ QWEN3_NEXT = QwenMoeFamily(
     model_types=("qwen3_next",),
     shared_experts="mlp.shared_expert",
     keep=(r"\.linear_attn\.",),
-    **_QWEN_COMMON,
+    **QWEN_STYLE,
 )
 # Qwen3.5-MoE: Qwen3-Next's MoE block and hybrid attention (with ``in_proj_qkv``/``in_proj_z``/
 # ``in_proj_b``/``in_proj_a``, kept as Qwen3-Next's are), as the text model of a vision-language
@@ -52,11 +44,11 @@ QWEN3_5_MOE = QwenMoeFamily(
     model_types=("qwen3_5_moe", "qwen3_5_moe_text"),
     shared_experts="mlp.shared_expert",
     keep=(r"\.linear_attn\.",),
-    **_QWEN_COMMON,
+    **QWEN_STYLE,
 )
 # Qwen3-VL-MoE: Qwen3-MoE's text model (interleaved multimodal rotary embedding aside, which text alone
 # does not use) in a vision-language checkpoint laid out as Qwen3.5's. Its releases store the experts of
 # a layer stacked and transposed; FP8 releases and quantized outputs store them per expert.
 QWEN3_VL_MOE = QwenMoeFamily(
-    model_types=("qwen3_vl_moe", "qwen3_vl_moe_text"), transposed_stacks=True, **_QWEN_COMMON
+    model_types=("qwen3_vl_moe", "qwen3_vl_moe_text"), transposed_stacks=True, **QWEN_STYLE
 )
