@@ -84,7 +84,7 @@ def fuse_layer(
         match = expert_re.match(local)
         if match:
             experts[(int(match.group(1)), match.group(2))] = tensor
-        elif local.startswith(f"{family.moe_block}.experts."):
+        elif family.to_fused_name(local).startswith(f"{family.moe_block}.experts."):  # not renamed away
             raise UnsupportedModelError(
                 f"{name}: unsupported expert tensor (pre-quantized or FP8 checkpoint?)"
             )

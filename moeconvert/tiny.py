@@ -11,9 +11,10 @@ router nested in its MoE block and norms around attention and MLP both, Command 
 its MLP on one normed input, tied head and scaled logits, Hunyuan's router inside its gate module and
 top-k listed per layer, MiniCPM5's gated attention (stored as q_proj, run as q_gate_proj),
 MiMo-V2-Flash's attention sinks and narrow value heads, LFM2-MoE's feed_forward block and short
-convolutions, Hy3's renamed router, bias and shared experts, Beam's depth-weighed residual stream and
-capped logits, the vision encoders beside GLM-4.5V's, Qwen3.5's (hybrid-attention) and Qwen3-VL-MoE's
-text models, and Qwen3-VL-MoE's transposed expert stacks, as its releases store them.
+convolutions, Hy3's renamed router, bias and shared experts, Laguna's router bias stored among its
+experts, Beam's depth-weighed residual stream and capped logits, the vision encoders beside GLM-4.5V's,
+Qwen3.5's (hybrid-attention) and Qwen3-VL-MoE's text models, and Qwen3-VL-MoE's transposed expert
+stacks, as its releases store them.
 """
 
 from __future__ import annotations
@@ -257,6 +258,20 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         mlp_layer_types=["dense", "sparse", "sparse"],
         n_group=2,
         topk_group=1,
+    ),
+    # a dense first layer, a shared expert, sliding-window (16 tokens) attention in layer 1, and a
+    # router whose logits are soft-capped
+    "laguna": dict(
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=96,
+        num_experts=8,
+        num_experts_per_tok=2,
+        head_dim=16,
+        sliding_window=16,
+        layer_types=["full_attention", "sliding_attention", "full_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse"],
+        moe_router_logit_softcapping=30.0,
     ),
     "ernie4_5_moe": dict(
         intermediate_size=128,

@@ -17,6 +17,7 @@ from .ernie import ERNIE4_5_MOE
 from .exaone import EXAONE_MOE
 from .glm import GLM4_MOE, GLM4_MOE_LITE, GLM4V_MOE, GLM_MOE_DSA
 from .hunyuan import HUNYUAN_V1_MOE, HY_V3
+from .laguna import LAGUNA
 from .lfm2 import LFM2_MOE
 from .mellum import MELLUM
 from .mimo import MIMO_V2_FLASH
@@ -45,6 +46,7 @@ FAMILIES: dict[str, Family] = {
         HY_V3,
         MELLUM,
         BEAM,
+        LAGUNA,
         DEEPSEEK_V2,
         DEEPSEEK_V3,
         DEEPSEEK_V32,
