@@ -318,13 +318,14 @@ class LayerwiseModel:
     def has_mlp_half(module: nn.Module) -> bool:
         """Whether the layer can be finished from its residual stream (see the module docstring): not
         where it runs attention beside its MLP, nor where it hands its attention's state on (GLM-5's),
-        which the residual stream does not carry, nor where it adds its parts otherwise (Beam's)."""
+        which the residual stream does not carry, nor where it adds its parts otherwise (FlexOlmo's, Beam's)."""
         mixes = any(hasattr(module, n) for n in ("self_attn", "linear_attn", "conv"))  # Qwen3-Next, LFM2
         hands_on = CARRIED_KWARG in inspect.signature(module.forward).parameters
         halves = _mlp_norm(module) is not None and _first(module, MLP_NAMES) is not None
-        # Beam's layers weigh the residual stream against each update by depth, not by a plain sum
-        weighed = hasattr(module, "mlp_residual_add_idx")
-        return mixes and not hands_on and halves and not weighed
+        # layers that normalize the MLP's output under this name add their parts otherwise: FlexOlmo's
+        # feed the MLP the un-normed residual stream, Beam's weigh it against each update by depth
+        otherwise = hasattr(module, "post_feedforward_layernorm")
+        return mixes and not hands_on and halves and not otherwise
 
     @staticmethod
     def run_mlp_half(module: nn.Module, residual: torch.Tensor) -> torch.Tensor:

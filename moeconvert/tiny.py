@@ -12,9 +12,9 @@ its MLP on one normed input, tied head and scaled logits, Hunyuan's router insid
 top-k listed per layer, MiniCPM5's gated attention (stored as q_proj, run as q_gate_proj),
 MiMo-V2-Flash's attention sinks and narrow value heads, LFM2-MoE's feed_forward block and short
 convolutions, Hy3's renamed router, bias and shared experts, Laguna's router bias stored among its
-experts, Beam's depth-weighed residual stream and capped logits, the vision encoders beside GLM-4.5V's,
-Qwen3.5's (hybrid-attention) and Qwen3-VL-MoE's text models, and Qwen3-VL-MoE's transposed expert
-stacks, as its releases store them.
+experts, Beam's depth-weighed residual stream and capped logits, FlexOlmo's norms after its blocks,
+the vision encoders beside GLM-4.5V's, Qwen3.5's (hybrid-attention) and Qwen3-VL-MoE's text models, and
+Qwen3-VL-MoE's transposed expert stacks, as its releases store them.
 """
 
 from __future__ import annotations
@@ -272,6 +272,15 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         layer_types=["full_attention", "sliding_attention", "full_attention"],
         mlp_layer_types=["dense", "sparse", "sparse"],
         moe_router_logit_softcapping=30.0,
+    ),
+    # norms after attention and MLP (OLMo 2's), not before
+    "flex_olmo": dict(
+        intermediate_size=64,
+        num_experts=8,
+        num_experts_per_tok=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     ),
     "ernie4_5_moe": dict(
         intermediate_size=128,

@@ -70,12 +70,12 @@ def test_layer_finishes_from_its_residual_stream(family: str, tiny_models: dict[
     from the residual stream captured by the first pass, gives the layer's own output bit for bit. Where
     attention and MLP run side by side on one input (Cohere's), attention hands state on to the next
     layer (GLM-5's token picks, which the residual stream does not hold), or the parts join the residual
-    stream weighed by depth (Beam's), the layer runs whole."""
+    stream otherwise (weighed by depth in Beam's, normed after the MLP in FlexOlmo's), the layer runs whole."""
     streamed, _, hidden, layers = _layerwise(tiny_models[family], seed=6)
     for index, local in enumerate(layers):
         captured: list[torch.Tensor | None] = []
         with streamed.layer(index, local) as layer:
-            whole_only = family in ("cohere2_moe", "glm_moe_dsa", "beam")
+            whole_only = family in ("cohere2_moe", "glm_moe_dsa", "beam", "flex_olmo")
             assert streamed.has_mlp_half(layer) != whole_only
             if whole_only:
                 continue

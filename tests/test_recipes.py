@@ -29,7 +29,7 @@ FAMILY_OF = {
     "openbmb/MiniCPM5": "minicpm5_moe", "XiaomiMiMo/MiMo-V2": "mimo_v2_flash",
     "zai-org/GLM-5": "glm_moe_dsa", "LiquidAI/LFM2": "lfm2_moe",
     "tencent/Hy3": "hy_v3", "JetBrains/Mellum2": "mellum", "reflection/Beam": "beam",
-    "poolside/laguna": "laguna",
+    "poolside/laguna": "laguna", "allenai/FlexOlmo": "flex_olmo",
 }  # fmt: skip
 # Widths of 128 so the recipes' group size of 128 divides every input.
 WIDE = {"hidden_size": 128, "intermediate_size": 128}

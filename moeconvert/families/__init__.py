@@ -15,6 +15,7 @@ from .cohere import COHERE2_MOE
 from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3, DEEPSEEK_V32, DOTS1, SOLAR_OPEN
 from .ernie import ERNIE4_5_MOE
 from .exaone import EXAONE_MOE
+from .flex_olmo import FLEX_OLMO
 from .glm import GLM4_MOE, GLM4_MOE_LITE, GLM4V_MOE, GLM_MOE_DSA
 from .hunyuan import HUNYUAN_V1_MOE, HY_V3
 from .laguna import LAGUNA
@@ -47,6 +48,7 @@ FAMILIES: dict[str, Family] = {
         MELLUM,
         BEAM,
         LAGUNA,
+        FLEX_OLMO,
         DEEPSEEK_V2,
         DEEPSEEK_V3,
         DEEPSEEK_V32,
