@@ -13,7 +13,6 @@ import math
 import mmap
 import os
 import re
-import shutil
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -455,13 +454,22 @@ class ShardedWriter:
     returns only when every shard is hashed and on disk.
     """
 
-    def __init__(self, folder: Path, groups: Sequence[Sequence[PlannedTensor]], max_shard_size: int) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        groups: Sequence[Sequence[PlannedTensor]],
+        max_shard_size: int,
+        done: dict[str, str] | None = None,
+    ) -> None:
         self.folder = Path(folder)
         self.groups = [list(g) for g in groups]
         self.shards = split_into_shards(self.groups, max_shard_size)
         self.names = shard_names(len(self.shards))
         self.shard_of_group = {g: s for s, members in enumerate(self.shards) for g in members}
-        self._next_group = 0
+        # shards already complete on disk (a resumed assembly), by name: their groups are not written again
+        self.done = dict(done or {})
+        self._next_group = self._after_done(0)
+        self._reported: set[int] = set()  # shards that finished_shards() has handed out
         self._file: BinaryIO | None = None
         self._digest: GrowingFileDigest | None = None  # of the open shard
         self._writeback: WritebackBehind | None = None  # of the open shard
@@ -470,6 +478,7 @@ class ShardedWriter:
         self._hashing: dict[str, Future[str]] = {}  # shard -> its sha256
         self.backlog = HashBacklog()  # written bytes not yet hashed: the writer waits past its limit
         self._closing: list[Future[None]] = []  # each shard's fsync and close
+        self._closed_names: list[str] = []  # the shard of each of those
         self.digests: dict[str, str] = {}  # sha256 of each shard, complete after finish()
 
     def write_group(self, index: int, tensors: dict[str, torch.Tensor | Concatenated]) -> int:
@@ -495,8 +504,31 @@ class ShardedWriter:
                 written += self._write_bytes(chunk)
         if self.shards[shard][-1] == index:
             self._close_shard(shard)
-        self._next_group += 1
+        self._next_group = self._after_done(index + 1)
         return written
+
+    def writes(self, index: int) -> bool:
+        """Whether group ``index`` is to be written (its shard is not already done)."""
+        return self.names[self.shard_of_group[index]] not in self.done
+
+    def _after_done(self, index: int) -> int:
+        while index < len(self.groups) and not self.writes(index):
+            index += 1
+        return index
+
+    def finished_shards(self) -> list[tuple[int, str]]:
+        """Shards closed, fsynced and hashed since the last call, as (shard, sha256): from here on their
+        groups' sources are no longer needed. Does not wait: a shard still syncing comes in a later call
+        (after :meth:`finish`, all of them). Raises a failed fsync's OSError."""
+        finished = []
+        for closing, name in zip(self._closing, self._closed_names, strict=True):
+            shard, hashing = self.names.index(name), self._hashing[name]
+            if shard in self._reported or not (closing.done() and hashing.done()):
+                continue
+            closing.result()
+            self._reported.add(shard)
+            finished.append((shard, hashing.result()))
+        return finished
 
     def _open_shard(self, shard: int) -> None:
         entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
@@ -536,6 +568,7 @@ class ShardedWriter:
         self._file.flush()
         self._digest.close()
         self._closing.append(self._syncer.submit(_sync_and_close, self._file))
+        self._closed_names.append(self.names[shard])
         self._file = self._digest = self._writeback = None
 
     def abort(self) -> None:
@@ -557,7 +590,7 @@ class ShardedWriter:
         self.abort()
         for closing in self._closing:
             closing.result()
-        self.digests = {name: hashing.result() for name, hashing in self._hashing.items()}
+        self.digests = {name: self.done.get(name) or self._hashing[name].result() for name in self.names}
         if len(self.names) <= 1:
             return
         weight_map = {
@@ -599,64 +632,6 @@ def iter_groups(reader: ShardedReader) -> Iterator[tuple[int | None, list[str]]]
         yield None, groups[None]
     for layer in sorted(k for k in groups if k is not None):
         yield layer, groups[layer]
-
-
-class PartsWriter:
-    """Writes each layer as its own part file as soon as it is done, then assembles capped shards.
-
-    Used where output shapes are only known once a layer is computed (quantization): every finished
-    layer is safely on disk in ``<folder>/.parts``, and :meth:`assemble` streams the parts, one layer at a
-    time, through a :class:`ShardedWriter` into the final shards.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
-        self.parts = self.folder / ".parts"
-        self.parts.mkdir(exist_ok=True)
-
-    def part_path(self, index: int) -> Path:
-        return self.parts / f"{index:06d}.safetensors"
-
-    def write(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
-        path = self.part_path(index)
-        tmp = path.with_suffix(".tmp")
-        save_file(_unaliased(tensors), tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-
-    def assemble(self, max_shard_size: int) -> dict[str, str]:
-        """Turn the parts into ``model*.safetensors`` (+ index); returns each shard's sha256."""
-        paths = sorted(self.parts.glob("*.safetensors"))
-        plan = []
-        for path in paths:
-            metas = read_header(path)
-            plan.append([PlannedTensor(n, TORCH_DTYPES[m.dtype], m.shape) for n, m in sorted(metas.items())])
-        writer = ShardedWriter(self.folder, plan, max_shard_size)
-        try:
-            for index, path in enumerate(paths):
-                with safe_open(str(path), framework="pt") as handle:
-                    tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-                writer.write_group(index, tensors)
-        finally:
-            writer.abort()
-        writer.finish()
-        shutil.rmtree(self.parts)
-        return writer.digests
-
-
-def _unaliased(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous tensors, each with its own memory: safetensors refuses to save two names for one
-    tensor (e.g. the shared act-order ``g_idx`` of an expert's gate and up projections)."""
-    seen: set[int] = set()
-    out = {}
-    for name, tensor in sorted(tensors.items()):
-        tensor = tensor.contiguous()
-        if tensor.numel() and tensor.data_ptr() in seen:
-            tensor = tensor.clone()
-        seen.add(tensor.data_ptr())
-        out[name] = tensor
-    return out
 
 
 class HeaderReader(ShardedReader):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
 import re
 import shutil
 import sys
@@ -30,7 +29,7 @@ from torch import nn
 
 from . import distributed
 from .card import REPORT_NAME, library_versions, write_card
-from .checkpoint import LAYER_RE, PartsWriter, is_tower, iter_groups, layer_prefix, parse_size
+from .checkpoint import LAYER_RE, is_tower, iter_groups, layer_prefix, parse_size
 from .distributed import Ranks, all_gather_cat, all_gather_list, barrier, ordered_sum
 from .distributed import current as current_ranks
 from .errors import BadInputError, InterruptedRunError, OutputWriteError
@@ -51,6 +50,7 @@ from .fp8 import full_precision_config, header_reader, open_reader, source_dtype
 from .manifest import write_manifest
 from .memory import available_bytes, memory_budget_bytes, release_freed_memory
 from .output_folder import OutputFolder
+from .parts import PartsWriter
 from .progress import progress_bar
 from .quant.calibration import calibration_tokens, positions_note, tokens_digest
 from .quant.gptq import gptq_quantize
@@ -60,7 +60,7 @@ from .quant.scheme import Scheme
 from .quant.targets import Rule, TargetPolicy
 from .recipe import check_thresholds
 from .relayout import check_layer_count, check_shapes, is_fused, runtime_layer
-from .resume import Progress, RunState
+from .resume import Progress, RunState, pause_for_tests
 from .source import describe_source, parse_model_ref, read_config, read_metadata, resolve_model, side_files
 
 if TYPE_CHECKING:
@@ -1237,7 +1237,7 @@ def _run(
                 hidden = state.record(done, hidden)  # on a CPU: mapped from the record
                 del tensors
                 release_freed_memory()
-                _pause_for_tests(index)
+                pause_for_tests(str(index), f"group {index}")
                 bar.update(1)
         if parts is None:
             return
@@ -1274,14 +1274,6 @@ def _starting_state(
     report.calibration["tokens_sha256"] = done.tokens_sha256 = digest
     done.batch_count = runner.batch_count
     return hidden, top
-
-
-def _pause_for_tests(index: int) -> None:
-    """Test hook: with ``MOECONVERT_TEST_PAUSE_AFTER=N``, say so on stderr and wait once group N is
-    recorded, so a test can kill or interrupt a real run at a known point."""
-    if os.environ.get("MOECONVERT_TEST_PAUSE_AFTER") == str(index):
-        print(f"\npaused after group {index}", file=sys.stderr, flush=True)
-        time.sleep(120)
 
 
 def _write_configs(runner: Quantizer, staging: Path, schemes: dict[str, Scheme], kept: list[str]) -> None:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,7 +81,7 @@ class RunState:
         if self.ranks.writes:
             self.folder.mkdir(parents=True, exist_ok=True)
             if self._read_json("settings.json") is None:
-                _write_atomic(self.folder / "settings.json", _dump(self.settings))
+                write_atomic(self.folder / "settings.json", _dump(self.settings))
         barrier()
         data = self._read_json("progress.json")
         return Progress(**data) if data else Progress()
@@ -107,7 +109,7 @@ class RunState:
             del tensors
         barrier()  # every rank's hidden states are on disk before the progress names them
         if self.ranks.writes:
-            _write_atomic(self.folder / "progress.json", _dump(progress.__dict__))
+            write_atomic(self.folder / "progress.json", _dump(progress.__dict__))
         if hidden and hidden[0].device.type == "cpu":
             return self._read_hidden(hidden[0].device)
         return hidden
@@ -149,10 +151,19 @@ def _fsync(path: Path) -> None:
         os.fsync(file.fileno())
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     staged = path.with_name(f".{path.name}.tmp")
     with staged.open("w") as file:
         file.write(text)
         file.flush()
         os.fsync(file.fileno())
     os.replace(staged, path)
+
+
+def pause_for_tests(point: str, what: str) -> None:
+    """Test hook: with ``MOECONVERT_TEST_PAUSE_AFTER=POINT`` (a group's index, or ``shardN`` during
+    assembly), say so on stderr and wait once that point is recorded, so a test can kill or interrupt a
+    real run there."""
+    if os.environ.get("MOECONVERT_TEST_PAUSE_AFTER") == point:
+        print(f"\npaused after {what}", file=sys.stderr, flush=True)
+        time.sleep(120)

@@ -234,6 +234,58 @@ def test_a_failed_write_stops_cleanly_and_resumes(
     assert_same_output(out, reference)
 
 
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def test_assembly_frees_each_part_with_its_shard_and_resumes(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Assembling the shards deletes each layer's part as soon as the shard holding it is on disk, so
+    the disk never holds the output twice over; a run killed during assembly writes only the shards that
+    were not finished, and the result is an uninterrupted run's."""
+    model, small = tiny_models["mixtral"], ["--max-shard-size", "120KB"]
+    reference = tmp_path / "uninterrupted" / "out"
+    subprocess.run(quantize_cmd(model, reference, *small), env=ENV, check=True, capture_output=True)
+    shards = sorted(reference.glob("model-*.safetensors"))
+    assert len(shards) >= 4, shards
+    output_bytes = sum(path.stat().st_size for path in shards)
+
+    out = tmp_path / "out"
+    env = {**ENV, "MOECONVERT_TEST_PAUSE_AFTER": "shard1"}
+    proc = subprocess.Popen(quantize_cmd(model, out, *small), env=env, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if line.startswith("paused after shard 1"):
+            break
+    else:
+        raise AssertionError(f"the run ended before assembling shard 1 (exit {proc.wait()})")
+    staging = tmp_path / ".out.partial"
+    parts = sorted((staging / ".parts").glob("*.safetensors"))
+    written = sorted(staging.glob("model-*.safetensors"))
+    assert [p.name for p in written[:2]] == [s.name for s in shards[:2]]
+    assert manifest(reference)[written[0].name] == sha256_of(written[0])
+    in_flight = max(path.stat().st_size for path in shards) * 2
+    on_disk = folder_bytes(staging / ".parts") + sum(path.stat().st_size for path in written)
+    assert on_disk <= output_bytes + in_flight, (on_disk, output_bytes)  # not parts and shards in full
+    record = json.loads((staging / ".parts" / "assembly.json").read_text())
+    assert set(record["done"]) >= {s.name for s in shards[:2]}
+    assert "000000.safetensors" not in {p.name for p in parts}  # shard 0's parts are gone
+    assert 0 < len(parts) < len(record["parts"]), (parts, record["parts"])
+    proc.kill()
+    proc.wait()
+
+    resumed = subprocess.run(quantize_cmd(model, out, *small), env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_output(out, reference)
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def test_check_finds_truncated_altered_missing_and_extra_files(reference: Path, tmp_path: Path) -> None:
     import shutil
 
