@@ -417,7 +417,7 @@ def quantize_cmd(
         return  # rank 0 reports (and pushes) for the whole job
     data = result.to_dict()
     if dry_run:
-        data["estimates"] = _estimates(summary, scheme, result.sizes)
+        data["estimates"] = _estimates(summary, result.sizes)
     _emit_report(data, as_json, report, lambda: _quantize_table(data, dry_run))
     if result.verify is not None and not result.verify["passed"]:
         unpushed = f" (not pushed to {push_to})" if push_to else ""
@@ -525,10 +525,10 @@ def _given_flags() -> Callable[[str], bool]:
     )
 
 
-def _estimates(summary: ModelSummary, scheme: Any, sizes: dict[str, int]) -> dict[str, int]:
-    label = "int4" if scheme.bits == 4 else "int8"
+def _estimates(summary: ModelSummary, sizes: dict[str, int]) -> dict[str, int]:
     return {
-        "output_bytes": summary.weight_bytes[label],
+        "output_bytes": sizes["output_bytes"],  # the plan's targets and schemes, from the headers
+        "disk_bytes": sizes["disk_bytes"],  # at the peak: shards in flight and the calibration record too
         "download_bytes": summary.disk_bytes["download"],
         "peak_memory_bytes": sizes["peak_memory_bytes"],  # see moeconvert.estimate
         "activation_bytes": sizes.get("activation_bytes", 0),  # calibration hidden states, in the peak
@@ -547,7 +547,8 @@ def _quantize_table(data: dict[str, Any], dry_run: bool) -> str:
     if dry_run:
         e = data["estimates"]
         lines.append(
-            f"needs    {_gb(e['output_bytes'])} output, {_gb(e['download_bytes'])} download, "
+            f"needs    {_gb(e['output_bytes'])} output ({_gb(e['disk_bytes'])} of disk at the peak), "
+            f"{_gb(e['download_bytes'])} download, "
             f"~{_gb(e['peak_memory_bytes'])} memory at the peak (the widest layer's solve or calibration)"
         )
         if e.get("activation_bytes") and data.get("device") == "cpu":

@@ -35,6 +35,10 @@ class OutputExistsError(BadInputError):
     """The output path exists and ``force`` was not given."""
 
 
+class NotEnoughSpaceError(BadInputError):
+    """The output's filesystem has less free space than the run will write (found before any work)."""
+
+
 class OutputWriteError(MoeConvertError):
     """Writing the output failed (full disk, file-size limit, I/O error); finished work is kept to resume."""
 

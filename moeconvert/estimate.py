@@ -96,6 +96,14 @@ def _output_bytes(target: Target, shape: tuple[int, ...]) -> int:
     return weights * target.scheme.bits // 8 + groups * 8
 
 
+def stored_bytes(target: Target, tensor: torch.Tensor) -> int:
+    """What a quantized target takes in the output's shards: packed codes, and per group a scale (in the
+    weight's dtype at most) and a packed zero point (GPTQ's format stores one even when symmetric)."""
+    in_features, weights = tensor.shape[-1], tensor.numel()
+    groups = weights // in_features * target.scheme.groups(in_features)
+    return weights * target.scheme.bits // 8 + groups * (tensor.element_size() + target.scheme.bits // 8)
+
+
 def _solved_bytes(target: Target, shape: tuple[int, ...]) -> int:
     """A solved target until the layer's output pass: its output tensors, and its codes (a byte per
     weight, a float32 scale and an int32 zero point per group), which that pass decodes."""

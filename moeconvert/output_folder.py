@@ -14,7 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TextIO
 
-from .errors import BadInputError, MoeConvertError, OutputExistsError
+from .errors import BadInputError, MoeConvertError, NotEnoughSpaceError, OutputExistsError
 
 try:  # POSIX; elsewhere runs on one output are not kept apart
     import fcntl
@@ -24,6 +24,10 @@ except ImportError:  # pragma: no cover
 
 class OutputFolder:
     """A staging folder that becomes ``final`` only when the work inside it has completed.
+
+    With ``needs_bytes`` (what the run will have written when it ends, at its peak on disk), a run that
+    cannot fit is refused before any work: found out at the end of hours of quantization, a full disk
+    costs those hours (the finished layers are kept, but nothing can go on until space is freed).
 
     Work happens in a hidden sibling ``.<name>.partial``; on success it is renamed into place (an old
     output, allowed by ``force``, is moved aside first and deleted last). Whatever was at ``final`` is
@@ -37,9 +41,15 @@ class OutputFolder:
     """
 
     def __init__(
-        self, final: Path, force: bool = False, resumable: bool = False, source: Path | None = None
+        self,
+        final: Path,
+        force: bool = False,
+        resumable: bool = False,
+        source: Path | None = None,
+        needs_bytes: int = 0,
     ) -> None:
         self.final = Path(final)
+        self.needs_bytes = needs_bytes
         if self.final.name in ("", ".."):  # "." or "..": the folder it stands for, by name
             self.final = Path(os.path.abspath(self.final))
         if not self.final.name:
@@ -70,6 +80,7 @@ class OutputFolder:
         try:
             if self.staging.exists() and not self.resumable:  # a resumable run's caller decides
                 shutil.rmtree(self.staging)
+            self.check_room()
             self.staging.mkdir(exist_ok=True)
         except OSError as err:  # before any work: bad input, not a failed write
             raise BadInputError(
@@ -108,6 +119,24 @@ class OutputFolder:
         self._lock.close()
         self._lock = None
 
+    def check_room(self) -> None:
+        """Refuse a run whose output will not fit in the free space where it goes. What a stopped run
+        has already written to the staging folder counts as written; an output that ``force`` replaces
+        still takes its space until the new one is complete."""
+        if not self.needs_bytes:
+            return
+        written = (
+            sum(p.stat().st_size for p in self.staging.rglob("*") if p.is_file())
+            if self.staging.exists()
+            else 0
+        )
+        missing, free = self.needs_bytes - written, shutil.disk_usage(self.final.parent).free
+        if missing > free:
+            raise NotEnoughSpaceError(
+                f"not enough disk space for {self.final}: the run writes about {_gb(missing)} and "
+                f"{self.final.parent} has {_gb(free)} free; free space or give an output on another disk"
+            )
+
     def check_apart(self) -> None:
         """Refuse an output that is the input folder, holds it or lies inside it: replacing it (with
         ``force``) would delete the input, and the input is never written to."""
@@ -145,3 +174,7 @@ def _unmakeable(folder: Path, err: OSError) -> str:
         if parent.exists():
             return f"{parent} is not a folder" if not parent.is_dir() else str(err.strerror or err)
     return str(err.strerror or err)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"

@@ -40,6 +40,7 @@ from .estimate import (
     replay_bytes_per_expert,
     solve_working_bytes,
     statistics_unread,
+    stored_bytes,
 )
 from .families import STACKS, Family, family_for, load_config
 from .formats import QuantFormat, get_format
@@ -732,6 +733,29 @@ class Quantizer:
             peak = max(peak, self._layer_peak_bytes(targets, local, replayed=replayed))
         return FIXED_BYTES + int(ALLOCATOR_SLACK * peak)
 
+    def output_bytes(self, plan: dict[int, list[Target]]) -> int:
+        """About what the output's shards will hold, from the headers: each target's packed codes,
+        scales and zero points, every other tensor as the source stores it."""
+        total = 0
+        for layer, names in self.groups:
+            tensors = self.reader.meta_tensors(names)
+            if layer in plan:
+                tensors, _ = self._local(layer, tensors)
+            schemes = {t.local: t for t in plan.get(layer, [])} if layer is not None else {}
+            for name, tensor in tensors.items():
+                target = schemes.get(name)
+                total += stored_bytes(target, tensor) if target else tensor.numel() * tensor.element_size()
+        return total
+
+    def disk_bytes(self, plan: dict[int, list[Target]]) -> int:
+        """What the run's staging folder holds at its peak: the output, plus the shards in flight while it
+        is assembled (:mod:`moeconvert.parts`), plus the calibration hidden states recorded at each
+        layer boundary (twice, for a moment: the new record is complete before the old one goes)."""
+        output = self.output_bytes(plan)
+        in_flight = 2 * min(parse_size(self.options.max_shard_size), output)
+        forward_bytes = torch.finfo(self._forward_dtype()).bits // 8
+        return output + in_flight + 2 * self.calibration_tokens * self.config.hidden_size * forward_bytes
+
     @property
     def calibration_tokens(self) -> int:
         """Tokens of the whole calibration set (0 for a run without calibration)."""
@@ -1091,6 +1115,8 @@ def quantize(
         if dry_run:
             report.quantized_modules = sum(t.modules for targets in plan.values() for t in targets)
             report.sizes["peak_memory_bytes"] = runner.peak_memory_bytes(plan)
+            report.sizes["output_bytes"] = runner.output_bytes(plan)
+            report.sizes["disk_bytes"] = runner.disk_bytes(plan)
             report.sizes["activation_bytes"] = runner.activation_bytes()
             report.sizes["replayed_layers"] = runner.replayed_layers(plan)
             return report
@@ -1184,7 +1210,8 @@ def _run(
 ) -> None:
     ranks = runner.ranks
     runner.progress = progress and ranks.writes
-    folder = OutputFolder(output, force=force, resumable=True, source=runner.folder)
+    needs = runner.disk_bytes(plan) if ranks.writes else 0
+    folder = OutputFolder(output, force=force, resumable=True, source=runner.folder, needs_bytes=needs)
     state = RunState(folder.staging, settings, ranks)
     if ranks.writes:
         folder.check_apart()

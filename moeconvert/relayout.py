@@ -387,7 +387,11 @@ def relayout(
             for side in (stored, converted):  # whichever side carries transformers' runtime names
                 check_shapes(as_runtime_orientation(family, config, side), expected)
             plan.append(plan_group(converted))
-        with _write_errors(output), OutputFolder(output, force=force, source=folder) as staging:
+        needs = sum(t.nbytes for group in plan for t in group) + sum(
+            f.stat().st_size for f in side_files(folder)
+        )
+        staged = OutputFolder(output, force=force, source=folder, needs_bytes=needs)
+        with _write_errors(output), staged as staging:
             writer = ShardedWriter(staging, plan, shard_cap)
             try:
                 _stream(reader, writer, groups, lambda layer, t: layer_fn(family, config, layer, t), desc)

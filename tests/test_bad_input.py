@@ -7,9 +7,13 @@ in a fresh process (``run_cli``)."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import resource
 import shutil
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -607,3 +611,68 @@ def test_qwen3_vl_moe_stacks_in_neither_orientation_are_refused(
         output = tmp_path / command
         assert_clean_failure(invoke_cli(command, str(folder), "-o", str(output), *args), output, fragment)
     assert_clean_failure(invoke_cli("inspect", str(folder)), None, fragment)
+
+
+def _sparse_checkpoint(folder: Path, at_least: int) -> Path:
+    """A Mixtral checkpoint of at least ``at_least`` bytes that takes no disk: real headers for every
+    tensor of transformers' model of its config, over files that are holes (zeros when read), a layer
+    per shard as releases shard them."""
+    from transformers import MixtralConfig
+
+    from moeconvert.forward import text_causal_lm
+
+    per_layer = 8 * 3 * 1024 * 65536 * 2  # 8 experts of 65536 x 1024 x 3 in bf16: 3.2 GB a layer
+    config = MixtralConfig(
+        vocab_size=256, hidden_size=1024, intermediate_size=65536, num_local_experts=8, num_experts_per_tok=2,
+        num_hidden_layers=-(-at_least // per_layer), num_attention_heads=8, num_key_value_heads=8,
+    )  # fmt: skip
+    with torch.device("meta"):
+        shapes = {name: list(t.shape) for name, t in text_causal_lm(config).state_dict().items()}
+    shards: dict[str, dict[str, list[int]]] = {}
+    for name, shape in sorted(shapes.items()):
+        layer = name.split(".")[2] if name.startswith("model.layers.") else "top"
+        shards.setdefault(f"model-{layer}.safetensors", {})[name] = shape
+    folder.mkdir()
+    config.save_pretrained(folder)
+    weight_map = {}
+    for file, tensors in shards.items():
+        header, offset = {}, 0
+        for name, shape in tensors.items():
+            size = 2 * int(torch.Size(shape).numel())
+            header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+            offset += size
+            weight_map[name] = file
+        encoded = json.dumps(header).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        with (folder / file).open("wb") as handle:
+            handle.write(struct.pack("<Q", len(encoded)) + encoded)
+            handle.truncate(8 + len(encoded) + offset)
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+def test_an_output_the_disk_cannot_hold_is_refused_before_any_work(tmp_path: Path) -> None:
+    """A run whose output would fill the disk stops at once, saying how much it writes and how much is
+    free, rather than after hours: here a checkpoint larger than the free space, held as a sparse file."""
+    free = shutil.disk_usage(tmp_path).free
+    try:
+        # 4-bit codes and scales take under 30% of bf16 weights: four times what is free, then
+        source = _sparse_checkpoint(tmp_path / "huge", at_least=4 * (free + (10 << 30)))
+    except OSError as err:  # a filesystem without sparse files this large
+        pytest.skip(f"no sparse file larger than the free space here: {err}")
+    for command in (
+        ["unfuse", str(source)],
+        ["quantize", str(source), "--method", "rtn", "--group-size", "32"],
+    ):
+        out = tmp_path / "out"
+        result = subprocess.run(  # no file over 64 MB: without the check, a failed write, not a full disk
+            [sys.executable, "-m", "moeconvert.cli", *command, "-o", str(out)],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "TQDM_DISABLE": "1"},
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 20, 64 << 20)),
+        )  # fmt: skip
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        line = result.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"error: not enough disk space for {out}: the run writes about "), line
+        assert f"and {tmp_path} has" in line and "free; free space or give an output on another disk" in line
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["huge"], "nothing written"

@@ -449,6 +449,11 @@ def test_cli_quantize(trained_models: dict[str, Path], tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     out = tmp_path / "qwen3_moe-w4g32-gptq"
     assert (out / "config.json").exists() and (out / "quantization_report.json").exists()
+    stored = sum(  # tensor data, without the headers (a tiny model's are a tenth of it, a real one's not)
+        path.stat().st_size - 8 - int.from_bytes(path.read_bytes()[:8], "little")
+        for path in out.glob("*.safetensors")
+    )
+    assert 0.99 * stored <= data["estimates"]["output_bytes"] <= 1.01 * stored, (data["estimates"], stored)
     for args, fragment in [
         (["--format", "gptq", "--asym"], "asymmetric"),
         (["--group-size", "48"], "divisible by the group size"),
