@@ -166,7 +166,7 @@ def _how_to_load(fmt: str, repo: str, revision: str | None, config: dict[str, An
     if is_vision_language(config):
         classes = {**_VISION_LANGUAGE, **({} if _text_model_loads_alone(config) else {"text_alone": ""})}
     family = FAMILIES.get(config.get("model_type"))
-    if fmt == "compressed-tensors" and family is not None and family.transposed_stacks:
+    if fmt == "compressed-tensors" and family is not None and not family.transformers_reads_per_expert:
         fmt = "compressed-tensors-engines"
     text = _LOADING[fmt]
     for key, value in classes.items():

@@ -211,8 +211,9 @@ class LayerwiseModel:
         self.config = config
         self.backbone = self.model.model
         rotary = next(name for name in _ROTARY_NAMES if hasattr(self.backbone, name))
-        with torch.device(self.device):
-            setattr(self.backbone, rotary, type(getattr(self.backbone, rotary))(config=config))
+        if getattr(self.backbone, rotary) is not None:  # None: no positions in attention (Granite 4.0-H's)
+            with torch.device(self.device):
+                setattr(self.backbone, rotary, type(getattr(self.backbone, rotary))(config=config))
         final_norm = next(name for name in _FINAL_NORM_NAMES if hasattr(self.backbone, name))
         self.final_norm = getattr(self.backbone, final_norm)
         self._top_modules = ("model.embed_tokens", f"model.{final_norm}", "lm_head")
@@ -246,8 +247,12 @@ class LayerwiseModel:
             self.model.get_submodule(module_name).to("meta")
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The first layer's input: the embeddings, scaled where the model scales them (Granite's
+        ``embedding_multiplier``)."""
         with torch.no_grad():
-            return self.backbone.embed_tokens(input_ids.to(self.device))
+            hidden = self.backbone.embed_tokens(input_ids.to(self.device))
+            scale = getattr(self.config, "embedding_multiplier", None)
+            return hidden if scale in (None, 1) else hidden * scale
 
     def layer_kwargs(self, hidden: torch.Tensor, index: int) -> dict[str, Any]:
         """What the model passes decoder layer ``index`` for inputs of this shape (cached per shape; the
@@ -339,12 +344,14 @@ class LayerwiseModel:
             return residual + out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The head's logits, scaled and capped where the model does so (Cohere's ``logit_scale``, Beam's
-        ``final_logit_softcapping``): a distribution sharper or flatter than the model's would misstate
-        every KL measured on it."""
+        """The head's logits, scaled and capped where the model does so (Cohere's ``logit_scale``,
+        Granite's ``logits_scaling`` divisor, Beam's ``final_logit_softcapping``): a distribution sharper
+        or flatter than the model's would misstate every KL measured on it."""
         with torch.no_grad():
             logits = self.model.lm_head(self.final_norm(hidden))
             scale = getattr(self.model, "logit_scale", None)
             logits = logits if scale is None else logits * scale
+            divisor = getattr(self.config, "logits_scaling", None)
+            logits = logits if divisor in (None, 1) else logits / divisor
             cap = getattr(self.config, "final_logit_softcapping", None)
             return logits if cap is None else torch.tanh(logits.float() / cap) * cap

@@ -70,7 +70,9 @@ class ModelSummary:
 
 
 def _is_routed_expert(family: Family, local: str) -> bool:
-    return local in family.fused_stacks or bool(family.original_expert_re().match(local))
+    return family.to_fused_name(local) in family.fused_stacks or bool(
+        family.original_expert_re().match(local)
+    )
 
 
 def _is_quantizable(meta: TensorMeta, num_layers: int) -> bool:
@@ -79,7 +81,7 @@ def _is_quantizable(meta: TensorMeta, num_layers: int) -> bool:
     name, index = meta.name, layer_index(meta.name)
     if index is None or index >= num_layers or len(meta.shape) < 2:
         return False
-    return not re.search(r"\.(gate|router|shared_expert_gate)\.weight$", name)
+    return not re.search(r"\.(gate|router|router\.layer|shared_expert_gate)\.weight$", name)
 
 
 def _bytes_at(meta: TensorMeta, bits: int | None, num_layers: int, fraction: float = 1.0) -> float:

@@ -808,8 +808,8 @@ class Quantizer:
         names: set[str] = set()
         for target in targets:
             names.add(prefix + target.local)
+            names.add(prefix + self.family.to_original_name(target.local))  # stacks too: Granite's
             if target.kind == "dense":
-                names.add(prefix + self.family.to_original_name(target.local))
                 continue
             projections = (0, 1) if target.kind == "gate_up" else (2,)
             for expert in range(local[target.local].shape[0]):
@@ -1332,7 +1332,7 @@ def _router_names(runner: Quantizer) -> set[str]:
     checkpoint names; transformers matches runtime names, e.g. Phi-MoE's ``mlp.router``)."""
     names = set()
     router = re.compile(
-        r"(?:block_sparse_moe|mlp|feed_forward)\.(?:gate|gate\.wg|router|router\.gate|shared_expert_gate)\.weight"
+        r"(?:block_sparse_moe|mlp|feed_forward)\.(?:gate|gate\.wg|router|router\.gate|router\.layer|shared_expert_gate)\.weight"
     )
     for name in runner.reader.metas:
         layer = LAYER_RE.match(name)

@@ -70,6 +70,7 @@ def fuse_layer(
         return runtime_layer(family, config, layer, tensors)
     expert_re = family.original_expert_re()
     experts: dict[tuple[int, str], torch.Tensor] = {}
+    released: dict[str, torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
     prefix = ""
     for name, tensor in tensors.items():
@@ -84,6 +85,8 @@ def fuse_layer(
         match = expert_re.match(local)
         if match:
             experts[(int(match.group(1)), match.group(2))] = tensor
+        elif family.released_stacks and family.to_fused_name(local) in family.fused_stacks:
+            released[family.to_fused_name(local)] = tensor  # stacked as released (Granite's): renamed
         elif family.to_fused_name(local).startswith(f"{family.moe_block}.experts."):  # not renamed away
             raise UnsupportedModelError(
                 f"{name}: unsupported expert tensor (pre-quantized or FP8 checkpoint?)"
@@ -91,9 +94,11 @@ def fuse_layer(
         else:
             out[prefix + family.to_fused_name(local)] = tensor
     if layer is None:
-        if experts:
+        if experts or released:
             raise CorruptCheckpointError("expert tensors found outside the decoder layers (top level)")
         return out
+    if released:
+        return _released_stacks(family, config, layer, prefix, experts, released, out, tensors)
     _check_experts(family, config, prefix, layer, experts)
     _check_router(family, config, layer, tensors)
     if experts:
@@ -101,6 +106,30 @@ def fuse_layer(
         gate, up, down = ([experts[(e, family.projections[p])] for e in range(count)] for p in range(3))
         out[prefix + family.fused_gate_up], out[prefix + family.fused_down] = stack(gate, up, down)
     return out
+
+
+def _released_stacks(
+    family: Family,
+    config: Any,
+    layer: int,
+    prefix: str,
+    experts: dict[tuple[int, str], torch.Tensor],
+    released: dict[str, torch.Tensor],
+    out: dict[str, torch.Tensor],
+    tensors: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """A layer whose experts are stacked as the family's releases store them (in the runtime orientation,
+    under names of their own): renamed; both stacks, in a layer config.json makes sparse, and nothing
+    per expert beside them."""
+    if experts:
+        raise CorruptCheckpointError(f"layer {layer}: per-expert tensors beside the layer's stacked experts")
+    if not family.is_moe_layer(config, layer):
+        raise CorruptCheckpointError(f"layer {layer} holds experts but config.json makes it a dense layer")
+    missing = [family.to_original_name(n) for n in family.fused_stacks if n not in released]
+    if missing:
+        raise CorruptCheckpointError(f"layer {layer}: has no {missing[0]} beside the other expert stack")
+    _check_router(family, config, layer, tensors)
+    return {**out, **{prefix + name: tensor for name, tensor in released.items()}}
 
 
 def _stack_shapes(family: Family, config: Any) -> dict[str, tuple[int, int, int]]:
@@ -178,6 +207,21 @@ def runtime_layer(
         if expert_re.match(_split_layer_prefix(name)[1]):
             raise CorruptCheckpointError(f"{name}: a per-expert tensor beside the layer's stacked experts")
     return as_runtime_orientation(family, config, tensors)
+
+
+def _released_names(family: Family, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A fused layer of a family whose releases stack experts under names of their own, renamed back."""
+    out = {}
+    for name, tensor in tensors.items():
+        prefix, local = _split_layer_prefix(name)
+        if local not in family.fused_stacks and family.to_fused_name(local) in family.fused_stacks:
+            raise UnsupportedModelError("checkpoint is not fused (its expert stacks are as released)")
+        if family.original_expert_re().match(local):
+            raise UnsupportedModelError(
+                f"{name}: checkpoint is not fused (it already has per-expert weights)"
+            )
+        out[prefix + family.to_original_name(local)] = tensor
+    return out
 
 
 def concat_experts(
@@ -273,6 +317,8 @@ def unfuse_layer(
         if _has_transposed_stacks(family, config, tensors):
             raise UnsupportedModelError("checkpoint is not fused (its expert stacks are as released)")
         return _orient_stacks(family, config, tensors, to_runtime=False)
+    if family.released_stacks:  # back to the releases' names
+        return _released_names(family, tensors)
     out: dict[str, torch.Tensor] = {}
     stacked: dict[str, torch.Tensor] = {}
     prefix = ""

@@ -11,7 +11,8 @@ router nested in its MoE block and norms around attention and MLP both, Command 
 its MLP on one normed input, tied head and scaled logits, Hunyuan's router inside its gate module and
 top-k listed per layer, MiniCPM5's gated attention (stored as q_proj, run as q_gate_proj),
 MiMo-V2-Flash's attention sinks and narrow value heads, LFM2-MoE's feed_forward block and short
-convolutions, Hy3's renamed router, bias and shared experts, Laguna's router bias stored among its
+convolutions, Granite 4.0-H's Mamba-2 layers, attention without rotary embeddings and experts stacked
+under names of their own, Hy3's renamed router, bias and shared experts, Laguna's router bias stored among its
 experts, Beam's depth-weighed residual stream and capped logits, FlexOlmo's norms after its blocks,
 the vision encoders beside GLM-4.5V's, Qwen3.5's (hybrid-attention) and Qwen3-VL-MoE's text models, and
 Qwen3-VL-MoE's transposed expert stacks, as its releases store them.
@@ -282,6 +283,23 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         eos_token_id=2,
         pad_token_id=0,
     ),
+    # Granite 4.0-H: Mamba-2 in two of three layers, attention without rotary embeddings, a shared MLP,
+    # experts stacked as released; its scaled embeddings, residual updates and logits at gentler factors
+    # than the releases' (a briefly trained model would stay flat under their logit divisor)
+    "granitemoehybrid": dict(
+        intermediate_size=96,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        shared_intermediate_size=64,
+        layer_types=["mamba", "attention", "mamba"],
+        mamba_n_heads=4,
+        mamba_d_state=16,
+        mamba_chunk_size=16,
+        embedding_multiplier=2.0,
+        logits_scaling=2.0,
+        residual_multiplier=0.5,
+        attention_multiplier=0.25,
+    ),
     "ernie4_5_moe": dict(
         intermediate_size=128,
         moe_intermediate_size=64,
@@ -402,6 +420,7 @@ def _spread_router_weights(model: torch.nn.Module, seed: int) -> None:
                         "mlp.router.gate.weight",
                         "mlp.gate.wg.weight",
                         "feed_forward.gate.weight",
+                        "block_sparse_moe.router.weight",
                     )
                 )
                 and param.dim() == 2

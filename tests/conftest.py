@@ -96,7 +96,7 @@ def load_quantized(folder: Path, source: Path) -> torch.nn.Module:
     """transformers' model of a compressed-tensors output of ``source``. transformers reads Qwen3-VL-MoE's
     experts only stacked, not per expert as vLLM does and as the output stores them: for it, the
     source's model with our own decoding of the files (``dequantized_state``)."""
-    if not family_for(read_config(source)).transposed_stacks:
+    if family_for(read_config(source)).transformers_reads_per_expert:
         return load_model(folder)
     model = load_model(source)
     model.load_state_dict(dequantized_state(folder, source), strict=True)

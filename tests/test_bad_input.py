@@ -317,6 +317,16 @@ def test_group_limited_routing_that_cannot_route_is_refused(
     assert_clean_failure(invoke_cli("inspect", str(folder)), None, "group-limited routing needs equal groups")
 
 
+def test_a_dense_model_of_an_moe_family_is_refused(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """Granite 4.0-H-Micro is Granite 4.0-H's hybrid without experts (num_local_experts 0)."""
+    folder = _copy(tiny_models, tmp_path, "granitemoehybrid")
+    _edit_config(folder, num_local_experts=0)
+    for command in ("inspect", "fuse", "quantize"):
+        out = () if command == "inspect" else ("-o", str(tmp_path / "out"))
+        result = invoke_cli(command, str(folder), *out)
+        assert_clean_failure(result, tmp_path / "out", "num_local_experts=0 makes it a dense model")
+
+
 @pytest.mark.parametrize("kinds", [["dense", "sparse"], ["dense", "sparse", "moe"]])
 def test_layer_kinds_that_do_not_name_every_layer_are_refused(
     kinds: list[str], tiny_models: dict[str, Path], tmp_path: Path
@@ -558,14 +568,17 @@ def test_an_output_that_cannot_be_a_folder_is_refused(tiny_models: dict[str, Pat
     ).read_text() == "precious"
 
 
-def test_fuse_twice_and_unfuse_original_are_refused(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["qwen3_moe", "granitemoehybrid"])  # experts per expert, and stacked
+def test_fuse_twice_and_unfuse_original_are_refused(
+    family: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
     fused = tmp_path / "fused"
-    assert invoke_cli("fuse", str(tiny_models["qwen3_moe"]), "-o", str(fused)).returncode == 0
+    assert invoke_cli("fuse", str(tiny_models[family]), "-o", str(fused)).returncode == 0
     assert_clean_failure(
         invoke_cli("fuse", str(fused), "-o", str(tmp_path / "again")), tmp_path / "again", "already fused"
     )
     assert_clean_failure(
-        invoke_cli("unfuse", str(tiny_models["qwen3_moe"]), "-o", str(tmp_path / "un")),
+        invoke_cli("unfuse", str(tiny_models[family]), "-o", str(tmp_path / "un")),
         tmp_path / "un",
         "not fused",
     )

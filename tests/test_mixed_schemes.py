@@ -246,6 +246,32 @@ def test_qwen3_vl_moe_stacks_as_released_quantize_per_expert_under_every_loaders
     assert_every_loader_gets_the_stored_bits(quant, bits)
 
 
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_granite_stacks_as_released_quantize_per_expert_under_vllms_names_and_mamba_stays(
+    fmt: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Granite 4.0-H releases stack each layer's experts under names of their own; the output stores
+    them per expert, as vLLM's Granite loader reads quantized experts, and none of the released stacks
+    is left beside them. The Mamba mixers stay in full precision unless a rule names them."""
+    rules = (Rule(r"layers\.1\.block_sparse_moe\.experts\.", W8), Rule(r"layers\.2\.mamba\.out_proj", W8))
+    quant = quantized_config(tiny_models["granitemoehybrid"], tmp_path, fmt, rules)
+    stored = load_tensors(tmp_path)
+    stacks = ("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight")
+    assert not any(n.endswith(stacks) for n in stored)
+    bits = stored_bits(stored)
+    for e in range(8):
+        for projection in ("gate_proj", "up_proj", "down_proj"):
+            assert bits[f"model.layers.0.block_sparse_moe.experts.{e}.{projection}"] == 4
+            assert bits[f"model.layers.1.block_sparse_moe.experts.{e}.{projection}"] == 8
+    assert (
+        bits["model.layers.0.shared_mlp.input_linear"] == 4 and bits["model.layers.1.self_attn.q_proj"] == 4
+    )
+    assert bits["model.layers.0.mamba.in_proj"] is None and bits["model.layers.2.mamba.in_proj"] is None
+    assert bits["model.layers.2.mamba.out_proj"] == 8 and bits["model.layers.0.mamba.out_proj"] is None
+    assert stored["model.layers.0.block_sparse_moe.router.layer.weight"].dtype == torch.float32
+    assert_every_loader_gets_the_stored_bits(quant, bits)
+
+
 def test_the_deepseek_v32_indexer_stays_in_full_precision_and_engines_get_what_they_build(
     tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -42,9 +42,13 @@ from moeconvert.source import read_config
 from moeconvert.tiny import auto_class, build_tiny_model
 
 FAST = QuantizeOptions(samples=16, seq_len=128)
+# families whose experts transformers reads only stacked, as their releases store them
+STACKED_FOR_TRANSFORMERS = [
+    f for f in FAMILIES if not family_for({"model_type": f}).transformers_reads_per_expert
+]
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "qwen3_vl_moe"])
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in STACKED_FOR_TRANSFORMERS])
 def test_transformers_loads_our_compressed_tensors(
     family: str, quantized: dict, trained_models: dict[str, Path]
 ) -> None:
@@ -63,16 +67,17 @@ def test_transformers_loads_our_compressed_tensors(
         assert torch.allclose(loaded(tokens).logits, ours(tokens).logits, atol=1e-5, rtol=0)
 
 
-def test_transformers_cannot_read_qwen3_vl_moe_experts_per_expert_and_the_card_says_so(
-    quantized: dict, trained_models: dict[str, Path]
+@pytest.mark.parametrize("family", STACKED_FOR_TRANSFORMERS)
+def test_transformers_cannot_read_experts_per_expert_where_releases_stack_them_and_the_card_says_so(
+    family: str, quantized: dict, trained_models: dict[str, Path]
 ) -> None:
-    """transformers reads Qwen3-VL-MoE's experts only stacked; vLLM reads them per expert, as every
-    quantized output stores them. Loaded with transformers, the experts would be fresh random weights:
-    the card offers vLLM alone. Should transformers learn to read them, this fails and the card can
-    offer it again."""
-    folder = quantized["qwen3_vl_moe", "w4"]
-    _, info = auto_class("qwen3_vl_moe").from_pretrained(folder, output_loading_info=True)
-    assert {n for n in info["missing_keys"] if ".mlp.experts." in n}, info["missing_keys"]
+    """transformers reads Qwen3-VL-MoE's and Granite 4.0's experts only stacked; vLLM reads them per
+    expert, as every quantized output stores them. Loaded with transformers, the experts would be fresh
+    random weights: the card offers vLLM alone. Should transformers learn to read them, this fails and
+    the card can offer it again."""
+    folder = quantized[family, "w4"]
+    _, info = auto_class(family).from_pretrained(folder, output_loading_info=True)
+    assert {n for n in info["missing_keys"] if ".experts." in n}, info["missing_keys"]
     card = build_card(
         json.loads((folder / "quantization_report.json").read_text()), read_config(folder), None, "me/vl-w4"
     ).text

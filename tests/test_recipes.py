@@ -29,7 +29,7 @@ FAMILY_OF = {
     "openbmb/MiniCPM5": "minicpm5_moe", "XiaomiMiMo/MiMo-V2": "mimo_v2_flash",
     "zai-org/GLM-5": "glm_moe_dsa", "LiquidAI/LFM2": "lfm2_moe",
     "tencent/Hy3": "hy_v3", "JetBrains/Mellum2": "mellum", "reflection/Beam": "beam",
-    "poolside/laguna": "laguna", "allenai/FlexOlmo": "flex_olmo",
+    "poolside/laguna": "laguna", "allenai/FlexOlmo": "flex_olmo", "ibm-granite/granite-4.0": "granitemoehybrid",
 }  # fmt: skip
 # Widths of 128 so the recipes' group size of 128 divides every input.
 WIDE = {"hidden_size": 128, "intermediate_size": 128}
@@ -58,6 +58,7 @@ WIDER = {
     "mellum": {"moe_intermediate_size": 128, "head_dim": 32},
     "beam": {"moe_intermediate_size": 128, "head_dim": 32},
     "laguna": {"moe_intermediate_size": 128, "shared_expert_intermediate_size": 128, "head_dim": 32},
+    "granitemoehybrid": {"shared_intermediate_size": 128},
     "qwen3_vl_moe": {  # experts twice the hidden size: no stack is square, its orientation shows
         "moe_intermediate_size": 256,
         "head_dim": 32,

@@ -17,6 +17,7 @@ from .ernie import ERNIE4_5_MOE
 from .exaone import EXAONE_MOE
 from .flex_olmo import FLEX_OLMO
 from .glm import GLM4_MOE, GLM4_MOE_LITE, GLM4V_MOE, GLM_MOE_DSA
+from .granite import GRANITEMOEHYBRID
 from .hunyuan import HUNYUAN_V1_MOE, HY_V3
 from .laguna import LAGUNA
 from .lfm2 import LFM2_MOE
@@ -49,6 +50,7 @@ FAMILIES: dict[str, Family] = {
         BEAM,
         LAGUNA,
         FLEX_OLMO,
+        GRANITEMOEHYBRID,
         DEEPSEEK_V2,
         DEEPSEEK_V3,
         DEEPSEEK_V32,
@@ -92,7 +94,7 @@ def load_config(config: dict[str, Any]) -> Any:
     """
     family = family_for(config)
     try:  # values of the wrong type fail transformers' strict fields, a bad dtype torch's lookup
-        loaded = CONFIG_MAPPING[config["model_type"]].from_dict(config).get_text_config()
+        loaded = CONFIG_MAPPING[config["model_type"]].from_dict(_special_floats(config)).get_text_config()
     except (TypeError, ValueError, AttributeError, StrictDataclassError) as err:
         message = " ".join(str(err).split())  # one line
         raise UnsupportedModelError(f"config.json of {family.name} model is invalid: {message}") from None
@@ -100,3 +102,17 @@ def load_config(config: dict[str, Any]) -> Any:
     if problem:
         raise UnsupportedModelError(f"config.json of {family.name} model is invalid: {problem}")
     return loaded
+
+
+def _special_floats(value: Any) -> Any:
+    """``value`` with the floats JSON cannot hold decoded: transformers writes infinity and NaN into
+    config.json as ``{"__float__": "Infinity"}`` (Granite 4.0's ``time_step_limit``), and reads them back
+    so when it loads a model; so must every command."""
+    if isinstance(value, dict):
+        tag = value.get("__float__")
+        if len(value) == 1 and tag in ("Infinity", "-Infinity", "NaN"):
+            return float(tag.lower().replace("infinity", "inf"))
+        return {k: _special_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_special_floats(v) for v in value]
+    return value

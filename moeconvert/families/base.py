@@ -41,7 +41,16 @@ class Family:
     # Whether the family's releases store experts stacked but transposed, gate_up [E, H, 2I] and down
     # [E, I, H] (Qwen3-VL-MoE): transformers reads either orientation, vLLM only this one.
     transposed_stacks: bool = False
+    # Whether the family's releases store experts stacked in the runtime orientation under names of their
+    # own, which ``renames`` map to the runtime stacks (Granite's ``block_sparse_moe.input_linear.weight``)
+    released_stacks: bool = False
     block: str = "mlp"  # in-layer runtime name of the MoE block (transformers' module)
+
+    @property
+    def transformers_reads_per_expert(self) -> bool:
+        """Whether transformers loads this family's experts stored one per expert, as quantized outputs
+        store them (vLLM's names): not where its releases stack them, which is all it reads."""
+        return not (self.transposed_stacks or self.released_stacks)
 
     @property
     def fused_gate_up(self) -> str:
@@ -83,6 +92,8 @@ class Family:
         """What in ``config`` no router can do (None when it routes): checked before any work, since
         the router would fail only in the forward pass."""
         experts, top_k = self.num_experts(config), self.top_k(config)
+        if experts == 0:  # Granite 4.0-H-Micro's kind: the family's layers without their experts
+            return f"{self.num_experts_key}=0 makes it a dense model, with no experts to convert"
         if not 1 <= top_k <= experts:
             return f"{self.top_k_key}={top_k} with {self.num_experts_key}={experts} (routing needs 1 <= top-k <= experts)"
         return None
@@ -99,8 +110,8 @@ class Family:
         return in_layer
 
     def to_original_name(self, in_layer: str) -> str:
-        for original, fused in self.renames:
-            if in_layer.startswith(fused):
+        for original, fused in self.renames:  # a name already original stays (Granite's fused router
+            if in_layer.startswith(fused) and not in_layer.startswith(original):  # name prefixes its own)
                 return original + in_layer[len(fused) :]
         return in_layer
 
