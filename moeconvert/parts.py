@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 
 from .checkpoint import TORCH_DTYPES, PlannedTensor, ShardedWriter
+from .progress import progress_bar
 from .resume import pause_for_tests, write_atomic
 from .safetensors_header import read_header
 
@@ -50,24 +51,28 @@ class PartsWriter:
         save_file(_unaliased(tensors), tmp, metadata={"format": "pt"})
         os.replace(tmp, path)
 
-    def assemble(self, max_shard_size: int) -> dict[str, str]:
+    def assemble(self, max_shard_size: int, show_progress: bool = False) -> dict[str, str]:
         """Turn the parts into ``model*.safetensors`` (+ index), deleting each part once its shard is
-        durable; returns each shard's sha256. Goes on from a recorded assembly that was stopped."""
+        durable; returns each shard's sha256. Goes on from a recorded assembly that was stopped. At
+        DeepSeek-V3's size this is minutes of writing, shown in bytes."""
         plan = self._plan(max_shard_size)
         files, done = plan["parts"], plan["done"]
         groups = [[PlannedTensor(n, TORCH_DTYPES[d], tuple(s)) for n, d, s in g] for g in plan["groups"]]
         writer = ShardedWriter(self.folder, groups, plan["max_shard_size"], done=done)
         self._retire(writer, [(shard, "") for shard, name in enumerate(writer.names) if name in done], plan)
+        todo = [index for index in range(len(files)) if writer.writes(index)]
+        total = sum(t.nbytes for index in todo for t in groups[index])
+        bar = progress_bar(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="write shards",
+                           dynamic_ncols=True, show=show_progress)  # fmt: skip
         try:
-            for index, name in enumerate(files):
-                if not writer.writes(index):
-                    continue
-                with safe_open(str(self.parts / name), framework="pt") as handle:
+            for index in todo:
+                with safe_open(str(self.parts / files[index]), framework="pt") as handle:
                     tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-                writer.write_group(index, tensors)
+                bar.update(writer.write_group(index, tensors))
                 del tensors
                 self._retire(writer, writer.finished_shards(), plan)
         finally:
+            bar.close()
             writer.abort()
         writer.finish()
         self._retire(writer, writer.finished_shards(), plan)

@@ -1268,7 +1268,7 @@ def _run(
                 bar.update(1)
         if parts is None:
             return
-        digests = parts.assemble(parse_size(runner.options.max_shard_size))
+        digests = parts.assemble(parse_size(runner.options.max_shard_size), show_progress=runner.progress)
         report.quantized_modules = len(all_schemes)
         report.sizes["output_bytes"] = sum(p.stat().st_size for p in staging.glob("*.safetensors"))
         _write_configs(runner, staging, all_schemes, report.kept_modules)

@@ -39,3 +39,4 @@ def test_quantize_shows_progress_inside_each_layer(tiny_models: dict, tmp_path: 
     assert run.returncode == 0, run.stderr
     assert "quantize 8-bit" in run.stderr and "layer 0" in run.stderr and "linear" in run.stderr
     assert "28/28" in run.stderr  # 4 attention projections + 8 experts x 3 projections, all counted
+    assert "write shards: 100%" in run.stderr  # the last step, minutes at the largest models' sizes
