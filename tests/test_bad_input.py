@@ -626,7 +626,7 @@ def test_qwen3_vl_moe_stacks_in_neither_orientation_are_refused(
     assert_clean_failure(invoke_cli("inspect", str(folder)), None, fragment)
 
 
-def _sparse_checkpoint(folder: Path, at_least: int) -> Path:
+def _sparse_checkpoint(folder: Path, at_least: int, intermediate_size: int = 65536) -> Path:
     """A Mixtral checkpoint of at least ``at_least`` bytes that takes no disk: real headers for every
     tensor of transformers' model of its config, over files that are holes (zeros when read), a layer
     per shard as releases shard them."""
@@ -634,9 +634,10 @@ def _sparse_checkpoint(folder: Path, at_least: int) -> Path:
 
     from moeconvert.forward import text_causal_lm
 
-    per_layer = 8 * 3 * 1024 * 65536 * 2  # 8 experts of 65536 x 1024 x 3 in bf16: 3.2 GB a layer
+    per_layer = 8 * 3 * 1024 * intermediate_size * 2  # 8 experts, 3 projections in bf16: 3.2 GB at 65536
     config = MixtralConfig(
-        vocab_size=256, hidden_size=1024, intermediate_size=65536, num_local_experts=8, num_experts_per_tok=2,
+        vocab_size=256, hidden_size=1024, intermediate_size=intermediate_size, num_local_experts=8,
+        num_experts_per_tok=2,
         num_hidden_layers=-(-at_least // per_layer), num_attention_heads=8, num_key_value_heads=8,
     )  # fmt: skip
     with torch.device("meta"):
@@ -689,3 +690,30 @@ def test_an_output_the_disk_cannot_hold_is_refused_before_any_work(tmp_path: Pat
         assert line.startswith(f"error: not enough disk space for {out}: the run writes about "), line
         assert f"and {tmp_path} has" in line and "free; free space or give an output on another disk" in line
         assert sorted(p.name for p in tmp_path.iterdir()) == ["huge"], "nothing written"
+
+
+def test_a_run_that_needs_more_memory_than_there_is_says_so_before_any_work(tmp_path: Path) -> None:
+    """Experts 4 M wide: each one's GPTQ Hessian of its down projection alone is 64 TB, more memory
+    than any machine has. The dry run and the run itself say so before they calibrate anything (the
+    run is stopped there); a model that fits says nothing."""
+    source = _sparse_checkpoint(tmp_path / "wide", at_least=1, intermediate_size=1 << 22)
+    plan = run_cli("quantize", str(source), "--dry-run", "--group-size", "32", "-o", str(tmp_path / "out"))
+    assert plan.returncode == 0, plan.stderr
+    assert "note: the run needs about" in plan.stderr and "so it may be stopped for memory" in plan.stderr
+    needs = float(plan.stderr.split("needs about ")[1].split(" GB")[0])
+    assert needs > 64_000, plan.stderr
+    command = [sys.executable, "-m", "moeconvert.cli", "quantize", str(source), "--group-size", "32"]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    run = subprocess.Popen(
+        [*command, "-o", str(tmp_path / "out")], stderr=subprocess.PIPE, text=True, env=env
+    )
+    assert run.stderr is not None
+    try:
+        first = run.stderr.readline()
+    finally:
+        run.kill()
+        run.wait()
+    assert first.startswith("note: the run needs about"), first
+    small = _sparse_checkpoint(tmp_path / "small", at_least=1, intermediate_size=256)
+    fits = run_cli("quantize", str(small), "--dry-run", "--group-size", "32", "-o", str(tmp_path / "out"))
+    assert fits.returncode == 0 and "stopped for memory" not in fits.stderr, fits.stderr
