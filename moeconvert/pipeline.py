@@ -754,9 +754,9 @@ class Quantizer:
             tensors = self.reader.meta_tensors(names)
             if layer in plan:
                 tensors, _ = self._local(layer, tensors)
-            schemes = {t.local: t for t in plan.get(layer, [])} if layer is not None else {}
+            targets = {t.local: t for t in plan.get(layer, [])}  # none outside the decoder layers
             for name, tensor in tensors.items():
-                target = schemes.get(name)
+                target = targets.get(name)
                 total += stored_bytes(target, tensor) if target else tensor.numel() * tensor.element_size()
         return total
 
