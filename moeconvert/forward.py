@@ -120,10 +120,10 @@ def on_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torc
 # The names families give the same parts, in the order looked for: the MLP block (LFM2-MoE's is
 # feed_forward); the norm before it (post_attention_layernorm, but Trinity's normalizes the attention's
 # output and pre_mlp_layernorm the MLP's input; LFM2's is ffn_norm); the model's final norm and rotary
-# embedding (LFM2's embedding_norm and pos_emb).
+# embedding (LFM2's embedding_norm and pos_emb; Jamba's final_layernorm, and no rotary embedding).
 MLP_NAMES = ("mlp", "feed_forward")
 _MLP_NORM_NAMES = ("pre_mlp_layernorm", "post_attention_layernorm", "ffn_norm")
-_FINAL_NORM_NAMES = ("norm", "embedding_norm")
+_FINAL_NORM_NAMES = ("norm", "embedding_norm", "final_layernorm")
 _ROTARY_NAMES = ("rotary_emb", "pos_emb")
 
 
@@ -210,8 +210,11 @@ class LayerwiseModel:
         self.model.eval()
         self.config = config
         self.backbone = self.model.model
-        rotary = next(name for name in _ROTARY_NAMES if hasattr(self.backbone, name))
-        if getattr(self.backbone, rotary) is not None:  # None: no positions in attention (Granite 4.0-H's)
+        # none, or None: no positions in attention (Jamba's, Granite 4.0-H's)
+        rotary = next(
+            (name for name in _ROTARY_NAMES if getattr(self.backbone, name, None) is not None), None
+        )
+        if rotary is not None:
             with torch.device(self.device):
                 setattr(self.backbone, rotary, type(getattr(self.backbone, rotary))(config=config))
         final_norm = next(name for name in _FINAL_NORM_NAMES if hasattr(self.backbone, name))

@@ -12,7 +12,7 @@ its MLP on one normed input, tied head and scaled logits, Hunyuan's router insid
 top-k listed per layer, MiniCPM5's gated attention (stored as q_proj, run as q_gate_proj),
 MiMo-V2-Flash's attention sinks and narrow value heads, LFM2-MoE's feed_forward block and short
 convolutions, Granite 4.0-H's Mamba-2 layers, attention without rotary embeddings and experts stacked
-under names of their own, Hy3's renamed router, bias and shared experts, Laguna's router bias stored among its
+under names of their own, Jamba's Mamba layers and experts in every other layer, Hy3's renamed router, bias and shared experts, Laguna's router bias stored among its
 experts, Beam's depth-weighed residual stream and capped logits, FlexOlmo's norms after its blocks,
 the vision encoders beside GLM-4.5V's, Qwen3.5's (hybrid-attention) and Qwen3-VL-MoE's text models, and
 Qwen3-VL-MoE's transposed expert stacks, as its releases store them.
@@ -300,6 +300,20 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         residual_multiplier=0.5,
         attention_multiplier=0.25,
     ),
+    # Jamba: Mamba in three of four layers, attention without rotary embeddings in the rest, experts
+    # in every other layer (a dense MLP between)
+    "jamba": dict(
+        num_hidden_layers=4,
+        intermediate_size=96,
+        num_experts=8,
+        num_experts_per_tok=2,
+        attn_layer_period=4,
+        attn_layer_offset=2,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        mamba_d_state=8,
+        mamba_dt_rank=8,
+    ),
     "ernie4_5_moe": dict(
         intermediate_size=128,
         moe_intermediate_size=64,
@@ -421,6 +435,7 @@ def _spread_router_weights(model: torch.nn.Module, seed: int) -> None:
                         "mlp.gate.wg.weight",
                         "feed_forward.gate.weight",
                         "block_sparse_moe.router.weight",
+                        "feed_forward.router.weight",
                     )
                 )
                 and param.dim() == 2

@@ -272,6 +272,24 @@ def test_granite_stacks_as_released_quantize_per_expert_under_vllms_names_and_ma
     assert_every_loader_gets_the_stored_bits(quant, bits)
 
 
+def test_jamba_mamba_stays_in_full_precision_unless_a_rule_names_it(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Jamba's Mamba mixers are kept by default; its experts (feed_forward, every other layer), dense MLPs
+    and attention are quantized, its routers kept; a rule quantizes a Mamba projection."""
+    quant = quantized_config(
+        tiny_models["jamba"], tmp_path, "compressed-tensors", (Rule(r"layers\.0\.mamba\.out_proj", W8),)
+    )
+    bits = stored_bits(load_tensors(tmp_path))
+    mamba = [m for m in bits if ".mamba." in m and not m.startswith("model.layers.0.mamba.out_proj")]
+    assert len(mamba) == 3 * 4 - 1 and {bits[m] for m in mamba} == {None}
+    assert bits["model.layers.0.mamba.out_proj"] == 8
+    assert bits["model.layers.1.feed_forward.experts.7.down_proj"] == 4
+    assert bits["model.layers.0.feed_forward.gate_proj"] == 4 and bits["model.layers.2.self_attn.q_proj"] == 4
+    assert bits["model.layers.1.feed_forward.router"] is None
+    assert_every_loader_gets_the_stored_bits(quant, bits)
+
+
 def test_the_deepseek_v32_indexer_stays_in_full_precision_and_engines_get_what_they_build(
     tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:

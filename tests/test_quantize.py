@@ -174,9 +174,9 @@ def test_quality_orders_as_it_must(family: str, quantized: dict, trained_models:
     assert all(float(k.mean()) < bound for k in per_token.values()), per_token
     kl = {label: float(k.median()) for label, k in per_token.items()}
     # GPTQ moves the typical token several times less than RTN; on the tiny Qwen3-Next 2.7x less, on
-    # Qwen3.5, its hybrid-attention successor, 2.5x (their experts alone too:
-    # test_gptq_objective_below_rtn holds for each of them)
-    assert kl["w4"] < kl["w4rtn"] / (2 if family in ("qwen3_next", "qwen3_5_moe") else 4), kl
+    # Qwen3.5, its hybrid-attention successor, 2.5x, on Jamba, with Mamba in most layers, 2.9x (their
+    # experts alone too: test_gptq_objective_below_rtn holds for each of them)
+    assert kl["w4"] < kl["w4rtn"] / (2 if family in ("qwen3_next", "qwen3_5_moe", "jamba") else 4), kl
     if family == "phimoe":
         # Phi-MoE's sparsemixer routing flips on small input changes; quantized attention moves tokens
         # across its thresholds whatever the width, so 8 bits gain less over 4 than elsewhere.
@@ -200,7 +200,7 @@ def _layer_statistics(source: Path, scheme: Scheme, layer: int):
     return runner, plan[layer], local, stats
 
 
-@pytest.mark.parametrize("family", ["mixtral", "phimoe", "deepseek_v3", "qwen3_next", "qwen3_5_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "phimoe", "deepseek_v3", "qwen3_next", "qwen3_5_moe", "jamba"])
 def test_gptq_objective_below_rtn(family: str, trained_models: dict[str, Path]) -> None:
     """tr((W-Q) H (W-Q)^T) with each expert's own undamped routed Hessian.
 

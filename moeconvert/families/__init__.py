@@ -19,6 +19,7 @@ from .flex_olmo import FLEX_OLMO
 from .glm import GLM4_MOE, GLM4_MOE_LITE, GLM4V_MOE, GLM_MOE_DSA
 from .granite import GRANITEMOEHYBRID
 from .hunyuan import HUNYUAN_V1_MOE, HY_V3
+from .jamba import JAMBA
 from .laguna import LAGUNA
 from .lfm2 import LFM2_MOE
 from .mellum import MELLUM
@@ -51,6 +52,7 @@ FAMILIES: dict[str, Family] = {
         LAGUNA,
         FLEX_OLMO,
         GRANITEMOEHYBRID,
+        JAMBA,
         DEEPSEEK_V2,
         DEEPSEEK_V3,
         DEEPSEEK_V32,

@@ -20,7 +20,7 @@ from .scheme import Scheme
 # Modules kept in full precision by default, whatever the base scheme.
 ALWAYS_KEEP = (
     r"\.(?:mlp|feed_forward)\.gate$",  # LFM2-MoE's block is feed_forward
-    r"\.mlp\.router$",
+    r"\.(?:mlp|feed_forward)\.router$",  # Jamba's block is feed_forward
     r"\.mlp\.router\.gate$",  # Arcee's Trinity: the router's Linear inside its router module
     r"\.mlp\.gate\.wg$",  # Hunyuan's: inside its gate module
     r"shared_expert_gate$",
