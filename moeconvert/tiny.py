@@ -14,7 +14,8 @@ MiMo-V2-Flash's attention sinks and narrow value heads, LFM2-MoE's feed_forward 
 convolutions, Granite 4.0-H's Mamba-2 layers, attention without rotary embeddings and experts stacked
 under names of their own, Jamba's Mamba layers and experts in every other layer, Hy3's renamed router, bias and shared experts, Laguna's router bias stored among its
 experts, Beam's depth-weighed residual stream and capped logits, FlexOlmo's norms after its blocks,
-the vision encoders beside GLM-4.5V's, Qwen3.5's (hybrid-attention) and Qwen3-VL-MoE's text models, and
+the vision encoders beside GLM-4.5V's, Qwen3.5's (hybrid-attention) and Qwen3-VL-MoE's text models, Granite 3.x's stacked
+experts and tied head, and
 Qwen3-VL-MoE's transposed expert stacks, as its releases store them.
 """
 
@@ -62,6 +63,18 @@ _HYBRID_QWEN: dict[str, Any] = dict(
     linear_num_key_heads=2,
     linear_num_value_heads=4,
     layer_types=["linear_attention", "full_attention", "linear_attention"],
+)
+
+# Granite 3.x's MoE at tiny widths, with its scaling factors gentler than the releases' (a briefly
+# trained model would stay flat under their logit divisor)
+_GRANITE_3: dict[str, Any] = dict(
+    intermediate_size=96,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    embedding_multiplier=2.0,
+    logits_scaling=2.0,
+    residual_multiplier=0.5,
+    attention_multiplier=0.25,
 )
 
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
@@ -283,6 +296,10 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         eos_token_id=2,
         pad_token_id=0,
     ),
+    # Granite 3.x: experts stacked as released, a tied head (as the releases'), scaled embeddings,
+    # residual updates and logits at gentler factors than the releases'; the shared variant's dense MLP
+    "granitemoe": dict(_GRANITE_3, tie_word_embeddings=True),
+    "granitemoeshared": dict(_GRANITE_3, shared_intermediate_size=64),
     # Granite 4.0-H: Mamba-2 in two of three layers, attention without rotary embeddings, a shared MLP,
     # experts stacked as released; its scaled embeddings, residual updates and logits at gentler factors
     # than the releases' (a briefly trained model would stay flat under their logit divisor)

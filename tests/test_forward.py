@@ -70,7 +70,8 @@ def test_layer_finishes_from_its_residual_stream(family: str, tiny_models: dict[
     from the residual stream captured by the first pass, gives the layer's own output bit for bit. Where
     attention and MLP run side by side on one input (Cohere's), attention hands state on to the next
     layer (GLM-5's token picks, which the residual stream does not hold), or the parts join the residual
-    stream otherwise (weighed by depth in Beam's, normed after the MLP in FlexOlmo's), the layer runs whole."""
+    stream otherwise (weighed by depth in Beam's, normed after the MLP in FlexOlmo's, scaled in Granite's),
+    the layer runs whole."""
     streamed, _, hidden, layers = _layerwise(tiny_models[family], seed=6)
     for index, local in enumerate(layers):
         captured: list[torch.Tensor | None] = []
@@ -80,6 +81,8 @@ def test_layer_finishes_from_its_residual_stream(family: str, tiny_models: dict[
                 "glm_moe_dsa",
                 "beam",
                 "flex_olmo",
+                "granitemoe",
+                "granitemoeshared",
                 "granitemoehybrid",
                 "jamba",
             )

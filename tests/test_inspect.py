@@ -9,9 +9,10 @@ import pytest
 from conftest import FAMILIES, MTP_FAMILIES, load_model, load_tensors, run_cli
 from conftest import with_mtp as add_mtp
 
-from moeconvert import inspect_model
+from moeconvert import Scheme, inspect_model, quantize
 from moeconvert.families import family_for
-from moeconvert.tiny import VISION_CONFIGS
+from moeconvert.pipeline import QuantizeOptions
+from moeconvert.tiny import VISION_CONFIGS, build_tiny_model
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -41,6 +42,8 @@ def test_counts_match_the_model(family: str, tiny_models: dict[str, Path]) -> No
     assert summary.weight_bytes["int4"] < summary.weight_bytes["int8"] < summary.weight_bytes["bf16"]
     assert summary.active_bytes_per_token["bf16"] < summary.weight_bytes["bf16"]
     assert summary.shards > 1 and summary.layout == "original"
+    shared = family_for({"model_type": family}).shared_experts
+    assert (summary.shared_experts > 0) == any(f".{shared}." in n for n in params), shared
 
 
 def test_family_quirks(tiny_models: dict[str, Path]) -> None:
@@ -49,6 +52,23 @@ def test_family_quirks(tiny_models: dict[str, Path]) -> None:
     deepseek = inspect_model(str(tiny_models["deepseek_v3"]))
     assert deepseek.dense_layers == [0] and deepseek.moe_layers == [1, 2]
     assert inspect_model(str(tiny_models["qwen3_moe"])).shared_experts == 0
+
+
+def test_a_granite_model_without_its_shared_mlp_counts_none_and_quantizes(tmp_path: Path) -> None:
+    """granitemoeshared's shared MLP is absent where shared_intermediate_size is 0 (its config class's
+    default): no shared expert is counted, and quantize converts the model without one."""
+    folder = build_tiny_model("granitemoeshared", tmp_path / "src", train_steps=0, shared_intermediate_size=0)
+    assert not any("shared_mlp" in n for n in load_tensors(folder))
+    assert inspect_model(str(folder)).shared_experts == 0
+    scheme = Scheme(bits=4, group_size=32, method="rtn")
+    quantize(
+        str(folder),
+        scheme,
+        output=tmp_path / "out",
+        options=QuantizeOptions(samples=2, seq_len=32),
+        verify=False,
+    )
+    assert inspect_model(str(tmp_path / "out")).total_params == inspect_model(str(folder)).total_params
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from conftest import dequantized_state, eval_tokens, load_model, load_tensors, w
 
 from moeconvert.errors import BadInputError
 from moeconvert.pipeline import QuantizeOptions, quantize
+from moeconvert.quant.packing import unpack_compressed
 from moeconvert.quant.scheme import Scheme
 from moeconvert.quant.targets import Rule
 
@@ -270,6 +271,48 @@ def test_granite_stacks_as_released_quantize_per_expert_under_vllms_names_and_ma
     assert bits["model.layers.2.mamba.out_proj"] == 8 and bits["model.layers.0.mamba.out_proj"] is None
     assert stored["model.layers.0.block_sparse_moe.router.layer.weight"].dtype == torch.float32
     assert_every_loader_gets_the_stored_bits(quant, bits)
+
+
+@pytest.mark.parametrize(
+    ("family", "fmt"), [("granitemoe", "gptq"), ("granitemoeshared", "compressed-tensors")]
+)
+def test_granite_3_experts_quantize_per_expert_under_mixtral_style_names(
+    family: str, fmt: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Granite 3.x releases stack experts as Granite 4.0-H's do, but vLLM's loader for them reads
+    quantized experts under Mixtral's per-expert names, w1/w3/w2 (gate, up, down), and renames the
+    released router itself: the output stores them so, with no stack left and the router kept."""
+    rules = (Rule(r"layers\.1\.block_sparse_moe\.experts\.", W8),)
+    quant = quantized_config(tiny_models[family], tmp_path, fmt, rules)
+    stored = load_tensors(tmp_path)
+    assert not any(
+        n.endswith(("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"))
+        for n in stored
+    )
+    bits = stored_bits(stored)
+    experts = {m for m in bits if ".experts." in m}
+    assert experts == {
+        f"model.layers.{i}.block_sparse_moe.experts.{e}.{p}"
+        for i in range(3)
+        for e in range(8)
+        for p in ("w1", "w3", "w2")
+    }
+    assert {bits[m] for m in experts if ".layers.1." in m} == {8}
+    assert {bits[m] for m in experts if ".layers.1." not in m} == {4}
+    assert bits["model.layers.0.block_sparse_moe.router.layer"] is None
+    assert (family == "granitemoeshared") == ("model.layers.0.shared_mlp.input_linear" in bits)
+    assert bits.get("model.layers.0.shared_mlp.input_linear", 4) == 4
+    assert_every_loader_gets_the_stored_bits(quant, bits)
+    if fmt == "compressed-tensors":  # each name holds its own projection, decoded back from the file
+        released = load_tensors(tiny_models[family])
+        stem = "model.layers.2.block_sparse_moe."
+        gate, up = released[stem + "input_linear.weight"][5].float().chunk(2)
+        down = released[stem + "output_linear.weight"][5].float()
+        for name, expected, other in (("w1", gate, up), ("w3", up, gate), ("w2", down, down.flip(0))):
+            module = f"{stem}experts.5.{name}"
+            parts = {k[len(module) + 1 :]: v for k, v in stored.items() if k.startswith(module + ".weight_")}
+            decoded = unpack_compressed(parts, 4, sym="weight_zero_point" not in parts).dequantize().float()
+            assert (decoded - expected).norm() < 0.2 * (decoded - other).norm(), name
 
 
 def test_jamba_mamba_stays_in_full_precision_unless_a_rule_names_it(

@@ -71,7 +71,7 @@ def test_transformers_loads_our_compressed_tensors(
 def test_transformers_cannot_read_experts_per_expert_where_releases_stack_them_and_the_card_says_so(
     family: str, quantized: dict, trained_models: dict[str, Path]
 ) -> None:
-    """transformers reads Qwen3-VL-MoE's and Granite 4.0's experts only stacked; vLLM reads them per
+    """transformers reads Qwen3-VL-MoE's and Granite's experts only stacked; vLLM reads them per
     expert, as every quantized output stores them. Loaded with transformers, the experts would be fresh
     random weights: the card offers vLLM alone. Should transformers learn to read them, this fails and
     the card can offer it again."""

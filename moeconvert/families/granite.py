@@ -1,15 +1,19 @@
-"""IBM Granite 4.0's hybrid MoE (``granitemoehybrid``): most layers mix tokens with Mamba-2 (``mamba``),
-the rest with attention (``self_attn``, without rotary embeddings in the H releases), as ``layer_types``
-says; every layer adds a dense shared MLP (``shared_mlp``, its gate and up projections one Linear) to
-its routed experts, and scales its residual updates, its embeddings and its logits.
+"""IBM Granite's MoE models. All of them scale their embeddings, residual updates and logits.
 
-Its releases store each layer's experts already stacked, in the runtime orientation but under names of
-their own: ``block_sparse_moe.input_linear.weight`` [E, 2I, H] (gate rows first) and
+- Granite 3.x (``granitemoe``): attention with rotary embeddings and routed experts in every layer;
+  ``granitemoeshared`` adds a dense shared MLP (``shared_mlp``) beside the experts.
+- Granite 4.0-H (``granitemoehybrid``): most layers mix tokens with Mamba-2 (``mamba``), the rest with
+  attention (``self_attn``, without rotary embeddings in the H releases), as ``layer_types`` says; every
+  layer adds a shared MLP to its routed experts.
+
+Their releases store each layer's experts already stacked, in the runtime orientation but under names
+of their own: ``block_sparse_moe.input_linear.weight`` [E, 2I, H] (gate rows first) and
 ``block_sparse_moe.output_linear.weight`` [E, H, I], with the router at
 ``block_sparse_moe.router.layer.weight``. ``fuse`` renames them to transformers' runtime names and
-``unfuse`` back. Quantized outputs store experts one per expert, as
-``block_sparse_moe.experts.{e}.gate_proj/up_proj/down_proj``: the names vLLM's Granite loader reads
-quantized experts under. transformers reads this model's experts only stacked.
+``unfuse`` back. Quantized outputs store experts one per expert, under the names vLLM's loader for
+each model type reads them under: Granite 4.0-H's ``block_sparse_moe.experts.{e}.gate_proj/up_proj/
+down_proj``, Granite 3.x's Mixtral-style ``w1/w3/w2`` (gate, up, down); vLLM renames the released
+router itself. transformers reads Granite's experts only stacked.
 
 The Mamba mixers' projections stay in full precision: they feed a recurrent state, in which 4-bit
 errors build up along the sequence, as Qwen3-Next's linear attention keeps them (quantized with the
@@ -28,6 +32,11 @@ from .base import Family
 class GraniteFamily(Family):
     def is_moe_layer(self, config: Any, layer: int) -> bool:
         return int(config.num_local_experts or 0) > 0
+
+    def num_shared_experts(self, config: Any) -> int:
+        """One dense shared MLP, absent where ``shared_intermediate_size`` is 0 (its default in some
+        configs)."""
+        return int(self.shared_experts is not None and bool(getattr(config, "shared_intermediate_size", 0)))
 
 
 GRANITEMOEHYBRID = GraniteFamily(
@@ -48,3 +57,20 @@ GRANITEMOEHYBRID = GraniteFamily(
     released_stacks=True,
     block="block_sparse_moe",
 )
+
+
+# Granite 3.x: attention with rotary embeddings in every layer, experts in every layer; the shared variant
+# adds ``shared_mlp`` (absent where ``shared_intermediate_size`` is 0)
+_GRANITE_3 = dict(
+    moe_block="block_sparse_moe",
+    projections=("w1", "w3", "w2"),
+    num_experts_key="num_local_experts",
+    top_k_key="num_experts_per_tok",
+    expert_size_key="intermediate_size",
+    renames=GRANITEMOEHYBRID.renames,
+    router="block_sparse_moe.router",
+    released_stacks=True,
+    block="block_sparse_moe",
+)
+GRANITEMOE = GraniteFamily(model_types=("granitemoe",), **_GRANITE_3)
+GRANITEMOESHARED = GraniteFamily(model_types=("granitemoeshared",), shared_experts="shared_mlp", **_GRANITE_3)
