@@ -20,6 +20,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from .families import FAMILIES
 from .manifest import update_manifest
 from .quant.calibration import hub_dataset_id
+from .units import size_text
 from .verify import report_json, report_path
 
 CARD_NAME = "README.md"
@@ -220,7 +221,9 @@ def _summary(report: dict[str, Any]) -> str:
     )
     if sizes.get("source_bytes") and sizes.get("output_bytes"):
         before, after = sizes["source_bytes"], sizes["output_bytes"]
-        text += f" Weights: {_gb(before)} before, {_gb(after)} after ({before / after:.2f}x smaller)."
+        text += (
+            f" Weights: {size_text(before)} before, {size_text(after)} after ({before / after:.2f}x smaller)."
+        )
     return text
 
 
@@ -335,7 +338,3 @@ def _provenance(report: dict[str, Any]) -> str:
         rows.append(f"- calibration tokens sha256 `{calib['tokens_sha256']}`")
     rows.append(f"- device {report['device']}")
     return "## Provenance\n\n" + "\n".join(rows) + f"\n\nThe full record is in `{REPORT_NAME}`."
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"

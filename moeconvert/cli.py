@@ -22,6 +22,7 @@ import click
 from . import __version__
 from .errors import MoeConvertError
 from .recipe import Recipe, load_recipe
+from .units import params_text, size_text
 
 if TYPE_CHECKING:
     from .inspection import ModelSummary
@@ -58,14 +59,6 @@ def _friendly_errors(func: F) -> F:
             sys.exit(130)
 
     return wrapper  # type: ignore[return-value]
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
-
-
-def _params(n: float) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
 
 
 def _emit_report(data: dict[str, Any], as_json: bool, report: Path | None, table: Callable[[], str]) -> None:
@@ -141,29 +134,38 @@ def _summary_table(s: ModelSummary) -> str:
         ("family", f"{s.family} ({s.layout} layout)"),
         ("layers", f"{s.num_layers}: {len(s.moe_layers)} MoE, {len(s.dense_layers)} dense{_mtp(s)}"),
         ("experts", f"{s.num_experts} routed, top-{s.top_k}, {s.shared_experts} shared"),
-        *([("vision encoder", f"{_params(s.tower_params)} (carried, not active)")] if s.tower_params else []),
-        ("dtype", ", ".join(f"{d} ({_params(n)})" for d, n in s.dtypes.items())),
+        *(
+            [("vision encoder", f"{params_text(s.tower_params)} (carried, not active)")]
+            if s.tower_params
+            else []
+        ),
+        ("dtype", ", ".join(f"{d} ({params_text(n)})" for d, n in s.dtypes.items())),
         ("shards", str(s.shards)),
-        ("total params", _params(s.total_params)),
+        ("total params", params_text(s.total_params)),
         (
             "active params/token",
-            f"{_params(s.active_params)} ({100 * s.active_params / s.total_params:.1f}%)",
+            f"{params_text(s.active_params)} ({100 * s.active_params / s.total_params:.1f}%)",
         ),
     ]
     for label in ("bf16", "int8", "int4"):
         rows.append(
             (
                 f"weights {label}",
-                f"{_gb(s.weight_bytes[label])} in memory, {_gb(s.active_bytes_per_token[label])} read per token",
+                f"{size_text(s.weight_bytes[label])} in memory, {size_text(s.active_bytes_per_token[label])} read per token",
             )
         )
     disk = s.disk_bytes
     if s.quantization:  # parameters from the config's model; fuse and quantize refuse such a source
-        rows.append(("quantized", f"{s.quantization}, {_gb(disk['fused_output'])} stored"))
+        rows.append(("quantized", f"{s.quantization}, {size_text(disk['fused_output'])} stored"))
     else:
-        rows.append(("disk to fuse", f"{_gb(disk['download'] + disk['fused_output'])} (download + output)"))
         rows.append(
-            ("disk to quantize w4", f"{_gb(disk['download'] + disk['int4_output'])} (download + output)")
+            ("disk to fuse", f"{size_text(disk['download'] + disk['fused_output'])} (download + output)")
+        )
+        rows.append(
+            (
+                "disk to quantize w4",
+                f"{size_text(disk['download'] + disk['int4_output'])} (download + output)",
+            )
         )
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -172,7 +174,7 @@ def _summary_table(s: ModelSummary) -> str:
 def _mtp(s: ModelSummary) -> str:
     count = len(s.mtp_layers)
     what = f"{count} MTP layer{'s' * (count > 1)}" if count else "MTP modules"
-    return f", and {what} of {_params(s.mtp_params)} (carried, not active)" if s.mtp_params else ""
+    return f", and {what} of {params_text(s.mtp_params)} (carried, not active)" if s.mtp_params else ""
 
 
 def _relayout_command(name: str, doc: str) -> None:
@@ -480,7 +482,7 @@ def _push_and_say(
         allow_failed=allow_failed,
     )  # fmt: skip
     click.echo(
-        f"pushed {result.files} files ({_gb(result.bytes)}) to {result.repo_id}@{result.branch}: {result.commit_url}"
+        f"pushed {result.files} files ({size_text(result.bytes)}) to {result.repo_id}@{result.branch}: {result.commit_url}"
     )
     if (folder / REPORT_NAME).is_file() and not report_path(folder).is_file():
         click.echo(
@@ -547,13 +549,13 @@ def _quantize_table(data: dict[str, Any], dry_run: bool) -> str:
     if dry_run:
         e = data["estimates"]
         lines.append(
-            f"needs    {_gb(e['output_bytes'])} output ({_gb(e['disk_bytes'])} of disk at the peak), "
-            f"{_gb(e['download_bytes'])} download, "
-            f"~{_gb(e['peak_memory_bytes'])} memory at the peak (the widest layer's solve or calibration)"
+            f"needs    {size_text(e['output_bytes'])} output ({size_text(e['disk_bytes'])} of disk at the peak), "
+            f"{size_text(e['download_bytes'])} download, "
+            f"~{size_text(e['peak_memory_bytes'])} memory at the peak (the widest layer's solve or calibration)"
         )
         if e.get("activation_bytes") and data.get("device") == "cpu":
             lines.append(
-                f"memory   {_gb(e['activation_bytes'])} of that is calibration activations, mapped from disk: "
+                f"memory   {size_text(e['activation_bytes'])} of that is calibration activations, mapped from disk: "
                 "where memory is short the OS pages them out, and the run goes on"
             )
         if e.get("replayed_layers"):
@@ -680,7 +682,7 @@ def check_cmd(folder: Path, as_json: bool) -> None:
         click.echo(f"error: {folder} differs from its manifest: {result.problems()}", err=True)
         sys.exit(1)
     if not as_json:
-        click.echo(f"ok: {result.files} files, {_gb(result.bytes)} match {folder}/SHA256SUMS")
+        click.echo(f"ok: {result.files} files, {size_text(result.bytes)} match {folder}/SHA256SUMS")
 
 
 @main.command("tiny")

@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import TextIO
 
 from .errors import BadInputError, MoeConvertError, NotEnoughSpaceError, OutputExistsError
+from .units import size_text
 
 try:  # POSIX; elsewhere runs on one output are not kept apart
     import fcntl
@@ -133,8 +134,8 @@ class OutputFolder:
         missing, free = self.needs_bytes - written, shutil.disk_usage(self.final.parent).free
         if missing > free:
             raise NotEnoughSpaceError(
-                f"not enough disk space for {self.final}: the run writes about {_gb(missing)} and "
-                f"{self.final.parent} has {_gb(free)} free; free space or give an output on another disk"
+                f"not enough disk space for {self.final}: the run writes about {size_text(missing)} and "
+                f"{self.final.parent} has {size_text(free)} free; free space or give an output on another disk"
             )
 
     def check_apart(self) -> None:
@@ -174,7 +175,3 @@ def _unmakeable(folder: Path, err: OSError) -> str:
         if parent.exists():
             return f"{parent} is not a folder" if not parent.is_dir() else str(err.strerror or err)
     return str(err.strerror or err)
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
