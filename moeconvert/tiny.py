@@ -114,6 +114,10 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "deepseek_v3": dict(
         **_DEEPSEEK_MOE, **_MLA, first_k_dense_replace=1, q_lora_rank=64, n_group=4, topk_group=2
     ),
+    # Sarvam-105B: V3's model with one dense layer first, ungrouped routing and no q compression
+    "sarvam_mla": dict(
+        **_DEEPSEEK_MOE, **_MLA, first_k_dense_replace=1, q_lora_rank=None, n_group=1, topk_group=1
+    ),
     # DeepSeek Sparse Attention: each query attends to the indexer's top 48 tokens, fewer than a
     # calibration window holds, so the indexer's choice shapes the outputs. (With 16, which tokens make
     # the cut flips under 8-bit noise often enough to dominate every mean KL.)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -345,6 +346,51 @@ def test_a_source_saved_fused_quantizes_to_the_bytes_of_its_original(
         assert configs[a].pop("quantization_config") == configs[b].pop("quantization_config"), fmt
         assert configs[a] == read_config(tiny_models[family]), fmt
         assert configs[b] == read_config(transformers_fused[family]), fmt
+
+
+def test_sarvam_in_its_releases_config_format_converts_as_in_transformers_format(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Sarvam-105B's releases write config.json for their own code: ``num_experts`` and
+    ``num_shared_experts`` for DeepSeek-V3's keys, MLA's cache width as ``head_dim``, ``q_head_dim``, and
+    YaRN as ``deepseek_yarn``. transformers reads that format; so does every command: the same counts,
+    the same quantized bytes, and the output keeps the release's config, which vLLM's Sarvam model reads."""
+    source = tiny_models["sarvam_mla"]
+    release = tmp_path / "release"
+    shutil.copytree(source, release)
+    config = read_config(source)
+    config["num_experts"], config["num_shared_experts"] = (
+        config.pop("n_routed_experts"),
+        config.pop("n_shared_experts"),
+    )
+    config["head_dim"] = config["kv_lora_rank"] + config["qk_rope_head_dim"]
+    config["q_head_dim"] = config.pop("qk_head_dim")
+    config["rope_theta"] = config.pop("rope_parameters")["rope_theta"]
+    (release / "config.json").write_text(json.dumps(config))
+    summary = inspect_model(str(release))
+    assert (summary.num_experts, summary.shared_experts) == (8, 1)
+    assert summary.total_params == inspect_model(str(source)).total_params
+    yarn = {
+        "type": "deepseek_yarn",
+        "factor": 40.0,
+        "original_max_position_embeddings": 4096,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    }
+    (tmp_path / "yarn").mkdir()
+    (tmp_path / "yarn" / "config.json").write_text(json.dumps({**config, "rope_scaling": yarn}))
+    assert load_config(read_config(tmp_path / "yarn")).rope_parameters["rope_type"] == "yarn"
+    options = QuantizeOptions(samples=4, seq_len=64)
+    for label, folder in (("ours", source), ("theirs", release)):
+        quantize(str(folder), W4, output=tmp_path / label, options=options, verify=False, progress=False)
+    weights = sorted(p.name for p in (tmp_path / "ours").glob("*.safetensors"))
+    assert weights and all(
+        (tmp_path / "ours" / n).read_bytes() == (tmp_path / "theirs" / n).read_bytes() for n in weights
+    )
+    written = json.loads((tmp_path / "theirs" / "config.json").read_text())
+    assert (
+        written["num_experts"] == 8 and "n_routed_experts" not in written and "quantization_config" in written
+    )
 
 
 def test_a_layer_with_stacked_and_per_expert_experts_is_refused(tiny_models: dict[str, Path]) -> None:

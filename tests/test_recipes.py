@@ -30,7 +30,7 @@ FAMILY_OF = {
     "zai-org/GLM-5": "glm_moe_dsa", "LiquidAI/LFM2": "lfm2_moe",
     "tencent/Hy3": "hy_v3", "JetBrains/Mellum2": "mellum", "reflection/Beam": "beam",
     "poolside/laguna": "laguna", "allenai/FlexOlmo": "flex_olmo", "ibm-granite/granite-4.0": "granitemoehybrid",
-    "ibm-granite/granite-3": "granitemoe",
+    "ibm-granite/granite-3": "granitemoe", "sarvamai/sarvam-105b": "sarvam_mla",
     "ai21labs/AI21-Jamba": "jamba",
 }  # fmt: skip
 # Widths of 128 so the recipes' group size of 128 divides every input.
@@ -39,6 +39,7 @@ WIDER = {
     "qwen2_moe": {"moe_intermediate_size": 128, "shared_expert_intermediate_size": 128},
     "qwen3_moe": {"moe_intermediate_size": 128, "head_dim": 32},
     "deepseek_v2": {"moe_intermediate_size": 128, "v_head_dim": 32},
+    "sarvam_mla": {"moe_intermediate_size": 128, "v_head_dim": 32, "kv_lora_rank": 128},
     "glm4_moe": {"moe_intermediate_size": 128},
     "glm4_moe_lite": {"moe_intermediate_size": 128, "v_head_dim": 32, "q_lora_rank": 128},
     "deepseek_v32": {"moe_intermediate_size": 128, "v_head_dim": 32, "q_lora_rank": 128, "kv_lora_rank": 128},

@@ -12,7 +12,7 @@ from .afmoe import AFMOE
 from .base import STACKS, Family
 from .beam import BEAM
 from .cohere import COHERE2_MOE
-from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3, DEEPSEEK_V32, DOTS1, SOLAR_OPEN
+from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3, DEEPSEEK_V32, DOTS1, SARVAM_MLA, SOLAR_OPEN
 from .ernie import ERNIE4_5_MOE
 from .exaone import EXAONE_MOE
 from .flex_olmo import FLEX_OLMO
@@ -59,6 +59,7 @@ FAMILIES: dict[str, Family] = {
         DEEPSEEK_V3,
         DEEPSEEK_V32,
         DOTS1,
+        SARVAM_MLA,
         ERNIE4_5_MOE,
         EXAONE_MOE,
         GLM4_MOE,

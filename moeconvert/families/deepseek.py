@@ -3,7 +3,9 @@
 V3 adds the router's ``e_score_correction_bias`` (stored as ``mlp.gate.e_score_correction_bias``) and
 group-limited routing; both are router state, kept as they are. dots.llm1 (``dots1``) is V3's MoE block
 with plain q/k/v attention (q and k normed), Solar Open (``solar_open``) with plain attention and no dense
-layer. V3.2 is V3 with DeepSeek Sparse Attention: each layer's
+layer; Sarvam-105B (``sarvam_mla``) is V3 under a config of its own, which transformers runs as V3 and
+reads in the releases' format too (``num_experts``, ``num_shared_experts``, ``rope_scaling`` of type
+``deepseek_yarn``). V3.2 is V3 with DeepSeek Sparse Attention: each layer's
 ``self_attn.indexer`` scores past tokens and attention reads only the top ``index_topk`` of them.
 """
 
@@ -75,6 +77,7 @@ DEEPSEEK_COMMON = dict(  # names and keys, shared with GLM (glm.py)
 DEEPSEEK_V2 = DeepseekFamily(model_types=("deepseek_v2",), **DEEPSEEK_COMMON)
 DEEPSEEK_V3 = DeepseekFamily(model_types=("deepseek_v3",), **DEEPSEEK_COMMON)
 DOTS1 = DeepseekFamily(model_types=("dots1",), **DEEPSEEK_COMMON)
+SARVAM_MLA = DeepseekFamily(model_types=("sarvam_mla",), **DEEPSEEK_COMMON)
 SOLAR_OPEN = AllSparseFamily(model_types=("solar_open",), **DEEPSEEK_COMMON)
 # The indexer stays in full precision: its top-k decides which tokens attention reads at all, and it is a
 # fraction of a percent of the model (serving engines build its weights_proj unquantized in any case).
