@@ -192,6 +192,19 @@ def _with_attention(config: Any, dtype: torch.dtype) -> nn.Module:
     return text_causal_lm(config, dtype)
 
 
+def _per_base_rotary_on(backbone: nn.Module, device: torch.device) -> None:
+    """Build on ``device`` the rotary embeddings a model keeps in a list, one per distinct base where its
+    layers' bases differ (Granite SWA's ``rotary_embs``): their tables are computed from each one's
+    own config, never stored, so they cannot stay on meta like the weights."""
+    for rotaries in (
+        m for m in backbone.children() if isinstance(m, nn.ModuleList) and m is not backbone.layers
+    ):
+        for i, rotary in enumerate(rotaries):
+            if isinstance(getattr(rotary, "inv_freq", None), torch.Tensor) and rotary.inv_freq.is_meta:
+                with torch.device(device):
+                    rotaries[i] = type(rotary)(config=rotary.config)
+
+
 class LayerwiseModel:
     """A causal LM whose layers are loaded on demand.
 
@@ -217,6 +230,7 @@ class LayerwiseModel:
         if rotary is not None:
             with torch.device(self.device):
                 setattr(self.backbone, rotary, type(getattr(self.backbone, rotary))(config=config))
+        _per_base_rotary_on(self.backbone, self.device)
         final_norm = next(name for name in _FINAL_NORM_NAMES if hasattr(self.backbone, name))
         self.final_norm = getattr(self.backbone, final_norm)
         self._top_modules = ("model.embed_tokens", f"model.{final_norm}", "lm_head")

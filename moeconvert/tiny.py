@@ -304,6 +304,16 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     # residual updates and logits at gentler factors than the releases'; the shared variant's dense MLP
     "granitemoe": dict(_GRANITE_3, tie_word_embeddings=True),
     "granitemoeshared": dict(_GRANITE_3, shared_intermediate_size=64),
+    # Granite SWA: Granite 3.x's MoE with sliding-window attention in two of three layers, attention sinks,
+    # a base of its own per layer (0: no rotary embedding), no shared MLP (as released); its releases
+    # store experts in the runtime layout, as transformers saves them
+    "granitemoe_swa": dict(
+        _GRANITE_3,
+        shared_intermediate_size=0,
+        sliding_window=16,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+        layer_rope_theta=[0.0, 10000.0, 1000000.0],
+    ),
     # Granite 4.0-H: Mamba-2 in two of three layers, attention without rotary embeddings, a shared MLP,
     # experts stacked as released; its scaled embeddings, residual updates and logits at gentler factors
     # than the releases' (a briefly trained model would stay flat under their logit divisor)

@@ -27,7 +27,10 @@ from moeconvert.relayout import fuse_layer, runtime_layer
 from moeconvert.source import read_config
 from moeconvert.tiny import TINY_CONFIGS, auto_class, build_tiny_model
 
-FAMILIES = sorted(TINY_CONFIGS)
+# families whose releases are in transformers' runtime layout (Granite SWA's) have tests of their own
+# (test_runtime_releases.py): every other test starts from an original layout that fuse turns into it
+RUNTIME_RELEASES = sorted(f for f in TINY_CONFIGS if family_for({"model_type": f}).runtime_releases)
+FAMILIES = sorted(set(TINY_CONFIGS) - set(RUNTIME_RELEASES))
 # families whose releases ship multi-token-prediction modules (see with_mtp)
 MTP_FAMILIES = (
     "deepseek_v3", "deepseek_v32", "glm4_moe", "glm4v_moe", "glm_moe_dsa", "qwen3_next", "ernie4_5_moe", "exaone_moe"

@@ -11,7 +11,7 @@ from conftest import FAMILIES, load_model
 from moeconvert.checkpoint import ShardedReader, layer_prefix
 from moeconvert.families import family_for, load_config
 from moeconvert.forward import LayerwiseModel, experts_implementation, on_device
-from moeconvert.relayout import fuse_layer
+from moeconvert.relayout import runtime_layer
 from moeconvert.source import read_config
 from moeconvert.tiny import build_tiny_model
 
@@ -28,7 +28,7 @@ def _layerwise(folder: Path, seed: int) -> tuple[LayerwiseModel, torch.Tensor, t
         streamed.load_top(reader.get_many(groups[None]))
         layers = []
         for index in range(config.num_hidden_layers):
-            fused = fuse_layer(fam, config, index, reader.get_many(groups[index]))
+            fused = runtime_layer(fam, config, index, reader.get_many(groups[index]))
             prefix = layer_prefix(groups[index][0])
             layers.append({name[len(prefix) :]: tensor.clone() for name, tensor in fused.items()})
     return streamed, tokens, streamed.embed(tokens), layers

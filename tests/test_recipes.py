@@ -30,7 +30,8 @@ FAMILY_OF = {
     "zai-org/GLM-5": "glm_moe_dsa", "LiquidAI/LFM2": "lfm2_moe",
     "tencent/Hy3": "hy_v3", "JetBrains/Mellum2": "mellum", "reflection/Beam": "beam",
     "poolside/laguna": "laguna", "allenai/FlexOlmo": "flex_olmo", "ibm-granite/granite-4.0": "granitemoehybrid",
-    "ibm-granite/granite-3": "granitemoe", "sarvamai/sarvam-105b": "sarvam_mla",
+    "ibm-granite/granite-3": "granitemoe",
+    "ibm-granite/granite-swash": "granitemoe_swa", "sarvamai/sarvam-105b": "sarvam_mla",
     "ai21labs/AI21-Jamba": "jamba",
 }  # fmt: skip
 # Widths of 128 so the recipes' group size of 128 divides every input.

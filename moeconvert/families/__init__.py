@@ -17,7 +17,7 @@ from .ernie import ERNIE4_5_MOE
 from .exaone import EXAONE_MOE
 from .flex_olmo import FLEX_OLMO
 from .glm import GLM4_MOE, GLM4_MOE_LITE, GLM4V_MOE, GLM_MOE_DSA
-from .granite import GRANITEMOE, GRANITEMOEHYBRID, GRANITEMOESHARED
+from .granite import GRANITEMOE, GRANITEMOE_SWA, GRANITEMOEHYBRID, GRANITEMOESHARED
 from .hunyuan import HUNYUAN_V1_MOE, HY_V3
 from .jamba import JAMBA
 from .laguna import LAGUNA
@@ -53,6 +53,7 @@ FAMILIES: dict[str, Family] = {
         FLEX_OLMO,
         GRANITEMOE,
         GRANITEMOESHARED,
+        GRANITEMOE_SWA,
         GRANITEMOEHYBRID,
         JAMBA,
         DEEPSEEK_V2,

@@ -44,13 +44,16 @@ class Family:
     # Whether the family's releases store experts stacked in the runtime orientation under names of their
     # own, which ``renames`` map to the runtime stacks (Granite's ``block_sparse_moe.input_linear.weight``)
     released_stacks: bool = False
+    # Whether the family's releases store experts in transformers' runtime layout itself (Granite SWA's):
+    # the original layout is then one vLLM reads, per expert, but transformers does not
+    runtime_releases: bool = False
     block: str = "mlp"  # in-layer runtime name of the MoE block (transformers' module)
 
     @property
     def transformers_reads_per_expert(self) -> bool:
         """Whether transformers loads this family's experts stored one per expert, as quantized outputs
         store them (vLLM's names): not where its releases stack them, which is all it reads."""
-        return not (self.transposed_stacks or self.released_stacks)
+        return not (self.transposed_stacks or self.released_stacks or self.runtime_releases)
 
     @property
     def fused_gate_up(self) -> str:

@@ -2,6 +2,8 @@
 
 - Granite 3.x (``granitemoe``): attention with rotary embeddings and routed experts in every layer;
   ``granitemoeshared`` adds a dense shared MLP (``shared_mlp``) beside the experts.
+- Granite SWA (``granitemoe_swa``): ``granitemoeshared`` with sliding-window attention, attention sinks and
+  a rotary base per layer, released in transformers' runtime layout itself (see ``GRANITEMOE_SWA``).
 - Granite 4.0-H (``granitemoehybrid``): most layers mix tokens with Mamba-2 (``mamba``), the rest with
   attention (``self_attn``, without rotary embeddings in the H releases), as ``layer_types`` says; every
   layer adds a shared MLP to its routed experts.
@@ -74,3 +76,12 @@ _GRANITE_3 = dict(
 )
 GRANITEMOE = GraniteFamily(model_types=("granitemoe",), **_GRANITE_3)
 GRANITEMOESHARED = GraniteFamily(model_types=("granitemoeshared",), shared_experts="shared_mlp", **_GRANITE_3)
+# Granite SWA (granite-swash): Granite 3.x's shared variant with sliding-window attention and attention
+# sinks, released in transformers' runtime layout (``block_sparse_moe.experts.gate_up_proj``, router
+# ``block_sparse_moe.router.weight``), which vLLM splits into Granite 3.x's per-expert names itself
+GRANITEMOE_SWA = GraniteFamily(
+    model_types=("granitemoe_swa",),
+    shared_experts="shared_mlp",
+    runtime_releases=True,
+    **{k: v for k, v in _GRANITE_3.items() if k not in ("renames", "released_stacks")},
+)

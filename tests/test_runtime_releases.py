@@ -1,0 +1,117 @@
+"""Families whose releases store experts in transformers' runtime layout (Granite SWA's): the release is
+what ``fuse`` writes, ``unfuse`` writes the per-expert names vLLM reads, and ``quantize`` stores experts
+one per expert under those names, from the release as it is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import RUNTIME_RELEASES, dequantized_state, eval_tokens, load_model, load_tensors, mean_kl
+from test_forward import _layerwise
+
+from moeconvert import UnsupportedModelError, fuse, inspect_model, quantize, unfuse, verify
+from moeconvert.card import build_card
+from moeconvert.families import family_for
+from moeconvert.forward import experts_implementation
+from moeconvert.pipeline import QuantizeOptions
+from moeconvert.quant.scheme import Scheme
+from moeconvert.source import read_config
+from moeconvert.tiny import auto_class, build_tiny_model
+
+W4 = Scheme(bits=4, group_size=32)
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """family -> a tiny model as its releases store it (briefly trained, so that outputs are peaked)."""
+    root = tmp_path_factory.mktemp("runtime_releases")
+    return {
+        family: build_tiny_model(family, root / family, seed=7, max_shard_size="300KB", train_steps=100)
+        for family in RUNTIME_RELEASES
+    }
+
+
+@pytest.mark.parametrize("family", RUNTIME_RELEASES)
+def test_streamed_forward_equals_model(family: str, released: dict[str, Path]) -> None:
+    """Layer by layer, with a rotary embedding per distinct base (none where the base is 0), the
+    streamed model gives the whole model's logits exactly."""
+    streamed, tokens, hidden, layers = _layerwise(released[family], seed=5)
+    for index, local in enumerate(layers):
+        with streamed.layer(index, local) as layer:
+            hidden = streamed.run_layer(layer, hidden)
+    with torch.no_grad():
+        whole = load_model(released[family], experts_implementation(streamed.device))
+        assert torch.equal(whole(tokens).logits, streamed.logits(hidden))
+
+
+@pytest.mark.parametrize("family", RUNTIME_RELEASES)
+def test_the_release_is_fused_and_unfuse_round_trips_bit_for_bit(
+    family: str, released: dict[str, Path], tmp_path: Path
+) -> None:
+    source = released[family]
+    assert inspect_model(str(source)).layout == "fused"
+    with pytest.raises(UnsupportedModelError, match="already fused"):
+        fuse(str(source), tmp_path / "fused")
+    unfuse(str(source), tmp_path / "unfused")
+    per_expert = load_tensors(tmp_path / "unfused")
+    stem = "model.layers.1.block_sparse_moe."
+    released_tensors = load_tensors(source)
+    gate, up = released_tensors[stem + "experts.gate_up_proj"][3].chunk(2)
+    assert torch.equal(per_expert[stem + "experts.3.w1.weight"], gate)
+    assert torch.equal(per_expert[stem + "experts.3.w3.weight"], up)
+    assert torch.equal(
+        per_expert[stem + "experts.3.w2.weight"], released_tensors[stem + "experts.down_proj"][3]
+    )
+    fuse(str(tmp_path / "unfused"), tmp_path / "again")
+    again = load_tensors(tmp_path / "again")
+    assert again.keys() == released_tensors.keys()
+    assert all(torch.equal(again[n], t) for n, t in released_tensors.items())
+    report = verify(str(source), str(tmp_path / "unfused"), samples=2, seq_len=64, progress=False)
+    assert report.passed and report.kl_mean == 0
+
+
+@pytest.mark.parametrize("family", RUNTIME_RELEASES)
+def test_quantized_experts_are_stored_per_expert_under_vllms_names(
+    family: str, released: dict[str, Path], tmp_path: Path
+) -> None:
+    """vLLM's loader splits the released stacks into Granite 3.x's per-expert names (w1/w3/w2), under which
+    it reads quantized experts too; the router and the attention sinks stay as released. transformers
+    reads these experts only stacked: the card offers vLLM alone. Decoded, the output is the original
+    model to within 4-bit error, and far from a model with two experts swapped."""
+    source = released[family]
+    quantize(
+        str(source), W4, output=tmp_path / "q", options=QuantizeOptions(samples=16, seq_len=128), verify=False
+    )
+    stored = load_tensors(tmp_path / "q")
+    assert not any(n.endswith(("experts.gate_up_proj", "experts.down_proj")) for n in stored)
+    experts = {n.rpartition(".weight_")[0] for n in stored if ".experts." in n}
+    assert experts == {
+        f"model.layers.{i}.block_sparse_moe.experts.{e}.{p}"
+        for i in range(3)
+        for e in range(8)
+        for p in ("w1", "w3", "w2")
+    }
+    original = load_tensors(source)
+    for kept in ("model.layers.0.block_sparse_moe.router.weight", "model.layers.2.self_attn.sinks"):
+        assert torch.equal(stored[kept].float(), original[kept].float()), kept
+    config = read_config(tmp_path / "q")
+    assert not family_for(config).transformers_reads_per_expert
+    _, info = auto_class(family).from_pretrained(tmp_path / "q", output_loading_info=True)
+    assert {n for n in info["missing_keys"] if ".experts." in n}
+    report = json.loads((tmp_path / "q" / "quantization_report.json").read_text())
+    card = build_card(report, config, None, "me/swa-w4").text
+    assert "vllm serve me/swa-w4" in card and "from_pretrained" not in card
+
+    tokens = eval_tokens()
+    reference = load_model(source)
+    decoded = load_model(source)
+    decoded.load_state_dict(dequantized_state(tmp_path / "q", source), strict=True)
+    swapped = load_model(source)
+    with torch.no_grad():
+        experts_module = swapped.model.layers[1].block_sparse_moe.experts
+        for stack in (experts_module.gate_up_proj, experts_module.down_proj):
+            stack.data[[0, 1]] = stack.data[[1, 0]].clone()
+    assert mean_kl(reference, decoded, tokens) < 0.2 * mean_kl(reference, swapped, tokens)
