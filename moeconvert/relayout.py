@@ -81,6 +81,11 @@ def fuse_layer(
                     f"{family.expert_size_key}={family.expert_size(config)}, hidden_size={config.hidden_size}"
                 )
                 _check_shape(name, tensor, _stack_shapes(family, config)[local], why)
+            if family.runtime_releases:  # nothing to fuse: the family's releases are stored so
+                raise UnsupportedModelError(
+                    f"{name}: checkpoint is already fused ({family.name} releases are in the runtime layout; "
+                    "quantize and verify read it as it is, unfuse writes it per expert)"
+                )
             raise UnsupportedModelError(f"{name}: checkpoint is already fused (use unfuse to go back)")
         match = expert_re.match(local)
         if match:
