@@ -172,6 +172,29 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         routed_scaling_factor=1.8,
         mlp_layer_types=["dense", "sparse", "sparse"],
     ),
+    # A.X-K1: V3's model with an RMSNorm on the MoE block's output (stored beside the layer's norms)
+    "axk1": dict(
+        **_DEEPSEEK_MOE,
+        **_MLA,
+        q_lora_rank=64,
+        first_k_dense_replace=1,
+        n_group=4,
+        topk_group=2,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    # Kolibri-1: sliding-window attention (16 tokens) in layers 0 and 1, full attention in layer 2
+    "kolibri1": dict(
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=96,
+        num_experts=8,
+        num_experts_per_tok=2,
+        head_dim=16,
+        sliding_window=16,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
     # gated attention: the checkpoint's q_proj holds each head's query and output gate
     "minicpm5_moe": dict(**_DEEPSEEK_MOE, first_k_dense_replace=1, head_dim=16, n_group=1, topk_group=1),
     # sliding-window attention (16 tokens) with sinks in layer 1, full attention in layers 0 and 2

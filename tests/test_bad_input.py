@@ -207,7 +207,7 @@ BREAKAGES: dict[str, tuple[Callable[[Path], None], str]] = {
     "index names a missing file": (_drop_shard, "missing"),
     "index points outside the folder": (_index_escapes, "outside the model folder"),
     "pickle only": (_pickle_only, "pickle"),
-    "dense model": (_dense, "supported: afmoe, beam, cohere2_moe, deepseek_v2"),
+    "dense model": (_dense, "supported: afmoe, axk1, beam, cohere2_moe, deepseek_v2"),
     "config lies about experts": (_lying_config, "says 6 experts"),
     "config value of the wrong type": (
         _config_with(num_local_experts="8"),

@@ -9,6 +9,7 @@ from transformers import CONFIG_MAPPING
 
 from ..errors import UnsupportedModelError
 from .afmoe import AFMOE
+from .axk1 import AXK1
 from .base import STACKS, Family
 from .beam import BEAM
 from .cohere import COHERE2_MOE
@@ -20,6 +21,7 @@ from .glm import GLM4_MOE, GLM4_MOE_LITE, GLM4V_MOE, GLM_MOE_DSA
 from .granite import GRANITEMOE, GRANITEMOE_SWA, GRANITEMOEHYBRID, GRANITEMOESHARED
 from .hunyuan import HUNYUAN_V1_MOE, HY_V3
 from .jamba import JAMBA
+from .kolibri import KOLIBRI1
 from .laguna import LAGUNA
 from .lfm2 import LFM2_MOE
 from .mellum import MELLUM
@@ -44,6 +46,8 @@ FAMILIES: dict[str, Family] = {
         COHERE2_MOE,
         HUNYUAN_V1_MOE,
         MINICPM5_MOE,
+        AXK1,
+        KOLIBRI1,
         MIMO_V2_FLASH,
         LFM2_MOE,
         HY_V3,
