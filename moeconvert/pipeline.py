@@ -659,6 +659,9 @@ class Quantizer:
         self.batch_count = 0  # calibration batches over all ranks
         self.progress = False  # whether to show a bar inside each layer (set by the run)
         self.groups = list(iter_groups(self.reader))
+        # saved in the runtime layout (``fuse``'s or transformers' save): read from its MoE layers' stacks,
+        # and it holds every layer under runtime names, its dense layers' too (Flint's sinks)
+        self.source_fused = any(is_fused(names) for _, names in self.groups)
         if options.expert_statistics not in ("auto", "held", "replayed"):
             raise BadInputError(
                 f"expert statistics must be auto, held or replayed, not {options.expert_statistics!r}"
@@ -873,7 +876,7 @@ class Quantizer:
             out = {prefix + n: t for n, t in local.items()}
         else:  # the source's own tensors, less the weights being quantized: their copy in ``local`` is enough
             replaced = self._source_names(prefix, targets, local)
-            rename = self._original_name if is_fused(original) else lambda name, _: name
+            rename = self._original_name if self.source_fused else lambda name, _: name
             out = {rename(n, prefix): t for n, t in original.items() if n not in replaced}
         del original
         report = LayerReport(layer, len(targets))

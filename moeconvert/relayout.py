@@ -192,9 +192,9 @@ def as_runtime_orientation(
     return dict(tensors)
 
 
-def is_fused(tensors: dict[str, Any]) -> bool:
-    """Whether a layer's tensors hold stacked experts (the runtime layout) rather than per-expert ones
-    (in whichever block: no per-expert name ends like a stack)."""
+def is_fused(tensors: Iterable[str]) -> bool:
+    """Whether a layer's tensors (their names, or a dict of them) hold stacked experts (the runtime
+    layout) rather than per-expert ones (in whichever block: no per-expert name ends like a stack)."""
     return any(n.endswith(STACKS) for n in tensors)
 
 

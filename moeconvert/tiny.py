@@ -195,6 +195,21 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         bos_token_id=1,
         eos_token_id=2,
     ),
+    # Flint: a dense layer 0, attention sinks everywhere, a sliding window (16 tokens, with rotary
+    # embeddings) in layer 1 and full attention without them in layers 0 and 2
+    "flint": dict(
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=96,
+        num_experts=8,
+        num_experts_per_tok=2,
+        head_dim=16,
+        sliding_window=16,
+        layer_types=["full_attention", "sliding_attention", "full_attention"],
+        mlp_only_layers=[0],
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
     # gated attention: the checkpoint's q_proj holds each head's query and output gate
     "minicpm5_moe": dict(**_DEEPSEEK_MOE, first_k_dense_replace=1, head_dim=16, n_group=1, topk_group=1),
     # sliding-window attention (16 tokens) with sinks in layer 1, full attention in layers 0 and 2

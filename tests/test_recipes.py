@@ -33,7 +33,7 @@ FAMILY_OF = {
     "ibm-granite/granite-3": "granitemoe",
     "ibm-granite/granite-swash": "granitemoe_swa", "sarvamai/sarvam-105b": "sarvam_mla",
     "ai21labs/AI21-Jamba": "jamba", "skt/A.X-K1": "axk1",
-    "Aleph-Alpha/Kolibri": "kolibri1",
+    "Aleph-Alpha/Kolibri": "kolibri1", "RecursiveSI/flint": "flint",
 }  # fmt: skip
 # Widths of 128 so the recipes' group size of 128 divides every input.
 WIDE = {"hidden_size": 128, "intermediate_size": 128}
@@ -57,7 +57,8 @@ WIDER = {
     "cohere2_moe": {"prefix_dense_intermediate_size": 128, "head_dim": 32},
     "hunyuan_v1_moe": {"head_dim": 32},
     "minicpm5_moe": {"moe_intermediate_size": 128, "head_dim": 32},
-    "axk1": {"moe_intermediate_size": 128, "v_head_dim": 32, "q_lora_rank": 128},
+    "axk1": {"moe_intermediate_size": 128, "v_head_dim": 32, "q_lora_rank": 128, "kv_lora_rank": 128},
+    "flint": {"moe_intermediate_size": 128, "shared_expert_intermediate_size": 128, "head_dim": 32},
     "kolibri1": {"moe_intermediate_size": 128, "shared_expert_intermediate_size": 128, "head_dim": 32},
     "mimo_v2_flash": {"moe_intermediate_size": 128, "v_head_dim": 32},
     "lfm2_moe": {"moe_intermediate_size": 128},

@@ -48,7 +48,9 @@ def test_parity_numbers(family: str, parity: dict) -> None:
     assert fused.kl_median == fused.kl_p99 == 0.0
     for r in (w8, w4):
         assert 0.0 < r.kl_median <= r.kl_p99 <= r.kl_max and r.kl_median < r.kl_max
-    assert w4.top1_agreement <= w8.top1_agreement
+    # a token whose two best logits all but tie may flip under 8-bit noise and not under 4-bit noise (one
+    # of 512 on the tiny Flint): top-1 orders the two up to one token
+    assert w4.top1_agreement <= w8.top1_agreement + 1 / w8.tokens
     errors8, errors4 = ([p.layer_error for p in r.layers] for r in (w8, w4))
     assert all(e > 0.0 for e in errors8 + errors4)
     if family == "phimoe":  # sparsemixer routing flips on tiny input changes whatever the bits: on average

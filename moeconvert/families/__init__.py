@@ -17,6 +17,7 @@ from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3, DEEPSEEK_V32, DOTS1, SARVAM_MLA,
 from .ernie import ERNIE4_5_MOE
 from .exaone import EXAONE_MOE
 from .flex_olmo import FLEX_OLMO
+from .flint import FLINT
 from .glm import GLM4_MOE, GLM4_MOE_LITE, GLM4V_MOE, GLM_MOE_DSA
 from .granite import GRANITEMOE, GRANITEMOE_SWA, GRANITEMOEHYBRID, GRANITEMOESHARED
 from .hunyuan import HUNYUAN_V1_MOE, HY_V3
@@ -48,6 +49,7 @@ FAMILIES: dict[str, Family] = {
         MINICPM5_MOE,
         AXK1,
         KOLIBRI1,
+        FLINT,
         MIMO_V2_FLASH,
         LFM2_MOE,
         HY_V3,
