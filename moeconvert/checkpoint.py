@@ -33,7 +33,14 @@ SINGLE_NAME = "model.safetensors"
 # Decoder layers sit under ``model.`` or, in a vision-language checkpoint, its ``model.language_model.``
 LAYER_RE = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.")
 TEXT_MODEL = "model.language_model."
-TOWERS = ("model.visual.",)  # encoders beside the text model: carried as they are, never run
+# encoders beside the text model, carried as they are, never run: Qwen's, Gemma 4's and its projections
+TOWERS = (
+    "model.visual.",
+    "model.vision_tower.",
+    "model.embed_vision.",
+    "model.audio_tower.",
+    "model.embed_audio.",
+)
 EXPERT_RE = re.compile(r"\.experts\.(\d+)\.")
 PREFETCH_BYTES = 1 << 30  # read ahead of a streaming pass, per file
 

@@ -58,14 +58,16 @@ class _Caught(Exception):
 class _Recorder(nn.Module):
     """Stands in for a decoder layer: records what the model hands it and passes the hidden states on
     unchanged (with nothing carried, where the model expects a layer to return that too); the last
-    layer's recorder stops the forward pass."""
+    layer's recorder stops the forward pass. Arguments handed by position after the hidden states
+    (Gemma 4's ``per_layer_input``) are recorded under the layer's own names for them."""
 
-    def __init__(self, into: list[dict[str, Any]], last: bool) -> None:
+    def __init__(self, into: list[dict[str, Any]], last: bool, layer: nn.Module) -> None:
         super().__init__()
         self.into, self.last = into, last
+        self.names = list(inspect.signature(layer.forward).parameters)[1:]
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> Any:
-        self.into.append(kwargs)
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        self.into.append({**dict(zip(self.names, args, strict=False)), **kwargs})
         if self.last:
             raise _Caught
         return (hidden_states, None) if CARRIED_KWARG in kwargs else hidden_states
@@ -205,6 +207,14 @@ def _per_base_rotary_on(backbone: nn.Module, device: torch.device) -> None:
                     rotaries[i] = type(rotary)(config=rotary.config)
 
 
+def _scale_of_embedding_on(module: nn.Module, device: torch.device) -> None:
+    """Set the factor an embedding that scales its output keeps as a non-persistent buffer (Gemma's
+    ``embed_scale``, from its ``scalar_embed_scale``): never stored, so not in the materialised state."""
+    scale = getattr(module, "scalar_embed_scale", None)
+    if scale is not None and isinstance(getattr(module, "embed_scale", None), torch.Tensor):
+        module.embed_scale = torch.tensor(scale, device=device)
+
+
 class LayerwiseModel:
     """A causal LM whose layers are loaded on demand.
 
@@ -256,6 +266,7 @@ class LayerwiseModel:
                 if n.startswith(prefix)
             }
             _materialise(module, state, self.device)
+            _scale_of_embedding_on(module, self.device)
 
     def release_top(self) -> None:
         """Back to meta for embeddings, final norm and head, once a pass needs no more of them (a
@@ -279,7 +290,7 @@ class LayerwiseModel:
             recorded: list[dict[str, Any]] = []
             layers = list(self.backbone.layers)
             for i in range(len(layers)):
-                self.backbone.layers[i] = _Recorder(recorded, last=i == len(layers) - 1)
+                self.backbone.layers[i] = _Recorder(recorded, last=i == len(layers) - 1, layer=layers[i])
             try:
                 with torch.no_grad():
                     self.model(inputs_embeds=hidden, use_cache=False)

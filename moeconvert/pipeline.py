@@ -42,7 +42,7 @@ from .estimate import (
     statistics_unread,
     stored_bytes,
 )
-from .families import STACKS, Family, family_for, load_config
+from .families import STACKS, Family, family_for, in_block, load_config
 from .formats import QuantFormat, get_format
 from .formats.base import QuantizedModule
 from .formats.module_rules import carried_rules, engine_unquantized_modules, vllm_split_modules
@@ -250,9 +250,9 @@ class LayerStatistics:
                 self.accumulators[target.local] = HessianAccumulator(self.modules[target.local].in_features)
         routed = [t.local for t in gptq if t.kind in ("gate_up", "down")]
         if routed:  # the stacks' runtime names, in the family's MoE block
-            block = routed[0].partition(".experts.")[0]
-            self.gate_up_name, self.down_name = (f"{block}.{stack}" for stack in STACKS)
-            experts = self.modules["experts"] = layer.get_submodule(f"{block}.experts")
+            block = routed[0].rpartition("experts.")[0].removesuffix(".")  # "" where the layer holds them
+            self.gate_up_name, self.down_name = (in_block(block, stack) for stack in STACKS)
+            experts = self.modules["experts"] = layer.get_submodule(in_block(block, "experts"))
             count, hidden = experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[2]
             self.owned = ranks.experts(count)
             width = experts.down_proj.shape[2]
@@ -934,7 +934,11 @@ class Quantizer:
                 replay_gate_up=self.replays_gate_up(targets, local),
             )
             keep = keep_residual and self.streamed.has_mlp_half(module)
-            keep = keep and all(t.local.startswith(self.family.block + ".") for t in targets)
+            keep = (
+                keep
+                and self.family.block != ""
+                and all(t.local.startswith(self.family.block + ".") for t in targets)
+            )
             with stats.hooks():
                 return stats, self._calibrate(module, hidden, stats, keep_residual=keep)
 
@@ -1351,7 +1355,8 @@ def _router_names(runner: Quantizer) -> set[str]:
     checkpoint names; transformers matches runtime names, e.g. Phi-MoE's ``mlp.router``)."""
     names = set()
     router = re.compile(
-        r"(?:block_sparse_moe|mlp|feed_forward)\.(?:gate|gate\.wg|router|router\.gate|router\.layer|shared_expert_gate)\.weight"
+        r"(?:(?:block_sparse_moe|mlp|feed_forward)\.(?:gate|gate\.wg|router|router\.gate|router\.layer|shared_expert_gate)"
+        r"|router\.proj)\.weight"  # Gemma 4's router hangs off the decoder layer
     )
     for name in runner.reader.metas:
         layer = LAYER_RE.match(name)

@@ -35,7 +35,7 @@ from .checkpoint import (
     text_model_name,
 )
 from .errors import CorruptCheckpointError, OutputWriteError, UnsupportedModelError
-from .families import STACKS, Family, family_for, load_config
+from .families import STACKS, Family, family_for, in_block, load_config
 from .fp8 import full_precision_config, open_reader
 from .layout import stack_experts, unstack_experts
 from .manifest import write_manifest
@@ -92,7 +92,9 @@ def fuse_layer(
             experts[(int(match.group(1)), match.group(2))] = tensor
         elif family.released_stacks and family.to_fused_name(local) in family.fused_stacks:
             released[family.to_fused_name(local)] = tensor  # stacked as released (Granite's): renamed
-        elif family.to_fused_name(local).startswith(f"{family.moe_block}.experts."):  # not renamed away
+        elif family.to_fused_name(local).startswith(
+            in_block(family.moe_block, "experts.")
+        ):  # not renamed away
             raise UnsupportedModelError(
                 f"{name}: unsupported expert tensor (pre-quantized or FP8 checkpoint?)"
             )

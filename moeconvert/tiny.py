@@ -392,6 +392,28 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         moe_layer_start_index=1,
     ),
     "qwen3_5_moe": _HYBRID_QWEN,
+    # Gemma 4 (26B-A4B's kind): a dense MLP beside the experts in every layer, sliding windows in two of
+    # three layers, full-attention layers with wider heads and keys that serve as values, scaled
+    # embeddings, a tied head and capped logits; no per-layer embeddings, no layers that share keys
+    "gemma4": dict(
+        intermediate_size=96,
+        head_dim=16,
+        global_head_dim=32,
+        enable_moe_block=True,
+        num_experts=8,
+        top_k_experts=2,
+        moe_intermediate_size=64,
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=256,
+        sliding_window=16,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        attention_k_eq_v=True,
+        final_logit_softcapping=30.0,
+        tie_word_embeddings=True,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
+    ),
     # experts 96 wide against a hidden size of 64: no stack is square, so shapes tell orientations apart
     "qwen3_vl_moe": dict(
         intermediate_size=128,
@@ -420,7 +442,21 @@ VISION_CONFIGS: dict[str, dict[str, Any]] = {
     "glm4v_moe": _VISION,
     "qwen3_5_moe": dict(**_VISION, num_position_embeddings=64),
     "qwen3_vl_moe": dict(**_VISION, num_position_embeddings=64, deepstack_visual_indexes=[0]),
+    # Gemma 4's encoder (``model.vision_tower.``) and its projection into the text model
+    # (``model.embed_vision.``); no audio encoder, as the MoE releases have none
+    "gemma4": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        patch_size=4,
+        position_embedding_size=64,
+    ),
 }
+# Families whose vision encoder projects into the text model under a key of its own (Qwen's and GLM's)
+_OUT_HIDDEN_SIZE = ("glm4v_moe", "qwen3_5_moe", "qwen3_vl_moe")
 
 
 def tiny_config(family: str, **overrides: Any) -> Any:
@@ -431,8 +467,11 @@ def tiny_config(family: str, **overrides: Any) -> Any:
         raise ValueError(f"no tiny config for {family!r}; choose from {', '.join(sorted(TINY_CONFIGS))}")
     text = {**_BASE, **TINY_CONFIGS[family], **overrides}
     if family in VISION_CONFIGS:
-        vision = {**VISION_CONFIGS[family], "out_hidden_size": text["hidden_size"]}  # into the text model
-        return AutoConfig.for_model(family, text_config=text, vision_config=vision, tie_word_embeddings=False)
+        vision = dict(VISION_CONFIGS[family])
+        if family in _OUT_HIDDEN_SIZE:
+            vision["out_hidden_size"] = text["hidden_size"]  # into the text model
+        tied = text.get("tie_word_embeddings", False)
+        return AutoConfig.for_model(family, text_config=text, vision_config=vision, tie_word_embeddings=tied)
     return AutoConfig.for_model(family, **text)
 
 
@@ -505,6 +544,7 @@ def _spread_router_weights(model: torch.nn.Module, seed: int) -> None:
                         "feed_forward.gate.weight",
                         "block_sparse_moe.router.weight",
                         "feed_forward.router.weight",
+                        "router.proj.weight",
                     )
                 )
                 and param.dim() == 2

@@ -22,6 +22,24 @@ from moeconvert.source import read_config
 from moeconvert.tiny import auto_class, build_tiny_model
 
 W4 = Scheme(bits=4, group_size=32)
+# tensors besides the experts that a quantized output stores as released, per family
+KEPT = {
+    "granitemoe_swa": ("model.layers.0.block_sparse_moe.router.weight", "model.layers.2.self_attn.sinks"),
+    "gemma4": (
+        "model.language_model.layers.0.router.proj.weight",
+        "model.language_model.layers.1.router.per_expert_scale",
+        "model.vision_tower.patch_embedder.input_proj.weight",
+    ),
+}
+
+
+def _experts_stem(folder: Path, layer: int) -> str:
+    """The checkpoint's prefix of layer ``layer``'s experts (``model.layers.1.block_sparse_moe.``, or
+    ``model.language_model.layers.1.`` where the experts hang off the layer)."""
+    name = next(
+        n for n in load_tensors(folder) if f"layers.{layer}." in n and n.endswith("experts.down_proj")
+    )
+    return name.removesuffix("experts.down_proj")
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +77,16 @@ def test_the_release_is_fused_and_unfuse_round_trips_bit_for_bit(
         fuse(str(source), tmp_path / "fused")
     unfuse(str(source), tmp_path / "unfused")
     per_expert = load_tensors(tmp_path / "unfused")
-    stem = "model.layers.1.block_sparse_moe."
+    stem, (gate_name, up_name, down_name) = (
+        _experts_stem(source, 1),
+        family_for(read_config(source)).projections,
+    )
     released_tensors = load_tensors(source)
     gate, up = released_tensors[stem + "experts.gate_up_proj"][3].chunk(2)
-    assert torch.equal(per_expert[stem + "experts.3.w1.weight"], gate)
-    assert torch.equal(per_expert[stem + "experts.3.w3.weight"], up)
+    assert torch.equal(per_expert[f"{stem}experts.3.{gate_name}.weight"], gate)
+    assert torch.equal(per_expert[f"{stem}experts.3.{up_name}.weight"], up)
     assert torch.equal(
-        per_expert[stem + "experts.3.w2.weight"], released_tensors[stem + "experts.down_proj"][3]
+        per_expert[f"{stem}experts.3.{down_name}.weight"], released_tensors[stem + "experts.down_proj"][3]
     )
     fuse(str(tmp_path / "unfused"), tmp_path / "again")
     again = load_tensors(tmp_path / "again")
@@ -79,8 +100,9 @@ def test_the_release_is_fused_and_unfuse_round_trips_bit_for_bit(
 def test_quantized_experts_are_stored_per_expert_under_vllms_names(
     family: str, released: dict[str, Path], tmp_path: Path
 ) -> None:
-    """vLLM's loader splits the released stacks into Granite 3.x's per-expert names (w1/w3/w2), under which
-    it reads quantized experts too; the router and the attention sinks stay as released. transformers
+    """vLLM's loader splits the released stacks into per-expert names (Granite 3.x's w1/w3/w2, Gemma 4's
+    gate_proj/up_proj/down_proj), under which it reads quantized experts too; the router, the attention
+    sinks and the vision encoder stay as released. transformers
     reads these experts only stacked: the card offers vLLM alone. Decoded, the output is the original
     model to within 4-bit error, and far from a model with two experts swapped."""
     source = released[family]
@@ -91,13 +113,13 @@ def test_quantized_experts_are_stored_per_expert_under_vllms_names(
     assert not any(n.endswith(("experts.gate_up_proj", "experts.down_proj")) for n in stored)
     experts = {n.rpartition(".weight_")[0] for n in stored if ".experts." in n}
     assert experts == {
-        f"model.layers.{i}.block_sparse_moe.experts.{e}.{p}"
+        f"{_experts_stem(source, i)}experts.{e}.{p}"
         for i in range(3)
         for e in range(8)
-        for p in ("w1", "w3", "w2")
+        for p in family_for(read_config(source)).projections
     }
     original = load_tensors(source)
-    for kept in ("model.layers.0.block_sparse_moe.router.weight", "model.layers.2.self_attn.sinks"):
+    for kept in KEPT[family]:
         assert torch.equal(stored[kept].float(), original[kept].float()), kept
     config = read_config(tmp_path / "q")
     assert not family_for(config).transformers_reads_per_expert
@@ -113,7 +135,7 @@ def test_quantized_experts_are_stored_per_expert_under_vllms_names(
     decoded.load_state_dict(dequantized_state(tmp_path / "q", source), strict=True)
     swapped = load_model(source)
     with torch.no_grad():
-        experts_module = swapped.model.layers[1].block_sparse_moe.experts
+        experts_module = swapped.get_submodule(_experts_stem(source, 1) + "experts")
         for stack in (experts_module.gate_up_proj, experts_module.down_proj):
             stack.data[[0, 1]] = stack.data[[1, 0]].clone()
     assert mean_kl(reference, decoded, tokens) < 0.2 * mean_kl(reference, swapped, tokens)

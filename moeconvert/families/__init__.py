@@ -10,7 +10,7 @@ from transformers import CONFIG_MAPPING
 from ..errors import UnsupportedModelError
 from .afmoe import AFMOE
 from .axk1 import AXK1
-from .base import STACKS, Family
+from .base import STACKS, Family, in_block
 from .beam import BEAM
 from .cohere import COHERE2_MOE
 from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3, DEEPSEEK_V32, DOTS1, SARVAM_MLA, SOLAR_OPEN
@@ -18,6 +18,7 @@ from .ernie import ERNIE4_5_MOE
 from .exaone import EXAONE_MOE
 from .flex_olmo import FLEX_OLMO
 from .flint import FLINT
+from .gemma import GEMMA4
 from .glm import GLM4_MOE, GLM4_MOE_LITE, GLM4V_MOE, GLM_MOE_DSA
 from .granite import GRANITEMOE, GRANITEMOE_SWA, GRANITEMOEHYBRID, GRANITEMOESHARED
 from .hunyuan import HUNYUAN_V1_MOE, HY_V3
@@ -57,6 +58,7 @@ FAMILIES: dict[str, Family] = {
         BEAM,
         LAGUNA,
         FLEX_OLMO,
+        GEMMA4,
         GRANITEMOE,
         GRANITEMOESHARED,
         GRANITEMOE_SWA,
@@ -81,7 +83,7 @@ FAMILIES: dict[str, Family] = {
     for t in family.model_types
 }
 
-__all__ = ["FAMILIES", "STACKS", "Family", "family_for", "load_config"]
+__all__ = ["FAMILIES", "STACKS", "Family", "family_for", "in_block", "load_config"]
 
 
 def family_for(config: dict[str, Any]) -> Family:

@@ -17,6 +17,12 @@ from typing import Any
 STACKS = ("experts.gate_up_proj", "experts.down_proj")  # within the MoE block, in the runtime layout
 
 
+def in_block(block: str, name: str) -> str:
+    """``name`` inside the in-layer module ``block``: ``mlp.experts``, or ``experts`` where the experts
+    hang off the decoder layer itself (``block`` empty, Gemma 4's)."""
+    return f"{block}.{name}" if block else name
+
+
 @dataclass(frozen=True)
 class Family:
     """Names and config keys of one MoE architecture family.
@@ -58,12 +64,12 @@ class Family:
     @property
     def fused_gate_up(self) -> str:
         """In-layer runtime name of the stacked gate/up projections, [E, 2I, H]."""
-        return f"{self.block}.{STACKS[0]}"
+        return in_block(self.block, STACKS[0])
 
     @property
     def fused_down(self) -> str:
         """In-layer runtime name of the stacked down projections, [E, H, I]."""
-        return f"{self.block}.{STACKS[1]}"
+        return in_block(self.block, STACKS[1])
 
     @property
     def fused_stacks(self) -> tuple[str, str]:
@@ -104,7 +110,8 @@ class Family:
     def original_expert_re(self) -> re.Pattern[str]:
         """Matches an original per-expert weight name in a layer; groups: expert index, projection."""
         names = "|".join(re.escape(p) for p in self.projections)
-        return re.compile(rf"^{re.escape(self.moe_block)}\.experts\.(\d+)\.({names})\.weight$")
+        experts = re.escape(in_block(self.moe_block, "experts"))
+        return re.compile(rf"^{experts}\.(\d+)\.({names})\.weight$")
 
     def to_fused_name(self, in_layer: str) -> str:
         for original, fused in self.renames:
@@ -119,7 +126,7 @@ class Family:
         return in_layer
 
     def original_expert_name(self, expert: int, projection: int) -> str:
-        return f"{self.moe_block}.experts.{expert}.{self.projections[projection]}.weight"
+        return in_block(self.moe_block, f"experts.{expert}.{self.projections[projection]}.weight")
 
 
 # The names and keys most families share (Qwen-MoE's): experts under ``mlp.experts.{e}.gate_proj/up_proj/

@@ -49,6 +49,10 @@ EXPERT_NAME_IN_VLLM = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 PREFIX_ALIASES = {
     "model.language_model.": ("language_model.model.", "model."),
     "model.visual.": ("visual.",),
+    "model.vision_tower.": ("vision_tower.",),  # Gemma 4's encoders and their projections
+    "model.embed_vision.": ("embed_vision.",),
+    "model.audio_tower.": ("audio_tower.",),
+    "model.embed_audio.": ("embed_audio.",),
 }
 
 _WILD = None  # a number made a wildcard in a name's key

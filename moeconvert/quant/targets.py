@@ -23,6 +23,7 @@ ALWAYS_KEEP = (
     r"\.(?:mlp|feed_forward)\.router$",  # Jamba's block is feed_forward
     r"\.mlp\.router\.gate$",  # Arcee's Trinity: the router's Linear inside its router module
     r"\.mlp\.gate\.wg$",  # Hunyuan's: inside its gate module
+    r"\.router\.proj$",  # Gemma 4's: the router's Linear, in the decoder layer itself
     r"shared_expert_gate$",
     r"(^|\.)lm_head$",
     r"embed_tokens$",
