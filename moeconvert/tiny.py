@@ -15,8 +15,8 @@ convolutions, Granite 4.0-H's Mamba-2 layers, attention without rotary embedding
 under names of their own, Jamba's Mamba layers and experts in every other layer, Hy3's renamed router, bias and shared experts, Laguna's router bias stored among its
 experts, Beam's depth-weighed residual stream and capped logits, FlexOlmo's norms after its blocks,
 the vision encoders beside GLM-4.5V's, Qwen3.5's (hybrid-attention) and Qwen3-VL-MoE's text models, Granite 3.x's stacked
-experts and tied head, and
-Qwen3-VL-MoE's transposed expert stacks, as its releases store them.
+experts and tied head, Gemma 4's experts beside a dense MLP on the decoder layer itself (with its vision
+encoder), and Qwen3-VL-MoE's transposed expert stacks, as its releases store them.
 """
 
 from __future__ import annotations

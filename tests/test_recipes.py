@@ -33,7 +33,7 @@ FAMILY_OF = {
     "ibm-granite/granite-3": "granitemoe",
     "ibm-granite/granite-swash": "granitemoe_swa", "sarvamai/sarvam-105b": "sarvam_mla",
     "ai21labs/AI21-Jamba": "jamba", "skt/A.X-K1": "axk1",
-    "Aleph-Alpha/Kolibri": "kolibri1", "RecursiveSI/flint": "flint",
+    "Aleph-Alpha/Kolibri": "kolibri1", "RecursiveSI/flint": "flint", "google/gemma-4": "gemma4",
 }  # fmt: skip
 # Widths of 128 so the recipes' group size of 128 divides every input.
 WIDE = {"hidden_size": 128, "intermediate_size": 128}
@@ -67,6 +67,7 @@ WIDER = {
     "beam": {"moe_intermediate_size": 128, "head_dim": 32},
     "laguna": {"moe_intermediate_size": 128, "shared_expert_intermediate_size": 128, "head_dim": 32},
     "granitemoehybrid": {"shared_intermediate_size": 128},
+    "gemma4": {"moe_intermediate_size": 128, "head_dim": 32, "global_head_dim": 32},
     "qwen3_vl_moe": {  # experts twice the hidden size: no stack is square, its orientation shows
         "moe_intermediate_size": 256,
         "head_dim": 32,

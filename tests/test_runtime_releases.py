@@ -5,11 +5,21 @@ one per expert under those names, from the release as it is."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import RUNTIME_RELEASES, dequantized_state, eval_tokens, load_model, load_tensors, mean_kl
+from conftest import (
+    RUNTIME_RELEASES,
+    dequantized_state,
+    eval_tokens,
+    invoke_cli,
+    load_model,
+    load_tensors,
+    mean_kl,
+)
+from test_bad_input import assert_clean_failure
 from test_forward import _layerwise
 
 from moeconvert import UnsupportedModelError, fuse, inspect_model, quantize, unfuse, verify
@@ -139,3 +149,26 @@ def test_quantized_experts_are_stored_per_expert_under_vllms_names(
         for stack in (experts_module.gate_up_proj, experts_module.down_proj):
             stack.data[[0, 1]] = stack.data[[1, 0]].clone()
     assert mean_kl(reference, decoded, tokens) < 0.2 * mean_kl(reference, swapped, tokens)
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"enable_moe_block": False}, "enable_moe_block is false: a dense model"),
+        ({"hidden_size_per_layer_input": 16}, "per-layer embeddings are not supported"),
+        ({"num_kv_shared_layers": 1}, "reuse other layers' keys and values are not supported"),
+    ],
+)
+def test_gemma4_models_a_layer_at_a_time_cannot_run_are_refused(
+    change: dict, fragment: str, released: dict[str, Path], tmp_path: Path
+) -> None:
+    """A dense Gemma 4 has no experts; the small ones' per-layer embeddings and shared keys and values
+    are not held by a pass over one layer at a time: each is refused in one line, before any work."""
+    folder = tmp_path / "model"
+    shutil.copytree(released["gemma4"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"].update(change)
+    (folder / "config.json").write_text(json.dumps(config))
+    for command in ("inspect", "quantize"):
+        out = () if command == "inspect" else ("-o", str(tmp_path / "out"))
+        assert_clean_failure(invoke_cli(command, str(folder), *out), tmp_path / "out", fragment)
