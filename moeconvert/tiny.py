@@ -393,12 +393,18 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     ),
     "qwen3_5_moe": _HYBRID_QWEN,
     # Gemma 4 (26B-A4B's kind): a dense MLP beside the experts in every layer, sliding windows in two of
-    # three layers, full-attention layers with wider heads and keys that serve as values, scaled
-    # embeddings, a tied head and capped logits; no per-layer embeddings, no layers that share keys
+    # three layers, full-attention layers with wider heads, fewer of them for keys, keys that serve as
+    # values and rotary embeddings on a quarter of each head; scaled embeddings, a tied head and capped
+    # logits; no per-layer embeddings, no layers that share keys
     "gemma4": dict(
         intermediate_size=96,
         head_dim=16,
         global_head_dim=32,
+        num_global_key_value_heads=1,
+        rope_parameters={
+            "full_attention": dict(rope_type="proportional", partial_rotary_factor=0.25, rope_theta=1e6),
+            "sliding_attention": dict(rope_type="default", rope_theta=1e4),
+        },
         enable_moe_block=True,
         num_experts=8,
         top_k_experts=2,
