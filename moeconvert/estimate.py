@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .families.base import STACKS
+from .families.base import STACKS, block_of, in_block
 from .quant.hessian import CHUNK_ROWS, SUMS_DTYPE
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def statistics_unread(targets: Iterable[Target]) -> tuple[str, ...]:
     forward pass is skipped (``LayerStatistics.hooks``), so the pass neither fills nor widens it; the
     pipeline and this estimate both take the rule from here."""
     hooked = [t.local for t in targets if t.kind in ("gate_up", "down") and t.scheme.method == "gptq"]
-    return (f"{hooked[0].partition('.experts.')[0]}.{STACKS[1]}",) if hooked else ()
+    return (in_block(block_of(hooked[0]), STACKS[1]),) if hooked else ()
 
 
 def _accumulating_bytes(target: Target, shape: tuple[int, ...], routed_rows: int | None) -> int:

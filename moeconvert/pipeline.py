@@ -42,7 +42,7 @@ from .estimate import (
     statistics_unread,
     stored_bytes,
 )
-from .families import STACKS, Family, family_for, in_block, load_config
+from .families import STACKS, Family, block_of, family_for, in_block, load_config
 from .formats import QuantFormat, get_format
 from .formats.base import QuantizedModule
 from .formats.module_rules import carried_rules, engine_unquantized_modules, vllm_split_modules
@@ -250,7 +250,7 @@ class LayerStatistics:
                 self.accumulators[target.local] = HessianAccumulator(self.modules[target.local].in_features)
         routed = [t.local for t in gptq if t.kind in ("gate_up", "down")]
         if routed:  # the stacks' runtime names, in the family's MoE block
-            block = routed[0].rpartition("experts.")[0].removesuffix(".")  # "" where the layer holds them
+            block = block_of(routed[0])
             self.gate_up_name, self.down_name = (in_block(block, stack) for stack in STACKS)
             experts = self.modules["experts"] = layer.get_submodule(in_block(block, "experts"))
             count, hidden = experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[2]

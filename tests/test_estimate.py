@@ -89,3 +89,23 @@ def test_cpu_chunks_of_held_sums_stop_at_a_gigabyte(monkeypatch: pytest.MonkeyPa
     assert auto_experts_per_chunk(2048, 1536, cpu, replayed_sums=torch.float32) > 4 * held
     assert auto_experts_per_chunk(2048, 1536, torch.device("meta")) > 4 * held
     assert auto_experts_per_chunk(14336, 4096, cpu) == 3  # Mixtral's down: 0.29 GB of weights and codes each
+
+
+@pytest.mark.parametrize(
+    ("stack", "down"),
+    [
+        ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        ("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj"),
+        ("experts.gate_up_proj", "experts.down_proj"),  # Gemma 4's: experts on the decoder layer itself
+    ],
+)
+def test_a_statistics_pass_leaves_the_routed_down_stack_unread(stack: str, down: str) -> None:
+    """The pass computes the down projection's inputs itself, so the down stack is neither read nor
+    filled, wherever in the layer the experts sit."""
+    from moeconvert.estimate import statistics_unread
+    from moeconvert.pipeline import Target
+    from moeconvert.quant.scheme import Scheme
+
+    assert statistics_unread([Target(stack, "gate_up", Scheme(bits=4, group_size=32), (stack,), 16)]) == (
+        down,
+    )

@@ -10,7 +10,7 @@ from transformers import CONFIG_MAPPING
 from ..errors import UnsupportedModelError
 from .afmoe import AFMOE
 from .axk1 import AXK1
-from .base import STACKS, Family, in_block
+from .base import STACKS, Family, block_of, in_block
 from .beam import BEAM
 from .cohere import COHERE2_MOE
 from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3, DEEPSEEK_V32, DOTS1, SARVAM_MLA, SOLAR_OPEN
@@ -83,7 +83,7 @@ FAMILIES: dict[str, Family] = {
     for t in family.model_types
 }
 
-__all__ = ["FAMILIES", "STACKS", "Family", "family_for", "in_block", "load_config"]
+__all__ = ["FAMILIES", "STACKS", "Family", "block_of", "family_for", "in_block", "load_config"]
 
 
 def family_for(config: dict[str, Any]) -> Family:

@@ -23,6 +23,13 @@ def in_block(block: str, name: str) -> str:
     return f"{block}.{name}" if block else name
 
 
+def block_of(stack: str) -> str:
+    """The in-layer module that holds the expert stack named ``stack`` (``mlp`` of
+    ``mlp.experts.gate_up_proj``; empty where the layer holds the experts itself): :func:`in_block`'s
+    inverse."""
+    return stack.rpartition("experts.")[0].removesuffix(".")
+
+
 @dataclass(frozen=True)
 class Family:
     """Names and config keys of one MoE architecture family.
