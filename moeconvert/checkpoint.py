@@ -30,9 +30,11 @@ from .writeback import WritebackBehind
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-# Decoder layers sit under ``model.`` or, in a vision-language checkpoint, its ``model.language_model.``
-LAYER_RE = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.")
+# Decoder layers sit under ``model.`` or, in a vision-language checkpoint, its ``model.language_model.``;
+# Nemotron-H's releases call the text model ``backbone.``
+LAYER_RE = re.compile(r"^(?:model\.(?:language_model\.)?|backbone\.)layers\.(\d+)\.")
 TEXT_MODEL = "model.language_model."
+BACKBONE = "backbone."
 # encoders beside the text model, carried as they are, never run: Qwen's, Gemma 4's and its projections
 TOWERS = (
     "model.visual.",
@@ -69,8 +71,12 @@ def layer_prefix(name: str) -> str:
 
 def text_model_name(name: str) -> str:
     """The text model's own name of a checkpoint tensor: a vision-language checkpoint's
-    ``model.language_model.norm.weight`` is the causal LM's ``model.norm.weight``."""
-    return "model." + name[len(TEXT_MODEL) :] if name.startswith(TEXT_MODEL) else name
+    ``model.language_model.norm.weight`` is the causal LM's ``model.norm.weight``, Nemotron-H's
+    ``backbone.norm_f.weight`` its ``model.norm_f.weight``."""
+    for prefix in (TEXT_MODEL, BACKBONE):
+        if name.startswith(prefix):
+            return "model." + name[len(prefix) :]
+    return name
 
 
 def is_tower(name: str) -> bool:
@@ -86,7 +92,7 @@ def is_mtp(name: str, num_layers: int) -> bool:
     index = layer_index(name)
     if index is not None:
         return index >= num_layers
-    return name.startswith("model.mtp_") or not name.startswith(("model.", "lm_head."))
+    return name.startswith("model.mtp_") or not name.startswith(("model.", BACKBONE, "lm_head."))
 
 
 def parse_size(text: str | int) -> int:

@@ -59,10 +59,15 @@ class _Recorder(nn.Module):
     """Stands in for a decoder layer: records what the model hands it and passes the hidden states on
     unchanged (with nothing carried, where the model expects a layer to return that too); the last
     layer's recorder stops the forward pass. Arguments handed by position after the hidden states
-    (Gemma 4's ``per_layer_input``) are recorded under the layer's own names for them."""
+    (Gemma 4's ``per_layer_input``) are recorded under the layer's own names for them; the layer's plain
+    attributes, which the model may read to pick what to hand it (Nemotron-H's ``block_type``), are
+    the recorder's too."""
 
     def __init__(self, into: list[dict[str, Any]], last: bool, layer: nn.Module) -> None:
         super().__init__()
+        for name, value in vars(layer).items():
+            if not name.startswith("_") and isinstance(value, (str, int, float, bool)):
+                setattr(self, name, value)
         self.into, self.last = into, last
         self.names = list(inspect.signature(layer.forward).parameters)[1:]
 
@@ -122,10 +127,12 @@ def on_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torc
 # The names families give the same parts, in the order looked for: the MLP block (LFM2-MoE's is
 # feed_forward); the norm before it (post_attention_layernorm, but Trinity's normalizes the attention's
 # output and pre_mlp_layernorm the MLP's input; LFM2's is ffn_norm); the model's final norm and rotary
-# embedding (LFM2's embedding_norm and pos_emb; Jamba's final_layernorm, and no rotary embedding).
+# embedding (LFM2's embedding_norm and pos_emb; Jamba's final_layernorm, and no rotary embedding;
+# Nemotron-H's norm_f).
 MLP_NAMES = ("mlp", "feed_forward")
 _MLP_NORM_NAMES = ("pre_mlp_layernorm", "post_attention_layernorm", "ffn_norm")
-_FINAL_NORM_NAMES = ("norm", "embedding_norm", "final_layernorm")
+_FINAL_NORM_NAMES = ("norm", "embedding_norm", "final_layernorm", "norm_f")
+_EMBEDDING_NAMES = ("embed_tokens", "embeddings")  # Nemotron-H's is embeddings
 _ROTARY_NAMES = ("rotary_emb", "pos_emb")
 
 
@@ -243,7 +250,8 @@ class LayerwiseModel:
         _per_base_rotary_on(self.backbone, self.device)
         final_norm = next(name for name in _FINAL_NORM_NAMES if hasattr(self.backbone, name))
         self.final_norm = getattr(self.backbone, final_norm)
-        self._top_modules = ("model.embed_tokens", f"model.{final_norm}", "lm_head")
+        self._embedding = next(name for name in _EMBEDDING_NAMES if hasattr(self.backbone, name))
+        self._top_modules = (f"model.{self._embedding}", f"model.{final_norm}", "lm_head")
         self._kwargs: dict[tuple[int, ...], list[dict[str, Any]]] = {}  # per input shape, per layer
 
     @property
@@ -256,7 +264,7 @@ class LayerwiseModel:
         are not read."""
         top = {text_model_name(n): t for n, t in tensors.items() if layer_index(n) is None}
         if "lm_head.weight" not in top and getattr(self.config, "tie_word_embeddings", False):
-            top["lm_head.weight"] = top["model.embed_tokens.weight"]
+            top["lm_head.weight"] = top[f"model.{self._embedding}.weight"]
         for module_name in self._top_modules:
             module = self.model.get_submodule(module_name)
             prefix = module_name + "."
@@ -278,7 +286,7 @@ class LayerwiseModel:
         """The first layer's input: the embeddings, scaled where the model scales them (Granite's
         ``embedding_multiplier``)."""
         with torch.no_grad():
-            hidden = self.backbone.embed_tokens(input_ids.to(self.device))
+            hidden = getattr(self.backbone, self._embedding)(input_ids.to(self.device))
             scale = getattr(self.config, "embedding_multiplier", None)
             return hidden if scale in (None, 1) else hidden * scale
 

@@ -42,7 +42,7 @@ from .estimate import (
     statistics_unread,
     stored_bytes,
 )
-from .families import STACKS, Family, block_of, family_for, in_block, load_config
+from .families import STACKS, UNGATED_STACKS, Family, block_of, family_for, in_block, load_config
 from .formats import QuantFormat, get_format
 from .formats.base import QuantizedModule
 from .formats.module_rules import carried_rules, engine_unquantized_modules, vllm_split_modules
@@ -170,26 +170,23 @@ def layer_targets(
     kept: list[str] = []
     for local in sorted(local_tensors):
         if local in family.fused_stacks:
-            projection = 0 if local == family.fused_gate_up else 2
-            first = prefix + family.original_expert_name(0, projection)[: -len(".weight")]
-            second = (
-                prefix + family.original_expert_name(0, 1)[: -len(".weight")] if projection == 0 else None
-            )
-            aliases = (first, prefix + local)
+            inputs = local == family.fused_gate_up
+            projections = family.input_projections if inputs else (family.down_projection,)
+            names = [prefix + family.original_expert_name(0, p)[: -len(".weight")] for p in projections]
+            aliases = (names[0], prefix + local)
             scheme = policy.scheme_for(*aliases)
-            if second is not None and policy.scheme_for(second, prefix + local) != scheme:
+            if any(policy.scheme_for(name, prefix + local) != scheme for name in names[1:]):
                 raise BadInputError(f"{prefix}: expert gate and up projections must share a scheme")
             experts = local_tensors[local].shape[0]
             if scheme is None:
-                projections = (0, 1) if projection == 0 else (2,)
                 kept.extend(
                     prefix + family.original_expert_name(e, p)[: -len(".weight")]
                     for e in range(experts)
                     for p in projections
                 )
                 continue
-            kind, modules = ("gate_up", 2 * experts) if projection == 0 else ("down", experts)
-            targets.append(Target(local, kind, scheme, aliases, modules))
+            kind = "gate_up" if inputs else "down"
+            targets.append(Target(local, kind, scheme, aliases, len(projections) * experts))
             continue
         if not local.endswith(".weight") or local_tensors[local].dim() != 2:
             continue
@@ -251,9 +248,12 @@ class LayerStatistics:
         routed = [t.local for t in gptq if t.kind in ("gate_up", "down")]
         if routed:  # the stacks' runtime names, in the family's MoE block
             block = block_of(routed[0])
-            self.gate_up_name, self.down_name = (in_block(block, stack) for stack in STACKS)
             experts = self.modules["experts"] = layer.get_submodule(in_block(block, "experts"))
-            count, hidden = experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[2]
+            self.gated = hasattr(experts, "gate_up_proj")  # else up alone (Nemotron-H's)
+            stacks = STACKS if self.gated else UNGATED_STACKS
+            self.gate_up_name, self.down_name = (in_block(block, stack) for stack in stacks)
+            inputs = experts.gate_up_proj if self.gated else experts.up_proj
+            count, hidden = inputs.shape[0], inputs.shape[2]
             self.owned = ranks.experts(count)
             width = experts.down_proj.shape[2]
             gate_up = ReplayedAccumulator if replay_gate_up else HessianAccumulator
@@ -351,8 +351,8 @@ class LayerStatistics:
 
     def _experts_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         params = dict(zip(("hidden_states", "top_k_index", "top_k_weights"), args, strict=False)) | kwargs
-        x = params["hidden_states"].detach().reshape(-1, module.gate_up_proj.shape[2])
-        count = module.gate_up_proj.shape[0]
+        count, width = module.down_proj.shape[0], module.down_proj.shape[1]  # experts, their input width
+        x = params["hidden_states"].detach().reshape(-1, width)
         index = params["top_k_index"].reshape(x.shape[0], -1)
         routed = F.one_hot(index.clamp(max=count), count + 1)[..., :count].any(dim=1)  # [T, E]; no sentinels
         self._seen("experts", (x, torch.ones_like(routed) if self.all_experts else routed))
@@ -409,9 +409,16 @@ class LayerStatistics:
                 gate_up.add_expert(local, rows)
             if rows.shape[0] == 0:
                 continue
-            gate, up = F.linear(rows_for_bf16_units(rows), experts.gate_up_proj[expert]).chunk(2, dim=-1)
-            down_rows = (experts.act_fn(gate) * up)[: rows.shape[0]]
+            down_rows = _expert_activations(experts, expert, rows, self.gated)
             self.accumulators[self.down_name].add_expert(local, down_rows)
+
+
+def _expert_activations(experts: nn.Module, expert: int, rows: torch.Tensor, gated: bool) -> torch.Tensor:
+    """Expert ``expert``'s input to its down projection for ``rows``: ``act(gate) * up``, or ``act(up)``."""
+    if gated:
+        gate, up = F.linear(rows_for_bf16_units(rows), experts.gate_up_proj[expert]).chunk(2, dim=-1)
+        return (experts.act_fn(gate) * up)[: rows.shape[0]]
+    return experts.act_fn(F.linear(rows_for_bf16_units(rows), experts.up_proj[expert]))[: rows.shape[0]]
 
 
 def _no_routed_output(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -611,12 +618,9 @@ def output_modules(
     if target.kind == "dense":
         return [QuantizedModule(target.aliases[0], qw, target.scheme, dtype)]
     modules = []
-    size = qw.codes.shape[-2] // 2
-    parts = (
-        [(0, _rows(qw, slice(0, size))), (1, _rows(qw, slice(size, None)))]
-        if target.kind == "gate_up"
-        else [(2, qw)]
-    )
+    projections = family.input_projections if target.kind == "gate_up" else (family.down_projection,)
+    size = qw.codes.shape[-2] // len(projections)
+    parts = [(p, _rows(qw, slice(i * size, (i + 1) * size))) for i, p in enumerate(projections)]
     for projection, stack in parts:
         for expert in range(stack.codes.shape[0]):
             name = prefix + family.original_expert_name(expert, projection)[: -len(".weight")]
@@ -827,7 +831,8 @@ class Quantizer:
             names.add(prefix + self.family.to_original_name(target.local))  # stacks too: Granite's
             if target.kind == "dense":
                 continue
-            projections = (0, 1) if target.kind == "gate_up" else (2,)
+            family = self.family
+            projections = family.input_projections if target.kind == "gate_up" else (family.down_projection,)
             for expert in range(local[target.local].shape[0]):
                 names.update(prefix + self.family.original_expert_name(expert, p) for p in projections)
         return names
@@ -1355,7 +1360,7 @@ def _router_names(runner: Quantizer) -> set[str]:
     checkpoint names; transformers matches runtime names, e.g. Phi-MoE's ``mlp.router``)."""
     names = set()
     router = re.compile(
-        r"(?:(?:block_sparse_moe|mlp|feed_forward)\.(?:gate|gate\.wg|router|router\.gate|router\.layer|shared_expert_gate)"
+        r"(?:(?:block_sparse_moe|mlp|feed_forward|mixer)\.(?:gate|gate\.wg|router|router\.gate|router\.layer|shared_expert_gate)"
         r"|router\.proj)\.weight"  # Gemma 4's router hangs off the decoder layer
     )
     for name in runner.reader.metas:

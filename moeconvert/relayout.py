@@ -35,7 +35,7 @@ from .checkpoint import (
     text_model_name,
 )
 from .errors import CorruptCheckpointError, OutputWriteError, UnsupportedModelError
-from .families import STACKS, Family, family_for, in_block, load_config
+from .families import Family, family_for, in_block, is_stack_name, load_config
 from .fp8 import full_precision_config, open_reader
 from .layout import stack_experts, unstack_experts
 from .manifest import write_manifest
@@ -110,8 +110,8 @@ def fuse_layer(
     _check_router(family, config, layer, tensors)
     if experts:
         count = family.num_experts(config)
-        gate, up, down = ([experts[(e, family.projections[p])] for e in range(count)] for p in range(3))
-        out[prefix + family.fused_gate_up], out[prefix + family.fused_down] = stack(gate, up, down)
+        per_projection = [[experts[(e, name)] for e in range(count)] for name in family.projections]
+        out[prefix + family.fused_gate_up], out[prefix + family.fused_down] = stack(*per_projection)
     return out
 
 
@@ -141,8 +141,13 @@ def _released_stacks(
 
 def _stack_shapes(family: Family, config: Any) -> dict[str, tuple[int, int, int]]:
     """The runtime shape of each expert stack, by config.json."""
-    experts, hidden, size = family.num_experts(config), int(config.hidden_size), family.expert_size(config)
-    return {family.fused_gate_up: (experts, 2 * size, hidden), family.fused_down: (experts, hidden, size)}
+    experts, hidden, size = (
+        family.num_experts(config),
+        family.expert_input_size(config),
+        family.expert_size(config),
+    )
+    inputs = len(family.input_projections) * size
+    return {family.fused_gate_up: (experts, inputs, hidden), family.fused_down: (experts, hidden, size)}
 
 
 def is_released_stack(family: Family, config: Any, local: str, shape: Sequence[int]) -> bool:
@@ -197,7 +202,7 @@ def as_runtime_orientation(
 def is_fused(tensors: Iterable[str]) -> bool:
     """Whether a layer's tensors (their names, or a dict of them) hold stacked experts (the runtime
     layout) rather than per-expert ones (in whichever block: no per-expert name ends like a stack)."""
-    return any(n.endswith(STACKS) for n in tensors)
+    return any(is_stack_name(n) for n in tensors)
 
 
 def runtime_layer(
@@ -232,23 +237,25 @@ def _released_names(family: Family, tensors: dict[str, torch.Tensor]) -> dict[st
 
 
 def concat_experts(
-    gate: Sequence[torch.Tensor], up: Sequence[torch.Tensor], down: Sequence[torch.Tensor]
+    *projections: Sequence[torch.Tensor],
 ) -> tuple[Concatenated, Concatenated] | tuple[torch.Tensor, torch.Tensor]:
     """:func:`~moeconvert.layout.stack_experts` without the copy: row-major ``gate_up [E, 2I, H]`` is
-    expert 0's gate rows, then its up rows, then expert 1's..., and ``down [E, H, I]`` is each expert's
-    down in turn, so the writer can stream the experts' own bytes. Experts that a stack would convert
-    (mixed dtypes or shapes) or that are not contiguous are stacked for real."""
-    parts = [*gate, *up, *down]
+    expert 0's gate rows, then its up rows, then expert 1's... (``up [E, I, H]`` each expert's up in
+    turn), and ``down [E, H, I]`` is each expert's down in turn, so the writer can stream the experts'
+    own bytes. Experts that a stack would convert (mixed dtypes or shapes) or that are not contiguous
+    are stacked for real."""
+    *inputs, down = projections
+    parts = [p for q in projections for p in q]
     if not parts or any(
         p.dtype != parts[0].dtype or not p.is_contiguous() or p.shape != q[0].shape
-        for q in (gate, up, down)
+        for q in projections
         for p in q
     ):
-        return stack_experts(gate, up, down)
-    size, hidden = gate[0].shape
-    gate_up = [t for pair in zip(gate, up, strict=True) for t in pair]
+        return stack_experts(*projections)
+    size, hidden = inputs[0][0].shape
+    per_expert = [t for ts in zip(*inputs, strict=True) for t in ts]
     return (
-        Concatenated(tuple(gate_up), gate[0].dtype, (len(gate), 2 * size, hidden)),
+        Concatenated(tuple(per_expert), parts[0].dtype, (len(down), len(inputs) * size, hidden)),
         Concatenated(tuple(down), down[0].dtype, (len(down), *down[0].shape)),
     )
 
@@ -280,8 +287,10 @@ def _check_experts(
             f"layer {layer}: experts stored as {', '.join(dtypes)}: their stacks take one floating dtype "
             "(re-export the checkpoint in one)"
         )
-    hidden, size = int(config.hidden_size), family.expert_size(config)
-    implied = dict(zip(family.projections, [(size, hidden), (size, hidden), (hidden, size)], strict=True))
+    hidden, size = family.expert_input_size(config), family.expert_size(config)
+    implied = {name: (size, hidden) for name in family.projections} | {
+        family.projections[family.down_projection]: (hidden, size)
+    }
     for (e, projection), tensor in sorted(experts.items()):
         _check_shape(
             prefix + family.original_expert_name(e, family.projections.index(projection)),
@@ -345,10 +354,12 @@ def unfuse_layer(
     if set(stacked) != {gate_up_name, down_name}:
         raise CorruptCheckpointError(f"layer {layer}: needs both {gate_up_name} and {down_name}")
     try:
-        gate, up, down = unstack_experts(stacked[gate_up_name], stacked[down_name])
+        per_projection = unstack_experts(
+            stacked[gate_up_name], stacked[down_name], parts=len(family.input_projections)
+        )
     except ValueError as err:
         raise CorruptCheckpointError(f"layer {layer}: {err}") from None
-    for e, weights in enumerate(zip(gate, up, down, strict=True)):
+    for e, weights in enumerate(zip(*per_projection, strict=True)):
         for projection, weight in enumerate(weights):
             out[prefix + family.original_expert_name(e, projection)] = weight
     return out

@@ -16,7 +16,8 @@ under names of their own, Jamba's Mamba layers and experts in every other layer,
 experts, Beam's depth-weighed residual stream and capped logits, FlexOlmo's norms after its blocks,
 the vision encoders beside GLM-4.5V's, Qwen3.5's (hybrid-attention) and Qwen3-VL-MoE's text models, Granite 3.x's stacked
 experts and tied head, Gemma 4's experts beside a dense MLP on the decoder layer itself (with its vision
-encoder), and Qwen3-VL-MoE's transposed expert stacks, as its releases store them.
+encoder), Nemotron-H's one mixer per layer, experts without a gate and ``backbone.`` names, and
+Qwen3-VL-MoE's transposed expert stacks, as its releases store them.
 """
 
 from __future__ import annotations
@@ -383,6 +384,29 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         mamba_d_state=8,
         mamba_dt_rank=8,
     ),
+    # Nemotron-H (Nemotron 3 Nano's kind): one mixer per layer, Mamba-2, MoE, attention without rotary
+    # embeddings, MoE again; experts without a gate (relu²), a shared expert, a biased sigmoid router
+    "nemotron_h": dict(
+        layers_block_type=["mamba", "moe", "attention", "moe"],
+        head_dim=16,
+        intermediate_size=96,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        moe_shared_expert_intermediate_size=96,
+        n_shared_experts=1,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=2.5,
+        mamba_num_heads=4,
+        mamba_head_dim=16,
+        ssm_state_size=16,
+        n_groups=1,
+        chunk_size=16,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    ),
     "ernie4_5_moe": dict(
         intermediate_size=128,
         moe_intermediate_size=64,
@@ -551,6 +575,7 @@ def _spread_router_weights(model: torch.nn.Module, seed: int) -> None:
                         "block_sparse_moe.router.weight",
                         "feed_forward.router.weight",
                         "router.proj.weight",
+                        "mixer.gate.weight",
                     )
                 )
                 and param.dim() == 2

@@ -92,7 +92,14 @@ def dequantized_state(folder: Path, source: Path) -> dict[str, torch.Tensor]:
         )
     if cfg.tie_word_embeddings:  # the head is the embedding table, stored once
         state["lm_head.weight"] = next(t for n, t in state.items() if n.endswith("embed_tokens.weight"))
-    return {**{n: t for n, t in state.items() if layer_index(n) is None}, **fused}
+    state = {**{n: t for n, t in state.items() if layer_index(n) is None}, **fused}
+    return {runtime_root(n): t for n, t in state.items()}
+
+
+def runtime_root(name: str) -> str:
+    """A checkpoint name as transformers' model holds it: Nemotron-H's releases call the text model
+    ``backbone.``, which transformers renames ``model.`` as it loads them."""
+    return "model." + name.removeprefix("backbone.") if name.startswith("backbone.") else name
 
 
 def load_quantized(folder: Path, source: Path) -> torch.nn.Module:

@@ -34,8 +34,9 @@ FAMILY_OF = {
     "ibm-granite/granite-swash": "granitemoe_swa", "sarvamai/sarvam-105b": "sarvam_mla",
     "ai21labs/AI21-Jamba": "jamba", "skt/A.X-K1": "axk1",
     "Aleph-Alpha/Kolibri": "kolibri1", "RecursiveSI/flint": "flint", "google/gemma-4": "gemma4",
+    "nvidia/NVIDIA-Nemotron-3": "nemotron_h",
 }  # fmt: skip
-# Widths of 128 so the recipes' group size of 128 divides every input.
+# Widths of 128 so the recipes' group sizes (128; 64 for Nemotron 3 Nano's) divide every input.
 WIDE = {"hidden_size": 128, "intermediate_size": 128}
 WIDER = {
     "qwen2_moe": {"moe_intermediate_size": 128, "shared_expert_intermediate_size": 128},
@@ -68,6 +69,7 @@ WIDER = {
     "laguna": {"moe_intermediate_size": 128, "shared_expert_intermediate_size": 128, "head_dim": 32},
     "granitemoehybrid": {"shared_intermediate_size": 128},
     "gemma4": {"moe_intermediate_size": 128, "head_dim": 32, "global_head_dim": 32},
+    "nemotron_h": {"moe_intermediate_size": 128, "moe_shared_expert_intermediate_size": 128, "head_dim": 32},
     "qwen3_vl_moe": {  # experts twice the hidden size: no stack is square, its orientation shows
         "moe_intermediate_size": 256,
         "head_dim": 32,
@@ -125,7 +127,7 @@ def test_recipe_runs_on_its_family(recipe: Path, wide_models: dict[str, Path], t
     expected = sorted({parsed.scheme.bits} | {r.scheme.bits for r in parsed.rules if r.scheme is not None})
     assert bits == expected
     assert all(
-        g["weights"]["group_size"] == (None if parsed.scheme.group_size == -1 else 128)
+        g["weights"]["group_size"] == (None if parsed.scheme.group_size == -1 else parsed.scheme.group_size)
         for g in groups.values()
     )
     tensors = load_tensors(out)

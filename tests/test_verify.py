@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, count_calls, run_cli
+from conftest import FAMILIES, count_calls, load_tensors, run_cli
 from safetensors.torch import load_file, save_file
 
 from moeconvert import BadInputError, fuse
 from moeconvert.card import write_card
+from moeconvert.checkpoint import layer_index
 from moeconvert.tiny import build_tiny_model
 from moeconvert.verify import report_json, report_path, verify
 
@@ -36,7 +37,7 @@ def parity(
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_parity_numbers(family: str, parity: dict) -> None:
+def test_parity_numbers(family: str, parity: dict, quantized: dict) -> None:
     fused, w8, w4 = parity[family, "fused"], parity[family, "w8"], parity[family, "w4"]
     assert fused.kind == "lossless" and fused.passed, fused.failures
     assert all(p.identical_tensors for p in fused.layers)
@@ -51,15 +52,22 @@ def test_parity_numbers(family: str, parity: dict) -> None:
     # a token whose two best logits all but tie may flip under 8-bit noise and not under 4-bit noise (one
     # of 512 on the tiny Flint): top-1 orders the two up to one token
     assert w4.top1_agreement <= w8.top1_agreement + 1 / w8.tokens
-    errors8, errors4 = ([p.layer_error for p in r.layers] for r in (w8, w4))
-    assert all(e > 0.0 for e in errors8 + errors4)
+    # a layer with nothing quantized (Nemotron-H's Mamba layers, kept whole) gives the original's output
+    packed = {layer_index(n) for n in load_tensors(quantized[family, "w4"]) if n.endswith(".weight_packed")}
+    assert all(p.layer_error == 0.0 for r in (w8, w4) for p in r.layers if p.layer not in packed)
+    errors8, errors4 = ([p.layer_error for p in r.layers if p.layer in packed] for r in (w8, w4))
+    assert errors8 and all(e > 0.0 for e in errors8 + errors4)
     if family == "phimoe":  # sparsemixer routing flips on tiny input changes whatever the bits: on average
         assert sum(errors8) < sum(errors4), (errors8, errors4)
     else:
         assert all(e8 < e4 for e8, e4 in zip(errors8, errors4, strict=True)), (errors8, errors4)
     assert w4.perplexity_original == pytest.approx(fused.perplexity_original)
-    # perplexity moves by noise-level amounts on these models (under 0.01% at 8 bits): bound it, no order
-    assert w8.perplexity_converted == pytest.approx(w8.perplexity_original, rel=1e-3)
+    # perplexity moves by noise-level amounts on these models (under 0.01% at 8 bits): bound it, no order.
+    # On the tiny Nemotron-H (nearly flat: perplexity 103) one token of 512 whose two best experts all but
+    # tie in its last layer changes its route under 8-bit and 4-bit noise alike (KL 0.28; the median
+    # token's 1e-6 at 8 bits): that one token moves the perplexity 0.11%
+    rel8 = 2e-3 if family == "nemotron_h" else 1e-3
+    assert w8.perplexity_converted == pytest.approx(w8.perplexity_original, rel=rel8)
     assert w4.perplexity_converted == pytest.approx(w4.perplexity_original, rel=1e-2)
 
 

@@ -10,7 +10,7 @@ from transformers import CONFIG_MAPPING
 from ..errors import UnsupportedModelError
 from .afmoe import AFMOE
 from .axk1 import AXK1
-from .base import STACKS, Family, block_of, in_block
+from .base import STACKS, UNGATED_STACKS, Family, block_of, in_block, is_stack_name
 from .beam import BEAM
 from .cohere import COHERE2_MOE
 from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3, DEEPSEEK_V32, DOTS1, SARVAM_MLA, SOLAR_OPEN
@@ -31,6 +31,7 @@ from .mimo import MIMO_V2_FLASH
 from .minicpm import MINICPM5_MOE
 from .minimax import MINIMAX_M2
 from .mixtral import MIXTRAL
+from .nemotron import NEMOTRON_H
 from .olmoe import OLMOE
 from .phimoe import PHIMOE
 from .qwen_moe import QWEN2_MOE, QWEN3_5_MOE, QWEN3_MOE, QWEN3_NEXT, QWEN3_VL_MOE
@@ -64,6 +65,7 @@ FAMILIES: dict[str, Family] = {
         GRANITEMOE_SWA,
         GRANITEMOEHYBRID,
         JAMBA,
+        NEMOTRON_H,
         DEEPSEEK_V2,
         DEEPSEEK_V3,
         DEEPSEEK_V32,
@@ -83,7 +85,17 @@ FAMILIES: dict[str, Family] = {
     for t in family.model_types
 }
 
-__all__ = ["FAMILIES", "STACKS", "Family", "block_of", "family_for", "in_block", "load_config"]
+__all__ = [
+    "FAMILIES",
+    "STACKS",
+    "UNGATED_STACKS",
+    "Family",
+    "block_of",
+    "family_for",
+    "in_block",
+    "is_stack_name",
+    "load_config",
+]
 
 
 def family_for(config: dict[str, Any]) -> Family:

@@ -5,7 +5,8 @@ Each family module fills in one :class:`Family`. Names are given relative to a d
 *fused* layout is the transformers 5 runtime layout, which stacks them into two tensors per layer,
 ``{block}.experts.gate_up_proj`` [E, 2I, H] (rows 0..I-1 gate, I..2I-1 up) and
 ``{block}.experts.down_proj`` [E, H, I], where ``block`` is the MoE block's runtime name (``mlp`` in
-most families).
+most families); experts without a gate projection (Nemotron-H's) stack theirs as
+``{block}.experts.up_proj`` [E, I, H].
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 STACKS = ("experts.gate_up_proj", "experts.down_proj")  # within the MoE block, in the runtime layout
+# ... of experts without a gate projection (Nemotron-H's): up [E, I, H], down [E, H, I]
+UNGATED_STACKS = ("experts.up_proj", "experts.down_proj")
+
+
+def is_stack_name(name: str) -> bool:
+    """Whether ``name`` (in its layer or in the model) is a stack of experts in the runtime layout: no
+    per-expert name, and no shared expert's, ends like one."""
+    return any(name == stack or name.endswith("." + stack) for stack in {*STACKS, *UNGATED_STACKS})
 
 
 def in_block(block: str, name: str) -> str:
@@ -40,7 +49,9 @@ class Family:
 
     model_types: tuple[str, ...]
     moe_block: str  # original in-layer prefix of the MoE block, e.g. "block_sparse_moe"
-    projections: tuple[str, str, str]  # original names of an expert's (gate, up, down) Linear layers
+    # original names of an expert's (gate, up, down) Linear layers, or (up, down) where experts have no
+    # gate (Nemotron-H's: ``down(act(up(x)))``)
+    projections: tuple[str, ...]
     num_experts_key: str
     top_k_key: str
     expert_size_key: str
@@ -69,9 +80,24 @@ class Family:
         return not (self.transposed_stacks or self.released_stacks or self.runtime_releases)
 
     @property
+    def gated(self) -> bool:
+        """Whether experts compute ``down(act(gate(x)) * up(x))`` (most families) or ``down(act(up(x)))``."""
+        return len(self.projections) == 3
+
+    @property
+    def input_projections(self) -> range:
+        """Indices in :attr:`projections` of those that read the expert's input (gate and up, or up)."""
+        return range(len(self.projections) - 1)
+
+    @property
+    def down_projection(self) -> int:
+        """Index in :attr:`projections` of the down projection."""
+        return len(self.projections) - 1
+
+    @property
     def fused_gate_up(self) -> str:
-        """In-layer runtime name of the stacked gate/up projections, [E, 2I, H]."""
-        return in_block(self.block, STACKS[0])
+        """In-layer runtime name of the stacked input projections: gate/up [E, 2I, H], or up [E, I, H]."""
+        return in_block(self.block, (STACKS if self.gated else UNGATED_STACKS)[0])
 
     @property
     def fused_down(self) -> str:
@@ -94,6 +120,11 @@ class Family:
 
     def expert_size(self, config: Any) -> int:
         return int(getattr(config, self.expert_size_key))
+
+    def expert_input_size(self, config: Any) -> int:
+        """The width experts read and write: the hidden size, or where a family projects the hidden
+        states down before its experts (Nemotron 3 Super's latent MoE) that width."""
+        return int(config.hidden_size)
 
     def num_shared_experts(self, config: Any) -> int:
         """Shared experts per MoE layer (DeepSeek: n_shared_experts; Qwen2-MoE: one, with a gate)."""

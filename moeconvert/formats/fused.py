@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..families import is_stack_name
 from ..quant.packing import unpack_compressed
 from ..quant.scheme import Scheme
 from .compressed_tensors import CompressedTensorsFormat, _weights_args
@@ -57,11 +58,7 @@ def dequantize_fused(
             continue
         qw = unpack_compressed(parts, args["num_bits"], args["symmetric"], group_size=args["group_size"])
         dtype = parts["weight_scale"].dtype
-        name = (
-            module
-            if module.endswith(("gate_up_proj", "down_proj")) and ".experts." in module
-            else module + ".weight"
-        )
+        name = module if is_stack_name(module) else module + ".weight"
         out[name] = qw.dequantize().to(dtype)
     return out
 

@@ -24,7 +24,16 @@ import re
 from collections.abc import Hashable, Iterable, Mapping
 from typing import TypeVar
 
-from ..checkpoint import TEXT_MODEL, TOWERS, is_mtp, is_tower, layer_index, layer_prefix, text_model_name
+from ..checkpoint import (
+    BACKBONE,
+    TEXT_MODEL,
+    TOWERS,
+    is_mtp,
+    is_tower,
+    layer_index,
+    layer_prefix,
+    text_model_name,
+)
 
 Value = TypeVar("Value", bound=Hashable)
 
@@ -53,6 +62,7 @@ PREFIX_ALIASES = {
     "model.embed_vision.": ("embed_vision.",),
     "model.audio_tower.": ("audio_tower.",),
     "model.embed_audio.": ("embed_audio.",),
+    "backbone.": ("model.",),  # Nemotron-H's text model, in vLLM and transformers
 }
 
 _WILD = None  # a number made a wildcard in a name's key
@@ -205,9 +215,9 @@ def _either_prefix(body: str) -> str:
 
 def text_model_aliases(names: Iterable[str]) -> set[str]:
     """The names transformers gives a vision-language checkpoint's text modules among ``names`` when it
-    loads the text model alone (``model.language_model.layers.0.x`` -> ``model.layers.0.x``), for
-    ``ignore`` lists, which match names exactly."""
-    return {text_model_name(name) for name in names if name.startswith(TEXT_MODEL)}
+    loads the text model alone (``model.language_model.layers.0.x`` -> ``model.layers.0.x``; Nemotron-H's
+    ``backbone.layers.0.x`` too), for ``ignore`` lists, which match names exactly."""
+    return {text_model_name(name) for name in names if name.startswith((TEXT_MODEL, BACKBONE))}
 
 
 def _alternatives(name: str, alias: str | None) -> str:
