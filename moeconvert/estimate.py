@@ -56,13 +56,27 @@ def replay_bytes_per_expert(in_features: int, dtype: torch.dtype) -> int:
     return in_features * in_features * (torch.finfo(dtype).bits // 8) + CHUNK_ROWS * in_features * 4
 
 
-def statistics_unread(targets: Iterable[Target]) -> tuple[str, ...]:
+def statistics_unread(
+    targets: Iterable[Target], routed_output_readers: tuple[str, ...] = ()
+) -> tuple[str, ...]:
     """Layer tensors a statistics pass never reads: the routed experts' down projection, once any GPTQ
     target is among the routed experts. Their hook computes ``act(gate) * up`` itself and their own
-    forward pass is skipped (``LayerStatistics.hooks``), so the pass neither fills nor widens it; the
-    pipeline and this estimate both take the rule from here."""
-    hooked = [t.local for t in targets if t.kind in ("gate_up", "down") and t.scheme.method == "gptq"]
+    forward pass is skipped (``LayerStatistics.hooks``), so the pass neither fills nor widens it; not
+    where a GPTQ target reads the experts' output (``routed_output_readers``, a family's
+    ``reads_routed_output``), which the pass then computes. The pipeline and this estimate both take the
+    rule from here."""
+    targets = [t for t in targets if t.scheme.method == "gptq"]
+    if runs_routed_experts(targets, routed_output_readers):
+        return ()
+    hooked = [t.local for t in targets if t.kind in ("gate_up", "down")]
     return (in_block(block_of(hooked[0]), STACKS[1]),) if hooked else ()
+
+
+def runs_routed_experts(targets: Iterable[Target], routed_output_readers: tuple[str, ...]) -> bool:
+    """Whether a statistics pass must run the routed experts: a GPTQ target reads their output."""
+    return bool(routed_output_readers) and any(
+        t.scheme.method == "gptq" and t.local.startswith(routed_output_readers) for t in targets
+    )
 
 
 def _accumulating_bytes(target: Target, shape: tuple[int, ...], routed_rows: int | None) -> int:
@@ -155,20 +169,25 @@ def layer_peak_bytes(
     forward_bytes: int,
     replayed: bool = False,
     routed_rows: int | None = None,
+    routed_output_readers: tuple[str, ...] = (),
 ) -> int:
     """Peak memory of one layer's quantize step (without the fixed cost); ``local`` holds the layer's
     tensors (meta tensors will do), named as the targets name them. ``activation_bytes`` is 0 for a run
     without calibration (round-to-nearest only), which has no forward pass. ``replayed``: the gate/up
     sums are formed a chunk of experts at a time from the kept inputs (the module docstring).
     ``routed_rows``: the rows the routed experts receive in all (calibration tokens times top-k), if
-    known."""
+    known. ``routed_output_readers``: the family's ``reads_routed_output``."""
     targets = list(targets)
     source = sum(t.numel() * t.element_size() for t in local.values())
     if not activation_bytes:  # each target in float32, its codes and its decoded copy, one at a time
         return source + max((local[t.local].numel() * 9 for t in targets), default=0)
     gptq = sorted((t for t in targets if t.scheme.method == "gptq"), key=lambda t: t.local)
     forward = sum(t.numel() * forward_bytes for t in local.values() if t.is_floating_point())
-    unread = sum(local[name].numel() * forward_bytes for name in statistics_unread(gptq) if name in local)
+    unread = sum(
+        local[name].numel() * forward_bytes
+        for name in statistics_unread(gptq, routed_output_readers)
+        if name in local
+    )
     sums = [_sums_bytes(t, tuple(local[t.local].shape)) for t in gptq]
     widest = max((local[t.local].shape[-2] for t in gptq), default=hidden_size)
     batch = batch_tokens * (4 * hidden_size + widest) * forward_bytes

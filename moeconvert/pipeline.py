@@ -38,6 +38,7 @@ from .estimate import (
     FIXED_BYTES,
     layer_peak_bytes,
     replay_bytes_per_expert,
+    runs_routed_experts,
     solve_working_bytes,
     statistics_unread,
     stored_bytes,
@@ -232,8 +233,13 @@ class LayerStatistics:
         all_experts: bool,
         ranks: Ranks,
         replay_gate_up: bool = False,
+        routed_output_readers: tuple[str, ...] = (),
     ) -> None:
         self.ranks, self.all_experts = ranks, all_experts
+        # the experts' own forward runs only where a calibrated Linear reads its output
+        self.skips_routed = self.skips_routed_forward and not runs_routed_experts(
+            targets, routed_output_readers
+        )
         self.fired: set[str] = set()  # hooks run in this batch's forward pass
         self.taken: list[tuple[torch.Tensor, str]] = []  # this pass's dense inputs and their first hook
         self.accumulators: dict[str, HessianAccumulator | ReplayedAccumulator] = {}
@@ -283,24 +289,25 @@ class LayerStatistics:
     skips_routed_forward: ClassVar[bool] = True  # see :meth:`hooks`; off only to compare against
 
     @classmethod
-    def unread(cls, targets: list[Target]) -> tuple[str, ...]:
+    def unread(cls, targets: list[Target], routed_output_readers: tuple[str, ...] = ()) -> tuple[str, ...]:
         """Layer tensors a statistics pass never reads, so it need not fill or widen them: the routed
         experts' down projection. Their hook computes ``act(gate) * up`` itself, and the experts' own
         forward pass is skipped (:meth:`hooks`): at Mixtral-8x7B's width that is 1.9 GB of float32
         weights a calibration pass no longer holds."""
-        return statistics_unread(targets) if cls.skips_routed_forward else ()
+        return statistics_unread(targets, routed_output_readers) if cls.skips_routed_forward else ()
 
     @contextmanager
     def hooks(self) -> Iterator[None]:
         """The statistics hooks, while the block runs. The routed experts' forward pass is replaced by
         zeros meanwhile: their hook has already taken all their statistics, and nothing later in the
         layer adds any from their output (DeepSeek's shared experts, which run after them, read the
-        layer's input), so computing it would be thrown away with the pass's output."""
+        layer's input), so computing it would be thrown away with the pass's output. Where a calibrated
+        Linear reads it (Nemotron 3 Super's projection out of the experts' latent width), they run."""
         handles = []
         for key, module in self.modules.items():
             if key == "experts":
                 handles.append(module.register_forward_pre_hook(self._experts_hook, with_kwargs=True))
-                if self.skips_routed_forward:  # an instance attribute: nn.Module calls it, hooks first
+                if self.skips_routed:  # an instance attribute: nn.Module calls it, hooks first
                     module.forward = _no_routed_output
             else:
                 handles.append(module.register_forward_pre_hook(self._dense_hook(key)))
@@ -801,6 +808,7 @@ class Quantizer:
             forward_bytes=forward_bytes,
             replayed=replayed,
             routed_rows=None if reach is None else tokens * reach,
+            routed_output_readers=self.family.reads_routed_output,
         )
 
     def replayed_layers(self, plan: dict[int, list[Target]]) -> int:
@@ -930,13 +938,15 @@ class Quantizer:
         batches of ``hidden`` the pass left at the residual stream (see :meth:`_calibrate`)."""
         if not hidden or not any(t.scheme.method == "gptq" for t in targets):
             return None, [False] * len(hidden)
-        with self.streamed.layer(layer, local, unread=LayerStatistics.unread(targets)) as module:
+        readers = self.family.reads_routed_output
+        with self.streamed.layer(layer, local, unread=LayerStatistics.unread(targets, readers)) as module:
             stats = LayerStatistics(
                 module,
                 targets,
                 self.options.calibrate_all_experts,
                 self.ranks,
                 replay_gate_up=self.replays_gate_up(targets, local),
+                routed_output_readers=readers,
             )
             keep = keep_residual and self.streamed.has_mlp_half(module)
             keep = (

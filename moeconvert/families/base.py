@@ -72,6 +72,9 @@ class Family:
     # the original layout is then one vLLM reads, per expert, but transformers does not
     runtime_releases: bool = False
     block: str = "mlp"  # in-layer runtime name of the MoE block (transformers' module)
+    # In-layer runtime names of Linears that read the routed experts' output (Nemotron 3 Super's
+    # ``mixer.fc2_latent_proj``): a statistics pass runs the experts when one of them is calibrated
+    reads_routed_output: tuple[str, ...] = ()
 
     @property
     def transformers_reads_per_expert(self) -> bool:

@@ -43,4 +43,5 @@ NEMOTRON_H = NemotronHFamily(
     shared_experts="mixer.shared_experts",
     keep=(r"\.mixer\.(?:in_proj|out_proj)$",),  # Mamba-2's; attention's are q/k/v/o_proj
     block="mixer",
+    reads_routed_output=("mixer.fc2_latent_proj.",),
 )
