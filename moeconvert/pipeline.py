@@ -16,7 +16,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -171,8 +171,8 @@ def layer_targets(
     kept: list[str] = []
     for local in sorted(local_tensors):
         if local in family.fused_stacks:
-            inputs = local == family.fused_gate_up
-            projections = family.input_projections if inputs else (family.down_projection,)
+            kind = "gate_up" if local == family.fused_gate_up else "down"
+            projections = _stack_projections(family, kind)
             names = [prefix + family.original_expert_name(0, p)[: -len(".weight")] for p in projections]
             aliases = (names[0], prefix + local)
             scheme = policy.scheme_for(*aliases)
@@ -186,7 +186,6 @@ def layer_targets(
                     for p in projections
                 )
                 continue
-            kind = "gate_up" if inputs else "down"
             targets.append(Target(local, kind, scheme, aliases, len(projections) * experts))
             continue
         if not local.endswith(".weight") or local_tensors[local].dim() != 2:
@@ -202,6 +201,12 @@ def layer_targets(
         else:
             targets.append(Target(local, "dense", scheme, aliases))
     return targets, kept
+
+
+def _stack_projections(family: Family, kind: str) -> Sequence[int]:
+    """Indices in ``family.projections`` of the per-expert weights an expert stack of ``kind`` holds:
+    gate and up (or up alone) for "gate_up", down for "down"."""
+    return family.input_projections if kind == "gate_up" else (family.down_projection,)
 
 
 # -------------------------------------------------------------------------------------------- calibration
@@ -625,7 +630,7 @@ def output_modules(
     if target.kind == "dense":
         return [QuantizedModule(target.aliases[0], qw, target.scheme, dtype)]
     modules = []
-    projections = family.input_projections if target.kind == "gate_up" else (family.down_projection,)
+    projections = _stack_projections(family, target.kind)
     size = qw.codes.shape[-2] // len(projections)
     parts = [(p, _rows(qw, slice(i * size, (i + 1) * size))) for i, p in enumerate(projections)]
     for projection, stack in parts:
@@ -839,8 +844,7 @@ class Quantizer:
             names.add(prefix + self.family.to_original_name(target.local))  # stacks too: Granite's
             if target.kind == "dense":
                 continue
-            family = self.family
-            projections = family.input_projections if target.kind == "gate_up" else (family.down_projection,)
+            projections = _stack_projections(self.family, target.kind)
             for expert in range(local[target.local].shape[0]):
                 names.update(prefix + self.family.original_expert_name(expert, p) for p in projections)
         return names
