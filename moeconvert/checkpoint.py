@@ -30,10 +30,12 @@ from .writeback import WritebackBehind
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-# Decoder layers sit under ``model.`` or, in a vision-language checkpoint, its ``model.language_model.``;
+# Decoder layers sit under ``model.`` or, in a vision-language checkpoint, its ``model.language_model.``
+# (Llama 4's, a causal LM inside, ``language_model.model.`` with its head ``language_model.lm_head``);
 # Nemotron-H's releases call the text model ``backbone.``
-LAYER_RE = re.compile(r"^(?:model\.(?:language_model\.)?|backbone\.)layers\.(\d+)\.")
+LAYER_RE = re.compile(r"^(?:model\.(?:language_model\.)?|language_model\.model\.|backbone\.)layers\.(\d+)\.")
 TEXT_MODEL = "model.language_model."
+INNER_LM = "language_model."
 BACKBONE = "backbone."
 # encoders beside the text model, carried as they are, never run: Qwen's, Gemma 4's and its projections
 TOWERS = (
@@ -42,6 +44,8 @@ TOWERS = (
     "model.embed_vision.",
     "model.audio_tower.",
     "model.embed_audio.",
+    "vision_model.",  # Llama 4's
+    "multi_modal_projector.",
 )
 EXPERT_RE = re.compile(r"\.experts\.(\d+)\.")
 PREFETCH_BYTES = 1 << 30  # read ahead of a streaming pass, per file
@@ -72,11 +76,12 @@ def layer_prefix(name: str) -> str:
 def text_model_name(name: str) -> str:
     """The text model's own name of a checkpoint tensor: a vision-language checkpoint's
     ``model.language_model.norm.weight`` is the causal LM's ``model.norm.weight``, Nemotron-H's
-    ``backbone.norm_f.weight`` its ``model.norm_f.weight``."""
+    ``backbone.norm_f.weight`` its ``model.norm_f.weight``, Llama 4's ``language_model.lm_head.weight``
+    its ``lm_head.weight``."""
     for prefix in (TEXT_MODEL, BACKBONE):
         if name.startswith(prefix):
             return "model." + name[len(prefix) :]
-    return name
+    return name.removeprefix(INNER_LM)
 
 
 def is_tower(name: str) -> bool:
@@ -92,7 +97,8 @@ def is_mtp(name: str, num_layers: int) -> bool:
     index = layer_index(name)
     if index is not None:
         return index >= num_layers
-    return name.startswith("model.mtp_") or not name.startswith(("model.", BACKBONE, "lm_head."))
+    text = name.startswith(("model.", BACKBONE, INNER_LM, "lm_head.")) or is_tower(name)
+    return name.startswith("model.mtp_") or not text
 
 
 def parse_size(text: str | int) -> int:

@@ -222,6 +222,16 @@ def _scale_of_embedding_on(module: nn.Module, device: torch.device) -> None:
         module.embed_scale = torch.tensor(scale, device=device)
 
 
+def turned_stacks(config: Any) -> set[str]:
+    """In-layer names of the expert stacks that the family's module holds transposed (Llama 4's): the
+    layers are handed [E, 2I, H] and [E, H, I] stacks, as every command keeps them, and give the module
+    views of their transpose."""
+    from .families import FAMILIES
+
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    return set(family.fused_stacks) if family is not None and family.runtime_transposed else set()
+
+
 class LayerwiseModel:
     """A causal LM whose layers are loaded on demand.
 
@@ -253,6 +263,7 @@ class LayerwiseModel:
         self._embedding = next(name for name in _EMBEDDING_NAMES if hasattr(self.backbone, name))
         self._top_modules = (f"model.{self._embedding}", f"model.{final_norm}", "lm_head")
         self._kwargs: dict[tuple[int, ...], list[dict[str, Any]]] = {}  # per input shape, per layer
+        self._turned = turned_stacks(config)
 
     @property
     def num_layers(self) -> int:
@@ -327,6 +338,8 @@ class LayerwiseModel:
         state = {
             n: aligned(on_device(t, self.device, self.dtype)) for n, t in tensors.items() if n not in unread
         }
+        for name in self._turned & state.keys():
+            state[name] = state[name].transpose(1, 2)
         _materialise(module, state, self.device, unread)
         try:
             yield module
@@ -375,6 +388,8 @@ class LayerwiseModel:
         :meth:`run_layer` on the layer's input."""
         with torch.no_grad():
             out = _first(module, MLP_NAMES)(_mlp_norm(module)(residual))
+            if isinstance(out, tuple):  # with the router's logits, flattened to tokens (Llama 4's)
+                out = out[0].view(residual.shape)
             if hasattr(module, "post_mlp_layernorm"):
                 out = module.post_mlp_layernorm(out)
             return residual + out

@@ -134,8 +134,9 @@ def summarize(meta: ModelMetadata) -> ModelSummary:
         local = name[len(layer_prefix(name)) :] if index is not None else name
         expert = index is not None and _is_routed_expert(family, local)
         fused = fused or (  # Qwen3-VL-MoE releases stack experts: transposed, they are its original
-            local in family.fused_stacks and not is_released_stack(family, config, local, tensor.shape)
-        )
+            local in family.fused_stacks
+            and (family.runtime_releases or not is_released_stack(family, config, local, tensor.shape))
+        )  # (Llama 4's transposed stacks are transformers' runtime layout too)
         if is_mtp(name, config.num_hidden_layers):
             mtp_layers.update([] if index is None else [index])
             mtp += tensor.numel

@@ -29,7 +29,7 @@ from torch import nn
 
 from . import distributed
 from .card import REPORT_NAME, library_versions, write_card
-from .checkpoint import LAYER_RE, is_tower, iter_groups, layer_prefix, parse_size
+from .checkpoint import LAYER_RE, is_tower, iter_groups, layer_prefix, parse_size, text_model_name
 from .distributed import Ranks, all_gather_cat, all_gather_list, barrier, ordered_sum
 from .distributed import current as current_ranks
 from .errors import BadInputError, InterruptedRunError, OutputWriteError
@@ -61,7 +61,7 @@ from .quant.rtn import QuantizedWeight, rtn_quantize
 from .quant.scheme import Scheme
 from .quant.targets import Rule, TargetPolicy
 from .recipe import check_thresholds
-from .relayout import check_layer_count, check_shapes, is_fused, runtime_layer
+from .relayout import check_layer_count, check_shapes, held_shapes, is_fused, runtime_layer
 from .resume import Progress, RunState, pause_for_tests
 from .source import describe_source, parse_model_ref, read_config, read_metadata, resolve_model, side_files
 
@@ -239,8 +239,14 @@ class LayerStatistics:
         ranks: Ranks,
         replay_gate_up: bool = False,
         routed_output_readers: tuple[str, ...] = (),
+        scaled_by: str | None = None,
+        transposed: bool = False,
     ) -> None:
+        """``scaled_by``: the in-layer name of the router whose scores scale the experts' input (Llama 4's,
+        :attr:`Family.scales_expert_inputs`); ``transposed``: whether the layer's module holds the
+        expert stacks transposed (:attr:`Family.runtime_transposed`)."""
         self.ranks, self.all_experts = ranks, all_experts
+        self.transposed = transposed
         # the experts' own forward runs only where a calibrated Linear reads its output
         self.skips_routed = self.skips_routed_forward and not runs_routed_experts(
             targets, routed_output_readers
@@ -260,13 +266,14 @@ class LayerStatistics:
         if routed:  # the stacks' runtime names, in the family's MoE block
             block = block_of(routed[0])
             experts = self.modules["experts"] = layer.get_submodule(in_block(block, "experts"))
+            self.router = None if scaled_by is None else layer.get_submodule(scaled_by)
             self.gated = hasattr(experts, "gate_up_proj")  # else up alone (Nemotron-H's)
             stacks = STACKS if self.gated else UNGATED_STACKS
             self.gate_up_name, self.down_name = (in_block(block, stack) for stack in stacks)
-            inputs = experts.gate_up_proj if self.gated else experts.up_proj
+            inputs = _input_stack(experts, self.gated, transposed)
             count, hidden = inputs.shape[0], inputs.shape[2]
             self.owned = ranks.experts(count)
-            width = experts.down_proj.shape[2]
+            width = _stack(experts.down_proj, transposed).shape[2]
             gate_up = ReplayedAccumulator if replay_gate_up else HessianAccumulator
             self.accumulators[self.gate_up_name] = gate_up(hidden, len(self.owned))
             self.accumulators[self.down_name] = HessianAccumulator(width, len(self.owned))
@@ -310,7 +317,11 @@ class LayerStatistics:
         Linear reads it (Nemotron 3 Super's projection out of the experts' latent width), they run."""
         handles = []
         for key, module in self.modules.items():
-            if key == "experts":
+            if key == "experts" and self.router is not None:  # scaled rows: from the router's scores
+                handles.append(self.router.register_forward_hook(self._scaling_router_hook))
+                if self.skips_routed:
+                    module.forward = _no_routed_output
+            elif key == "experts":
                 handles.append(module.register_forward_pre_hook(self._experts_hook, with_kwargs=True))
                 if self.skips_routed:  # an instance attribute: nn.Module calls it, hooks first
                     module.forward = _no_routed_output
@@ -369,6 +380,22 @@ class LayerStatistics:
         routed = F.one_hot(index.clamp(max=count), count + 1)[..., :count].any(dim=1)  # [T, E]; no sentinels
         self._seen("experts", (x, torch.ones_like(routed) if self.all_experts else routed))
 
+    def _scaling_router_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        """Where the router's score scales a token on its way into an expert (Llama 4's), the rows an
+        expert sees are its tokens times their scores: one row per (token, expert) routed, with a mask
+        that routes it to that expert alone. The products are the experts' inputs bit for bit."""
+        x = args[0].detach().reshape(-1, args[0].shape[-1])
+        scores, logits = (t.detach().reshape(x.shape[0], -1) for t in output[:2])
+        if self.all_experts:  # each expert on each token, scaled as if it had been picked
+            scores = torch.sigmoid(logits.float()).to(scores.dtype)
+            routed = torch.ones_like(scores, dtype=torch.bool)
+        else:
+            picked = logits.topk(getattr(module, "top_k", 1), dim=-1).indices
+            routed = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, picked, True)
+        token, expert = routed.nonzero(as_tuple=True)
+        rows = x.index_select(0, token) * scores[token, expert].unsqueeze(1)
+        self._seen("experts", (rows, F.one_hot(expert, scores.shape[1]).bool()))
+
     def _seen(self, key: str, tensors: tuple[torch.Tensor, ...]) -> None:
         if not self.ranks.distributed:
             self._add(key, tensors)
@@ -421,16 +448,29 @@ class LayerStatistics:
                 gate_up.add_expert(local, rows)
             if rows.shape[0] == 0:
                 continue
-            down_rows = _expert_activations(experts, expert, rows, self.gated)
+            down_rows = _expert_activations(experts, expert, rows, self.gated, self.transposed)
             self.accumulators[self.down_name].add_expert(local, down_rows)
 
 
-def _expert_activations(experts: nn.Module, expert: int, rows: torch.Tensor, gated: bool) -> torch.Tensor:
+def _stack(stack: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """An expert stack as [E, out, in], from a module that may hold it transposed (Llama 4's)."""
+    return stack.transpose(1, 2) if transposed else stack
+
+
+def _input_stack(experts: nn.Module, gated: bool, transposed: bool) -> torch.Tensor:
+    """The experts' stacked input projections, [E, 2I, H] (gate and up) or [E, I, H] (up alone)."""
+    return _stack(experts.gate_up_proj if gated else experts.up_proj, transposed)
+
+
+def _expert_activations(
+    experts: nn.Module, expert: int, rows: torch.Tensor, gated: bool, transposed: bool = False
+) -> torch.Tensor:
     """Expert ``expert``'s input to its down projection for ``rows``: ``act(gate) * up``, or ``act(up)``."""
+    projected = F.linear(rows_for_bf16_units(rows), _input_stack(experts, gated, transposed)[expert])
     if gated:
-        gate, up = F.linear(rows_for_bf16_units(rows), experts.gate_up_proj[expert]).chunk(2, dim=-1)
+        gate, up = projected.chunk(2, dim=-1)
         return (experts.act_fn(gate) * up)[: rows.shape[0]]
-    return experts.act_fn(F.linear(rows_for_bf16_units(rows), experts.up_proj[expert]))[: rows.shape[0]]
+    return experts.act_fn(projected)[: rows.shape[0]]
 
 
 def _no_routed_output(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -711,7 +751,7 @@ class Quantizer:
         kept: list[str] = []
         seen: list[tuple[str, ...]] = []
         check_layer_count((layer for layer, _ in self.groups), self.config)
-        expected = {name: tuple(t.shape) for name, t in self.streamed.model.state_dict().items()}
+        expected = held_shapes(self.streamed.model, self.config)
         if self.family.num_experts(self.config) < self.ranks.world:
             raise BadInputError(
                 f"{self.ranks.world} ranks for {self.family.num_experts(self.config)} experts per layer: "
@@ -951,6 +991,8 @@ class Quantizer:
                 self.ranks,
                 replay_gate_up=self.replays_gate_up(targets, local),
                 routed_output_readers=readers,
+                scaled_by=self.family.router if self.family.scales_expert_inputs else None,
+                transposed=self.family.runtime_transposed,
             )
             keep = keep_residual and self.streamed.has_mlp_half(module)
             keep = (
@@ -1348,7 +1390,8 @@ def _starting_state(
 def _write_configs(runner: Quantizer, staging: Path, schemes: dict[str, Scheme], kept: list[str]) -> None:
     for path in side_files(runner.folder):
         shutil.copyfile(path, staging / path.name)
-    ignored = sorted(set(kept) | {"lm_head"} | _router_names(runner) | _tower_modules(runner))
+    heads = {n.removesuffix(".weight") for n in runner.reader.metas if text_model_name(n) == "lm_head.weight"}
+    ignored = sorted(set(kept) | {"lm_head"} | heads | _router_names(runner) | _tower_modules(runner))
     names = [name for _, group in runner.groups for name in group]
     quant_config = runner.fmt.config(schemes, ignored, carried_rules(names, runner.config.num_hidden_layers))
     config = dict(sorted({**runner.raw_config, "quantization_config": quant_config}.items()))

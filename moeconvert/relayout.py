@@ -67,6 +67,8 @@ def fuse_layer(
     if layer is not None and layer >= config.num_hidden_layers:
         return dict(tensors)
     if _has_transposed_stacks(family, config, tensors):  # stacked as released: turned, strays refused
+        if family.runtime_releases:  # transformers' own layout (Llama 4's): nothing to fuse
+            raise UnsupportedModelError(_already_runtime(family))
         return runtime_layer(family, config, layer, tensors)
     expert_re = family.original_expert_re()
     experts: dict[tuple[int, str], torch.Tensor] = {}
@@ -82,10 +84,7 @@ def fuse_layer(
                 )
                 _check_shape(name, tensor, _stack_shapes(family, config)[local], why)
             if family.runtime_releases:  # nothing to fuse: the family's releases are stored so
-                raise UnsupportedModelError(
-                    f"{name}: checkpoint is already fused ({family.name} releases are in the runtime layout; "
-                    "quantize and verify read it as it is, unfuse writes it per expert)"
-                )
+                raise UnsupportedModelError(f"{name}: {_already_runtime(family)}")
             raise UnsupportedModelError(f"{name}: checkpoint is already fused (use unfuse to go back)")
         match = expert_re.match(local)
         if match:
@@ -113,6 +112,13 @@ def fuse_layer(
         per_projection = [[experts[(e, name)] for e in range(count)] for name in family.projections]
         out[prefix + family.fused_gate_up], out[prefix + family.fused_down] = stack(*per_projection)
     return out
+
+
+def _already_runtime(family: Family) -> str:
+    return (
+        f"checkpoint is already fused ({family.name} releases are in the runtime layout; "
+        "quantize and verify read it as it is, unfuse writes it per expert)"
+    )
 
 
 def _released_stacks(
@@ -329,10 +335,12 @@ def unfuse_layer(
     them transposed (Qwen3-VL-MoE), back to that orientation."""
     if layer is not None and layer >= config.num_hidden_layers:
         return dict(tensors)
-    if family.transposed_stacks and is_fused(tensors):  # back as released
-        if _has_transposed_stacks(family, config, tensors):
-            raise UnsupportedModelError("checkpoint is not fused (its expert stacks are as released)")
-        return _orient_stacks(family, config, tensors, to_runtime=False)
+    if family.transposed_stacks and is_fused(tensors):
+        if not family.runtime_releases:  # back as released
+            if _has_transposed_stacks(family, config, tensors):
+                raise UnsupportedModelError("checkpoint is not fused (its expert stacks are as released)")
+            return _orient_stacks(family, config, tensors, to_runtime=False)
+        tensors = as_runtime_orientation(family, config, tensors)  # Llama 4's: split below, per expert
     if family.released_stacks:  # back to the releases' names
         return _released_names(family, tensors)
     out: dict[str, torch.Tensor] = {}
@@ -367,7 +375,8 @@ def unfuse_layer(
 
 def model_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape in transformers' own model for ``config``, built on the meta device (no
-    memory): the reference that a checkpoint's attention, MLP, norm and embedding shapes must match."""
+    memory): the reference that a checkpoint's attention, MLP, norm and embedding shapes must match.
+    Expert stacks are given as every command holds them (:func:`held_shapes`)."""
     from .forward import text_causal_lm
 
     try:
@@ -377,7 +386,20 @@ def model_shapes(config: Any) -> dict[str, tuple[int, ...]]:
         raise UnsupportedModelError(
             f"transformers cannot build a {config.model_type} model from this config.json ({first_line(err)})"
         ) from None
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    return held_shapes(model, config)
+
+
+def held_shapes(model: torch.nn.Module, config: Any) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in ``model`` (transformers' model for ``config``), with expert stacks as
+    every command holds them, [E, 2I, H] and [E, H, I], where the module holds their transpose (Llama
+    4's)."""
+    from .forward import turned_stacks
+
+    turned = turned_stacks(config)
+    return {
+        name: (s[0], s[2], s[1]) if turned and is_stack_name(name) else s
+        for name, s in ((name, tuple(t.shape)) for name, t in model.state_dict().items())
+    }
 
 
 def check_shapes(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
@@ -520,13 +542,23 @@ def fuse(
     return relayout(
         model,
         output,
-        functools.partial(fuse_layer, stack=concat_experts),
+        _layer_as_transformers_saves,
         revision=revision,
         token=token,
         max_shard_size=max_shard_size,
         force=force,
         desc="fuse",
     )
+
+
+def _layer_as_transformers_saves(
+    family: Family, config: Any, layer: int | None, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """:func:`fuse`'s layer: stacks written from the experts' own bytes, or where transformers' module
+    holds them transposed (Llama 4's) turned so."""
+    if not family.runtime_transposed:
+        return fuse_layer(family, config, layer, tensors, stack=concat_experts)
+    return _orient_stacks(family, config, fuse_layer(family, config, layer, tensors), to_runtime=False)
 
 
 def unfuse(

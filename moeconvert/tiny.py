@@ -16,8 +16,9 @@ under names of their own, Jamba's Mamba layers and experts in every other layer,
 experts, Beam's depth-weighed residual stream and capped logits, FlexOlmo's norms after its blocks,
 the vision encoders beside GLM-4.5V's, Qwen3.5's (hybrid-attention) and Qwen3-VL-MoE's text models, Granite 3.x's stacked
 experts and tied head, Gemma 4's experts beside a dense MLP on the decoder layer itself (with its vision
-encoder), Nemotron-H's one mixer per layer, experts without a gate and ``backbone.`` names, and
-Qwen3-VL-MoE's transposed expert stacks, as its releases store them.
+encoder), Nemotron-H's one mixer per layer, experts without a gate and ``backbone.`` names, Llama 4's
+experts fed tokens scaled by their scores, its ``language_model.model.`` names and vision encoder, and
+Qwen3-VL-MoE's and Llama 4's transposed expert stacks, as their releases store them.
 """
 
 from __future__ import annotations
@@ -455,6 +456,24 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
             rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2], mrope_interleaved=True
         ),
     ),
+    # Llama 4: Maverick's experts in every other layer (dense MLPs between) and Scout's normed q and k;
+    # top-1 routing that scales each token into its expert, a shared expert, chunked attention in three
+    # of four layers and no rotary embedding in the fourth. Experts 96 wide against a hidden size of 64:
+    # no stack is square
+    "llama4": dict(
+        num_hidden_layers=4,
+        head_dim=16,
+        intermediate_size=96,
+        intermediate_size_mlp=128,
+        num_local_experts=8,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=2,
+        attention_chunk_size=32,
+        use_qk_norm=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    ),
 }
 
 # Families whose checkpoint is a vision-language model: the text model above, under
@@ -483,6 +502,19 @@ VISION_CONFIGS: dict[str, dict[str, Any]] = {
         head_dim=16,
         patch_size=4,
         position_embedding_size=64,
+    ),
+    # Llama 4's encoder (``vision_model.``) and its projection into the text model (``multi_modal_projector.``)
+    "llama4": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=8,
+        vision_output_dim=32,
+        projector_input_dim=32,
+        projector_output_dim=32,
+        pixel_shuffle_ratio=0.5,
     ),
 }
 # Families whose vision encoder projects into the text model under a key of its own (Qwen's and GLM's)
@@ -530,10 +562,11 @@ def build_tiny_model(
     its predictions are peaked and a broken expert or a coarse grid shows in the logits.
     """
     config = tiny_config(family, **overrides)
-    transposed = family_for({"model_type": family}).transposed_stacks
+    kind = family_for({"model_type": family})
     text = config.get_text_config()
-    if transposed and text.hidden_size in (text.moe_intermediate_size, 2 * text.moe_intermediate_size):
+    if kind.transposed_stacks and text.hidden_size in (kind.expert_size(text), 2 * kind.expert_size(text)):
         raise ValueError("square expert stacks: their orientation could not be told from their shapes")
+    transposed = kind.transposed_stacks and not kind.runtime_transposed  # else transformers saves them so
     torch.manual_seed(seed)
     model = auto_class(family).from_config(config)
     _spread_router_weights(model, seed)

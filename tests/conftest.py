@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moeconvert.checkpoint import layer_index, layer_prefix
-from moeconvert.families import family_for, load_config
+from moeconvert.families import family_for, is_stack_name, load_config
 from moeconvert.layout import unstack_experts
 from moeconvert.pipeline import QuantizeOptions, quantize
 from moeconvert.quant.packing import unpack_compressed
@@ -90,6 +90,8 @@ def dequantized_state(folder: Path, source: Path) -> dict[str, torch.Tensor]:
         fused.update(
             fuse_layer(family, cfg, layer, {n: t for n, t in state.items() if layer_index(n) == layer})
         )
+    if family.runtime_transposed:  # transformers' module holds Llama 4's stacks transposed
+        fused = {n: t.transpose(1, 2) if is_stack_name(n) else t for n, t in fused.items()}
     if cfg.tie_word_embeddings:  # the head is the embedding table, stored once
         state["lm_head.weight"] = next(t for n, t in state.items() if n.endswith("embed_tokens.weight"))
     state = {**{n: t for n, t in state.items() if layer_index(n) is None}, **fused}

@@ -1,6 +1,7 @@
-"""Families whose releases store experts in transformers' runtime layout (Granite SWA's): the release is
-what ``fuse`` writes, ``unfuse`` writes the per-expert names vLLM reads, and ``quantize`` stores experts
-one per expert under those names, from the release as it is."""
+"""Families whose releases store experts in transformers' runtime layout (Granite SWA's, Gemma 4's, and
+Llama 4's, stacked transposed): the release is what ``fuse`` writes, ``unfuse`` writes the per-expert
+names vLLM reads, and ``quantize`` stores experts one per expert under those names, from the release
+as it is."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from test_forward import _layerwise
 
 from moeconvert import UnsupportedModelError, fuse, inspect_model, quantize, unfuse, verify
 from moeconvert.card import build_card
-from moeconvert.families import family_for
+from moeconvert.families import family_for, load_config
 from moeconvert.forward import experts_implementation
 from moeconvert.pipeline import QuantizeOptions
 from moeconvert.quant.scheme import Scheme
@@ -41,7 +42,25 @@ KEPT = {
         "model.language_model.layers.1.router.per_expert_scale",
         "model.vision_tower.patch_embedder.input_proj.weight",
     ),
+    "llama4": (
+        "language_model.model.layers.1.feed_forward.router.weight",
+        "language_model.lm_head.weight",
+        "vision_model.vision_adapter.mlp.fc1.weight",
+        "multi_modal_projector.linear_1.weight",
+    ),
 }
+
+
+def _moe_layers(folder: Path) -> list[int]:
+    raw = read_config(folder)
+    config = load_config(raw)
+    return [i for i in range(config.num_hidden_layers) if family_for(raw).is_moe_layer(config, i)]
+
+
+def _as_held(stack: torch.Tensor, folder: Path) -> torch.Tensor:
+    """A released expert stack as every command holds it, [E, 2I, H] or [E, H, I] (Llama 4's releases
+    store the transpose)."""
+    return stack.transpose(-2, -1) if family_for(read_config(folder)).runtime_transposed else stack
 
 
 def _experts_stem(folder: Path, layer: int) -> str:
@@ -93,11 +112,12 @@ def test_the_release_is_fused_and_unfuse_round_trips_bit_for_bit(
         family_for(read_config(source)).projections,
     )
     released_tensors = load_tensors(source)
-    gate, up = released_tensors[stem + "experts.gate_up_proj"][3].chunk(2)
+    gate, up = _as_held(released_tensors[stem + "experts.gate_up_proj"][3], source).chunk(2)
     assert torch.equal(per_expert[f"{stem}experts.3.{gate_name}.weight"], gate)
     assert torch.equal(per_expert[f"{stem}experts.3.{up_name}.weight"], up)
     assert torch.equal(
-        per_expert[f"{stem}experts.3.{down_name}.weight"], released_tensors[stem + "experts.down_proj"][3]
+        per_expert[f"{stem}experts.3.{down_name}.weight"],
+        _as_held(released_tensors[stem + "experts.down_proj"][3], source),
     )
     fuse(str(tmp_path / "unfused"), tmp_path / "again")
     again = load_tensors(tmp_path / "again")
@@ -127,7 +147,7 @@ def test_quantized_experts_are_stored_per_expert_under_vllms_names(
     experts = {n.rpartition(".weight_")[0] for n in stored if ".experts." in n}
     assert experts == {
         f"{_experts_stem(source, i)}experts.{e}.{p}"
-        for i in range(3)
+        for i in _moe_layers(source)
         for e in range(8)
         for p in family_for(read_config(source)).projections
     }
@@ -135,12 +155,21 @@ def test_quantized_experts_are_stored_per_expert_under_vllms_names(
     for kept in KEPT[family]:
         assert torch.equal(stored[kept].float(), original[kept].float()), kept
     config = read_config(tmp_path / "q")
-    assert not family_for(config).transformers_reads_per_expert
-    _, info = auto_class(family).from_pretrained(tmp_path / "q", output_loading_info=True)
-    assert {n for n in info["missing_keys"] if ".experts." in n}
+    loaded, info = auto_class(family).from_pretrained(tmp_path / "q", output_loading_info=True)
     report = json.loads((tmp_path / "q" / "quantization_report.json").read_text())
     card = build_card(report, config, None, "me/swa-w4").text
-    assert "vllm serve me/swa-w4" in card and "from_pretrained" not in card
+    assert "vllm serve me/swa-w4" in card
+    if family_for(config).transformers_reads_per_expert:  # Llama 4's: one module per expert on loading
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        ours = load_model(source)
+        ours.load_state_dict(dequantized_state(tmp_path / "q", source), strict=True)
+        with torch.no_grad():
+            logits = loaded.eval()(eval_tokens()).logits
+            assert torch.allclose(logits, ours(eval_tokens()).logits, atol=1e-5, rtol=0)
+        assert "from_pretrained" in card
+    else:
+        assert {n for n in info["missing_keys"] if ".experts." in n}
+        assert "from_pretrained" not in card
 
     quantize(
         str(source),
@@ -162,7 +191,14 @@ def test_quantized_experts_are_stored_per_expert_under_vllms_names(
         index = args[1] if len(args) > 1 else kwargs["top_k_index"]
         picks.add_(index.flatten().bincount(minlength=len(picks)))
 
-    hook = experts_module.register_forward_pre_hook(count, with_kwargs=True)
+    def count_scores(_: torch.nn.Module, args: tuple, output: tuple) -> None:  # Llama 4's router
+        picks.add_((output[0] > 0).sum(dim=0))
+
+    if family_for(read_config(source)).scales_expert_inputs:
+        router = swapped.get_submodule(_experts_stem(source, 1) + "router")
+        hook = router.register_forward_hook(count_scores)
+    else:
+        hook = experts_module.register_forward_pre_hook(count, with_kwargs=True)
     with torch.no_grad():
         swapped(tokens)
         hook.remove()

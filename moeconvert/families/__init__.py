@@ -26,6 +26,7 @@ from .jamba import JAMBA
 from .kolibri import KOLIBRI1
 from .laguna import LAGUNA
 from .lfm2 import LFM2_MOE
+from .llama4 import LLAMA4
 from .mellum import MELLUM
 from .mimo import MIMO_V2_FLASH
 from .minicpm import MINICPM5_MOE
@@ -60,6 +61,7 @@ FAMILIES: dict[str, Family] = {
         LAGUNA,
         FLEX_OLMO,
         GEMMA4,
+        LLAMA4,
         GRANITEMOE,
         GRANITEMOESHARED,
         GRANITEMOE_SWA,

@@ -75,6 +75,17 @@ class Family:
     # In-layer runtime names of Linears that read the routed experts' output (Nemotron 3 Super's
     # ``mixer.fc2_latent_proj``): a statistics pass runs the experts when one of them is calibrated
     reads_routed_output: tuple[str, ...] = ()
+    # Whether the router's scores multiply the experts' input rather than their output (Llama 4's: each
+    # expert computes ``down(act(gate(s x)) * up(s x))`` for its score ``s``), so an expert's calibration
+    # rows are its tokens scaled by their scores, as it sees them
+    scales_expert_inputs: bool = False
+
+    @property
+    def runtime_transposed(self) -> bool:
+        """Whether transformers' module holds the experts stacked transposed, [E, H, 2I] and [E, I, H]
+        (Llama 4's, stored so by its releases): every command works on [E, 2I, H] stacks, and the
+        streamed forward hands the module their transpose (a view)."""
+        return self.transposed_stacks and self.runtime_releases
 
     @property
     def transformers_reads_per_expert(self) -> bool:

@@ -26,6 +26,7 @@ from typing import TypeVar
 
 from ..checkpoint import (
     BACKBONE,
+    INNER_LM,
     TEXT_MODEL,
     TOWERS,
     is_mtp,
@@ -63,6 +64,7 @@ PREFIX_ALIASES = {
     "model.audio_tower.": ("audio_tower.",),
     "model.embed_audio.": ("embed_audio.",),
     "backbone.": ("model.",),  # Nemotron-H's text model, in vLLM and transformers
+    "language_model.model.": ("model.",),  # Llama 4's: vLLM keeps it, transformers' text model alone not
 }
 
 _WILD = None  # a number made a wildcard in a name's key
@@ -217,7 +219,7 @@ def text_model_aliases(names: Iterable[str]) -> set[str]:
     """The names transformers gives a vision-language checkpoint's text modules among ``names`` when it
     loads the text model alone (``model.language_model.layers.0.x`` -> ``model.layers.0.x``; Nemotron-H's
     ``backbone.layers.0.x`` too), for ``ignore`` lists, which match names exactly."""
-    return {text_model_name(name) for name in names if name.startswith((TEXT_MODEL, BACKBONE))}
+    return {text_model_name(name) for name in names if name.startswith((TEXT_MODEL, BACKBONE, INNER_LM))}
 
 
 def _alternatives(name: str, alias: str | None) -> str:
