@@ -13,7 +13,6 @@ prefetched from disk while this one is written.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
