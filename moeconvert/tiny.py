@@ -569,7 +569,7 @@ def build_tiny_model(
     transposed = kind.transposed_stacks and not kind.runtime_transposed  # else transformers saves them so
     torch.manual_seed(seed)
     model = auto_class(family).from_config(config)
-    _spread_router_weights(model, seed)
+    _spread_router_weights(model, seed, _ROUTER_SPREAD.get(family, 1.0))
     if train_steps:
         _train(model, train_steps, seed)
     model = model.to(dtype)
@@ -592,7 +592,13 @@ def _transpose_stacks(folder: Path) -> None:
         save_file(tensors, path, metadata={"format": "pt"})
 
 
-def _spread_router_weights(model: torch.nn.Module, seed: int) -> None:
+# Router weights' spread where the model scales tokens by a sigmoid of their logits (Llama 4's): logits
+# of unit-variance weights sit in its flat tail, scoring nearly every token 1, which would hide whether
+# the scores reach the experts; the argmax, and so the routing, does not depend on the spread
+_ROUTER_SPREAD = {"llama4": 0.1}
+
+
+def _spread_router_weights(model: torch.nn.Module, seed: int, spread: float = 1.0) -> None:
     """Random init leaves routers near zero (flat routing); scale them so experts get distinct loads."""
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -613,7 +619,7 @@ def _spread_router_weights(model: torch.nn.Module, seed: int) -> None:
                 )
                 and param.dim() == 2
             ):
-                param.copy_(torch.randn(param.shape, generator=generator).to(param.dtype))
+                param.copy_((torch.randn(param.shape, generator=generator) * spread).to(param.dtype))
 
 
 def _train(model: torch.nn.Module, steps: int, seed: int, batch: int = 8, seq_len: int = 64) -> None:

@@ -229,3 +229,67 @@ def test_gemma4_models_a_layer_at_a_time_cannot_run_are_refused(
     for command in ("inspect", "quantize"):
         out = () if command == "inspect" else ("-o", str(tmp_path / "out"))
         assert_clean_failure(invoke_cli(command, str(folder), *out), tmp_path / "out", fragment)
+
+
+def test_llama4_experts_are_calibrated_on_their_tokens_scaled_by_their_scores(
+    released: dict[str, Path],
+) -> None:
+    """Llama 4's router scales each token into its expert, so an expert's GPTQ statistics are sums over
+    its tokens times their scores: those transformers' experts module itself receives (rows of zeros
+    for the experts a token was not routed to), and for the down projection their activations. Sums of
+    the unscaled tokens are far from these: statistics that ignored the scores would fail here."""
+    from moeconvert.pipeline import Quantizer
+    from moeconvert.quant.calibration import calibration_tokens
+    from moeconvert.quant.targets import TargetPolicy
+
+    source, layer = released["llama4"], 1
+    options = QuantizeOptions(samples=8, seq_len=64)
+    runner = Quantizer(str(source), TargetPolicy(W4), options, None, None)
+    plan, _ = runner.plan()
+    runner.streamed.load_top(runner.reader.get_many(dict(runner.groups)[None]))
+    hidden, _ = runner.calibration_batches()
+    for index in range(layer + 1):
+        local, _ = runner._local(index, runner.reader.get_many(dict(runner.groups)[index]))
+        if index == layer:
+            stats, _ = runner._calibrate_layer(layer, local, plan[layer], hidden, keep_residual=False)
+            break
+        with runner.streamed.layer(index, local) as module:
+            hidden = [runner.streamed.run_layer(module, h) for h in hidden]
+    runner.close()
+
+    model = load_model(source)
+    block = model.get_submodule(_experts_stem(source, layer).removesuffix("."))
+    seen: dict[str, list[torch.Tensor]] = {"rows": [], "tokens": []}
+    hooks = [
+        block.experts.register_forward_pre_hook(lambda m, args: seen["rows"].append(args[0])),
+        block.router.register_forward_pre_hook(lambda m, args: seen["tokens"].append(args[0])),
+    ]
+    tokens = calibration_tokens(None, None, 256, options.samples, options.seq_len, options.seed)
+    with torch.no_grad():
+        for batch in tokens.split(max(1, options.batch_tokens // options.seq_len)):
+            model(batch)
+    for hook in hooks:
+        hook.remove()
+    count = block.experts.gate_up_proj.shape[0]
+    rows = torch.cat([r.view(count, -1, r.shape[-1]) for r in seen["rows"]], dim=1)  # [E, T, H]
+    unscaled = torch.cat(seen["tokens"])
+    gate_up = stats.accumulators[
+        _experts_stem(source, layer).partition("layers.1.")[2] + "experts.gate_up_proj"
+    ]
+    down = stats.accumulators[_experts_stem(source, layer).partition("layers.1.")[2] + "experts.down_proj"]
+    sums_gate_up, sums_down = gate_up.sums(), down.sums()
+    fed = 0
+    for expert in range(count):
+        routed = rows[expert].abs().sum(dim=1) > 0
+        mine = rows[expert][routed]
+        assert gate_up.counts[expert] == mine.shape[0]
+        if not routed.any():
+            continue
+        fed += 1
+        assert torch.allclose(sums_gate_up[expert], mine.T @ mine, rtol=1e-4, atol=1e-4)
+        alone = unscaled[routed]
+        assert not torch.allclose(sums_gate_up[expert], alone.T @ alone, rtol=0.05, atol=1e-3)
+        gate, up = (mine @ block.experts.gate_up_proj[expert].detach()).chunk(2, dim=-1)
+        activations = block.experts.act_fn(gate) * up
+        assert torch.allclose(sums_down[expert], activations.T @ activations, rtol=1e-4, atol=1e-4)
+    assert fed >= 2
