@@ -34,7 +34,7 @@ FAMILY_OF = {
     "ibm-granite/granite-swash": "granitemoe_swa", "sarvamai/sarvam-105b": "sarvam_mla",
     "ai21labs/AI21-Jamba": "jamba", "skt/A.X-K1": "axk1",
     "Aleph-Alpha/Kolibri": "kolibri1", "RecursiveSI/flint": "flint", "google/gemma-4": "gemma4",
-    "nvidia/NVIDIA-Nemotron-3": "nemotron_h",
+    "nvidia/NVIDIA-Nemotron-3": "nemotron_h", "meta-llama/Llama-4": "llama4",
 }  # fmt: skip
 # Widths of 128 so the recipes' group sizes (128; 64 for Nemotron 3 Nano's) divide every input.
 WIDE = {"hidden_size": 128, "intermediate_size": 128}
@@ -70,6 +70,7 @@ WIDER = {
     "granitemoehybrid": {"shared_intermediate_size": 128},
     "gemma4": {"moe_intermediate_size": 128, "head_dim": 32, "global_head_dim": 32},
     "nemotron_h": {"moe_intermediate_size": 128, "moe_shared_expert_intermediate_size": 128, "head_dim": 32},
+    "llama4": {"intermediate_size": 256, "intermediate_size_mlp": 128, "head_dim": 32},  # not square
     "qwen3_vl_moe": {  # experts twice the hidden size: no stack is square, its orientation shows
         "moe_intermediate_size": 256,
         "head_dim": 32,
@@ -93,7 +94,7 @@ def family_of(model: str) -> str:
 def wide_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("wide")
     families = sorted({family_of(load_recipe(r).model) for r in RECIPES})
-    return {f: build_tiny_model(f, root / f, **WIDE, **WIDER.get(f, {})) for f in families}
+    return {f: build_tiny_model(f, root / f, **{**WIDE, **WIDER.get(f, {})}) for f in families}
 
 
 def test_every_family_has_a_recipe() -> None:
