@@ -96,6 +96,26 @@ def test_streamed_forward_equals_model(family: str, released: dict[str, Path]) -
 
 
 @pytest.mark.parametrize("family", RUNTIME_RELEASES)
+def test_a_layer_finished_from_its_residual_stream_is_the_layer(family: str, released: dict[str, Path]) -> None:
+    """As ``test_forward``'s test of the same name: Llama 4's layers add attention and MLP to the residual
+    stream one after the other (its MoE block returns the router's logits beside its output, flattened
+    to tokens), so a pass can finish one from its residual stream, bit for bit; Granite SWA's scale
+    their parts and Gemma 4's norm them after their blocks, so those run whole."""
+    streamed, _, hidden, layers = _layerwise(released[family], seed=6)
+    for index, local in enumerate(layers):
+        captured: list[torch.Tensor | None] = []
+        with streamed.layer(index, local) as layer:
+            assert streamed.has_mlp_half(layer) == (family == "llama4")
+            if family != "llama4":
+                return
+            with streamed.capture_residual(layer, captured):
+                whole = streamed.run_layer(layer, hidden)
+            assert len(captured) == 1 and not torch.equal(captured[0], hidden)
+            assert torch.equal(streamed.run_mlp_half(layer, captured[0]), whole)
+        hidden = whole
+
+
+@pytest.mark.parametrize("family", RUNTIME_RELEASES)
 def test_the_release_is_fused_and_unfuse_round_trips_bit_for_bit(
     family: str, released: dict[str, Path], tmp_path: Path
 ) -> None:
