@@ -1190,7 +1190,8 @@ def quantize(
             },
             device=str(runner.device),
             quantized_modules=0,
-            kept_modules=sorted(set(kept)),
+            kept_modules=sorted({k for k in kept if not k.endswith("." + runner.family.router)}),  # routers
+            # that are Linear modules (Llama 4's, Gemma 4's) are kept as routers, not by the rules
             layers=[],
             source=describe_source(model, runner.folder, revision),
             sizes={"source_bytes": runner.reader.total_bytes},

@@ -96,7 +96,9 @@ def test_streamed_forward_equals_model(family: str, released: dict[str, Path]) -
 
 
 @pytest.mark.parametrize("family", RUNTIME_RELEASES)
-def test_a_layer_finished_from_its_residual_stream_is_the_layer(family: str, released: dict[str, Path]) -> None:
+def test_a_layer_finished_from_its_residual_stream_is_the_layer(
+    family: str, released: dict[str, Path]
+) -> None:
     """As ``test_forward``'s test of the same name: Llama 4's layers add attention and MLP to the residual
     stream one after the other (its MoE block returns the router's logits beside its output, flattened
     to tokens), so a pass can finish one from its residual stream, bit for bit; Granite SWA's scale
@@ -177,6 +179,10 @@ def test_quantized_experts_are_stored_per_expert_under_vllms_names(
     config = read_config(tmp_path / "q")
     loaded, info = auto_class(family).from_pretrained(tmp_path / "q", output_loading_info=True)
     report = json.loads((tmp_path / "q" / "quantization_report.json").read_text())
+    router = family_for(config).router
+    assert not [k for k in report["kept_modules"] if k.endswith(router)]  # routers, not kept by rules
+    ignored = config["quantization_config"]["ignore"]
+    assert any(n.endswith(f"layers.1.{router}") for n in ignored), ignored
     card = build_card(report, config, None, "me/swa-w4").text
     assert "vllm serve me/swa-w4" in card
     if family_for(config).transformers_reads_per_expert:  # Llama 4's: one module per expert on loading
