@@ -247,6 +247,7 @@ class LayerStatistics:
         expert stacks transposed (:attr:`Family.runtime_transposed`)."""
         self.ranks, self.all_experts = ranks, all_experts
         self.transposed = transposed
+        self.router: nn.Module | None = None  # set below where its scores scale the experts' input
         # the experts' own forward runs only where a calibrated Linear reads its output
         self.skips_routed = self.skips_routed_forward and not runs_routed_experts(
             targets, routed_output_readers
@@ -266,7 +267,8 @@ class LayerStatistics:
         if routed:  # the stacks' runtime names, in the family's MoE block
             block = block_of(routed[0])
             experts = self.modules["experts"] = layer.get_submodule(in_block(block, "experts"))
-            self.router = None if scaled_by is None else layer.get_submodule(scaled_by)
+            if scaled_by is not None:
+                self.router = layer.get_submodule(scaled_by)
             self.gated = hasattr(experts, "gate_up_proj")  # else up alone (Nemotron-H's)
             stacks = STACKS if self.gated else UNGATED_STACKS
             self.gate_up_name, self.down_name = (in_block(block, stack) for stack in stacks)
