@@ -72,23 +72,29 @@ def test_layer_finishes_from_its_residual_stream(family: str, tiny_models: dict[
     layer (GLM-5's token picks, which the residual stream does not hold), or the parts join the residual
     stream otherwise (weighed by depth in Beam's, normed after the MLP in FlexOlmo's, scaled in Granite's),
     the layer runs whole."""
-    streamed, _, hidden, layers = _layerwise(tiny_models[family], seed=6)
+    whole_only = family in (
+        "cohere2_moe",
+        "glm_moe_dsa",
+        "beam",
+        "flex_olmo",
+        "granitemoe",
+        "granitemoeshared",
+        "granitemoehybrid",
+        "jamba",
+        "nemotron_h",  # one mixer per layer: attention, Mamba or MLP, never both
+    )
+    assert_layers_finish_from_residual(tiny_models[family], halves=not whole_only)
+
+
+def assert_layers_finish_from_residual(folder: Path, halves: bool) -> None:
+    """Each layer of the model in ``folder`` has a second half (``halves``) or runs whole; where it has
+    one, that half run from the captured residual stream gives the layer's output bit for bit."""
+    streamed, _, hidden, layers = _layerwise(folder, seed=6)
     for index, local in enumerate(layers):
         captured: list[torch.Tensor | None] = []
         with streamed.layer(index, local) as layer:
-            whole_only = family in (
-                "cohere2_moe",
-                "glm_moe_dsa",
-                "beam",
-                "flex_olmo",
-                "granitemoe",
-                "granitemoeshared",
-                "granitemoehybrid",
-                "jamba",
-                "nemotron_h",  # one mixer per layer: attention, Mamba or MLP, never both
-            )
-            assert streamed.has_mlp_half(layer) != whole_only
-            if whole_only:
+            assert streamed.has_mlp_half(layer) == halves
+            if not halves:
                 continue
             with streamed.capture_residual(layer, captured):
                 whole = streamed.run_layer(layer, hidden)

@@ -22,7 +22,7 @@ from conftest import (
     token_kl,
 )
 from test_bad_input import assert_clean_failure
-from test_forward import _layerwise
+from test_forward import _layerwise, assert_layers_finish_from_residual
 
 from moeconvert import UnsupportedModelError, fuse, inspect_model, quantize, unfuse, verify
 from moeconvert.card import build_card
@@ -104,18 +104,7 @@ def test_a_layer_finished_from_its_residual_stream_is_the_layer(
     stream one after the other (its MoE block returns the router's logits beside its output, flattened
     to tokens), so a pass can finish one from its residual stream, bit for bit; Granite SWA's scale
     their parts and Gemma 4's norm them after their blocks, so those run whole."""
-    streamed, _, hidden, layers = _layerwise(released[family], seed=6)
-    for index, local in enumerate(layers):
-        captured: list[torch.Tensor | None] = []
-        with streamed.layer(index, local) as layer:
-            assert streamed.has_mlp_half(layer) == (family == "llama4")
-            if family != "llama4":
-                return
-            with streamed.capture_residual(layer, captured):
-                whole = streamed.run_layer(layer, hidden)
-            assert len(captured) == 1 and not torch.equal(captured[0], hidden)
-            assert torch.equal(streamed.run_mlp_half(layer, captured[0]), whole)
-        hidden = whole
+    assert_layers_finish_from_residual(released[family], halves=family == "llama4")
 
 
 @pytest.mark.parametrize("family", RUNTIME_RELEASES)
