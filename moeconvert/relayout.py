@@ -223,7 +223,21 @@ def runtime_layer(
     for name in tensors:
         if expert_re.match(_split_layer_prefix(name)[1]):
             raise CorruptCheckpointError(f"{name}: a per-expert tensor beside the layer's stacked experts")
+    _check_stacked(family, config, layer, tensors)
     return as_runtime_orientation(family, config, tensors)
+
+
+def _check_stacked(family: Family, config: Any, layer: int | None, tensors: dict[str, torch.Tensor]) -> None:
+    """A layer of stacked experts holds both stacks, in a layer config.json makes sparse: checked on the
+    header-only plan, since a missing stack would otherwise fail only when the layer is run."""
+    if layer is None or layer >= config.num_hidden_layers:  # MTP layers are carried as they are
+        return
+    if not family.is_moe_layer(config, layer):
+        raise CorruptCheckpointError(f"layer {layer} holds experts but config.json makes it a dense layer")
+    present = {_split_layer_prefix(name)[1] for name in tensors}
+    missing = [name for name in family.fused_stacks if name not in present]
+    if missing:
+        raise CorruptCheckpointError(f"layer {layer}: has no {missing[0]} beside the other expert stack")
 
 
 def _released_names(family: Family, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -626,6 +626,26 @@ def test_qwen3_vl_moe_stacks_in_neither_orientation_are_refused(
     assert_clean_failure(invoke_cli("inspect", str(folder)), None, fragment)
 
 
+def test_a_stacked_layer_without_one_of_its_stacks_is_refused(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """A fused checkpoint (``fuse``'s output, or a release in the runtime layout) whose layer lost one of
+    its two expert stacks: every command that reads it names the layer and the stack, before any work,
+    instead of failing in the layer's forward pass with a traceback."""
+    fused = tmp_path / "fused"
+    assert invoke_cli("fuse", str(tiny_models["mixtral"]), "-o", str(fused)).returncode == 0
+    stack = "model.layers.1.mlp.experts.down_proj"
+    shard = fused / "model.safetensors"  # one shard: no index to mend
+    tensors = load_file(shard)
+    del tensors[stack]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    fragment = "layer 1: has no mlp.experts.down_proj beside the other expert stack"
+    output = tmp_path / "out"
+    quantized = invoke_cli("quantize", str(fused), "-o", str(output), "--group-size", "32", "--seq-len", "64")
+    assert_clean_failure(quantized, output, fragment)
+    assert_clean_failure(invoke_cli("verify", str(tiny_models["mixtral"]), str(fused)), None, fragment)
+
+
 def _sparse_checkpoint(folder: Path, at_least: int, intermediate_size: int = 65536) -> Path:
     """A Mixtral checkpoint of at least ``at_least`` bytes that takes no disk: real headers for every
     tensor of transformers' model of its config, over files that are holes (zeros when read), a layer

@@ -323,3 +323,23 @@ def test_llama4_experts_are_calibrated_on_their_tokens_scaled_by_their_scores(
         activations = block.experts.act_fn(gate) * up
         assert torch.allclose(sums_down[expert], activations.T @ activations, rtol=1e-4, atol=1e-4)
     assert fed >= 2
+
+
+def test_llama4_stacks_in_a_layer_config_json_makes_dense_are_refused(
+    released: dict[str, Path], tmp_path: Path
+) -> None:
+    """config.json lists Llama 4's MoE layers (``moe_layers``); experts stacked in a layer it leaves out
+    would not fit transformers' model of that layer: refused in one line, before any work."""
+    folder = tmp_path / "model"
+    shutil.copytree(released["llama4"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["moe_layers"] = [3]
+    (folder / "config.json").write_text(json.dumps(config))
+    fragment = "layer 1 holds experts but config.json makes it a dense layer"
+    for command in ("inspect", "quantize"):
+        out = (
+            ()
+            if command == "inspect"
+            else ("-o", str(tmp_path / "out"), "--seq-len", "64", "--group-size", "32")
+        )
+        assert_clean_failure(invoke_cli(command, str(folder), *out), tmp_path / "out", fragment)
