@@ -13,7 +13,7 @@ import torch
 from conftest import load_tensors, per_expert_copy
 from safetensors.torch import save_file
 
-from moeconvert import fuse
+from moeconvert import fuse, inspect_model, unfuse
 from moeconvert.checkpoint import layer_index
 from moeconvert.pipeline import QuantizeOptions, quantize
 from moeconvert.quant.scheme import Scheme
@@ -147,3 +147,114 @@ def test_bad_scale_grid_is_refused(fp8_pair: tuple[Path, Path], tmp_path: Path) 
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     result = invoke_cli("fuse", str(broken), "-o", str(tmp_path / "out"))
     assert result.returncode == 2 and "scale grid" in result.stderr and "Traceback" not in result.stderr
+
+
+# Meta's FP8 Llama 4 releases: FBGEMM's row scales (``quant_method: fbgemm_fp8``)
+FP8_MAX = 448.0  # the largest e4m3 value
+
+
+def to_rowwise_fp8(folder: Path, out: Path) -> Path:
+    """Write a Llama 4 model as Meta's FP8 releases store it: its MLPs' weights (routed experts' stacks,
+    shared expert, dense MLPs) in e4m3 with a float32 ``<name>_scale`` per output row, [out, 1] for a
+    Linear, [E, 1, 2I] for ``gate_up_proj`` [E, H, 2I] and [E, H, 1] for ``down_proj`` [E, I, H];
+    attention, routers and the vision encoder as they are."""
+    out.mkdir()
+    result = {}
+    for name, weight in load_tensors(folder).items():
+        mlp = layer_index(name) is not None and ".feed_forward." in name and ".router." not in name
+        if not mlp or weight.dim() < 2:
+            result[name] = weight
+            continue
+        # each output row's largest magnitude: over the input dimension, which is dim 1 of the stacks
+        scale = weight.float().abs().amax(dim=1 if weight.dim() == 3 else -1, keepdim=True) / FP8_MAX
+        scale = scale.clamp(min=1e-12)
+        result[name] = (weight.float() / scale).to(torch.float8_e4m3fn)
+        result[name + "_scale"] = scale.transpose(1, 2) if name.endswith("experts.down_proj") else scale
+    save_file(result, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0, "modules_to_not_convert": ["self_attn"],
+    }  # fmt: skip
+    (out / "config.json").write_text(json.dumps(config))
+    shutil.copy(folder / "generation_config.json", out)
+    return out
+
+
+def rowwise_reference(fp8: Path, out: Path) -> Path:
+    """The formula itself: each output row of each FP8 tensor times its own scale, row by row (the
+    stacks' output rows are their last dimension; ``down_proj``'s scales are stored [E, H, 1])."""
+    out.mkdir()
+    tensors = load_tensors(fp8)
+    result = {}
+    for name, tensor in tensors.items():
+        if name.endswith("_scale") and name.removesuffix("_scale") in tensors:
+            continue
+        if tensor.dtype != torch.float8_e4m3fn:
+            result[name] = tensor
+            continue
+        scale, dequant = tensors[name + "_scale"], torch.empty(tensor.shape, dtype=torch.float32)
+        for row in range(tensor.shape[-1] if tensor.dim() == 3 else tensor.shape[0]):
+            if tensor.dim() == 2:
+                dequant[row] = tensor[row].float() * scale[row, 0]
+            elif name.endswith("experts.down_proj"):
+                dequant[:, :, row] = tensor[:, :, row].float() * scale[:, row, 0:1]
+            else:
+                dequant[:, :, row] = tensor[:, :, row].float() * scale[:, 0, row : row + 1]
+        result[name] = dequant.to(torch.bfloat16)
+    save_file(result, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((fp8 / "config.json").read_text())
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config))
+    shutil.copy(fp8 / "generation_config.json", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def rowwise_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("fp8_rows")
+    bf16 = build_tiny_model("llama4", root / "bf16", dtype=torch.bfloat16, train_steps=100)
+    fp8 = to_rowwise_fp8(bf16, root / "fp8")
+    scales = [n for n in load_tensors(fp8) if n.endswith("_scale")]
+    assert any(n.endswith("experts.down_proj_scale") for n in scales)
+    assert any(n.endswith("shared_expert.up_proj.weight_scale") for n in scales)
+    return fp8, rowwise_reference(fp8, root / "reference")
+
+
+def test_quantize_row_scaled_fp8_equals_quantizing_its_dequantized_original(
+    rowwise_pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """An FP8 Llama 4 release is read dequantized: quantize writes the bytes it writes from the bf16
+    weights the formula gives, and unfuse writes those weights per expert."""
+    fp8, reference = rowwise_pair
+    options = QuantizeOptions(samples=8, seq_len=64)
+    for name, source in (("from_fp8", fp8), ("from_reference", reference)):
+        quantize(
+            str(source), Scheme(bits=4, group_size=32), output=tmp_path / name, options=options, verify=False
+        )
+        unfuse(str(source), tmp_path / f"{name}_per_expert")
+    for file in ("model.safetensors", "config.json"):
+        assert (tmp_path / "from_fp8" / file).read_bytes() == (
+            tmp_path / "from_reference" / file
+        ).read_bytes(), file
+    ours, expected = (load_tensors(tmp_path / f"{n}_per_expert") for n in ("from_fp8", "from_reference"))
+    assert ours.keys() == expected.keys() and all(torch.equal(ours[n], expected[n]) for n in expected)
+    assert "quantization_config" not in json.loads(
+        (tmp_path / "from_fp8_per_expert" / "config.json").read_text()
+    )
+    assert inspect_model(str(fp8)).num_experts == 8
+
+
+def test_row_scales_that_do_not_fit_their_weight_are_refused(
+    rowwise_pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from conftest import invoke_cli
+
+    fp8, _ = rowwise_pair
+    broken = Path(shutil.copytree(fp8, tmp_path / "broken"))
+    tensors = load_tensors(broken)
+    name = next(n for n in tensors if n.endswith("layers.1.feed_forward.experts.down_proj_scale"))
+    tensors[name] = tensors[name].transpose(1, 2).contiguous()  # [E, 1, H]: as gate_up's would be
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    result = invoke_cli("unfuse", str(broken), "-o", str(tmp_path / "out"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "FP8 row scales" in result.stderr and "experts.down_proj_scale" in result.stderr
