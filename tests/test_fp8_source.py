@@ -79,7 +79,12 @@ def dequantized_reference(fp8: Path, out: Path) -> Path:
                 rows, cols = slice(i * BLOCK[0], (i + 1) * BLOCK[0]), slice(j * BLOCK[1], (j + 1) * BLOCK[1])
                 dequant[rows, cols] = tensor[rows, cols].float() * scale[i, j]
         result[name] = dequant.to(torch.bfloat16)
-    save_file(result, out / "model.safetensors", metadata={"format": "pt"})
+    return _save_dequantized(fp8, out, result)
+
+
+def _save_dequantized(fp8: Path, out: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """``out``: ``tensors`` beside ``fp8``'s configs, its ``quantization_config`` dropped."""
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((fp8 / "config.json").read_text())
     del config["quantization_config"]
     (out / "config.json").write_text(json.dumps(config))
@@ -201,12 +206,7 @@ def rowwise_reference(fp8: Path, out: Path) -> Path:
             else:
                 dequant[:, :, row] = tensor[:, :, row].float() * scale[:, 0, row : row + 1]
         result[name] = dequant.to(torch.bfloat16)
-    save_file(result, out / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((fp8 / "config.json").read_text())
-    del config["quantization_config"]
-    (out / "config.json").write_text(json.dumps(config))
-    shutil.copy(fp8 / "generation_config.json", out)
-    return out
+    return _save_dequantized(fp8, out, result)
 
 
 @pytest.fixture(scope="module")
