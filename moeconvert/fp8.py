@@ -160,6 +160,16 @@ def _dequantize_rows(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> di
     return out
 
 
+def scale_names(dtypes: dict[str, str], source: Fp8Source) -> set[str]:
+    """The scales among a checkpoint's tensors, given each tensor's safetensors dtype (``F8_E4M3``): they
+    belong to their weights and are no parameters of the model the source dequantizes to."""
+    if source.block is not None:
+        return {
+            n for n in dtypes if n.endswith(SCALE_SUFFIX) and n.replace(SCALE_SUFFIX, ".weight") in dtypes
+        }
+    return {n + ROW_SCALE_SUFFIX for n, dtype in dtypes.items() if dtype.startswith("F8_")} & dtypes.keys()
+
+
 def source_dtype(config: dict[str, Any]) -> torch.dtype:
     """The dtype dequantized weights are written in: the config's own, bf16 by default."""
     name = config.get("torch_dtype") or config.get("dtype") or "bfloat16"

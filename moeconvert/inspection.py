@@ -19,7 +19,7 @@ from typing import Any
 
 from .checkpoint import is_mtp, is_tower, layer_index, layer_prefix
 from .families import Family, family_for, load_config
-from .fp8 import header_reader, quantization_method, without_fp8_config
+from .fp8 import fp8_source, header_reader, quantization_method, scale_names, source_dtype, without_fp8_config
 from .relayout import check_against_config, is_released_stack
 from .safetensors_header import TensorMeta
 from .source import ModelMetadata, read_metadata
@@ -95,9 +95,14 @@ def _bytes_at(meta: TensorMeta, bits: int | None, num_layers: int, fraction: flo
 def _parameters(meta: ModelMetadata, config: Any, quantized: bool) -> dict[str, TensorMeta]:
     """The tensors whose elements are parameters: the headers' own, or for a quantized checkpoint, whose
     packed words and scales are not, those of transformers' text model for its config (tied embeddings
-    once) and the headers of what conversions carry as it is (MTP modules, a vision encoder)."""
+    once) and the headers of what conversions carry as it is (MTP modules, a vision encoder). An FP8
+    source's scales are left out: they belong to the weights it is read as."""
     if not quantized:
-        return meta.tensors
+        source = fp8_source(meta.config)
+        if source is None:
+            return meta.tensors
+        scales = scale_names({name: t.dtype for name, t in meta.tensors.items()}, source)
+        return {name: t for name, t in meta.tensors.items() if name not in scales}
     from .relayout import model_shapes
 
     shapes = model_shapes(config)
@@ -109,6 +114,21 @@ def _parameters(meta: ModelMetadata, config: Any, quantized: bool) -> dict[str, 
         if is_tower(name) or is_mtp(name, config.num_hidden_layers)
     }
     return {**{name: TensorMeta(name, "BF16", shape, "") for name, shape in shapes.items()}, **carried}
+
+
+def _fused_bytes(meta: ModelMetadata) -> int:
+    """Bytes ``fuse`` writes: the checkpoint's own, or for an FP8 source its weights dequantized, in the
+    dtype it is read as, without their scales."""
+    source = fp8_source(meta.config)
+    if source is None:
+        return meta.weight_bytes
+    scales = scale_names({name: t.dtype for name, t in meta.tensors.items()}, source)
+    width = source_dtype(meta.config).itemsize
+    return sum(
+        t.numel * width if t.dtype.startswith("F8_") else t.nbytes
+        for name, t in meta.tensors.items()
+        if name not in scales
+    )
 
 
 def summarize(meta: ModelMetadata) -> ModelSummary:
@@ -191,7 +211,7 @@ def summarize(meta: ModelMetadata) -> ModelSummary:
         active_bytes_per_token=active_bytes,
         disk_bytes={
             "download": stored if meta.ref.repo_id else 0,
-            "fused_output": stored,
+            "fused_output": _fused_bytes(meta),
             "int8_output": weight_bytes["int8"],
             "int4_output": weight_bytes["int4"],
         },

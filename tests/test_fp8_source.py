@@ -258,3 +258,27 @@ def test_row_scales_that_do_not_fit_their_weight_are_refused(
     result = invoke_cli("unfuse", str(broken), "-o", str(tmp_path / "out"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "FP8 row scales" in result.stderr and "experts.down_proj_scale" in result.stderr
+
+
+def _counts(folder: Path) -> dict:
+    """What ``inspect`` says of a model's size: its parameters, per layer too, and weight bytes."""
+    summary = inspect_model(str(folder))
+    return {
+        "total": summary.total_params,
+        "active": summary.active_params,
+        "routed": summary.routed_expert_params,
+        "layers": [(s.routed_params, s.other_params) for s in summary.layers],
+        "bytes": (summary.weight_bytes, summary.active_bytes_per_token),
+        "outputs": summary.disk_bytes,
+    }
+
+
+def test_inspect_counts_fp8_blocks_weights_not_their_scales(fp8_pair: tuple[Path, Path]) -> None:
+    fp8, reference = fp8_pair
+    assert _counts(fp8) == _counts(reference)
+    assert inspect_model(str(fp8)).layout == inspect_model(str(reference)).layout
+
+
+def test_inspect_counts_row_scaled_fp8_weights_not_their_scales(rowwise_pair: tuple[Path, Path]) -> None:
+    fp8, reference = rowwise_pair
+    assert _counts(fp8) == _counts(reference)
