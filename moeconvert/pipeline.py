@@ -45,7 +45,7 @@ from .estimate import (
 )
 from .families import STACKS, UNGATED_STACKS, Family, block_of, family_for, in_block, load_config
 from .formats import QuantFormat, get_format
-from .formats.base import QuantizedModule
+from .formats.base import QuantizedModule, fitting_group_size
 from .formats.module_rules import carried_rules, engine_unquantized_modules, vllm_split_modules
 from .forward import LayerwiseModel
 from .fp8 import full_precision_config, header_reader, open_reader, source_dtype
@@ -752,6 +752,7 @@ class Quantizer:
         plan: dict[int, list[Target]] = {}
         kept: list[str] = []
         seen: list[tuple[str, ...]] = []
+        widths: list[tuple[str, Scheme, int]] = []  # each target's input width, for the format
         check_layer_count((layer for layer, _ in self.groups), self.config)
         expected = held_shapes(self.streamed.model, self.config)
         if self.family.num_experts(self.config) < self.ranks.world:
@@ -768,14 +769,11 @@ class Quantizer:
             targets, layer_kept = layer_targets(
                 self.family, self.streamed.backbone.layers[layer], prefix, local, self.policy
             )
-            for target in targets:
-                seen.append(target.aliases)
-                try:
-                    self.fmt.check(target.scheme, local[target.local].shape[-1])
-                except ValueError as err:
-                    raise BadInputError(f"{target.aliases[0]}: {err}") from None
+            seen.extend(target.aliases for target in targets)
             seen.extend((k,) for k in layer_kept)
             plan[layer], kept = targets, kept + layer_kept
+            widths.extend((t.aliases[0], t.scheme, local[t.local].shape[-1]) for t in targets)
+        self._check_format(widths)
         unused = self.policy.unused_rules(seen)
         if unused:
             raise BadInputError(f"rule pattern(s) {unused} match no module of this model")
@@ -784,6 +782,17 @@ class Quantizer:
         if refused:
             raise BadInputError(refused[0])
         return plan, kept
+
+    def _check_format(self, widths: list[tuple[str, Scheme, int]]) -> None:
+        """The output format can store every target: refused by the first that it cannot, with a group
+        size that would fit every target of its group size where there is one."""
+        for name, scheme, width in widths:
+            try:
+                self.fmt.check(scheme, width)
+            except ValueError as err:
+                fitting = fitting_group_size(scheme, [w for _, s, w in widths if s == scheme], self.fmt)
+                hint = f" (--group-size {fitting} fits every module of this model)" if fitting else ""
+                raise BadInputError(f"{name}: {err}{hint}") from None
 
     def peak_memory_bytes(self, plan: dict[int, list[Target]]) -> int:
         """What this run needs at its peak, from the headers (:mod:`moeconvert.estimate`)."""

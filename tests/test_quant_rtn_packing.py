@@ -418,3 +418,15 @@ def test_compressed_refuses_what_the_library_cannot_load() -> None:
     with pytest.raises(ValueError, match="act-order"):
         pack_compressed(_with_g_idx(qw, _act_order_index(64, 16, seed=1)), torch.float32)
     assert pack_compressed(_with_g_idx(qw, qw.group_index()), torch.float32)["weight_packed"].shape == (8, 8)
+
+
+def test_the_suggested_group_size_fits_every_width_and_kernels_take_it() -> None:
+    from moeconvert.formats import get_format
+    from moeconvert.formats.base import fitting_group_size
+
+    compressed, gptq = get_format("compressed-tensors"), get_format("gptq")
+    assert fitting_group_size(Scheme(group_size=128), [64, 96], compressed) == 32  # 64 fits one, not both
+    assert fitting_group_size(Scheme(group_size=128), [2880, 2048], compressed) == 64  # GPT-OSS's width
+    assert fitting_group_size(Scheme(group_size=64), [2880], compressed) == 32  # only below the one asked
+    assert fitting_group_size(Scheme(group_size=128), [100], compressed) is None  # no served size divides it
+    assert fitting_group_size(Scheme(group_size=128, sym=False), [96], gptq) is None  # not a width problem

@@ -515,8 +515,9 @@ def test_cli_quantize(trained_models: dict[str, Path], tmp_path: Path) -> None:
     assert 0.99 * stored <= data["estimates"]["output_bytes"] <= 1.01 * stored, (data["estimates"], stored)
     for args, fragment in [
         (["--format", "gptq", "--asym"], "asymmetric"),
-        (["--group-size", "48"], "divisible by the group size"),
-        ([], "divisible by the group size"),  # the default 128 does not divide the tiny widths (64)
+        (["--group-size", "48"], "divisible by the group size (64 % 48)"),
+        (["--group-size", "48"], "(--group-size 32 fits every module of this model)"),
+        ([], "(--group-size 64 fits every module"),  # the default 128 does not divide the tiny widths (64)
         (["--dynamic-groups"], "act-order"),  # act-order's group index has no place in compressed-tensors
         (["--bits", "3"], "Invalid value"),
     ]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -54,3 +54,23 @@ class QuantFormat:
     def extra_files(self, quantization_config: dict[str, Any]) -> dict[str, str]:
         """Additional JSON files the format's readers expect (file name -> text)."""
         return {}
+
+
+# Group sizes serving engines' 4- and 8-bit kernels take (vLLM's Marlin: -1, 32, 64, 128), largest first.
+SERVED_GROUP_SIZES = (128, 64, 32)
+
+
+def fitting_group_size(scheme: Scheme, widths: Sequence[int], fmt: QuantFormat) -> int | None:
+    """The largest group size below ``scheme``'s that serving kernels take and ``fmt`` can store for
+    every input width in ``widths``, or None: what to suggest when a width does not fit the groups."""
+    for group in SERVED_GROUP_SIZES:
+        if scheme.group_size != -1 and group >= scheme.group_size:
+            continue
+        candidate = replace(scheme, group_size=group)
+        try:
+            for width in widths:
+                fmt.check(candidate, width)
+        except ValueError:
+            continue
+        return group
+    return None

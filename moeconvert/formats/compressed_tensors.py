@@ -48,8 +48,9 @@ class CompressedTensorsFormat(QuantFormat):
             )
         if scheme.group_size != -1 and in_features % scheme.group_size:
             raise ValueError(
-                f"compressed-tensors needs input widths divisible by the group size ({in_features} % {scheme.group_size}); "
-                "choose a --group-size that divides it, or -1 for per channel"
+                "compressed-tensors needs input widths divisible by the group size "
+                f"({in_features} % {scheme.group_size}); choose a --group-size that divides it, or -1 for "
+                "per channel"
             )
 
     def loader_note(self, kept: Sequence[str]) -> str | None:
