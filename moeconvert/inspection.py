@@ -131,6 +131,18 @@ def _fused_bytes(meta: ModelMetadata) -> int:
     )
 
 
+def _stores_quantized_stacks(family: Family, meta: ModelMetadata) -> bool:
+    """Whether a quantized checkpoint stores its experts stacked (``--format fused``:
+    ``mlp.experts.gate_up_proj.weight_packed``), rather than one module per expert: its parameters are
+    counted from transformers' model, whose names are stacked either way."""
+    for name in meta.tensors:
+        if layer_index(name) is not None:
+            module = name[len(layer_prefix(name)) :].rpartition(".")[0]
+            if module in family.fused_stacks:
+                return True
+    return False
+
+
 def summarize(meta: ModelMetadata) -> ModelSummary:
     """Count parameters, bytes and layer kinds of a checkpoint from its metadata."""
     family = family_for(meta.config)
@@ -154,7 +166,8 @@ def summarize(meta: ModelMetadata) -> ModelSummary:
         local = name[len(layer_prefix(name)) :] if index is not None else name
         expert = index is not None and _is_routed_expert(family, local)
         fused = fused or (  # Qwen3-VL-MoE releases stack experts: transposed, they are its original
-            local in family.fused_stacks
+            method is None
+            and local in family.fused_stacks
             and (family.runtime_releases or not is_released_stack(family, config, local, tensor.shape))
         )  # (Llama 4's transposed stacks are transformers' runtime layout too)
         if is_mtp(name, config.num_hidden_layers):
@@ -176,6 +189,7 @@ def summarize(meta: ModelMetadata) -> ModelSummary:
         routed += tensor.numel if expert else 0
     for summary in layers.values():
         summary.experts = num_experts if summary.routed_params else 0
+    fused = fused or (method is not None and _stores_quantized_stacks(family, meta))
     active = total - mtp - tower - routed + round(routed * top_k / num_experts)
     depth = config.num_hidden_layers
     weight_bytes = {

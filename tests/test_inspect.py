@@ -72,6 +72,23 @@ def test_a_granite_model_without_its_shared_mlp_counts_none_and_quantizes(tmp_pa
 
 
 @pytest.mark.parametrize(
+    "output_format, method, layout",
+    [("compressed-tensors", "compressed-tensors", "original"), ("fused", "moeconvert", "fused")],
+)
+def test_a_quantized_output_shows_the_layout_it_stores(
+    output_format: str, method: str, layout: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Per-expert modules (what vLLM reads) or stacks, as the output's own names say: its parameters are
+    counted from transformers' model, whose names are stacked in both."""
+    options = QuantizeOptions(samples=2, seq_len=32, format=output_format)
+    scheme = Scheme(bits=4, group_size=32, method="rtn")
+    quantize(str(tiny_models["qwen3_moe"]), scheme, output=tmp_path / "out", options=options, verify=False)
+    summary = inspect_model(str(tmp_path / "out"))
+    assert summary.quantization == method and summary.layout == layout
+    assert summary.total_params == inspect_model(str(tiny_models["qwen3_moe"])).total_params
+
+
+@pytest.mark.parametrize(
     "family",
     MTP_FAMILIES,
 )
