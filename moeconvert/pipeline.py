@@ -790,8 +790,10 @@ class Quantizer:
             try:
                 self.fmt.check(scheme, width)
             except ValueError as err:
-                fitting = fitting_group_size(scheme, [w for _, s, w in widths if s == scheme], self.fmt)
-                hint = f" (--group-size {fitting} fits every module of this model)" if fitting else ""
+                alike = [w for _, s, w in widths if s == scheme]  # recipes may give modules other schemes
+                which = "of this model" if len(alike) == len(widths) else "with that scheme"
+                fitting = fitting_group_size(scheme, alike, self.fmt)
+                hint = f" (--group-size {fitting} fits every module {which})" if fitting else ""
                 raise BadInputError(f"{name}: {err}{hint}") from None
 
     def peak_memory_bytes(self, plan: dict[int, list[Target]]) -> int:

@@ -524,6 +524,13 @@ def test_cli_quantize(trained_models: dict[str, Path], tmp_path: Path) -> None:
         bad = invoke_cli("quantize", source, "-o", str(tmp_path / "bad"), *args)
         assert bad.returncode == 2 and fragment in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
         assert not (tmp_path / "bad").exists()
+    recipe = tmp_path / "mixed.yaml"  # attention at its own scheme: the hint speaks of the experts' alone
+    recipe.write_text(
+        "scheme: {method: rtn, bits: 4, group_size: 128}\n"
+        "rules:\n  - {pattern: self_attn, scheme: {method: rtn, bits: 8, group_size: 64}}\n"
+    )
+    bad = invoke_cli("quantize", source, "-o", str(tmp_path / "bad"), "--recipe", str(recipe))
+    assert bad.returncode == 2 and "(--group-size 64 fits every module with that scheme)" in bad.stderr
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_5_moe"])
