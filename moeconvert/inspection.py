@@ -98,10 +98,7 @@ def _parameters(meta: ModelMetadata, config: Any, quantized: bool) -> dict[str, 
     once) and the headers of what conversions carry as it is (MTP modules, a vision encoder). An FP8
     source's scales are left out: they belong to the weights it is read as."""
     if not quantized:
-        source = fp8_source(meta.config)
-        if source is None:
-            return meta.tensors
-        scales = scale_names({name: t.dtype for name, t in meta.tensors.items()}, source)
+        scales = _fp8_scales(meta)
         return {name: t for name, t in meta.tensors.items() if name not in scales}
     from .relayout import model_shapes
 
@@ -116,14 +113,20 @@ def _parameters(meta: ModelMetadata, config: Any, quantized: bool) -> dict[str, 
     return {**{name: TensorMeta(name, "BF16", shape, "") for name, shape in shapes.items()}, **carried}
 
 
+def _fp8_scales(meta: ModelMetadata) -> set[str]:
+    """The names of an FP8 source's scales (none for any other checkpoint)."""
+    source = fp8_source(meta.config)
+    if source is None:
+        return set()
+    return scale_names({name: t.dtype for name, t in meta.tensors.items()}, source)
+
+
 def _fused_bytes(meta: ModelMetadata) -> int:
     """Bytes ``fuse`` writes: the checkpoint's own, or for an FP8 source its weights dequantized, in the
     dtype it is read as, without their scales."""
-    source = fp8_source(meta.config)
-    if source is None:
+    if fp8_source(meta.config) is None:
         return meta.weight_bytes
-    scales = scale_names({name: t.dtype for name, t in meta.tensors.items()}, source)
-    width = source_dtype(meta.config).itemsize
+    scales, width = _fp8_scales(meta), source_dtype(meta.config).itemsize
     return sum(
         t.numel * width if t.dtype.startswith("F8_") else t.nbytes
         for name, t in meta.tensors.items()
